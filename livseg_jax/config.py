@@ -1,0 +1,113 @@
+"""The default configuration every run starts from; `configs/*.py` override parts of it.
+
+Configs are plain data (`ml_collections.ConfigDict`). Nothing here is read at import time by other
+modules: each function receives the section it needs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODEL_NAMES = ("unet", "msca_unet", "elanres_unet", "elanres_msca_unet")
+
+
+def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
+    """Returns the model section for one of `MODEL_NAMES` at the paper-scale default widths."""
+    return ml_collections.ConfigDict(
+        dict(
+            name=name,
+            features=(16, 32, 64, 128, 256),
+            num_classes=2,
+            activation="silu",
+            n_rep=2,  # RepConv3d blocks chained inside each ELANResBlock
+            msca_stages=(1, 2, 3, 4),  # encoder stages (0-based) + bottleneck (4) that get MSCA
+            msca_mode="2d",  # "2d": axial-slice trick (paper); "3d": strip kernels on all axes
+            dropout=0.0,  # dropout rate before the bottleneck block
+            dtype="float32",  # compute dtype: "float32" or "bfloat16" (params stay float32)
+            deep_supervision=True,
+            deploy=False,  # re-parameterised form: no BatchNorm, one conv per RepConv3d
+        )
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns the full default configuration (stage 1, liver, on the built-in synthetic data)."""
+    c = ml_collections.ConfigDict()
+    c.stage = "liver"  # "liver" (stage 1, whole volume) or "tumor" (stage 2, liver crop)
+    c.seed = 0
+    c.model = model_config()
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            root="",  # "" -> built-in synthetic dataset (generated once, cached)
+            layout="auto",  # "auto", "lits", "msd" or "list"
+            list_file="",  # for layout="list": lines "image_path label_path"
+            cache_dir="",  # "" -> <workdir>/cache
+            num_val_cases=2,
+            synthetic=ml_collections.ConfigDict(
+                dict(num_cases=10, shape=(160, 160, 64), spacing=(1.5, 1.5, 3.0), seed=1234)
+            ),
+            patch_size=(32, 96, 96),  # (D, H, W): each must divide by 16
+            batch_size=2,  # global batch, split over all devices
+            foreground_fraction=0.5,  # patches centred on a foreground voxel
+            num_workers=0,  # grain worker processes (0: in the main process)
+            prefetch=2,
+            liver_margin_mm=10.0,  # stage 2 crop margin around the liver bounding box
+            tumor_crop_source="ground_truth",  # "ground_truth" or "stage1" predictions
+            augment=ml_collections.ConfigDict(
+                dict(flips=True, rot90=True, intensity_scale=0.1, intensity_shift=0.1, affine=False)
+            ),
+        )
+    )
+
+    c.preprocess = ml_collections.ConfigDict(
+        dict(
+            body_threshold_hu=-500.0,
+            inplane_factor=2,  # paper: x and y halved
+            target_slice_spacing=0.0,  # mm; 0 keeps the slice axis as it is
+            hu_min=-200.0,
+            hu_max=200.0,
+            hu_scale=200.0,
+        )
+    )
+
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            name="hybrid1",  # "dice", "tversky", "bce", "hybrid1" (Dice+BCE), "hybrid2" (Tversky+BCE)
+            bce_weight=1.0,  # lambda
+            smooth=1.0,
+            tversky_alpha=0.3,
+            tversky_beta=0.7,
+            ds_alpha=0.4,  # deep-supervision weight at epoch 1
+            ds_decay=0.8,
+            ds_decay_every_epochs=30,
+        )
+    )
+
+    c.optim = ml_collections.ConfigDict(
+        dict(learning_rate=1e-4, decay=0.8, decay_every_epochs=30, b1=0.9, b2=0.999, eps=1e-8)
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            num_epochs=10,
+            steps_per_epoch=50,
+            log_every_steps=10,
+            eval_every_epochs=2,
+            checkpoint_every_epochs=1,
+            keep_checkpoints=3,
+            tensorboard=False,
+        )
+    )
+
+    c.inference = ml_collections.ConfigDict(
+        dict(
+            window=(),  # () -> the training patch size
+            overlap=0.5,
+            batch_size=2,
+            gaussian_sigma_scale=0.125,
+            mirror_tta=False,
+            deploy=True,
+        )
+    )
+    return c

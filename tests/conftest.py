@@ -1,0 +1,29 @@
+"""Test set-up: 8 virtual CPU devices, absl flags marked parsed (grain reads them), data paths."""
+
+import os
+import pathlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(
+    os.environ.get("LIVSEG_REAL_DATA", REPO.parent / "shared" / "data")
+)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """Path of ../shared/data (real CT); tests that need it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
