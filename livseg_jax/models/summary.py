@@ -1,0 +1,76 @@
+"""Parameter and FLOP counts of the model variants.
+
+    python -m livseg_jax.models.summary --config=configs/liver.py [--patch=48,256,256] [--batch=1]
+
+FLOPs are XLA's cost analysis of the jitted evaluation-mode forward pass (one multiply-add = 2
+FLOPs), so they count what actually runs, including the depthwise and 1x1 convolutions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from livseg_jax.models.unet import VARIANTS, build_model, check_patch_shape
+
+
+def count_params(model_config: ml_collections.ConfigDict, patch: Sequence[int]) -> dict[str, int]:
+    """Returns {"params": trainable count, "batch_stats": BatchNorm statistics count}."""
+    model = build_model(model_config)
+    x = jax.ShapeDtypeStruct((1, *patch, 1), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=True), x)
+    return {k: int(sum(np.prod(a.shape) for a in jax.tree.leaves(v))) for k, v in shapes.items()}
+
+
+def forward_flops(model_config: ml_collections.ConfigDict, patch: Sequence[int], batch: int = 1) -> float:
+    """Returns XLA's FLOP count of one evaluation-mode forward pass on a (batch, *patch) input."""
+    model = build_model(model_config)
+    x = jax.ShapeDtypeStruct((batch, *patch, 1), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=True), x)
+    lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x)
+    cost = lowered.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def summary_table(base: ml_collections.ConfigDict, patch: Sequence[int], batch: int = 1) -> str:
+    """Returns a Markdown table of parameters and forward GFLOPs for every variant."""
+    check_patch_shape(patch, len(base.model.features))
+    rows = ["| variant | parameters | BatchNorm statistics | forward GFLOP |", "|---|---:|---:|---:|"]
+    for name in VARIANTS:
+        cfg = ml_collections.ConfigDict(base.model.to_dict())
+        cfg.name = name
+        counts = count_params(cfg, patch)
+        flops = forward_flops(cfg, patch, batch)
+        rows.append(f"| `{name}` | {counts['params']:,} | {counts.get('batch_stats', 0):,} | "
+                    f"{flops / 1e9:.1f} |")
+    shape = "x".join(map(str, patch))
+    return "\n".join(rows) + f"\n\nPatch {shape}, batch {batch}, features {tuple(base.model.features)}."
+
+
+def main() -> None:
+    """Command-line entry point: prints the table for the config's (or --patch) patch size."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", "configs/liver.py", "config file")
+    patch_flag = flags.DEFINE_string("patch", "", "D,H,W (default: the config's patch_size)")
+    batch_flag = flags.DEFINE_integer("batch", 1, "batch size")
+
+    def run(argv: Sequence[str]) -> None:
+        del argv
+        config = config_flag.value
+        patch = (tuple(int(v) for v in patch_flag.value.split(",")) if patch_flag.value
+                 else tuple(config.data.patch_size))
+        print(summary_table(config, patch, batch_flag.value))
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()
