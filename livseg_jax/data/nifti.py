@@ -1,0 +1,333 @@
+"""Reading and writing NIfTI CT volumes and label maps in the internal (D, H, W) orientation.
+
+Internal orientation: a file's voxel axes are permuted and flipped (never resampled) to the closest
+canonical RAS+ orientation, giving an array indexed (x, y, z) with x towards the patient's left,
+y anterior and z superior; that array is transposed to (z, y, x) = (D, H, W): slice axis first, then
+rows, then columns. Spacing in that order is (sz, sy, sx) in mm. `Geometry` records the file's
+affine, header, shape and orientation, so a label map in internal order is written back on exactly
+the input's grid (`write_label_map`).
+
+Every problem with an input raises `DataError` (a `ValueError`) whose message starts with the
+file's path; intensities that do not look like Hounsfield units raise a `HUWarning`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import os
+import pathlib
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+PathLike = str | os.PathLike
+LABEL_VALUES = (0, 1, 2)  # LiTS: background, liver, tumour
+_RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=np.float64)
+# Affines of image and label are "the same" within this tolerance (mm); files written by different
+# tools round the affine to float32, so exact equality is too strict.
+AFFINE_ATOL_MM = 1e-3
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable, corrupt or inconsistent; the message names the file."""
+
+
+class HUWarning(UserWarning):
+    """An image's intensities do not look like Hounsfield units."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Everything needed to write an internal (D, H, W) array back onto a file's exact grid."""
+
+    affine: np.ndarray  # (4, 4) voxel -> world (RAS mm) of the file
+    disk_shape: tuple[int, ...]  # shape on disk: 3 spatial axes, maybe trailing singleton axes
+    ornt: np.ndarray  # (3, 2) nibabel orientation: file axis i -> RAS axis ornt[i, 0], flip ornt[i, 1]
+    header: nib.Nifti1Header  # copy of the file's header (Nifti1Header or Nifti2Header)
+
+    @property
+    def shape_dhw(self) -> tuple[int, int, int]:
+        """Returns the internal (D, H, W) shape of this grid."""
+        ras = np.empty(3, dtype=np.int64)
+        for i in range(3):
+            ras[int(self.ornt[i, 0])] = self.disk_shape[i]
+        return int(ras[2]), int(ras[1]), int(ras[0])
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Returns the voxel spacing (sz, sy, sx) in mm in internal order, shape (3,)."""
+        sizes = nib.affines.voxel_sizes(self.affine)
+        ras = np.empty(3)
+        for i in range(3):
+            ras[int(self.ornt[i, 0])] = sizes[i]
+        return ras[::-1].copy()
+
+    @property
+    def affine_dhw(self) -> np.ndarray:
+        """Returns the (4, 4) affine mapping internal (d, h, w) indices to world RAS mm."""
+        ras_affine = self.affine @ nib.orientations.inv_ornt_aff(self.ornt, self.disk_shape[:3])
+        return ras_affine[:, [2, 1, 0, 3]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-serialisable dict from which `from_dict` rebuilds this geometry."""
+        return {
+            "affine": self.affine.tolist(),
+            "disk_shape": list(self.disk_shape),
+            "ornt": self.ornt.tolist(),
+            "header_class": type(self.header).__name__,
+            "header": base64.b64encode(self.header.binaryblock).decode("ascii"),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        """Returns the geometry stored by `to_dict`."""
+        header_cls = nib.Nifti2Header if d["header_class"] == "Nifti2Header" else nib.Nifti1Header
+        header = header_cls(base64.b64decode(d["header"]))
+        return cls(
+            affine=np.asarray(d["affine"], dtype=np.float64),
+            disk_shape=tuple(int(s) for s in d["disk_shape"]),
+            ornt=np.asarray(d["ornt"], dtype=np.float64),
+            header=header,
+        )
+
+
+@dataclasses.dataclass
+class Case:
+    """One CT case in internal orientation: image (D, H, W) float32 HU, label (D, H, W) uint8."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: np.ndarray  # (sz, sy, sx) mm
+    geometry: Geometry
+
+
+def case_id_of(path: PathLike) -> str:
+    """Returns a file's name without its `.nii` / `.nii.gz` ending."""
+    name = pathlib.Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
+    """Returns the nibabel image (header read, voxels not yet) or raises DataError naming the file."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: file is not readable (permission denied)")
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises many types for bad bytes
+        raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise DataError(f"{path}: not a spatial image ({type(img).__name__})")
+    return img
+
+
+def check_spatial_shape(shape: tuple[int, ...], path: PathLike) -> None:
+    """Raises DataError unless `shape` is 3D (trailing axes of length 1 are accepted)."""
+    if len(shape) < 3:
+        raise DataError(f"{path}: expected a 3D volume, got {len(shape)}D shape {tuple(shape)}")
+    if len(shape) > 3 and any(s != 1 for s in shape[3:]):
+        raise DataError(
+            f"{path}: expected a 3D volume, got a {len(shape)}D image of shape {tuple(shape)} "
+            "(time series or multi-channel images are not supported)"
+        )
+    if min(shape[:3]) < 1:
+        raise DataError(f"{path}: empty volume of shape {tuple(shape)}")
+
+
+def read_voxels(img: nib.spatialimages.SpatialImage, path: PathLike, dtype: Any) -> np.ndarray:
+    """Returns the voxel array (scaled, cast to `dtype`) or raises DataError for truncated data."""
+    try:
+        if np.issubdtype(np.dtype(dtype), np.floating):
+            data = img.get_fdata(dtype=dtype, caching="unchanged")
+        else:
+            data = np.asanyarray(img.dataobj)
+    except Exception as e:  # EOFError, zlib.error, OSError, ValueError from short reads
+        raise DataError(f"{path}: cannot read voxel data (truncated or corrupt file?): {e}") from e
+    data = np.asarray(data)
+    if data.shape != tuple(img.shape):
+        raise DataError(f"{path}: voxel data has shape {data.shape}, header says {img.shape}")
+    return data
+
+
+def check_finite(data: np.ndarray, path: PathLike) -> None:
+    """Raises DataError naming the file if `data` holds NaN or infinite voxels."""
+    if np.issubdtype(data.dtype, np.floating):
+        bad = ~np.isfinite(data)
+        n = int(bad.sum())
+        if n:
+            n_nan = int(np.isnan(data).sum())
+            raise DataError(f"{path}: {n} non-finite voxels ({n_nan} NaN, {n - n_nan} inf)")
+
+
+def check_labels(data: np.ndarray, path: PathLike) -> np.ndarray:
+    """Returns the label map as uint8, raising DataError for values outside {0, 1, 2}."""
+    check_finite(data, path)
+    if np.issubdtype(data.dtype, np.floating) and np.any(data != np.round(data)):
+        raise DataError(f"{path}: label map holds non-integer values (expected 0, 1, 2)")
+    if data.size == 0 or (data.min() >= 0 and data.max() <= 2):  # cheap common case, no sort
+        return data.astype(np.uint8, copy=False)
+    bad = [v for v in np.unique(data).tolist() if v not in LABEL_VALUES]
+    shown = ", ".join(f"{v:g}" for v in bad[:8]) + (" ..." if len(bad) > 8 else "")
+    raise DataError(f"{path}: label values outside {{0, 1, 2}}: {shown}")
+
+
+def warn_if_not_hu(image: np.ndarray, path: PathLike) -> None:
+    """Warns (HUWarning) when the intensity range does not look like CT in Hounsfield units."""
+    sample = image[::4, ::4, ::4] if min(image.shape) >= 8 else image
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    reasons = []
+    if lo > -200:
+        reasons.append(f"no air or fat (0.5th percentile {lo:.4g})")
+    if hi > 4000:
+        reasons.append(f"99.5th percentile {hi:.4g} > 4000")
+    if hi - lo < 100:
+        reasons.append(f"intensity range {hi - lo:.4g} < 100")
+    if reasons:
+        warnings.warn(
+            f"{path}: intensities do not look like Hounsfield units ({'; '.join(reasons)}); "
+            "check RescaleSlope/Intercept or scl_slope/scl_inter",
+            HUWarning,
+            stacklevel=2,
+        )
+
+
+def geometry_of(img: nib.spatialimages.SpatialImage, path: PathLike) -> Geometry:
+    """Returns the file's `Geometry`, raising DataError for a singular affine."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(f"{path}: affine is singular or not finite:\n{affine}")
+    header = img.header
+    if not isinstance(header, nib.Nifti1Header):  # Analyze and other formats: store as NIfTI-1
+        header = nib.Nifti1Header.from_header(header)
+    return Geometry(
+        affine=affine,
+        disk_shape=tuple(int(s) for s in img.shape),
+        ornt=nib.orientations.io_orientation(affine),
+        header=header.copy(),
+    )
+
+
+def to_internal(data: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Returns the on-disk array reoriented to internal (D, H, W) order (a contiguous copy)."""
+    data = data.reshape(data.shape[:3])
+    ras = nib.orientations.apply_orientation(data, geometry.ornt)
+    return np.ascontiguousarray(ras.transpose(2, 1, 0))
+
+
+def from_internal(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Returns an internal (D, H, W) array in the file's on-disk axis order and shape."""
+    if tuple(array_dhw.shape) != geometry.shape_dhw:
+        raise ValueError(
+            f"array shape {tuple(array_dhw.shape)} does not match the grid {geometry.shape_dhw}"
+        )
+    to_disk = nib.orientations.ornt_transform(_RAS, geometry.ornt)
+    disk = nib.orientations.apply_orientation(array_dhw.transpose(2, 1, 0), to_disk)
+    return np.ascontiguousarray(disk).reshape(geometry.disk_shape)
+
+
+def read_image(path: PathLike) -> tuple[np.ndarray, Geometry]:
+    """Returns a CT volume as (D, H, W) float32 HU and its geometry, validating it."""
+    img = load_image(path)
+    check_spatial_shape(img.shape, path)
+    geometry = geometry_of(img, path)
+    data = read_voxels(img, path, np.float32)
+    check_finite(data, path)
+    image = to_internal(data, geometry)
+    warn_if_not_hu(image, path)
+    return image, geometry
+
+
+def read_label(path: PathLike, expected: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
+    """Returns a label map as (D, H, W) uint8 and its geometry, checked against `expected`."""
+    img = load_image(path)
+    check_spatial_shape(img.shape, path)
+    geometry = geometry_of(img, path)
+    if expected is not None:
+        if tuple(img.shape[:3]) != tuple(expected.disk_shape[:3]):
+            raise DataError(
+                f"{path}: label shape {tuple(img.shape[:3])} does not match the image shape "
+                f"{tuple(expected.disk_shape[:3])}"
+            )
+        if not np.allclose(geometry.affine, expected.affine, atol=AFFINE_ATOL_MM, rtol=1e-6):
+            raise DataError(
+                f"{path}: label affine does not match the image affine "
+                f"(max difference {np.abs(geometry.affine - expected.affine).max():.3g}):\n"
+                f"label:\n{geometry.affine}\nimage:\n{expected.affine}"
+            )
+    data = check_labels(read_voxels(img, path, None), path)
+    return to_internal(data, expected or geometry), geometry
+
+
+def read_case(
+    image_path: PathLike, label_path: PathLike | None = None, case_id: str | None = None
+) -> Case:
+    """Returns the validated `Case` (image in HU, label or None) in internal (D, H, W) order."""
+    image, geometry = read_image(image_path)
+    label = None
+    if label_path is not None:
+        label, _ = read_label(label_path, expected=geometry)
+    return Case(
+        case_id=case_id or case_id_of(image_path),
+        image=image,
+        label=label,
+        spacing=geometry.spacing,
+        geometry=geometry,
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
+    """Yields a temporary path next to `path` (same endings); moves it to `path` on success only."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = pathlib.Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def save_nifti(img: nib.Nifti1Image, path: PathLike) -> pathlib.Path:
+    """Returns `path` after writing `img` to it atomically (temp file, then rename)."""
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return pathlib.Path(path)
+
+
+def write_array(
+    array_dhw: np.ndarray, geometry: Geometry, path: PathLike, dtype: Any = np.uint8
+) -> pathlib.Path:
+    """Returns `path` after atomically writing a (D, H, W) array with the input's affine/header."""
+    disk = from_internal(np.asarray(array_dhw), geometry).astype(dtype, copy=False)
+    header = geometry.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(None, None)
+    img_cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = img_cls(disk, geometry.affine, header=header)
+    return save_nifti(img, path)
+
+
+def write_label_map(labels_dhw: np.ndarray, geometry: Geometry, path: PathLike) -> pathlib.Path:
+    """Returns `path` after writing a (D, H, W) 0/1/2 label map as uint8 on the input's grid."""
+    labels_dhw = np.asarray(labels_dhw)
+    if labels_dhw.size and (labels_dhw.min() < 0 or labels_dhw.max() > 255):
+        raise ValueError(f"{path}: label values do not fit uint8")
+    return write_array(labels_dhw, geometry, path, np.uint8)
