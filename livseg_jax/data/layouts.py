@@ -46,9 +46,7 @@ def _is_nifti(path: pathlib.Path) -> bool:
     return path.is_file() and path.name.endswith(_NIFTI_ENDINGS) and not path.name.startswith(".")
 
 
-def _by_number(
-    files: list[pathlib.Path], pattern: re.Pattern, root: pathlib.Path
-) -> dict[int, pathlib.Path]:
+def _by_number(files: list[pathlib.Path], pattern: re.Pattern, root: pathlib.Path) -> dict[int, pathlib.Path]:
     by_number: dict[int, pathlib.Path] = {}
     for p in files:
         match = pattern.match(p.name)

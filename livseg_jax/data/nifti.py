@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
-import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -231,9 +231,7 @@ def to_internal(data: np.ndarray, geometry: Geometry) -> np.ndarray:
 def from_internal(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Returns an internal (D, H, W) array in the file's on-disk axis order and shape."""
     if tuple(array_dhw.shape) != geometry.shape_dhw:
-        raise ValueError(
-            f"array shape {tuple(array_dhw.shape)} does not match the grid {geometry.shape_dhw}"
-        )
+        raise ValueError(f"array shape {tuple(array_dhw.shape)} does not match the grid {geometry.shape_dhw}")
     to_disk = nib.orientations.ornt_transform(_RAS, geometry.ornt)
     disk = nib.orientations.apply_orientation(array_dhw.transpose(2, 1, 0), to_disk)
     return np.ascontiguousarray(disk).reshape(geometry.disk_shape)
@@ -272,9 +270,7 @@ def read_label(path: PathLike, expected: Geometry | None = None) -> tuple[np.nda
     return to_internal(data, expected or geometry), geometry
 
 
-def read_case(
-    image_path: PathLike, label_path: PathLike | None = None, case_id: str | None = None
-) -> Case:
+def read_case(image_path: PathLike, label_path: PathLike | None = None, case_id: str | None = None) -> Case:
     """Returns the validated `Case` (image in HU, label or None) in internal (D, H, W) order."""
     image, geometry = read_image(image_path)
     label = None
@@ -289,15 +285,19 @@ def read_case(
     )
 
 
+def temp_path_for(path: PathLike) -> pathlib.Path:
+    """Returns a unique hidden temporary path next to `path`, keeping its file-name endings."""
+    path = pathlib.Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
     """Yields a temporary path next to `path` (same endings); moves it to `path` on success only."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = pathlib.Path(tmp)
+    tmp_path = temp_path_for(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

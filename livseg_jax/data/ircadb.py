@@ -1,0 +1,348 @@
+"""3D-IRCADb importer: DICOM patient folders -> LiTS layout (`volume-N.nii.gz`, `segmentation-N.nii.gz`).
+
+    python -m livseg_jax.data.ircadb SRC DST [--tumor-masks PATTERN ...] [--liver-mask NAME]
+
+SRC is one patient folder (holding `PATIENT_DICOM.zip` and `MASKS_DICOM.zip`, or those folders
+unzipped) or a folder of patient folders (`3Dircadb1.1`, `3Dircadb1.2`, ...). N is the number at the
+end of the patient folder's name. Zips are read in place, nothing is extracted.
+
+- Slices are ordered by ImagePositionPatient projected on the slice normal (never by file name), and
+  the affine comes from the DICOM geometry (ImageOrientationPatient, PixelSpacing, the positions),
+  converted from DICOM's LPS to NIfTI's RAS world. The volume is int16 HU (RescaleSlope/Intercept).
+- Labels: 1 where the liver mask is non-zero, 2 where any tumour mask is non-zero inside the liver.
+  Tumour masks are the folders of MASKS_DICOM whose names match `--tumor-masks` (shell patterns,
+  case-insensitive; default `livertumor*`, which leaves out cysts and 1.7's `tumor` outside the
+  liver). Tumour voxels outside the liver are dropped and counted. What was merged is printed.
+
+pydicom is an optional dependency: `pip install 'livseg_jax[dicom]'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import io
+import pathlib
+import re
+import sys
+import zipfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from livseg_jax.data.layouts import natural_key
+from livseg_jax.data.nifti import DataError, PathLike, save_nifti
+
+DEFAULT_TUMOR_MASKS = ("livertumor*",)
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_POSITION_TOL_MM = 1e-2
+
+Members = dict[str, list[tuple[str, Callable[[], bytes]]]]  # folder -> [(display name, reader)]
+
+
+def _pydicom() -> Any:
+    try:
+        import pydicom
+    except ImportError as e:
+        raise ImportError(
+            "the 3D-IRCADb importer needs pydicom, an optional dependency: "
+            "pip install 'livseg_jax[dicom]' (or pip install pydicom)"
+        ) from e
+    return pydicom
+
+
+@dataclasses.dataclass
+class Series:
+    """One DICOM series sorted along its slice normal: voxels (n, rows, cols) and geometry."""
+
+    pixels: np.ndarray  # (n, rows, cols) float32 after RescaleSlope/Intercept
+    positions: np.ndarray  # (n, 3) ImagePositionPatient, LPS mm
+    orientation: np.ndarray  # (6,) ImageOrientationPatient
+    pixel_spacing: np.ndarray  # (2,) row spacing, column spacing (mm)
+    where: str
+
+    def affine(self) -> np.ndarray:
+        """Returns the (4, 4) RAS affine of the NIfTI array (cols, rows, slices) of this series."""
+        col_dir, row_dir = self.orientation[:3], self.orientation[3:]
+        if len(self.positions) > 1:
+            step = (self.positions[-1] - self.positions[0]) / (len(self.positions) - 1)
+        else:
+            step = np.cross(col_dir, row_dir)  # one slice: unit thickness along the normal
+        lps = np.eye(4)
+        lps[:3, 0] = col_dir * self.pixel_spacing[1]
+        lps[:3, 1] = row_dir * self.pixel_spacing[0]
+        lps[:3, 2] = step
+        lps[:3, 3] = self.positions[0]
+        return _LPS_TO_RAS @ lps
+
+    def nifti_array(self) -> np.ndarray:
+        """Returns the voxels in NIfTI order (cols, rows, slices)."""
+        return np.ascontiguousarray(self.pixels.transpose(2, 1, 0))
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """What `import_patient` read, merged and wrote for one patient."""
+
+    patient: pathlib.Path
+    image_path: pathlib.Path
+    label_path: pathlib.Path
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]  # NIfTI (x, y, z) voxel sizes, mm
+    liver_mask: str
+    liver_voxels: int
+    tumour_masks: list[tuple[str, int]]  # folder, non-zero voxels
+    tumour_voxels: int  # label 2 voxels written
+    tumour_voxels_dropped: int  # tumour-mask voxels outside the liver
+    ignored_masks: list[str]
+
+    def summary(self) -> str:
+        """Returns a few human-readable lines saying what was merged."""
+        tumours = ", ".join(f"{n} ({v} voxels)" for n, v in self.tumour_masks) or "none matched"
+        return (
+            f"{self.patient.name} -> {self.image_path.name}, {self.label_path.name}: "
+            f"{'x'.join(map(str, self.shape))} voxels of "
+            f"{' x '.join(f'{s:.3g}' for s in self.spacing)} mm\n"
+            f"  liver (label 1) <- {self.liver_mask} ({self.liver_voxels} voxels)\n"
+            f"  tumour (label 2) <- {tumours}; {self.tumour_voxels} voxels inside the liver, "
+            f"{self.tumour_voxels_dropped} outside dropped\n"
+            f"  not used: {', '.join(self.ignored_masks) or '-'}"
+        )
+
+
+# -------------------------------------------------------------------------------------- reading
+
+
+def _members(patient: pathlib.Path, name: str) -> Members:
+    """Returns the files of `<name>/` or `<name>.zip` in a patient folder, grouped by sub-folder."""
+    groups: Members = {}
+    folder, archive = patient / name, patient / f"{name}.zip"
+    if folder.is_dir():
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                key = path.parent.relative_to(folder).as_posix()
+                groups.setdefault("" if key == "." else key, []).append((str(path), path.read_bytes))
+        return groups
+    if not archive.is_file():
+        raise DataError(f"{patient}: neither {name}.zip nor {name}/ found")
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"{archive}: cannot open zip archive: {e}") from e
+    for info in zf.infolist():
+        parts = pathlib.PurePosixPath(info.filename).parts
+        if info.is_dir() or "__MACOSX" in parts or parts[-1].startswith("."):
+            continue
+        if parts[0] == name:  # the dataset's zips hold a top folder of the zip's own name
+            parts = parts[1:]
+        key = "/".join(parts[:-1])
+        groups.setdefault(key, []).append((f"{archive}:{info.filename}", lambda n=info.filename: zf.read(n)))
+    return groups
+
+
+def read_series(files: Sequence[tuple[str, Callable[[], bytes]]], where: str) -> Series:
+    """Returns the slices of one DICOM series sorted by position along the slice normal."""
+    pydicom = _pydicom()
+    if not files:
+        raise DataError(f"{where}: no DICOM files")
+    slices = []
+    for name, read in files:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(read()), force=True)
+            pixels = ds.pixel_array.astype(np.float64)
+            slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+            intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+            position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+            orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+            spacing = np.asarray(ds.PixelSpacing, dtype=np.float64)
+        except Exception as e:  # pydicom raises many types for bad files and missing tags
+            raise DataError(f"{name}: cannot read as a DICOM image slice: {e}") from e
+        if pixels.ndim != 2:
+            raise DataError(f"{name}: expected a 2D slice, got pixel data of shape {pixels.shape}")
+        slices.append((name, (pixels * slope + intercept).astype(np.float32), position, orientation, spacing))
+
+    _, first_pixels, _, orientation, spacing = slices[0]
+    for name, pixels, _, o, s in slices[1:]:
+        if pixels.shape != first_pixels.shape or not np.allclose(o, orientation, atol=1e-4):
+            raise DataError(f"{name}: slice size or orientation differs from the rest of {where}")
+        if not np.allclose(s, spacing, atol=1e-4):
+            raise DataError(f"{name}: pixel spacing {s} differs from {spacing} in {where}")
+    normal = np.cross(orientation[:3], orientation[3:])
+    slices.sort(key=lambda s: float(s[2] @ normal))
+    along = np.array([s[2] @ normal for s in slices])
+    steps = np.diff(along)
+    if steps.size:
+        if steps.min() < _POSITION_TOL_MM:
+            i = int(np.argmin(steps))
+            raise DataError(f"{slices[i + 1][0]}: same slice position as {slices[i][0]}")
+        if steps.max() - steps.min() > max(_POSITION_TOL_MM, 0.01 * np.median(steps)):
+            raise DataError(
+                f"{where}: slice spacing is not uniform (steps {steps.min():.4g} to {steps.max():.4g} mm); "
+                "a slice may be missing"
+            )
+    return Series(
+        pixels=np.stack([s[1] for s in slices]),
+        positions=np.stack([s[2] for s in slices]),
+        orientation=orientation,
+        pixel_spacing=spacing,
+        where=where,
+    )
+
+
+# -------------------------------------------------------------------------------------- merging
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(name.lower(), p.lower()) for p in patterns)
+
+
+def _mask(series: Series, image: Series, folder: str) -> np.ndarray:
+    if series.pixels.shape != image.pixels.shape or not np.allclose(
+        series.positions, image.positions, atol=_POSITION_TOL_MM
+    ):
+        raise DataError(
+            f"{series.where}: mask {folder!r} does not lie on the image grid "
+            f"(shape {series.pixels.shape} vs {image.pixels.shape}, or different slice positions)"
+        )
+    return series.pixels > 0
+
+
+def import_patient(
+    patient: PathLike,
+    dst: PathLike,
+    case_number: int,
+    tumor_masks: Sequence[str] = DEFAULT_TUMOR_MASKS,
+    liver_mask: str = "liver",
+) -> ImportReport:
+    """Returns the report after converting one patient folder to `volume-N`/`segmentation-N`.nii.gz."""
+    patient, dst = pathlib.Path(patient), pathlib.Path(dst)
+    image_files = _members(patient, "PATIENT_DICOM")
+    if len(image_files) != 1:
+        raise DataError(f"{patient}: PATIENT_DICOM holds several folders: {sorted(image_files)}")
+    image = read_series(next(iter(image_files.values())), f"{patient}/PATIENT_DICOM")
+    hu = np.round(image.pixels)
+    if hu.min() < -32768 or hu.max() > 32767:
+        raise DataError(f"{patient}: HU values {hu.min()}..{hu.max()} do not fit int16")
+
+    masks = _members(patient, "MASKS_DICOM")
+    by_lower = {k.lower(): k for k in masks}
+    if liver_mask.lower() not in by_lower:
+        raise DataError(f"{patient}/MASKS_DICOM: no {liver_mask!r} mask; found {sorted(masks)}")
+    liver_key = by_lower[liver_mask.lower()]
+    liver = _mask(read_series(masks[liver_key], f"{patient}/MASKS_DICOM/{liver_key}"), image, liver_key)
+    tumour_keys = sorted((k for k in masks if k != liver_key and _matches(k, tumor_masks)), key=natural_key)
+    tumour = np.zeros_like(liver)
+    merged = []
+    for key in tumour_keys:
+        m = _mask(read_series(masks[key], f"{patient}/MASKS_DICOM/{key}"), image, key)
+        merged.append((key, int(m.sum())))
+        tumour |= m
+    labels = liver.astype(np.uint8)
+    labels[tumour & liver] = 2
+
+    affine = image.affine()
+    image_path, label_path = dst / f"volume-{case_number}.nii.gz", dst / f"segmentation-{case_number}.nii.gz"
+    for data, path in (
+        (hu.astype(np.int16), image_path),
+        (labels, label_path),
+    ):
+        arr = np.ascontiguousarray(data.transpose(2, 1, 0))  # (slices, rows, cols) -> (cols, rows, slices)
+        img = nib.Nifti1Image(arr, affine)
+        img.header.set_qform(affine, code=1)  # scanner coordinates
+        img.header.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm")
+        save_nifti(img, path)
+    return ImportReport(
+        patient=patient,
+        image_path=image_path,
+        label_path=label_path,
+        shape=tuple(int(s) for s in hu.shape[::-1]),
+        spacing=tuple(float(s) for s in nib.affines.voxel_sizes(affine)),
+        liver_mask=liver_key,
+        liver_voxels=int(liver.sum()),
+        tumour_masks=merged,
+        tumour_voxels=int((labels == 2).sum()),
+        tumour_voxels_dropped=int((tumour & ~liver).sum()),
+        ignored_masks=sorted((k for k in masks if k != liver_key and k not in tumour_keys), key=natural_key),
+    )
+
+
+def _is_patient(folder: pathlib.Path) -> bool:
+    return (folder / "PATIENT_DICOM.zip").is_file() or (folder / "PATIENT_DICOM").is_dir()
+
+
+def find_patients(src: PathLike) -> list[tuple[pathlib.Path, int]]:
+    """Returns (patient folder, case number N) for SRC: one patient folder or a folder of them."""
+    src = pathlib.Path(src)
+    if not src.is_dir():
+        raise DataError(f"{src}: not a folder")
+    folders = (
+        [src]
+        if _is_patient(src)
+        else sorted(
+            (p for p in src.iterdir() if p.is_dir() and _is_patient(p)), key=lambda p: natural_key(p.name)
+        )
+    )
+    if not folders:
+        raise DataError(f"{src}: no 3D-IRCADb patient folder (with PATIENT_DICOM.zip or PATIENT_DICOM/)")
+    numbers: list[int | None] = []
+    for folder in folders:
+        match = re.search(r"(\d+)$", folder.name)
+        numbers.append(int(match.group(1)) if match else None)
+    taken = [n for n in numbers if n is not None]
+    if len(set(taken)) != len(taken):
+        raise DataError(f"{src}: patient folders end in the same number; import them into separate folders")
+    spare = iter(n for n in range(10**6) if n not in set(taken))
+    return [(f, n if n is not None else next(spare)) for f, n in zip(folders, numbers, strict=True)]
+
+
+def import_ircadb(
+    src: PathLike,
+    dst: PathLike,
+    tumor_masks: Sequence[str] = DEFAULT_TUMOR_MASKS,
+    liver_mask: str = "liver",
+    log: Callable[[str], None] | None = print,
+) -> list[ImportReport]:
+    """Returns one report per patient after converting SRC into the LiTS layout under DST."""
+    reports = []
+    for folder, number in find_patients(src):
+        report = import_patient(folder, dst, number, tumor_masks, liver_mask)
+        if log is not None:
+            log(report.summary())
+        reports.append(report)
+    return reports
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the process exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m livseg_jax.data.ircadb",
+        description="Convert 3D-IRCADb DICOM patient folders (zipped or not) to LiTS-layout NIfTI.",
+    )
+    parser.add_argument("src", help="a patient folder (e.g. 3Dircadb1.17) or a folder of patient folders")
+    parser.add_argument("dst", help="output folder for volume-N.nii.gz and segmentation-N.nii.gz")
+    parser.add_argument(
+        "--tumor-masks",
+        nargs="+",
+        default=list(DEFAULT_TUMOR_MASKS),
+        metavar="PATTERN",
+        help="MASKS_DICOM folders merged into the tumour label (shell patterns, case-insensitive; "
+        "default: %(default)s)",
+    )
+    parser.add_argument(
+        "--liver-mask", default="liver", help="MASKS_DICOM folder of the liver (default: liver)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        import_ircadb(args.src, args.dst, args.tumor_masks, args.liver_mask)
+    except (DataError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
