@@ -1,0 +1,210 @@
+"""Preprocessed-case cache: each case is read, checked and preprocessed once, then memory-mapped.
+
+Layout: `<cache_dir>/preprocess-<settings hash>/` holds `settings.json` (the preprocessing settings
+the hash was taken of) and, per case, `<case_id>.image.npy` (float32 (D, H, W), windowed and
+scaled), `<case_id>.label.npy` (uint8, when the case has a label) and `<case_id>.json` (source
+files' path/size/mtime, `PreprocessRecord`, `Geometry`). The JSON is written last, each file via a
+temporary file and a rename, so an entry either is complete or does not exist. An entry is reused
+when its JSON names the same source files with the same size and modification time; new
+preprocessing settings give a new folder, so changing them rebuilds everything.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO
+
+import numpy as np
+import tqdm
+
+from livseg_jax.data import preprocess as pp
+from livseg_jax.data.layouts import CaseFiles
+from livseg_jax.data.nifti import Geometry, PathLike, atomic_path, read_case
+
+CACHE_VERSION = 1
+_SETTINGS_KEYS = (
+    "body_threshold_hu",
+    "inplane_factor",
+    "target_slice_spacing",
+    "hu_min",
+    "hu_max",
+    "hu_scale",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedCase:
+    """One preprocessed case in the cache; `image`/`label` are memory-mapped (D, H, W) arrays."""
+
+    case_id: str
+    image_path: pathlib.Path
+    label_path: pathlib.Path | None
+    record: pp.PreprocessRecord
+    geometry: Geometry  # of the source image, to write predictions back onto its grid
+    source: CaseFiles
+
+    @property
+    def image(self) -> np.ndarray:
+        """Returns the preprocessed image, (D, H, W) float32, memory-mapped read-only."""
+        return np.load(self.image_path, mmap_mode="r")
+
+    @property
+    def label(self) -> np.ndarray | None:
+        """Returns the preprocessed label map, (D, H, W) uint8 memory-mapped, or None."""
+        return None if self.label_path is None else np.load(self.label_path, mmap_mode="r")
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Returns the voxel spacing (sz, sy, sx) in mm after preprocessing, shape (3,)."""
+        return np.asarray(self.record.spacing, dtype=np.float64)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Returns the preprocessed (D, H, W) shape."""
+        return tuple(self.record.shape)
+
+
+def preprocess_settings(preprocess_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Returns the preprocessing settings that define a cache (plain JSON types)."""
+    settings = {k: preprocess_config[k] for k in _SETTINGS_KEYS}
+    settings = json.loads(json.dumps(settings))
+    settings["record_version"] = pp.RECORD_VERSION
+    settings["cache_version"] = CACHE_VERSION
+    return settings
+
+
+def settings_key(preprocess_config: Mapping[str, Any]) -> str:
+    """Returns a short hash of the preprocessing settings (the cache sub-folder's suffix)."""
+    text = json.dumps(preprocess_settings(preprocess_config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fingerprint(path: pathlib.Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    st = os.stat(path)
+    return {"path": str(pathlib.Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _safe_name(case_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
+
+
+def _write_atomic(path: pathlib.Path, write: Callable[[BinaryIO], Any]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+
+
+def _entry_paths(entry_dir: pathlib.Path, case_id: str) -> tuple[pathlib.Path, ...]:
+    name = _safe_name(case_id)
+    return (entry_dir / f"{name}.json", entry_dir / f"{name}.image.npy", entry_dir / f"{name}.label.npy")
+
+
+def _source_of(case: CaseFiles) -> dict[str, Any]:
+    return {"image": _fingerprint(case.image), "label": _fingerprint(case.label)}
+
+
+def _load_entry(case: CaseFiles, entry_dir: pathlib.Path) -> CachedCase | None:
+    meta_path, image_path, label_path = _entry_paths(entry_dir, case.case_id)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("source") != _source_of(case) or not image_path.exists():
+        return None
+    if case.label is not None and not label_path.exists():
+        return None
+    try:
+        record = pp.PreprocessRecord.from_dict(meta["record"])
+        geometry = Geometry.from_dict(meta["geometry"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return CachedCase(
+        case_id=case.case_id,
+        image_path=image_path,
+        label_path=label_path if case.label is not None else None,
+        record=record,
+        geometry=geometry,
+        source=case,
+    )
+
+
+def build_entry(case: CaseFiles, settings: Mapping[str, Any], entry_dir: PathLike) -> str:
+    """Returns the case id after reading, preprocessing and writing one cache entry atomically."""
+    entry_dir = pathlib.Path(entry_dir)
+    source = _source_of(case)  # taken before reading: a file changed meanwhile is rebuilt next time
+    loaded = read_case(case.image, case.label, case_id=case.case_id)
+    image, label, record = pp.preprocess(loaded.image, loaded.spacing, settings, loaded.label)
+    meta_path, image_path, label_path = _entry_paths(entry_dir, case.case_id)
+    meta_path.unlink(missing_ok=True)  # the entry is invalid from here until its JSON is rewritten
+    _write_atomic(image_path, lambda f: np.save(f, image))
+    if label is not None:
+        _write_atomic(label_path, lambda f: np.save(f, label))
+    meta = {
+        "case_id": case.case_id,
+        "source": source,
+        "record": record.to_dict(),
+        "geometry": loaded.geometry.to_dict(),
+    }
+    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return case.case_id
+
+
+def build_cache(
+    cases: Sequence[CaseFiles],
+    preprocess_config: Mapping[str, Any],
+    cache_dir: PathLike,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> list[CachedCase]:
+    """Returns the cached cases (in input order), preprocessing those missing or out of date."""
+    ids = [c.case_id for c in cases]
+    if len(set(map(_safe_name, ids))) != len(ids):
+        raise ValueError(f"case ids are not unique: {ids}")
+    settings = preprocess_settings(preprocess_config)
+    entry_dir = pathlib.Path(cache_dir) / f"preprocess-{settings_key(preprocess_config)}"
+    entry_dir.mkdir(parents=True, exist_ok=True)
+    settings_path = entry_dir / "settings.json"
+    if not settings_path.exists():
+        _write_atomic(settings_path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+    todo = [c for c in cases if _load_entry(c, entry_dir) is None]
+    bar = tqdm.tqdm(
+        total=len(todo), desc=f"preprocessing into {entry_dir}", unit="case", disable=not progress or not todo
+    )
+    try:
+        if num_workers <= 1 or len(todo) <= 1:
+            for case in todo:
+                build_entry(case, settings, entry_dir)
+                bar.update(1)
+        else:
+            # spawn, not fork: the parent may have started JAX's threads, which fork would copy.
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(min(num_workers, len(todo)), mp_context=ctx) as ex:
+                futures = [ex.submit(build_entry, c, settings, entry_dir) for c in todo]
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        future.result()
+                        bar.update(1)
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+    finally:
+        bar.close()
+
+    out = []
+    for case in cases:
+        entry = _load_entry(case, entry_dir)
+        if entry is None:
+            raise RuntimeError(f"{entry_dir}: cache entry for {case.case_id} missing after building")
+        out.append(entry)
+    return out
