@@ -4,6 +4,11 @@ import os
 import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile many small networks; XLA:CPU's LLVM optimisation dominates their run time and
+# buys nothing at these sizes.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
 
 import jax  # noqa: E402
 

@@ -139,4 +139,5 @@ def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = N
 def init_variables(model: UNet3D, rng: jax.Array, patch_shape: Sequence[int], in_channels: int = 1):
     """Returns `{"params", "batch_stats"}` for `model` at a (D, H, W) patch, batch of 1."""
     x = jnp.zeros((1, *patch_shape, in_channels), jnp.float32)
-    return model.init({"params": rng, "dropout": rng}, x, train=not model.deploy)
+    init = jax.jit(model.init, static_argnames="train")
+    return init({"params": rng, "dropout": rng}, x, train=not model.deploy)

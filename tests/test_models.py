@@ -1,0 +1,204 @@
+"""Model family: shapes, variants, re-parameterisation, up-sampling, MSCA slice trick, bf16."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from livseg_jax.config import MODEL_NAMES, model_config
+from livseg_jax.models import build_model, init_variables, reparameterize
+from livseg_jax.models.layers import Upsample2x, upsample2x_reference
+from livseg_jax.models.msca import MSCABlock
+
+PATCH = (16, 16, 16)
+FEATURES = (4, 8, 8, 8, 16)
+
+
+def tiny_config(name, **overrides):
+    cfg = model_config(name)
+    cfg.features = FEATURES
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def randomize_batch_stats(variables, seed=0):
+    """Returns variables with non-trivial BN scales, biases and running statistics."""
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, leaf):
+        keys = [getattr(p, "key", "") for p in path]
+        shape = leaf.shape
+        if keys[0] == "batch_stats":
+            if keys[-1] == "mean":
+                return jnp.asarray(rng.normal(0, 0.5, shape), jnp.float32)
+            return jnp.asarray(rng.uniform(0.5, 2.0, shape), jnp.float32)
+        if any(k in ("bn", "identity", "norm1", "norm2") for k in keys):
+            if keys[-1] == "scale":
+                return jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
+            return jnp.asarray(rng.normal(0, 0.2, shape), jnp.float32)
+        if keys[-1] == "bias" or keys[-1].startswith("layer_scale"):
+            return jnp.asarray(rng.normal(0, 0.2, shape), jnp.float32)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(perturb, variables)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return jax.random.normal(jax.random.key(1), (2, *PATCH, 1), jnp.float32)
+
+
+@pytest.fixture(scope="module", params=MODEL_NAMES)
+def variant(request):
+    cfg = tiny_config(request.param)
+    model = build_model(cfg)
+    variables = randomize_batch_stats(init_variables(model, jax.random.key(0), PATCH))
+    return request.param, cfg, model, variables
+
+
+def param_names(variables):
+    return {"/".join(str(getattr(p, "key", p)) for p in path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])}
+
+
+@pytest.fixture(scope="module")
+def eval_outputs(variant, inputs):
+    _, _, model, variables = variant
+    return jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, inputs)
+
+
+def test_training_heads_coarse_to_fine_with_finite_gradients(variant, inputs):
+    name, _, model, variables = variant
+    labels = (inputs[..., 0] > 0).astype(jnp.int32)
+
+    def loss_fn(params):
+        outs, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                    inputs, train=True, mutable=["batch_stats"])
+        loss = sum(jnp.mean(-jnp.take_along_axis(nn.log_softmax(o), labels[..., None], -1))
+                   for o in outs)
+        return loss, (outs, updates)
+
+    grads, (outs, updates) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
+    assert len(outs) == 4
+    for o in outs:
+        assert o.shape == (2, *PATCH, 2) and o.dtype == jnp.float32
+    # Head i reads decoder stage 3 - i: the coarse head sees the widest (deepest) decoder output.
+    widths = [variables["params"][f"head{i}"]["kernel"].shape[-2] for i in range(4)]
+    assert widths == [FEATURES[3], FEATURES[2], FEATURES[1], FEATURES[0]]
+    # Training mode updates the running statistics.
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
+                           updates["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves), name
+    assert all(float(jnp.abs(grads[f"head{i}"]["kernel"]).sum()) > 0 for i in range(4))
+
+
+def test_evaluation_returns_only_the_finest_map(variant, eval_outputs):
+    _, _, _, variables = variant
+    assert eval_outputs.shape == (2, *PATCH, 2)
+    assert {"head0", "head3"} <= set(variables["params"])
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 24, 16), "height"), ((20, 16, 16), "depth"),
+                                        ((16, 16, 8), "width")])
+def test_patch_not_divisible_by_16_names_the_axis(shape, axis):
+    model = build_model(tiny_config("unet"))
+    with pytest.raises(ValueError, match=rf"{axis} = \d+ is not divisible by 16"):
+        init_variables(model, jax.random.key(0), shape)
+
+
+def test_reparameterized_model_reproduces_evaluation_model(variant, inputs, eval_outputs):
+    name, cfg, model, variables = variant
+    expected = eval_outputs
+    deploy_vars = reparameterize(variables)
+    deploy = build_model(cfg, deploy=True)
+    got = jax.jit(lambda v, x: deploy.apply(v, x, train=False))(deploy_vars, inputs)
+    rel = float(jnp.max(jnp.abs(got - expected)) / jnp.max(jnp.abs(expected)))
+    assert rel <= 1e-5, f"{name}: relative error {rel:.2e}"
+    assert set(deploy_vars) == {"params"}
+    assert not any(re.search(r"(^|/)(bn|identity|dense|point)(/|$)", n)
+                   for n in param_names(deploy_vars))
+    reference = jax.eval_shape(lambda: init_variables(deploy, jax.random.key(0), PATCH))
+    assert jax.tree.structure(reference) == jax.tree.structure(
+        jax.tree.map(jnp.asarray, deploy_vars))
+
+
+def test_upsample_equals_conv_transpose_and_float64_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 4, 5, 6)).astype(np.float32)
+    module = Upsample2x(7)
+    variables = module.init(jax.random.key(0), x)
+    kernel = np.asarray(variables["params"]["kernel"])
+    bias = rng.normal(size=7).astype(np.float32)
+    variables = {"params": {"kernel": kernel, "bias": bias}}
+    got = np.asarray(jax.jit(module.apply)(variables, x))
+    # float64 reference of ConvTranspose3d(k=2, s=2): out[2d+i, 2h+j, 2w+k] = x[d,h,w] @ K[i,j,k].
+    ref = np.zeros((2, 6, 8, 10, 7))
+    for i in range(2):
+        for j in range(2):
+            for k in range(2):
+                ref[:, i::2, j::2, k::2] = x.astype(np.float64) @ kernel[i, j, k].astype(np.float64)
+    ref += bias
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # lax.conv_transpose(transpose_kernel=True) flips the kernel and swaps I/O back itself.
+    lax_out = jax.lax.conv_transpose(
+        x, jnp.asarray(kernel.swapaxes(-1, -2)), (2, 2, 2), "VALID",
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), transpose_kernel=True) + bias
+    np.testing.assert_allclose(got, np.asarray(lax_out), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(upsample2x_reference(x, kernel, bias)), got, rtol=1e-6)
+
+
+def test_msca_slice_trick_equals_2d_block_on_each_axial_slice():
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16, 16, 4))
+    block = MSCABlock("2d")
+    init = jax.jit(block.init, static_argnames="train")
+    variables = randomize_batch_stats(init(jax.random.key(3), x, train=False))
+    apply = jax.jit(lambda v, x: block.apply(v, x, train=False))
+    whole = apply(variables, x)
+    per_slice = jnp.concatenate([apply(variables, x[:, d:d + 1]) for d in range(5)], axis=1)
+    np.testing.assert_allclose(np.asarray(whole), np.asarray(per_slice), rtol=1e-5, atol=1e-6)
+    # Kernels are 2D in the slice trick; the "3d" ablation mixes slices and has 3D kernels.
+    assert variables["params"]["attention"]["dw5"]["kernel"].shape == (5, 5, 1, 4)
+    block3d = MSCABlock("3d")
+    v3 = jax.jit(block3d.init, static_argnames="train")(jax.random.key(3), x, train=False)
+    assert v3["params"]["attention"]["dw5"]["kernel"].shape == (5, 5, 5, 1, 4)
+    assert v3["params"]["attention"]["strip21_0"]["kernel"].shape[:3] == (1, 1, 21)
+    y3 = jax.jit(lambda v, x: block3d.apply(v, x, train=False))(v3, x.at[:, 0].add(10.0))
+    y3_ref = jax.jit(lambda v, x: block3d.apply(v, x, train=False))(v3, x)
+    assert float(jnp.abs(y3[:, 1] - y3_ref[:, 1]).max()) > 0, "3d mode must mix neighbouring slices"
+
+
+def test_variants_have_the_specified_blocks():
+    names = {}
+    for name in MODEL_NAMES:
+        model = build_model(tiny_config(name))
+        variables = jax.eval_shape(lambda m=model: init_variables(m, jax.random.key(0), PATCH))
+        names[name] = param_names(variables)
+    has = lambda name, pattern: any(re.search(pattern, n) for n in names[name])  # noqa: E731
+    assert not has("unet", "msca") and not has("unet", "rep")
+    assert has("msca_unet", "msca") and not has("msca_unet", "rep")
+    assert has("elanres_unet", "rep1") and not has("elanres_unet", "msca")
+    assert has("elanres_msca_unet", "rep1") and has("elanres_msca_unet", "msca")
+    # MSCA sits after encoder stages 1-3 and the bottleneck, not stage 0.
+    stages = {int(m.group(1)) for n in names["elanres_msca_unet"] if (m := re.match(r"msca(\d)/", n))}
+    assert stages == {1, 2, 3, 4}
+    model = build_model(tiny_config("elanres_msca_unet", msca_stages=(4,), n_rep=3))
+    v = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), PATCH))
+    assert {n.split("/")[0] for n in param_names(v) if n.startswith("msca")} == {"msca4"}
+    assert any("rep2" in n for n in param_names(v))
+
+
+def test_bfloat16_forward_agrees_with_float32(variant, inputs, eval_outputs):
+    name, cfg, _, variables = variant
+    model16 = build_model(tiny_config(name, dtype="bfloat16"))
+    out32 = eval_outputs
+    out16 = jax.jit(lambda v, x: model16.apply(v, x, train=False))(variables, inputs)
+    assert out16.dtype == jnp.float32  # logits come back in float32 for the loss
+    assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
+    rel = float(jnp.max(jnp.abs(out16 - out32)) / jnp.max(jnp.abs(out32)))
+    assert rel < 5e-2, f"{name}: bf16 relative error {rel:.3f}"
