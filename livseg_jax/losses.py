@@ -1,7 +1,8 @@
 """Segmentation losses of SPEC §2: Dice, Tversky, BCE, the two hybrids and deep supervision.
 
 Every loss takes logits `(B, D, H, W, K)` (softmax over the last axis, K >= 2) and integer labels
-`(B, D, H, W)` with values in `[0, K)`, and returns a float32 scalar. Logits of any float dtype
+`(B, D, H, W)` with values in `[0, K)` (a value outside that range gets an all-zero target row:
+it cannot be checked inside jit), and returns a float32 scalar. Logits of any float dtype
 (bfloat16 included) are cast to float32 first, so every sum over voxels accumulates in float32.
 Probabilities come from `jax.nn.softmax`; the cross-entropy terms come from `log_softmax`, never
 from `log(p)`, so saturated logits give large but finite losses and finite gradients.

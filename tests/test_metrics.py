@@ -113,6 +113,20 @@ def test_empty_mask_cases_have_documented_values():
         metrics.surface_distances(cube, empty, sp)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_one_empty_mask_overlap_values_agree_with_medpy_including_nan():
+    empty = np.zeros((6, 6, 6), bool)
+    cube = empty.copy()
+    cube[1:4, 2:5, 1:3] = True
+    medpy_fns = {"dice": mb.dc, "iou": mb.jc, "precision": mb.precision, "recall": mb.recall}
+    for pred, truth in ((empty, cube), (cube, empty)):
+        row = metrics.binary_metrics(pred, truth, None)
+        for key, fn in medpy_fns.items():
+            np.testing.assert_equal(row[key], float(fn(pred, truth)), err_msg=key)
+    # medpy's ravd is defined for an empty prediction only (it raises for an empty truth).
+    assert metrics.binary_metrics(empty, cube, None)["rvd"] == mb.ravd(empty, cube)
+
+
 def test_summarize_skips_and_counts_undefined_values():
     rng = np.random.default_rng(1)
     pairs = [(_blob(rng, (12, 12, 10), 0.2), _blob(rng, (12, 12, 10), 0.2)) for _ in range(3)]
