@@ -194,6 +194,12 @@ def build_cache(
                     for future in concurrent.futures.as_completed(futures):
                         future.result()
                         bar.update(1)
+                except concurrent.futures.process.BrokenProcessPool as e:
+                    raise RuntimeError(
+                        f"preprocessing worker processes died ({e}); they are started with 'spawn', "
+                        "which re-imports the main script: run from a file whose entry point is under "
+                        "`if __name__ == '__main__':`, or use num_workers=0 (e.g. interactively)"
+                    ) from e
                 except BaseException:
                     for f in futures:
                         f.cancel()
