@@ -1,0 +1,189 @@
+"""grain input pipeline: random training patches from cached, preprocessed cases.
+
+Every training example is a pure function of (seed, global example index), so a run restarted at
+step k sees exactly the batches an uninterrupted run sees from step k on, whatever the number of
+worker processes. The global batch of step k is examples [k * B, (k + 1) * B); JAX process p of P
+loads the contiguous slice p * B / P ... (p + 1) * B / P of it, so processes get disjoint shards.
+
+Stage "liver": the whole preprocessed volume, foreground = liver (labels 1 and 2).
+Stage "tumor": the volume cropped to the liver's bounding box plus a margin, foreground = tumour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from livseg_jax.data.cache import CachedCase
+from livseg_jax.data.preprocess import bbox_of
+
+MAX_FOREGROUND_SAMPLES = 20_000  # voxel coordinates kept per case to draw patch centres from
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCase:
+    """A cached case seen through one stage: its crop and where its foreground lies."""
+
+    case_id: str
+    image_path: str
+    label_path: str
+    crop_start: tuple[int, int, int]
+    crop_stop: tuple[int, int, int]
+    foreground: np.ndarray  # (N, 3) int32 voxel coordinates inside the crop (a subsample)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Returns the (D, H, W) shape of the crop."""
+        return tuple(b - a for a, b in zip(self.crop_start, self.crop_stop, strict=True))
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (image float32, label uint8) of the crop, (D, H, W), memory-mapped views."""
+        box = tuple(slice(a, b) for a, b in zip(self.crop_start, self.crop_stop, strict=True))
+        return np.load(self.image_path, mmap_mode="r")[box], np.load(self.label_path, mmap_mode="r")[box]
+
+
+def stage_target(label: np.ndarray, stage: str) -> np.ndarray:
+    """Returns the stage's binary target (uint8): liver (1 or 2) for "liver", tumour (2) for "tumor"."""
+    if stage == "liver":
+        return (label >= 1).astype(np.uint8)
+    if stage == "tumor":
+        return (label == 2).astype(np.uint8)
+    raise ValueError(f"stage must be 'liver' or 'tumor', got {stage!r}")
+
+
+def liver_crop_margin(spacing: Sequence[float], margin_mm: float) -> tuple[int, int, int]:
+    """Returns the per-axis crop margin in voxels for a margin in mm."""
+    return tuple(int(math.ceil(margin_mm / float(s))) for s in spacing)
+
+
+def index_case(case: CachedCase, stage: str, liver_margin_mm: float, seed: int = 0) -> StageCase:
+    """Returns the StageCase of a cached case (crop + foreground sample) for `stage`."""
+    if case.label_path is None:
+        raise ValueError(f"{case.source.image}: training needs a label file, none found")
+    label = np.asarray(case.label)
+    start, stop = (0, 0, 0), tuple(label.shape)
+    if stage == "tumor":
+        box = bbox_of(label >= 1, liver_crop_margin(case.spacing, liver_margin_mm))
+        if box is None:
+            raise ValueError(f"{case.source.label}: no liver voxels, cannot crop for the tumour stage")
+        start, stop = tuple(b.start for b in box), tuple(b.stop for b in box)
+        label = label[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
+    coords = np.argwhere(stage_target(label, stage) > 0).astype(np.int32)
+    if len(coords) > MAX_FOREGROUND_SAMPLES:
+        rng = np.random.default_rng([seed, len(coords)])
+        coords = coords[rng.choice(len(coords), MAX_FOREGROUND_SAMPLES, replace=False)]
+    return StageCase(case.case_id, str(case.image_path), str(case.label_path), start, stop, coords)
+
+
+def crop_patch(volume: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
+    """Returns volume[start : start + size], padded with `fill` where it leaves the volume."""
+    out = np.full(tuple(size), fill, dtype=volume.dtype)
+    src, dst = [], []
+    for s, n, dim in zip(start, size, volume.shape, strict=True):
+        lo, hi = max(s, 0), min(s + n, dim)
+        src.append(slice(lo, max(hi, lo)))
+        dst.append(slice(lo - s, lo - s + max(hi - lo, 0)))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
+def _patch_start(center: np.ndarray, patch: Sequence[int], shape: Sequence[int]) -> list[int]:
+    starts = []
+    for c, p, n in zip(center, patch, shape, strict=True):
+        s = int(c) - p // 2
+        # Keep the patch inside the volume where the volume is large enough; centre it otherwise.
+        s = min(max(s, 0), n - p) if n >= p else (n - p) // 2
+        starts.append(s)
+    return starts
+
+
+def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, cfg) -> tuple:
+    """Returns (image, target) flipped / rotated in-plane / intensity-jittered at random."""
+    if cfg.affine:
+        raise ValueError("data.augment.affine=True is not implemented; set it to False")
+    if cfg.flips:
+        for axis in range(3):
+            if rng.random() < 0.5:
+                image, target = np.flip(image, axis), np.flip(target, axis)
+    if cfg.rot90:
+        square = image.shape[1] == image.shape[2]
+        k = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
+        image, target = np.rot90(image, k, axes=(1, 2)), np.rot90(target, k, axes=(1, 2))
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    if cfg.intensity_scale or cfg.intensity_shift:
+        scale = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale)
+        shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift)
+        image = image * np.float32(scale) + np.float32(shift)
+    return image, np.ascontiguousarray(target)
+
+
+class PatchSampler:
+    """Picklable map from a global example index to one training example (for grain workers)."""
+
+    def __init__(self, cases: Sequence[StageCase], stage: str, data_config: ml_collections.ConfigDict,
+                 seed: int, background_value: float):
+        if not cases:
+            raise ValueError("no training cases")
+        self.cases = list(cases)
+        self.stage = stage
+        self.patch = tuple(int(p) for p in data_config.patch_size)
+        self.foreground_fraction = float(data_config.foreground_fraction)
+        self.augment_config = ml_collections.ConfigDict(data_config.augment.to_dict())
+        self.seed = int(seed)
+        self.background_value = float(background_value)
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, int(index)])
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        shape = case.shape
+        if len(case.foreground) and rng.random() < self.foreground_fraction:
+            center = case.foreground[int(rng.integers(len(case.foreground)))]
+        else:
+            center = np.array([rng.integers(n) for n in shape])
+        start = _patch_start(center, self.patch, shape)
+        image, label = case.load()
+        image = crop_patch(image, start, self.patch, self.background_value)
+        target = stage_target(crop_patch(label, start, self.patch, 0), self.stage)
+        image, target = augment(image, target, rng, self.augment_config)
+        return {"image": image[..., None], "label": target.astype(np.int32)}
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    """Returns the batch each JAX process loads, raising if the global batch does not split."""
+    if global_batch % process_count:
+        raise ValueError(f"data.batch_size = {global_batch} does not divide by {process_count} processes")
+    return global_batch // process_count
+
+
+def make_dataset(sampler: PatchSampler, global_batch: int, num_steps: int, start_step: int = 0,
+                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Returns a grain MapDataset of this process's batches for steps [start_step, num_steps)."""
+    local = local_batch_size(global_batch, process_count)
+    first = process_index * local
+
+    def example_index(i: int) -> int:
+        step, j = divmod(i, local)
+        return (start_step + step) * global_batch + first + j
+
+    total = max(num_steps - start_step, 0) * local
+    return grain.MapDataset.range(total).map(example_index).map(sampler).batch(local, drop_remainder=True)
+
+
+def batch_iterator(dataset: grain.MapDataset, num_workers: int, prefetch: int = 2) -> Iterator[dict]:
+    """Returns an iterator over the dataset's batches, with `num_workers` grain worker processes."""
+    options = grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch)
+    ds = dataset.to_iter_dataset(options)
+    if num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(ds)
+
+
+def to_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Returns the process-local numpy batch as global jax.Arrays laid out with `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

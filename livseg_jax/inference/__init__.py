@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction and the two-stage pipeline."""

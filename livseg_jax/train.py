@@ -1,0 +1,29 @@
+"""Train one stage: `python -m livseg_jax.train --config=configs/tumor.py [--workdir=DIR] [--config.x=y]`."""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from livseg_jax.training.distributed import maybe_initialize_distributed
+from livseg_jax.training.loop import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tumor.py", "training config file")
+_WORKDIR = flags.DEFINE_string("workdir", "", "run directory (default: runs/<stage>)")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    maybe_initialize_distributed()
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", config.stage)
+    summary = train_and_evaluate(config, workdir)
+    print(f"done: step {summary['final_step']}, best validation Dice {summary['best_dice']:.4f}; "
+          f"run directory {workdir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,194 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run, resumable from its workdir."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from livseg_jax.data import pipeline
+from livseg_jax.data.cache import build_cache
+from livseg_jax.data.layouts import discover
+from livseg_jax.data.synthetic import write_synthetic_dataset
+from livseg_jax.inference.sliding_window import sliding_window_probs, window_predict_fn
+from livseg_jax.models import build_model, check_patch_shape
+from livseg_jax.training.checkpoint import RunCheckpoints, save_config
+from livseg_jax.training.logging import MetricWriter, plot_curves
+from livseg_jax.training.schedules import make_optimizer
+from livseg_jax.training.state import TrainState, create_train_state
+from livseg_jax.training.step import (
+    batch_sharding,
+    check_global_batch,
+    jit_train_step,
+    make_mesh,
+    make_train_step,
+    replicated,
+)
+
+
+def cache_root(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """Returns where synthetic data and preprocessed cases are cached."""
+    if config.data.cache_dir:
+        return pathlib.Path(config.data.cache_dir).expanduser()
+    return pathlib.Path(os.environ.get("LIVSEG_CACHE", "~/.cache/livseg_jax")).expanduser()
+
+
+def dataset_cases(config: ml_collections.ConfigDict):
+    """Returns the dataset's CaseFiles: discovered under data.root, or the built-in synthetic set."""
+    if config.data.root or config.data.list_file:
+        return discover(config.data.root, config.data.layout, config.data.list_file)
+    syn = config.data.synthetic
+    key = hashlib.sha1(json.dumps(syn.to_dict(), sort_keys=True, default=list).encode()).hexdigest()[:10]
+    return write_synthetic_dataset(cache_root(config) / f"synthetic-{key}", syn.num_cases,
+                                   tuple(syn.shape), tuple(syn.spacing), syn.seed)
+
+
+def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
+    """Returns (train, validation) StageCases: the last `num_val_cases` cases are held out."""
+    if config.stage == "tumor" and config.data.tumor_crop_source != "ground_truth":
+        raise ValueError(
+            f"data.tumor_crop_source = {config.data.tumor_crop_source!r} is not supported yet; "
+            "use 'ground_truth' (stage-2 training on liver crops from the reference labels)")
+    cases = dataset_cases(config)
+    n_val = int(config.data.num_val_cases)
+    if len(cases) <= n_val:
+        raise ValueError(
+            f"{len(cases)} cases found but data.num_val_cases = {n_val}: nothing left to train on")
+    cached = build_cache(cases, config.preprocess, cache_root(config) / "preprocessed",
+                         num_workers=config.data.num_workers)
+    staged = [pipeline.index_case(c, config.stage, config.data.liver_margin_mm, config.seed) for c in cached]
+    return staged[: len(staged) - n_val], staged[len(staged) - n_val:]
+
+
+def background_value(preprocess_config: ml_collections.ConfigDict) -> float:
+    """Returns the scaled intensity of air (the padding value of patches and windows)."""
+    return float(preprocess_config.hu_min) / float(preprocess_config.hu_scale)
+
+
+def validate(model, variables, cases: Sequence[pipeline.StageCase], config, predict_fn) -> dict[str, float]:
+    """Returns {"dice", "dice_<case>"...}: foreground Dice of full-volume sliding-window predictions."""
+    bound = lambda x: np.asarray(predict_fn(variables, x))  # noqa: E731
+    scores = {}
+    window = tuple(config.inference.window) or tuple(config.data.patch_size)
+    for case in cases:
+        image, label = case.load()
+        target = pipeline.stage_target(np.asarray(label), config.stage)
+        probs = sliding_window_probs(np.asarray(image), bound, window, config.inference.overlap,
+                                     config.inference.batch_size, config.inference.gaussian_sigma_scale,
+                                     background_value(config.preprocess))
+        pred = probs.argmax(-1) > 0
+        denom = pred.sum() + target.sum()
+        overlap = np.logical_and(pred, target).sum()
+        scores[f"dice_{case.case_id}"] = float(2 * overlap / denom) if denom else 1.0
+    scores["dice"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def _check_finite(pending: list[tuple[int, dict]], ckpt: RunCheckpoints, workdir: pathlib.Path) -> list:
+    host = [(s, jax.device_get(m)) for s, m in pending]
+    for s, m in host:
+        if not np.isfinite(m["loss"]):
+            last = ckpt.latest_step()
+            where = f"step {last} in {workdir / 'checkpoints'}" if last is not None else "none saved yet"
+            raise FloatingPointError(
+                f"training loss is {float(m['loss'])} at step {s}; stopping. Last good checkpoint: {where}")
+    return host
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                       devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+    """Trains (resuming from `workdir` if it holds checkpoints) and returns a summary dict."""
+    workdir = pathlib.Path(workdir)
+    check_patch_shape(tuple(config.data.patch_size), len(config.model.features))
+    mesh = make_mesh(devices)
+    check_global_batch(config.data.batch_size, mesh)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        save_config(workdir, config)
+
+    train_cases, val_cases = prepare_stage_cases(config)
+    spe = int(config.train.steps_per_epoch)
+    total_steps = int(config.train.num_epochs) * spe
+    model = build_model(config.model, deploy=False)
+    optimizer = make_optimizer(config.optim, spe)
+
+    init = functools.partial(create_train_state, model, optimizer, tuple(config.data.patch_size), config.seed)
+    abstract = jax.eval_shape(init)
+    state_sharding = jax.tree.map(lambda _: replicated(mesh), abstract)
+    ckpt = RunCheckpoints(workdir, config.train.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                              state_sharding)
+        state: TrainState = ckpt.restore(start, target)
+        print(f"resuming from step {start} ({workdir / 'checkpoints'})")
+    else:
+        state = jax.jit(init, out_shardings=state_sharding)()
+
+    writer = MetricWriter(workdir, config.train.tensorboard, is_chief)
+    writer.truncate_after(start)
+    sampler = pipeline.PatchSampler(train_cases, config.stage, config.data, config.seed,
+                                    background_value(config.preprocess))
+    dataset = pipeline.make_dataset(sampler, config.data.batch_size, total_steps, start,
+                                    jax.process_index(), jax.process_count())
+    batches = pipeline.batch_iterator(dataset, config.data.num_workers, config.data.prefetch)
+    step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe), mesh)
+    predict_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), config.inference.mirror_tta)
+    in_sharding = batch_sharding(mesh)
+
+    summary: dict[str, Any] = {"start_step": start, "best_dice": ckpt.best_dice()}
+    pending: list[tuple[int, dict]] = []
+    bar = tqdm.tqdm(total=total_steps, initial=start, desc=f"train {config.stage}", unit="step",
+                    disable=not is_chief, dynamic_ncols=True)
+    tick, tick_step = time.perf_counter(), start
+    try:
+        for step in range(start, total_steps):
+            batch = pipeline.to_global_batch(next(batches), in_sharding)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            pending.append((done, metrics))
+            epoch_end = done % spe == 0
+            if done % config.train.log_every_steps == 0 or epoch_end:
+                host = _check_finite(pending, ckpt, workdir)
+                pending = []
+                now = time.perf_counter()
+                rate = (done - tick_step) / max(now - tick, 1e-9)
+                tick, tick_step = now, done
+                last = {k: float(v) for k, v in host[-1][1].items()}
+                writer.write(done, "train", {**last, "steps_per_sec": rate})
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
+                                steps_s=f"{rate:.2f}")
+            bar.update(1)
+            if not epoch_end:
+                continue
+            epoch = done // spe
+            last_epoch = done == total_steps
+            if epoch % config.train.checkpoint_every_epochs == 0 or last_epoch:
+                ckpt.save(done, state)
+            if val_cases and (epoch % config.train.eval_every_epochs == 0 or last_epoch):
+                scores = validate(model, state.variables, val_cases, config, predict_fn)
+                writer.write(done, "val", {**scores, "epoch": epoch})
+                summary["last_dice"] = scores["dice"]
+                bar.write(f"epoch {epoch}: validation Dice {scores['dice']:.4f}")
+                if scores["dice"] > summary["best_dice"]:
+                    summary["best_dice"] = scores["dice"]
+                    ckpt.save_best(done, state, scores["dice"])
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    if is_chief and total_steps > start:
+        summary["curves"] = str(plot_curves(workdir))
+    summary["final_step"] = int(jax.device_get(state.step))
+    summary["state"] = state
+    return summary

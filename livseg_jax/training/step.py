@@ -1,0 +1,97 @@
+"""The jit-compiled training step and its shardings.
+
+Data parallelism is expressed with shardings only: the batch is split over the `data` axis of a
+mesh of all devices, the state is replicated, and XLA inserts the gradient all-reduce. BatchNorm
+statistics computed inside `jax.jit` over a sharded batch are global (synchronised) without any
+`axis_name` (SPEC 5.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from livseg_jax import losses
+from livseg_jax.models import UNet3D
+from livseg_jax.training.schedules import current_learning_rate, ds_alpha_schedule
+from livseg_jax.training.state import TrainState
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+    """Returns a 1-D mesh named `data` over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Returns the sharding of a batch: leading axis split over `data`."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Returns the fully replicated sharding."""
+    return NamedSharding(mesh, P())
+
+
+def check_global_batch(global_batch: int, mesh: Mesh) -> None:
+    """Raises ValueError when the global batch does not split evenly over the devices."""
+    n = mesh.devices.size
+    if global_batch % n:
+        raise ValueError(
+            f"data.batch_size = {global_batch} does not divide by the {n} devices; "
+            f"use a multiple of {n} (the batch is split over all devices)"
+        )
+
+
+def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
+                    loss_config: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
+    """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
+    ds_alpha = ds_alpha_schedule(loss_config, steps_per_epoch)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+        alpha = ds_alpha(state.step)
+
+        def loss_fn(params):
+            outs, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+                mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+            total, per_head = losses.deep_supervision_loss(outs, batch["label"], loss_config, alpha)
+            return total, (per_head, updates["batch_stats"])
+
+        (loss, (per_head, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        metrics = {
+            "loss": loss,
+            "loss_final_head": per_head[-1],
+            "ds_alpha": alpha,
+            "learning_rate": current_learning_rate(opt_state),
+            "grad_norm": optax.global_norm(grads),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable:
+    """Returns the step compiled with the state replicated and donated, the batch sharded."""
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
