@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
             num_epochs=10,
             steps_per_epoch=50,
             log_every_steps=10,
-            eval_every_epochs=2,
+            eval_every_epochs=2,  # <= 0 disables validation
             checkpoint_every_epochs=1,
             keep_checkpoints=3,
             tensorboard=False,

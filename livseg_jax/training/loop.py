@@ -175,7 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             last_epoch = done == total_steps
             if epoch % config.train.checkpoint_every_epochs == 0 or last_epoch:
                 ckpt.save(done, state)
-            if val_cases and (epoch % config.train.eval_every_epochs == 0 or last_epoch):
+            every = int(config.train.eval_every_epochs)  # <= 0: no validation
+            if val_cases and every > 0 and (epoch % every == 0 or last_epoch):
                 scores = validate(model, state.variables, val_cases, config, predict_fn)
                 writer.write(done, "val", {**scores, "epoch": epoch})
                 summary["last_dice"] = scores["dice"]

@@ -80,7 +80,7 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
             "loss_final_head": per_head[-1],
             "ds_alpha": alpha,
             "learning_rate": current_learning_rate(opt_state),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return new_state, metrics
 

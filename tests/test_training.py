@@ -1,0 +1,164 @@
+"""Training: data parallelism, exact resume, config overrides, NaN guard, checkpoints."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from livseg_jax import losses
+from livseg_jax.config import base_config
+from livseg_jax.training import logging as run_logging
+from livseg_jax.training.checkpoint import load_inference_variables
+from livseg_jax.training.loop import train_and_evaluate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_config(cache_dir, **train):
+    c = base_config()
+    c.model.name = "unet"
+    c.model.features = (4, 8, 8, 8, 8)
+    c.data.synthetic.num_cases = 3
+    c.data.synthetic.shape = (96, 96, 32)
+    c.data.synthetic.spacing = (2.0, 2.0, 4.0)
+    c.data.num_val_cases = 1
+    c.data.patch_size = (16, 32, 32)
+    c.data.batch_size = 8
+    c.data.cache_dir = str(cache_dir)
+    c.train.update(dict(num_epochs=2, steps_per_epoch=2, log_every_steps=1, eval_every_epochs=0))
+    c.train.update(train)
+    return c
+
+
+def max_rel_diff(a, b):
+    def rel(x, y):
+        x, y = np.asarray(x), np.asarray(y)
+        return float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12))
+
+    return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
+
+
+def train_losses(workdir):
+    return {r["step"]: r["loss"] for r in run_logging.read_metrics(workdir) if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run_8dev")
+    summary = train_and_evaluate(tiny_config(cache_dir), workdir)
+    return workdir, summary
+
+
+def test_one_device_and_eight_devices_train_the_same(cache_dir, tmp_path, uninterrupted):
+    assert len(jax.devices()) == 8
+    workdir8, summary8 = uninterrupted
+    summary1 = train_and_evaluate(tiny_config(cache_dir), tmp_path, devices=jax.devices()[:1])
+    losses1, losses8 = train_losses(tmp_path), train_losses(workdir8)
+    assert sorted(losses1) == [1, 2, 3, 4]
+    np.testing.assert_allclose([losses1[s] for s in sorted(losses1)], [losses8[s] for s in sorted(losses8)],
+                               rtol=1e-5)
+    assert max_rel_diff(summary1["state"].params, summary8["state"].params) <= 1e-5
+    assert max_rel_diff(summary1["state"].batch_stats, summary8["state"].batch_stats) <= 1e-5
+    # The 8-device state really is laid out over 8 devices.
+    leaf = jax.tree.leaves(summary8["state"].params)[0]
+    assert len(leaf.sharding.device_set) == 8
+
+
+def test_killed_run_resumes_to_the_same_result(cache_dir, tmp_path, uninterrupted, monkeypatch):
+    workdir_ref, summary_ref = uninterrupted
+    original_write = run_logging.MetricWriter.write
+
+    def write_then_die(self, step, kind, values):
+        original_write(self, step, kind, values)
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(run_logging.MetricWriter, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(tiny_config(cache_dir), tmp_path)
+    monkeypatch.undo()
+    # A save that was interrupted leaves an orbax temporary folder; it must be ignored.
+    junk = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-123"
+    junk.mkdir()
+    (junk / "partial").write_bytes(b"\0" * 10)
+
+    summary = train_and_evaluate(tiny_config(cache_dir), tmp_path)
+    assert summary["start_step"] == 2  # the last complete checkpoint (end of epoch 1)
+    assert max_rel_diff(summary["state"].params, summary_ref["state"].params) <= 1e-6
+    assert train_losses(tmp_path) == pytest.approx(train_losses(workdir_ref), rel=1e-6)
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_last_good_checkpoint(cache_dir, tmp_path,
+                                                                                monkeypatch):
+    real = losses.deep_supervision_loss
+
+    def nan_from_epoch_two(logits_list, labels, loss_config, ds_alpha):
+        total, per_head = real(logits_list, labels, loss_config, ds_alpha)
+        # ds_alpha halves every epoch here, so this turns NaN exactly from epoch 2 (step 3) on.
+        return jnp.where(ds_alpha < 0.3, jnp.nan, total), per_head
+
+    monkeypatch.setattr(losses, "deep_supervision_loss", nan_from_epoch_two)
+    config = tiny_config(cache_dir)
+    config.loss.ds_decay = 0.5
+    config.loss.ds_decay_every_epochs = 1
+    with pytest.raises(FloatingPointError, match=r"at step 3.*Last good checkpoint: step 2"):
+        train_and_evaluate(config, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2]
+    variables, _ = load_inference_variables(tmp_path, which="latest")
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+
+
+def test_validation_keeps_the_best_checkpoint_and_writes_curves(cache_dir, tmp_path):
+    config = tiny_config(cache_dir, num_epochs=2, eval_every_epochs=1)
+    config.data.batch_size = 2
+    summary = train_and_evaluate(config, tmp_path, devices=jax.devices()[:2])
+    vals = [r for r in run_logging.read_metrics(tmp_path) if r["kind"] == "val"]
+    assert [r["step"] for r in vals] == [2, 4]
+    assert all(0.0 <= r["dice"] <= 1.0 for r in vals)
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["dice"] == pytest.approx(max(r["dice"] for r in vals))
+    assert best["step"] == max(vals, key=lambda r: r["dice"])["step"]
+    assert summary["best_dice"] == pytest.approx(best["dice"])
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["eval_every_epochs"] == 1
+    train = [r for r in run_logging.read_metrics(tmp_path) if r["kind"] == "train"]
+    assert all({"learning_rate", "ds_alpha", "loss", "steps_per_sec"} <= r.keys() for r in train)
+
+
+def test_batch_that_does_not_divide_by_the_devices_is_an_error(cache_dir, tmp_path):
+    config = tiny_config(cache_dir)
+    config.data.batch_size = 6
+    with pytest.raises(ValueError, match="does not divide by the 8 devices"):
+        train_and_evaluate(config, tmp_path)
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "livseg_jax.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_command_line_overrides_reach_the_run_and_unknown_keys_fail(cache_dir, tmp_path):
+    common = [f"--config={REPO / 'configs' / 'tumor.py'}", f"--workdir={tmp_path / 'run'}",
+              f"--config.data.cache_dir={cache_dir}", "--config.data.synthetic.num_cases=3",
+              "--config.data.synthetic.shape=(96,96,32)", "--config.train.num_epochs=0",
+              "--config.model.name=unet", "--config.model.features=(4,8,8,8,8)"]
+    ok = run_cli(*common, "--config.optim.learning_rate=0.003", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optim"]["learning_rate"] == 0.003 and saved["stage"] == "tumor"
+    bad = run_cli(*common, "--config.optim.no_such_key=1", cwd=tmp_path)
+    assert bad.returncode != 0 and "no_such_key" in bad.stderr
