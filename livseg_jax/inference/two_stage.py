@@ -1,0 +1,366 @@
+"""Two-stage prediction (SPEC §4): liver on the whole volume, then tumour inside the liver's box.
+
+For one CT volume in internal (D, H, W) order and HU:
+1. `preprocess` with the liver model's settings (body crop, in-plane down-sampling, window).
+2. Stage 1: sliding-window liver probabilities, argmax, keep the largest connected component.
+   No liver: the case's label map is all background and a warning says so.
+3. Stage 2: the preprocessed volume cropped to the liver's bounding box grown by the tumour
+   model's `data.liver_margin_mm` (converted to voxels with `pipeline.liver_crop_margin`, exactly
+   as the training crops were made); tumour voxels outside the stage-1 liver are removed.
+   When the tumour model was trained with other preprocessing settings, the volume is preprocessed
+   again with them and the liver mask is carried over through the original grid.
+4. `restore` maps the 0/1/2 map back onto the original grid (shape, and with the input's geometry
+   when written by `Predictor.predict_file`).
+
+`StageModel` bundles one stage's compiled window predictor with its sliding-window settings;
+`load_stage_model` builds it from a training run directory (orbax, best or latest checkpoint) or a
+converted-weights directory, re-parameterised (deploy form) by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from scipy import ndimage
+
+from livseg_jax.data import nifti
+from livseg_jax.data.pipeline import liver_crop_margin
+from livseg_jax.data.preprocess import bbox_of, paste_into, preprocess, restore
+from livseg_jax.inference.sliding_window import (
+    WindowFn,
+    make_window_predictor,
+    num_windows,
+    sliding_window_probs,
+)
+from livseg_jax.models import build_model, check_patch_shape, reparameterize
+from livseg_jax.training.checkpoint import load_inference_variables
+
+STAGES = ("liver", "tumor")
+# progress(phase, number of windows) -> callback(windows done); phase is "liver" or "tumor".
+ProgressFn = Callable[[str, int], Callable[[int], None]]
+PREPROCESS_KEYS = ("body_threshold_hu", "inplane_factor", "target_slice_spacing", "hu_min", "hu_max",
+                   "hu_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageModel:
+    """One stage's window predictor with the sliding-window and preprocessing settings it needs."""
+
+    stage: str  # "liver" or "tumor"
+    predict: WindowFn  # windows (N, D, H, W, 1) -> probabilities (N, D, H, W, K)
+    window: tuple[int, int, int]
+    preprocess_config: Mapping[str, Any]
+    overlap: float = 0.5
+    batch_size: int = 2
+    sigma_scale: float = 0.125
+    liver_margin_mm: float = 10.0  # stage-2 crop margin (used from the tumour model)
+    description: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance, for the JSON
+
+    @property
+    def pad_value(self) -> float:
+        """Returns the scaled intensity of air, used to pad windows beyond the volume."""
+        return float(self.preprocess_config["hu_min"]) / float(self.preprocess_config["hu_scale"])
+
+    def settings(self) -> dict[str, Any]:
+        """Returns the JSON-serialisable settings of this stage (window, overlap, source ...)."""
+        return {"window": list(self.window), "overlap": self.overlap, "batch_size": self.batch_size,
+                "sigma_scale": self.sigma_scale, **self.description}
+
+
+@dataclasses.dataclass
+class CaseResult:
+    """The prediction of one case: labels (D, H, W) uint8 0/1/2 on the original grid, and a record."""
+
+    labels: np.ndarray
+    liver_found: bool
+    timings: dict[str, float]  # seconds per phase
+    info: dict[str, Any]  # shapes, window counts, crop box, voxel counts
+    warnings: list[str]
+
+
+# ------------------------------------------------------------------------------ pure pipeline
+
+
+class PhaseTimer:
+    """Accumulates wall-clock seconds per named phase (`with timer("phase"): ...`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
+    """Returns the largest connected component of a (D, H, W) mask as bool (empty stays empty)."""
+    structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
+    labels, n = ndimage.label(mask, structure=structure)
+    if n <= 1:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
+    """Returns the stage's foreground mask (D, H, W) bool: argmax of blended window probabilities."""
+    callback = None
+    if progress is not None:
+        callback = progress(model.stage, num_windows(image.shape, model.window, model.overlap))
+    probs = sliding_window_probs(image, model.predict, model.window, model.overlap, model.batch_size,
+                                 model.sigma_scale, model.pad_value, callback)
+    return probs.argmax(-1) > 0
+
+
+def same_preprocessing(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Returns whether two preprocess sections produce the same grid and intensities."""
+    return all(float(a[k]) == float(b[k]) for k in PREPROCESS_KEYS)
+
+
+def _box_list(box) -> list[list[int]]:
+    return [[int(s.start), int(s.stop)] for s in box]
+
+
+def predict_case(
+    image_dhw: np.ndarray,
+    spacing,
+    liver: StageModel,
+    tumor: StageModel | None = None,
+    progress: ProgressFn | None = None,
+    connectivity: int = 1,
+) -> CaseResult:
+    """Returns the two-stage `CaseResult` for a (D, H, W) HU volume with spacing (sz, sy, sx) mm.
+
+    `tumor=None` predicts the liver only (labels 0/1). `connectivity` (1, 2 or 3, as in
+    `scipy.ndimage.generate_binary_structure`) defines the liver's largest connected component.
+    """
+    image_dhw = np.asarray(image_dhw)
+    timer, notes = PhaseTimer(), []
+    info: dict[str, Any] = {"input_shape": list(image_dhw.shape),
+                            "input_spacing": [float(s) for s in spacing]}
+    with timer("preprocess"):
+        image, _, record = preprocess(image_dhw, spacing, liver.preprocess_config)
+    info.update(preprocessed_shape=list(record.shape), preprocessed_spacing=list(record.spacing),
+                body_found=record.body_found,
+                liver_windows=num_windows(image.shape, liver.window, liver.overlap))
+    with timer("liver_inference"):
+        raw = stage_mask(liver, image, progress)
+    with timer("liver_postprocess"):
+        liver_mask = largest_component(raw, connectivity)
+    info.update(liver_voxels_raw=int(raw.sum()), liver_voxels=int(liver_mask.sum()))
+    del raw
+
+    if not liver_mask.any():
+        notes.append("stage 1 found no liver: the label map is all background")
+        info.update(tumor_windows=0, tumor_voxels=0)
+        return CaseResult(np.zeros(image_dhw.shape, np.uint8), False, timer.seconds, info, notes)
+
+    if tumor is None:
+        with timer("restore"):
+            labels = restore(liver_mask.astype(np.uint8), record)
+        return CaseResult(labels, True, timer.seconds, info, notes)
+
+    same = same_preprocessing(liver.preprocess_config, tumor.preprocess_config)
+    liver_orig = None
+    if same:
+        t_image, t_liver, t_record = image, liver_mask, record
+    else:
+        with timer("tumor_preprocess"):
+            liver_orig = restore(liver_mask.astype(np.uint8), record)
+            t_image, t_label, t_record = preprocess(image_dhw, spacing, tumor.preprocess_config, liver_orig)
+            t_liver = t_label >= 1
+    box = bbox_of(t_liver, liver_crop_margin(t_record.spacing, tumor.liver_margin_mm))
+    if box is None:  # the liver vanished when moved to the tumour model's coarser grid
+        notes.append("the liver is empty on the tumour model's grid: no tumour predicted")
+        with timer("restore"):
+            labels = liver_orig if liver_orig is not None else restore(liver_mask.astype(np.uint8), record)
+        info.update(tumor_windows=0, tumor_voxels=0)
+        return CaseResult(labels, True, timer.seconds, info, notes)
+    crop = np.ascontiguousarray(t_image[box])
+    info.update(tumor_crop=_box_list(box), tumor_crop_shape=list(crop.shape),
+                tumor_windows=num_windows(crop.shape, tumor.window, tumor.overlap))
+    with timer("tumor_inference"):
+        tumour = stage_mask(tumor, crop, progress)
+    with timer("tumor_postprocess"):
+        tumour &= t_liver[box]
+        tumour_full = paste_into(tumour, box, t_record.shape, False)
+    info["tumor_voxels"] = int(tumour.sum())
+
+    with timer("restore"):
+        if same:
+            labels = restore(liver_mask.astype(np.uint8) + tumour_full.astype(np.uint8), record)
+        else:
+            labels = liver_orig
+            labels[(restore(2 * tumour_full.astype(np.uint8), t_record) == 2) & (labels >= 1)] = 2
+    return CaseResult(labels, True, timer.seconds, info, notes)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def load_stage_model(
+    path: str | os.PathLike,
+    expected_stage: str | None = None,
+    which: str = "best",
+    deploy: bool | None = None,
+    mirror: bool | None = None,
+    overlap: float | None = None,
+    batch_size: int | None = None,
+    window: tuple[int, int, int] | None = None,
+) -> StageModel:
+    """Returns a `StageModel` from a run directory or converted weights; None options use the config.
+
+    `deploy` (default `inference.deploy`) folds BatchNorm and the RepConv branches into single
+    convolutions first; `expected_stage` raises ValueError when the checkpoint's `stage` differs.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    variables, config = load_inference_variables(path, which)
+    stage = str(config.get("stage", ""))
+    if expected_stage is not None and stage != expected_stage:
+        raise ValueError(f"{path}: is a {stage!r} model (config.json stage), but it was given as the "
+                         f"{expected_stage!r} model")
+    inf = config.inference
+    deploy = bool(inf.deploy) if deploy is None else bool(deploy)
+    mirror = bool(inf.mirror_tta) if mirror is None else bool(mirror)
+    overlap = float(inf.overlap) if overlap is None else float(overlap)
+    batch_size = int(inf.batch_size) if batch_size is None else int(batch_size)
+    window = tuple(int(w) for w in (window or inf.window or config.data.patch_size))
+    if len(window) != 3:
+        raise ValueError(f"{path}: window must be 3 sizes (D, H, W), got {window}")
+    try:
+        check_patch_shape(window, len(config.model.features))
+    except ValueError as e:
+        raise ValueError(f"{path}: inference window {window}: {e}") from e
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+
+    stored_deploy = bool(config.model.get("deploy", False)) or not variables.get("batch_stats")
+    if stored_deploy:  # converted deploy weights: nothing to fold, no training form to go back to
+        deploy = True
+    elif deploy:
+        variables = reparameterize(variables)
+    model = build_model(config.model, deploy=deploy)
+    variables = jax.device_put(variables)
+    predict = make_window_predictor(lambda v, x: model.apply(v, x, train=False), variables, mirror)
+    description = {"source": str(path), "which": which, "stage": stage, "model": str(config.model.name),
+                   "features": [int(f) for f in config.model.features], "deploy": deploy,
+                   "mirror_tta": mirror}
+    return StageModel(
+        stage=stage or (expected_stage or "liver"),
+        predict=predict,
+        window=window,
+        preprocess_config={k: config.preprocess[k] for k in PREPROCESS_KEYS},
+        overlap=overlap,
+        batch_size=batch_size,
+        sigma_scale=float(inf.gaussian_sigma_scale),
+        liver_margin_mm=float(config.data.liver_margin_mm),
+        description=description,
+    )
+
+
+class Predictor:
+    """The two loaded stage models and file-level prediction of one case (read, predict, write)."""
+
+    def __init__(self, liver: StageModel, tumor: StageModel | None = None, connectivity: int = 1):
+        self.liver = liver
+        self.tumor = tumor
+        self.connectivity = connectivity
+        self.compile_seconds: dict[str, float] = {}
+
+    @classmethod
+    def from_checkpoints(cls, liver_path: str | os.PathLike, tumor_path: str | os.PathLike | None = None,
+                         **options: Any) -> Predictor:
+        """Returns a Predictor loading both stages (`options` as for `load_stage_model`)."""
+        liver = load_stage_model(liver_path, "liver", **options)
+        tumor = load_stage_model(tumor_path, "tumor", **options) if tumor_path is not None else None
+        return cls(liver, tumor)
+
+    def warmup(self) -> dict[str, float]:
+        """Returns seconds spent compiling each stage's window program (one batch of air windows)."""
+        for model in (self.liver, self.tumor):
+            if model is None or model.stage in self.compile_seconds:
+                continue
+            start = time.perf_counter()
+            model.predict(np.full((model.batch_size, *model.window, 1), model.pad_value, np.float32))
+            self.compile_seconds[model.stage] = time.perf_counter() - start
+        return dict(self.compile_seconds)
+
+    def settings(self) -> dict[str, Any]:
+        """Returns the JSON-serialisable settings of both stages."""
+        return {"liver": self.liver.settings(), "tumor": self.tumor.settings() if self.tumor else None,
+                "largest_component_connectivity": self.connectivity}
+
+    def predict_file(self, image_path: str | os.PathLike, output_path: str | os.PathLike,
+                     progress: ProgressFn | None = None,
+                     png_path: str | os.PathLike | None = None) -> tuple[CaseResult, dict[str, Any]]:
+        """Returns (result, JSON record) after writing the label map of one NIfTI CT atomically.
+
+        With `png_path`, also writes overlays of the prediction (`visualize.save_overlay`).
+        Raises `nifti.DataError` naming the file for unreadable, corrupt or non-finite input;
+        nothing is written then.
+        """
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            read_start = time.perf_counter()
+            image, geometry = nifti.read_image(image_path)
+            read_s = time.perf_counter() - read_start
+            result = predict_case(image, geometry.spacing, self.liver, self.tumor, progress,
+                                  self.connectivity)
+        for w in caught:  # show them as usual, and keep them in the record
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        write_start = time.perf_counter()
+        nifti.write_label_map(result.labels, geometry, output_path)
+        timings = {"read": read_s, **result.timings, "write": time.perf_counter() - write_start}
+        if png_path is not None:
+            from livseg_jax.visualize import save_overlay  # matplotlib only when asked for
+
+            png_start = time.perf_counter()
+            save_overlay(png_path, image, geometry.spacing, result.labels,
+                         title=pathlib.Path(image_path).name)
+            timings["png"] = time.perf_counter() - png_start
+        timings["total"] = time.perf_counter() - start
+        counts = np.bincount(result.labels.ravel(), minlength=3)
+        record = {
+            "input": str(image_path),
+            "output": str(output_path),
+            **({"png": str(png_path)} if png_path is not None else {}),
+            "disk_shape": list(geometry.disk_shape),
+            "spacing_mm": [float(s) for s in geometry.spacing],
+            "liver_found": result.liver_found,
+            "warnings": [str(w.message) for w in caught] + result.warnings,
+            "timings_s": {k: round(v, 4) for k, v in timings.items()},
+            "label_voxels": {"liver": int(counts[1] + counts[2]), "tumor": int(counts[2])},
+            **result.info,
+        }
+        for note in result.warnings:
+            warnings.warn(f"{image_path}: {note}", stacklevel=2)
+        return result, record
+
+
+def output_name(case_id: str) -> str:
+    """Returns the label-map name of a case: segmentation-N.nii.gz for volume-N, else <id>_seg.nii.gz."""
+    if case_id.startswith("volume-") and case_id[len("volume-"):].isdigit():
+        return f"segmentation-{case_id[len('volume-'):]}.nii.gz"
+    return f"{case_id}_seg.nii.gz"
+
+
+def sidecar_path(output_path: str | os.PathLike, suffix: str) -> pathlib.Path:
+    """Returns `<output without .nii[.gz]><suffix>` beside a label map (e.g. `_timings.json`)."""
+    output_path = pathlib.Path(output_path)
+    return output_path.with_name(nifti.case_id_of(output_path) + suffix)

@@ -1,0 +1,166 @@
+"""Two-stage liver / tumour prediction for NIfTI CT volumes.
+
+    python -m livseg_jax.predict --liver RUN_OR_CKPT --tumor RUN_OR_CKPT -i CT.nii.gz|DIR -o OUT
+
+RUN_OR_CKPT is a training run directory (orbax; `--which best|latest`) or a converted-weights
+directory (`variables.msgpack` + `config.json`, from `python -m livseg_jax.convert`). Without
+`--tumor` only the liver is predicted (labels 0/1).
+
+Inputs: one `.nii`/`.nii.gz` file, or a folder: LiTS layout (`volume-N.nii[.gz]`, searched
+recursively; `segmentation-N` files are ignored) or else every `.nii`/`.nii.gz` file directly in
+it. Outputs, per case, next to each other in OUT (a folder; for a single input OUT may also be a
+`.nii.gz` file name): the label map `segmentation-N.nii.gz` for `volume-N`, else `<name>_seg.nii.gz`
+(uint8 0/1/2, the input's affine and header); `<label map name>_timings.json` with the seconds
+spent in each phase; with `--png`, `<label map name>.png` overlays. Files are written atomically:
+a failed or interrupted case leaves nothing behind. Exit status 1 when any case failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import tqdm
+
+from livseg_jax.data.layouts import CaseFiles, discover_lits, natural_key
+from livseg_jax.data.nifti import DataError, case_id_of
+from livseg_jax.inference.two_stage import Predictor, output_name, sidecar_path
+from livseg_jax.training.checkpoint import write_json_atomic
+
+NIFTI_ENDINGS = (".nii", ".nii.gz")
+
+
+def _is_nifti(path: pathlib.Path) -> bool:
+    return path.is_file() and path.name.endswith(NIFTI_ENDINGS) and not path.name.startswith(".")
+
+
+def find_inputs(path: str | pathlib.Path) -> list[CaseFiles]:
+    """Returns the CT images to predict: one file, a LiTS folder's volumes, or a folder's NIfTI files."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        if not path.name.endswith(NIFTI_ENDINGS):
+            raise DataError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+        return [CaseFiles(case_id_of(path), path)]
+    if not path.is_dir():
+        raise DataError(f"{path}: input does not exist")
+    if any(path.rglob("volume-*.nii*")):
+        return [CaseFiles(c.case_id, c.image, c.label) for c in discover_lits(path)]
+    files = sorted((p for p in path.iterdir() if _is_nifti(p)), key=lambda p: natural_key(p.name))
+    if not files:
+        raise DataError(f"{path}: no .nii or .nii.gz images in this folder")
+    return [CaseFiles(case_id_of(p), p) for p in files]
+
+
+def plan_outputs(cases: Sequence[CaseFiles],
+                 output: str | pathlib.Path) -> list[tuple[CaseFiles, pathlib.Path]]:
+    """Returns (case, label-map path) pairs, refusing outputs that would overwrite an input."""
+    output = pathlib.Path(output)
+    if output.name.endswith(NIFTI_ENDINGS):
+        if len(cases) != 1:
+            raise ValueError(f"{output}: a file name as output needs exactly one input, got {len(cases)}")
+        jobs = [(cases[0], output)]
+    else:
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"{output}: output exists and is not a folder")
+        jobs = [(c, output / output_name(c.case_id)) for c in cases]
+    protected = {p.resolve() for c in cases for p in (c.image, c.label) if p is not None}
+    for case, out in jobs:
+        if out.resolve() in protected:
+            raise ValueError(f"{out}: output would overwrite an input file (case {case.case_id}); "
+                             "choose another output folder")
+    return jobs
+
+
+class CaseProgress:
+    """One tqdm bar per case, counting the sliding windows of both stages (created at the first)."""
+
+    def __init__(self, case_id: str, enabled: bool):
+        self.case_id = case_id
+        self.enabled = enabled
+        self.bar: tqdm.tqdm | None = None
+
+    def __call__(self, phase: str, total: int):
+        if self.bar is None:
+            self.bar = tqdm.tqdm(total=0, unit="win", disable=not self.enabled, dynamic_ncols=True)
+        self.bar.total += total
+        self.bar.set_description(f"{self.case_id} [{phase}]")
+        self.bar.refresh()
+        return self.bar.update
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m livseg_jax.predict", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--liver", required=True, help="stage-1 run directory or converted-weights directory")
+    p.add_argument("--tumor", help="stage-2 run directory or converted-weights directory (omit: liver only)")
+    p.add_argument("-i", "--input", required=True, help="CT .nii/.nii.gz file or folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (or .nii.gz file for one input)")
+    p.add_argument("--which", choices=("best", "latest"), default="best",
+                   help="checkpoint of a run directory (default: best, else the latest)")
+    p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: from the config)")
+    p.add_argument("--batch-size", type=int, help="windows per network call (default: from the config)")
+    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirror test-time augmentation, 8 flips (default: inference.mirror_tta)")
+    p.add_argument("--deploy", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-parameterised model (default: inference.deploy, normally on)")
+    p.add_argument("--png", action="store_true", help="also write PNG overlays of the prediction")
+    p.add_argument("--skip-existing", action="store_true", help="skip cases whose label map exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (0 ok, 1 when any case or the set-up failed)."""
+    args = parse_args(argv)
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        print(f"error: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
+        return 1
+    try:
+        jobs = plan_outputs(find_inputs(args.input), args.output)
+        predictor = Predictor.from_checkpoints(
+            args.liver, args.tumor, which=args.which, deploy=args.deploy, mirror=args.mirror,
+            overlap=args.overlap, batch_size=args.batch_size)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    compile_s = predictor.warmup()
+    run = {"compile_s": {k: round(v, 3) for k, v in compile_s.items()}, "settings": predictor.settings(),
+           "platform": jax.devices()[0].platform, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    print(f"{len(jobs)} case(s); compiled in " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
+    failed = 0
+    for case, out in jobs:
+        if args.skip_existing and out.exists():
+            print(f"{case.case_id}: {out} exists, skipped")
+            continue
+        png = sidecar_path(out, ".png") if args.png else None
+        bar = CaseProgress(case.case_id, not args.no_progress)
+        try:
+            _, record = predictor.predict_file(case.image, out, progress=bar, png_path=png)
+        except (DataError, OSError) as e:
+            bar.close()
+            print(f"error: {case.case_id}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        bar.close()
+        record = {"case_id": case.case_id, **record, "run": run}
+        write_json_atomic(sidecar_path(out, "_timings.json"), record)
+        status = "" if record["liver_found"] else " (NO LIVER FOUND)"
+        print(f"{case.case_id}: liver {record['label_voxels']['liver']} + tumour "
+              f"{record['label_voxels']['tumor']} voxels in {record['timings_s']['total']:.1f} s "
+              f"-> {out}{status}")
+    if failed:
+        print(f"{failed} of {len(jobs)} case(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Sliding-window inference: window placement, padding, Gaussian blending, batching, mirror TTA."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from livseg_jax.config import model_config
+from livseg_jax.inference.sliding_window import (
+    gaussian_importance,
+    make_window_predictor,
+    num_windows,
+    sliding_window_probs,
+    window_starts,
+)
+from livseg_jax.models import build_model
+
+WINDOW = (16, 16, 16)
+
+
+def pointwise_predict(x):
+    """A translation-equivariant 'model': class-1 probability = sigmoid(intensity), per voxel."""
+    p1 = 1.0 / (1.0 + np.exp(-x))
+    return np.concatenate([1.0 - p1, p1], axis=-1).astype(np.float32)
+
+
+def random_unet_variables(model, window, seed=0):
+    """Returns random variables for `model` (shapes from eval_shape, no compiled init)."""
+    shapes = jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, *window, 1)), train=True))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        if getattr(path[-1], "key", "") == "var":
+            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+        return rng.normal(0.0, 0.4, s.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    cfg = model_config("unet")
+    cfg.features = (2, 4, 4, 4, 4)
+    model = build_model(cfg, deploy=False)
+    variables = random_unet_variables(model, WINDOW)
+    return model, variables
+
+
+def test_window_starts_cover_the_axis_evenly_and_end_at_the_border():
+    for size, window, overlap in [(100, 16, 0.5), (37, 16, 0.25), (16, 16, 0.5), (17, 16, 0.0), (9, 16, 0.5)]:
+        starts = window_starts(size, window, overlap)
+        assert starts[0] == 0
+        assert starts[-1] == max(size - window, 0)
+        assert all(b > a for a, b in itertools.pairwise(starts))
+        assert all(b - a <= int(window * (1 - overlap)) for a, b in itertools.pairwise(starts))
+    with pytest.raises(ValueError, match="overlap"):
+        window_starts(100, 16, 1.0)
+
+
+def test_one_window_volume_equals_a_direct_forward_pass(tiny_unet):
+    model, variables = tiny_unet
+    apply_fn = lambda v, x: model.apply(v, x, train=False)
+    predict = make_window_predictor(apply_fn, variables)
+    image = np.random.default_rng(1).normal(size=WINDOW).astype(np.float32)
+    probs = sliding_window_probs(image, predict, WINDOW, overlap=0.5, batch_size=2)
+    direct = jax.nn.softmax(apply_fn(variables, jnp.asarray(image)[None, ..., None]), axis=-1)[0]
+    assert probs.shape == (*WINDOW, 2)
+    np.testing.assert_allclose(probs, np.asarray(direct), rtol=1e-5, atol=1e-6)
+    # Sanity: the network output is not trivially constant, so the comparison means something.
+    assert np.ptp(probs[..., 1]) > 1e-3
+
+
+def test_blending_of_a_constant_output_model_returns_the_constant():
+    constant = np.array([0.3, 0.7], np.float32)
+    predict = lambda x: np.broadcast_to(constant, x.shape[:-1] + (2,)).copy()
+    shape = (40, 23, 51)  # several overlapping windows on every axis, uneven steps
+    assert num_windows(shape, WINDOW, 0.5) > 20
+    probs = sliding_window_probs(np.zeros(shape, np.float32), predict, WINDOW, overlap=0.5, batch_size=3)
+    assert probs.shape == (*shape, 2)
+    np.testing.assert_allclose(probs, np.broadcast_to(constant, probs.shape), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(40, 23, 51), (9, 30, 12), (16, 16, 16), (5, 7, 3)])
+def test_pointwise_model_is_recovered_exactly_wherever_windows_overlap_or_pad(shape):
+    # A per-voxel model gives the same answer in every window that covers a voxel, so any
+    # misplaced window, wrong weight normalisation or off-by-one in the padding shows up here.
+    image = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    probs = sliding_window_probs(image, pointwise_predict, WINDOW, overlap=0.5, batch_size=2)
+    np.testing.assert_allclose(probs, pointwise_predict(image[..., None]), rtol=1e-5, atol=1e-6)
+
+
+def test_small_volume_is_padded_with_the_pad_value():
+    seen = []
+
+    def spy(x):
+        seen.append(x.copy())
+        return pointwise_predict(x)
+
+    image = np.full((6, 20, 10), 5.0, np.float32)
+    sliding_window_probs(image, spy, WINDOW, overlap=0.5, batch_size=1, pad_value=-7.0)
+    windows = np.concatenate(seen)[..., 0]
+    assert set(np.unique(windows).tolist()) == {5.0, -7.0}
+    assert (windows == 5.0).sum() == len(windows) * 6 * 16 * 10  # every window holds the padded depth
+
+
+def test_every_batch_has_the_compiled_shape_and_progress_counts_each_window_once():
+    shapes, reported = [], []
+
+    def spy(x):
+        shapes.append(x.shape)
+        return pointwise_predict(x)
+
+    shape, batch = (40, 23, 51), 4
+    sliding_window_probs(np.zeros(shape, np.float32), spy, WINDOW, 0.5, batch, progress=reported.append)
+    expected = num_windows(shape, WINDOW, 0.5)
+    assert sum(reported) == expected
+    assert len(shapes) == -(-expected // batch)
+    assert set(shapes) == {(batch, *WINDOW, 1)}
+
+
+def test_gaussian_importance_peaks_in_the_centre_and_stays_positive():
+    w = gaussian_importance((9, 16, 5), 0.125)
+    assert w.shape == (9, 16, 5)
+    assert w.max() == pytest.approx(1.0)
+    assert w.min() > 0
+    assert w[4, 7, 2] > w[0, 0, 0] and w[4, 7, 2] > w[4, 7, 0]
+    np.testing.assert_allclose(w, w[::-1, ::-1, ::-1], rtol=1e-6)  # symmetric about the centre
+
+
+def test_mirror_tta_averages_the_eight_flipped_predictions(tiny_unet):
+    model, variables = tiny_unet
+    apply_fn = lambda v, x: model.apply(v, x, train=False)
+    x = np.random.default_rng(3).normal(size=(1, *WINDOW, 1)).astype(np.float32)
+    mirrored = make_window_predictor(apply_fn, variables, mirror=True)(x)
+    plain = make_window_predictor(apply_fn, variables, mirror=False)
+    expected = np.zeros_like(mirrored)
+    for r in range(4):
+        for axes in itertools.combinations((1, 2, 3), r):
+            expected += np.flip(plain(np.flip(x, axes)), axes) if axes else plain(x)
+    expected /= 8
+    np.testing.assert_allclose(mirrored, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(mirrored - plain(x)).max() > 1e-4  # the random network is not flip-invariant
