@@ -1,0 +1,185 @@
+"""Train-step time and peak memory: JAX (float32, bf16) against the PyTorch twins (eager float32,
+eager AMP bf16 channels_last_3d, torch.compile), same weights, same data.
+
+    python experiments/bench_train_step.py --variants elanres_msca_unet \
+        --modes jax_bf16,torch_amp,torch_compile [--patch 48,256,256 --batch 2 --steps 20]
+
+A step is forward + backward + Adam with HybridLoss1 and deep supervision (SPEC 2). Each
+(variant, mode) runs in its own process so the frameworks' allocators never share the GPU.
+Writes experiments/results/bench_train_step[_TAG].json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import enable_compilation_cache, environment, median_time, write_result  # noqa: E402
+
+MODES = ("jax_f32", "jax_bf16", "torch_f32", "torch_amp", "torch_compile")
+
+
+def make_data(batch: int, patch: tuple[int, ...], seed: int = 0):
+    """Returns (image (B, D, H, W, 1) float32, labels (B, D, H, W) int32): noise with a blob."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in patch], indexing="ij")
+    blob = (sum(g**2 for g in grids) < 0.3).astype(np.int32)
+    return image + blob[None, ..., None], np.broadcast_to(blob, (batch, *patch)).copy()
+
+
+def model_config(variant: str, dtype: str):
+    from livseg_jax.config import model_config as base
+
+    cfg = base(variant)
+    cfg.dtype = dtype
+    return cfg
+
+
+def run_jax(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
+    import jax
+    import ml_collections
+
+    from livseg_jax.config import base_config
+    from livseg_jax.models import build_model
+    from livseg_jax.training.schedules import make_optimizer
+    from livseg_jax.training.state import create_train_state
+    from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step
+
+    enable_compilation_cache()
+    cfg = model_config(variant, "bfloat16" if mode == "jax_bf16" else "float32")
+    model = build_model(cfg)
+    optimizer = make_optimizer(ml_collections.ConfigDict(base_config().optim), 100)
+    mesh = make_mesh(jax.devices()[:1])
+    state = jax.jit(lambda: create_train_state(model, optimizer, patch, 0))()
+    step = jit_train_step(make_train_step(model, optimizer, base_config().loss, 100), mesh)
+    image, labels = make_data(batch, patch)
+    batch_arrays = {"image": jax.device_put(image), "label": jax.device_put(labels)}
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch_arrays)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def one():
+        holder["state"], holder["metrics"] = step(holder["state"], batch_arrays)
+
+    timing = median_time(one, lambda: jax.block_until_ready(holder["metrics"]), 3, steps)
+    loss = float(holder["metrics"]["loss"])
+    stats = jax.devices()[0].memory_stats() or {}
+    return {**timing, "first_step_s": compile_s, "loss": loss, "finite": bool(np.isfinite(loss)),
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+
+
+def run_torch(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
+    import torch
+
+    from livseg_jax.config import base_config
+    from livseg_jax.interop.torch_models import deep_supervision_loss_torch, torch_model_from_config
+
+    torch.backends.cudnn.benchmark = True
+    device = torch.device("cuda")
+    model = torch_model_from_config(model_config(variant, "float32")).to(device)
+    image, labels = make_data(batch, patch)
+    x = torch.from_numpy(image).permute(0, 4, 1, 2, 3).contiguous().to(device)
+    y = torch.from_numpy(labels).long().to(device)
+    if mode in ("torch_amp", "torch_compile"):
+        model = model.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_config = base_config().loss
+    model.train()
+
+    def step_fn(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode != "torch_f32"):
+            outs = model(x)
+        total, _ = deep_supervision_loss_torch([o.float() for o in outs], y, loss_config, 0.4)
+        total.backward()
+        optimizer.step()
+        return total
+
+    fn = torch.compile(step_fn) if mode == "torch_compile" else step_fn
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    loss = fn(x, y)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    holder = {}
+
+    def one():
+        holder["loss"] = fn(x, y)
+
+    timing = median_time(one, torch.cuda.synchronize, 3, steps)
+    loss = float(holder["loss"])
+    return {**timing, "first_step_s": compile_s, "loss": loss, "finite": bool(np.isfinite(loss)),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_case(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
+    runner = run_jax if mode.startswith("jax") else run_torch
+    return runner(variant, mode, patch, batch, steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="elanres_msca_unet")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--patch", default="48,256,256")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # child process: variant:mode
+    args = parser.parse_args()
+    patch = tuple(int(v) for v in args.patch.split(","))
+    if args.case:
+        variant, mode = args.case.split(":")
+        print("RESULT " + json.dumps(run_case(variant, mode, patch, args.batch, args.steps)), flush=True)
+        return
+
+    rows = []
+    for variant in args.variants.split(","):
+        for mode in args.modes.split(","):
+            if mode not in MODES:
+                raise SystemExit(f"unknown mode {mode!r}; choose from {MODES}")
+            cmd = [sys.executable, __file__, "--case", f"{variant}:{mode}", "--patch", args.patch,
+                   "--batch", str(args.batch), "--steps", str(args.steps)]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            row = {"variant": variant, "mode": mode, "wall_s": time.perf_counter() - t0}
+            if proc.returncode or not found:
+                row["error"] = (proc.stderr or proc.stdout)[-1500:]
+            else:
+                row.update(json.loads(found[-1][len("RESULT "):]))
+            rows.append(row)
+            if "median_ms" in row:
+                text = (f"{row['median_ms']:8.1f} ms  peak {row['peak_gib']:.1f} GiB  "
+                        f"first step {row['first_step_s']:.0f} s  loss {row['loss']:.4f}")
+            else:
+                text = "ERROR " + row["error"][-400:]
+            print(f"{variant:18s} {mode:14s} {text}", flush=True)
+    payload = {"benchmark": "train_step", "patch": patch, "batch": args.batch, "steps": args.steps,
+               "environment": environment(), "rows": rows}
+    name = "bench_train_step" + (f"_{args.tag}" if args.tag else "")
+    path = write_result(name, payload)
+    print("\n| variant | mode | median ms | peak GiB | first step s |\n|---|---|---:|---:|---:|")
+    for r in rows:
+        if "median_ms" in r:
+            print(f"| {r['variant']} | {r['mode']} | {r['median_ms']:.1f} | {r['peak_gib']:.1f} | "
+                  f"{r['first_step_s']:.0f} |")
+        else:
+            print(f"| {r['variant']} | {r['mode']} | error | | |")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
