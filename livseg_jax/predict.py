@@ -112,6 +112,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="mirror test-time augmentation, 8 flips (default: inference.mirror_tta)")
     p.add_argument("--deploy", action=argparse.BooleanOptionalAction, default=None,
                    help="re-parameterised model (default: inference.deploy, normally on)")
+    p.add_argument("--connectivity", type=int, choices=(1, 2, 3), default=1,
+                   help="liver largest-component neighbourhood: 1 faces (default), 2 +edges, 3 +corners")
     p.add_argument("--png", action="store_true", help="also write PNG overlays of the prediction")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose label map exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -127,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         jobs = plan_outputs(find_inputs(args.input), args.output)
         predictor = Predictor.from_checkpoints(
-            args.liver, args.tumor, which=args.which, deploy=args.deploy, mirror=args.mirror,
-            overlap=args.overlap, batch_size=args.batch_size)
+            args.liver, args.tumor, connectivity=args.connectivity, which=args.which, deploy=args.deploy,
+            mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size)
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

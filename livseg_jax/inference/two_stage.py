@@ -284,11 +284,11 @@ class Predictor:
 
     @classmethod
     def from_checkpoints(cls, liver_path: str | os.PathLike, tumor_path: str | os.PathLike | None = None,
-                         **options: Any) -> Predictor:
+                         connectivity: int = 1, **options: Any) -> Predictor:
         """Returns a Predictor loading both stages (`options` as for `load_stage_model`)."""
         liver = load_stage_model(liver_path, "liver", **options)
         tumor = load_stage_model(tumor_path, "tumor", **options) if tumor_path is not None else None
-        return cls(liver, tumor)
+        return cls(liver, tumor, connectivity)
 
     def warmup(self) -> dict[str, float]:
         """Returns seconds spent compiling each stage's window program (one batch of air windows)."""
