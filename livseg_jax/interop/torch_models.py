@@ -1,0 +1,473 @@
+"""PyTorch twins of the model family (SPEC 1), their re-parameterisation, and the torch HybridLoss.
+
+Layout is PyTorch's NCDHW. Every module carries the same name as its Flax counterpart in
+`livseg_jax.models` (`enc0.rep1.dense.bn`, `msca2.attention.strip11_0`, `up3`, `head3`, ...), so
+the name table in `livseg_jax.interop.mapping` only renames leaves and moves kernel axes.
+
+Padding: Flax "SAME" on a stride-1 odd kernel pads k // 2 on both sides, which is PyTorch's
+`padding=k // 2` per axis; the stride-2 down-sampling convs are "VALID" (padding 0). This module
+imports torch at import time: import it only where torch is installed (the `torch` extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Same constants as livseg_jax.models (PyTorch momentum 0.1 == Flax momentum 0.9).
+BN_MOMENTUM = 0.1
+BN_EPSILON = 1e-5
+STRIP_SIZES = (7, 11, 21)
+LAYER_SCALE_INIT = 1e-2
+
+VARIANTS: dict[str, tuple[str, bool]] = {
+    "unet": ("double", False),
+    "msca_unet": ("double", True),
+    "elanres_unet": ("elanres", False),
+    "elanres_msca_unet": ("elanres", True),
+}
+
+
+def activation_module(name: str) -> nn.Module:
+    """Returns the torch activation module matching `livseg_jax.models.layers.activation_fn(name)`."""
+    table = {
+        "relu": nn.ReLU,
+        "silu": nn.SiLU,
+        "gelu": nn.GELU,  # exact (erf), as the Flax side
+        "leaky_relu": lambda: nn.LeakyReLU(0.01),
+        "elu": nn.ELU,
+    }
+    if name not in table:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(table)}")
+    return table[name]()
+
+
+def batch_norm3d(channels: int) -> nn.BatchNorm3d:
+    """Returns the project's BatchNorm3d (momentum 0.1, eps 1e-5)."""
+    return nn.BatchNorm3d(channels, eps=BN_EPSILON, momentum=BN_MOMENTUM)
+
+
+class ChannelAffine(nn.Module):
+    """Per-channel `x * weight + bias` on (B, C, ...): the deploy form of a lone BatchNorm."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+class ConvBN(nn.Module):
+    """Conv3d (no bias) -> BatchNorm3d [-> act]; in deploy form one Conv3d with bias."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1,
+                 act: str | None = None, deploy: bool = False):
+        super().__init__()
+        # kernel == stride == 2 is the "VALID" down-sampling; odd kernels are "SAME".
+        padding = 0 if stride > 1 else kernel // 2
+        self.conv = nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, bias=deploy)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        self.bn = None if deploy else batch_norm3d(c_out)
+        self.act = activation_module(act) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.bn is not None:
+            y = self.bn(y)
+        return self.act(y)
+
+
+class RepConv3d(nn.Module):
+    """act(BN(conv3x3x3 x) + BN(conv1x1x1 x) + BN(x)); deploy form: act(conv3x3x3 x + b)."""
+
+    def __init__(self, channels: int, act: str, deploy: bool = False):
+        super().__init__()
+        self.act = activation_module(act)
+        if deploy:
+            self.conv = nn.Conv3d(channels, channels, 3, padding=1, bias=True)
+        else:
+            self.dense = ConvBN(channels, channels, 3)
+            self.point = ConvBN(channels, channels, 1)
+            self.identity = batch_norm3d(channels)
+        self.deploy = deploy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deploy:
+            return self.act(self.conv(x))
+        return self.act(self.dense(x) + self.point(x) + self.identity(x))
+
+
+class ELANResBlock(nn.Module):
+    """ELAN residual block (SPEC 1.3): (B, C_in, D, H, W) -> (B, c_out, D, H, W)."""
+
+    def __init__(self, c_in: int, c_out: int, act: str, n_rep: int = 2, deploy: bool = False):
+        super().__init__()
+        hidden = max(c_out // 2, 1)
+        self.reduce_a = ConvBN(c_in, hidden, 1, act=act, deploy=deploy)
+        self.reduce_b = ConvBN(c_in, hidden, 1, act=act, deploy=deploy)
+        self.n_rep = n_rep
+        for i in range(n_rep):
+            self.add_module(f"rep{i}", RepConv3d(hidden, act, deploy))
+        self.fuse = ConvBN(hidden * (n_rep + 2), c_out, 1, deploy=deploy)
+        self.shortcut = None if c_in == c_out else ConvBN(c_in, c_out, 1, deploy=deploy)
+        self.act = activation_module(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.reduce_a(x)
+        branches = [self.reduce_b(x)]
+        for i in range(self.n_rep):
+            branches.append(getattr(self, f"rep{i}")(branches[-1]))
+        y = self.fuse(torch.cat(branches[::-1] + [a], dim=1))
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return self.act(y + shortcut)
+
+
+class DoubleConv(nn.Module):
+    """Two Conv3x3x3 -> BN -> act: (B, C_in, D, H, W) -> (B, c_out, D, H, W)."""
+
+    def __init__(self, c_in: int, c_out: int, act: str, deploy: bool = False):
+        super().__init__()
+        self.conv0 = ConvBN(c_in, c_out, 3, act=act, deploy=deploy)
+        self.conv1 = ConvBN(c_out, c_out, 3, act=act, deploy=deploy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(self.conv0(x))
+
+
+def _strip_kernels(size: int, ndim: int) -> list[tuple[int, ...]]:
+    """Returns the strip kernels applied in sequence for one scale, last axis first (as Flax)."""
+    kernels = []
+    for axis in reversed(range(ndim)):
+        k = [1] * ndim
+        k[axis] = size
+        kernels.append(tuple(k))
+    return kernels
+
+
+def _conv(ndim: int, c_in: int, c_out: int, kernel: Sequence[int], groups: int = 1) -> nn.Module:
+    cls = nn.Conv2d if ndim == 2 else nn.Conv3d
+    return cls(c_in, c_out, tuple(kernel), padding=tuple(k // 2 for k in kernel), groups=groups)
+
+
+class MSCAttention(nn.Module):
+    """Multi-scale strip-convolution attention on (N, C, *spatial); a linear gate on its input."""
+
+    def __init__(self, channels: int, ndim: int):
+        super().__init__()
+        self.dw5 = _conv(ndim, channels, channels, (5,) * ndim, groups=channels)
+        self.scales = []
+        for size in STRIP_SIZES:
+            names = []
+            for j, kernel in enumerate(_strip_kernels(size, ndim)):
+                self.add_module(f"strip{size}_{j}", _conv(ndim, channels, channels, kernel, channels))
+                names.append(f"strip{size}_{j}")
+            self.scales.append(names)
+        self.mix = _conv(ndim, channels, channels, (1,) * ndim)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        a = self.dw5(u)
+        s = 0
+        for names in self.scales:
+            y = a
+            for name in names:
+                y = getattr(self, name)(y)
+            s = s + y
+        return self.mix(a + s) * u
+
+
+class MSCABlock(nn.Module):
+    """MSCA block on (B, C, D, H, W); mode "2d" runs Conv2d on axial slices (B*D, C, H, W)."""
+
+    def __init__(self, channels: int, mode: str = "2d", mlp_ratio: int = 4, deploy: bool = False):
+        super().__init__()
+        if mode not in ("2d", "3d"):
+            raise ValueError(f"msca_mode must be '2d' or '3d', got {mode!r}")
+        self.ndim = 2 if mode == "2d" else 3
+        ndim, c, hidden = self.ndim, channels, mlp_ratio * channels
+        self.layer_scale1 = nn.Parameter(torch.full((c,), LAYER_SCALE_INIT))
+        self.layer_scale2 = nn.Parameter(torch.full((c,), LAYER_SCALE_INIT))
+        self.norm1 = ChannelAffine(c) if deploy else batch_norm3d(c)
+        self.proj_in = _conv(ndim, c, c, (1,) * ndim)
+        self.attention = MSCAttention(c, ndim)
+        self.proj_out = _conv(ndim, c, c, (1,) * ndim)
+        self.norm2 = ChannelAffine(c) if deploy else batch_norm3d(c)
+        self.fc1 = _conv(ndim, c, hidden, (1,) * ndim)
+        self.dw3 = _conv(ndim, hidden, hidden, (3,) * ndim, groups=hidden)
+        self.fc2 = _conv(ndim, hidden, c, (1,) * ndim)
+
+    def _fold(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ndim == 3:
+            return t
+        b, c, d, h, w = t.shape
+        return t.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+
+    def _unfold(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.ndim == 3:
+            return t
+        b, _, d, h, w = like.shape
+        return t.reshape(b, d, t.shape[1], h, w).permute(0, 2, 1, 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ls1 = self.layer_scale1.view(1, -1, 1, 1, 1)
+        ls2 = self.layer_scale2.view(1, -1, 1, 1, 1)
+        y = self._fold(self.norm1(x))
+        z = self.attention(F.gelu(self.proj_in(y)))
+        z = self.proj_out(z) + y
+        x = x + ls1 * self._unfold(z, x)
+        y = self._fold(self.norm2(x))
+        z = self.fc2(F.gelu(self.dw3(self.fc1(y))))
+        return x + ls2 * self._unfold(z, x)
+
+
+class TorchUNet3D(nn.Module):
+    """PyTorch twin of `livseg_jax.models.UNet3D` on (B, C_in, D, H, W) -> logits (B, K, D, H, W).
+
+    In training mode (with deep supervision) `forward` returns the per-decoder-stage logits coarse
+    to fine, each resized to the input (trilinear, align_corners=False); in evaluation mode only
+    the finest. `all_heads=True` returns every head in either mode. The deploy form has only the
+    finest head.
+    """
+
+    def __init__(self, features: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 2,
+                 block: str = "elanres", msca_stages: Sequence[int] = (1, 2, 3, 4),
+                 msca_mode: str = "2d", activation: str = "silu", n_rep: int = 2,
+                 dropout: float = 0.0, deep_supervision: bool = True, deploy: bool = False,
+                 in_channels: int = 1):
+        super().__init__()
+        self.hparams: dict[str, Any] = dict(
+            features=tuple(features), num_classes=num_classes, block=block,
+            msca_stages=tuple(msca_stages), msca_mode=msca_mode, activation=activation,
+            n_rep=n_rep, dropout=dropout, deep_supervision=deep_supervision, deploy=deploy,
+            in_channels=in_channels,
+        )
+        self.levels = levels = len(features)
+        self.msca_stages = tuple(msca_stages)
+        self.deep_supervision = deep_supervision
+        self.deploy = deploy
+
+        def make_block(c_in: int, c_out: int) -> nn.Module:
+            if block == "elanres":
+                return ELANResBlock(c_in, c_out, activation, n_rep, deploy)
+            if block == "double":
+                return DoubleConv(c_in, c_out, activation, deploy)
+            raise ValueError(f"unknown block kind {block!r}")
+
+        c = in_channels
+        for s in range(levels - 1):
+            self.add_module(f"enc{s}", make_block(c, features[s]))
+            if s in self.msca_stages:
+                self.add_module(f"msca{s}", MSCABlock(features[s], msca_mode, deploy=deploy))
+            self.add_module(f"down{s}", ConvBN(features[s], features[s + 1], 2, stride=2,
+                                               act=activation, deploy=deploy))
+            c = features[s + 1]
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.bottleneck = make_block(c, features[-1])
+        if levels - 1 in self.msca_stages:
+            self.add_module(f"msca{levels - 1}", MSCABlock(features[-1], msca_mode, deploy=deploy))
+        for s in reversed(range(levels - 1)):
+            self.add_module(f"up{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
+            self.add_module(f"dec{s}", make_block(2 * features[s], features[s]))
+        n = levels - 1
+        # head i sits on the i-th decoder output, coarse to fine: dec{n-1-i}.
+        self.head_ids = [n - 1] if deploy else list(range(n))
+        for i in self.head_ids:
+            self.add_module(f"head{i}", nn.Conv3d(features[n - 1 - i], num_classes, 1))
+
+    def _msca(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, f"msca{stage}")(x) if stage in self.msca_stages else x
+
+    def forward(self, x: torch.Tensor, all_heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if x.ndim != 5:
+            raise ValueError(f"expected input (B, C, D, H, W), got shape {tuple(x.shape)}")
+        factor = 2 ** (self.levels - 1)
+        if any(size % factor for size in x.shape[2:]):
+            raise ValueError(f"patch {tuple(x.shape[2:])} is not divisible by {factor}")
+        out_size = tuple(x.shape[2:])
+        skips = []
+        for s in range(self.levels - 1):
+            x = self._msca(s, getattr(self, f"enc{s}")(x))
+            skips.append(x)
+            x = getattr(self, f"down{s}")(x)
+        x = self._msca(self.levels - 1, self.bottleneck(self.dropout(x)))
+        decoded = []
+        for s in reversed(range(self.levels - 1)):
+            x = torch.cat([getattr(self, f"up{s}")(x), skips[s]], dim=1)
+            x = getattr(self, f"dec{s}")(x)
+            decoded.append(x)
+        n = len(decoded)
+        every = all_heads or (self.training and self.deep_supervision)
+        heads = [i for i in self.head_ids if every or i == n - 1]
+        logits = []
+        for i in heads:
+            y = getattr(self, f"head{i}")(decoded[i])
+            if tuple(y.shape[2:]) != out_size:
+                y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)
+            logits.append(y)
+        return tuple(logits) if (self.training or all_heads) else logits[-1]
+
+
+def torch_model_from_config(model_config: ml_collections.ConfigDict, deploy: bool | None = None,
+                            in_channels: int = 1) -> TorchUNet3D:
+    """Returns the float32 TorchUNet3D twin of `livseg_jax.models.build_model(model_config)`."""
+    name = model_config.name
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS)}")
+    block, uses_msca = VARIANTS[name]
+    return TorchUNet3D(
+        features=tuple(model_config.features),
+        num_classes=model_config.num_classes,
+        block=block,
+        msca_stages=tuple(model_config.msca_stages) if uses_msca else (),
+        msca_mode=model_config.msca_mode,
+        activation=model_config.activation,
+        n_rep=model_config.n_rep,
+        dropout=model_config.dropout,
+        deep_supervision=model_config.deep_supervision,
+        deploy=model_config.deploy if deploy is None else deploy,
+        in_channels=in_channels,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Re-parameterisation (training -> deploy), done in float64 like the Flax side.
+
+
+def _bn_affine(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (scale, shift) in float64 of an evaluation-mode BatchNorm."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def fold_conv_bn_torch(unit: ConvBN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weight (O, I, k, k, k), bias (O,)) in float64 of a ConvBN with its BN folded in."""
+    scale, shift = _bn_affine(unit.bn)
+    weight = unit.conv.weight.double() * scale.view(-1, 1, 1, 1, 1)
+    bias = shift if unit.conv.bias is None else shift + unit.conv.bias.double() * scale
+    return weight, bias
+
+
+def fold_repconv_torch(rep: RepConv3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weight (C, C, 3, 3, 3), bias (C,)) in float64 of RepConv3d's branches summed."""
+    w3, b3 = fold_conv_bn_torch(rep.dense)
+    w1, b1 = fold_conv_bn_torch(rep.point)
+    weight = w3 + F.pad(w1, [1, 1, 1, 1, 1, 1])
+    scale, shift = _bn_affine(rep.identity)
+    channels = torch.arange(scale.shape[0])
+    weight[channels, channels, 1, 1, 1] += scale
+    return weight, b3 + b1 + shift
+
+
+@torch.no_grad()
+def reparameterize_torch(model: TorchUNet3D) -> TorchUNet3D:
+    """Returns the deploy-form twin (BN folded, RepConv merged, MSCA norms as affine) of `model`."""
+    deploy = TorchUNet3D(**{**model.hparams, "deploy": True})
+    target = deploy.state_dict()
+    folded: dict[str, torch.Tensor] = {}
+    done: list[str] = []  # module prefixes whose tensors were folded
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if any(prefix.startswith(p) for p in done):
+            continue
+        if isinstance(module, ConvBN):
+            weight, bias = fold_conv_bn_torch(module)
+        elif isinstance(module, RepConv3d):
+            weight, bias = fold_repconv_torch(module)
+        elif isinstance(module, nn.BatchNorm3d):  # MSCA's norms: no conv before them
+            weight, bias = _bn_affine(module)
+            folded[f"{prefix}weight"], folded[f"{prefix}bias"] = weight.float(), bias.float()
+            done.append(prefix)
+            continue
+        else:
+            continue
+        folded[f"{prefix}conv.weight"], folded[f"{prefix}conv.bias"] = weight.float(), bias.float()
+        done.append(prefix)
+    for key, value in model.state_dict().items():
+        if key in target and not any(key.startswith(p) for p in done):
+            folded[key] = value.clone()  # MSCA convs, layer scales, up-sampling, the finest head
+    deploy.load_state_dict(folded, strict=True)
+    return deploy.train(model.training)
+
+
+# ------------------------------------------------------------------------------------------------
+# HybridLoss1 and friends on NCDHW logits, the twin of livseg_jax.losses (SPEC 2).
+
+
+def _probs_onehot(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = logits.shape[1]
+    probs = torch.softmax(logits.float(), dim=1)
+    onehot = F.one_hot(labels.long(), k).movedim(-1, 1).float()
+    return probs, onehot
+
+
+def dice_loss_torch(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Returns 1 - mean_{b,k} 2Σpt / (Σp² + Σt² + smooth) for logits (B, K, D, H, W)."""
+    p, t = _probs_onehot(logits, labels)
+    axes = tuple(range(2, p.ndim))
+    inter = (p * t).sum(axes)
+    denom = (p * p).sum(axes) + (t * t).sum(axes) + smooth
+    return 1.0 - (2.0 * inter / denom).mean()
+
+
+def tversky_loss_torch(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.3,
+                       beta: float = 0.7, smooth: float = 1.0) -> torch.Tensor:
+    """Returns 1 - mean_{b,k} (TP + s) / (TP + αFP + βFN + s) for logits (B, K, D, H, W)."""
+    p, t = _probs_onehot(logits, labels)
+    axes = tuple(range(2, p.ndim))
+    tp = (p * t).sum(axes)
+    fp = (p * (1 - t)).sum(axes)
+    fn = ((1 - p) * t).sum(axes)
+    return 1.0 - ((tp + smooth) / (tp + alpha * fp + beta * fn + smooth)).mean()
+
+
+def bce_loss_torch(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Returns the mean over batch, voxels and classes of the per-class BCE on softmax probs."""
+    z = logits.float()
+    _, t = _probs_onehot(z, labels)
+    log_norm = torch.logsumexp(z, dim=1, keepdim=True)
+    # log(1 - p_k) = logsumexp_{j != k} z_j - logsumexp_j z_j: never forms 1 - p.
+    rest = [torch.logsumexp(torch.cat([z[:, :k], z[:, k + 1:]], 1), 1, keepdim=True)
+            for k in range(z.shape[1])]
+    log_p, log_not_p = z - log_norm, torch.cat(rest, 1) - log_norm
+    return -(t * log_p + (1 - t) * log_not_p).mean()
+
+
+def segmentation_loss_torch(logits: torch.Tensor, labels: torch.Tensor,
+                            loss_config: ml_collections.ConfigDict) -> torch.Tensor:
+    """Returns the loss named by `loss_config.name` (hybrid1 = Dice + λ·BCE, ...) as a scalar."""
+    name, smooth = loss_config.name, float(loss_config.smooth)
+    if name == "bce":
+        return bce_loss_torch(logits, labels)
+    if name in ("dice", "hybrid1"):
+        region = dice_loss_torch(logits, labels, smooth)
+    elif name in ("tversky", "hybrid2"):
+        region = tversky_loss_torch(logits, labels, float(loss_config.tversky_alpha),
+                                    float(loss_config.tversky_beta), smooth)
+    else:
+        raise ValueError(f"unknown loss name {name!r}")
+    if name in ("dice", "tversky"):
+        return region
+    return region + float(loss_config.bce_weight) * bce_loss_torch(logits, labels)
+
+
+def deep_supervision_loss_torch(logits_list: Sequence[torch.Tensor], labels: torch.Tensor,
+                                loss_config: ml_collections.ConfigDict,
+                                ds_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (total, per_head): total = loss_last + ds_alpha · Σ loss_others."""
+    per_head = torch.stack([segmentation_loss_torch(lg, labels, loss_config) for lg in logits_list])
+    total = per_head[-1]
+    if per_head.shape[0] > 1:
+        total = total + ds_alpha * per_head[:-1].sum()
+    return total, per_head
+
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Returns {state-dict key: (shape, numpy dtype)} of a torch model, in state-dict order."""
+    return {k: (tuple(v.shape), v.detach().cpu().numpy().dtype) for k, v in model.state_dict().items()}
