@@ -68,13 +68,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
-    import pickle
-
     import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as e:
+    except Exception as e:  # UnpicklingError for refused pickles; zip / EOF errors for damaged files
         raise ValueError(f"{path}: refused or unreadable: torch.load(weights_only=True) failed "
                          f"(a pickle that carries code or custom objects is never loaded): {e}") from e
     if isinstance(obj, Mapping):

@@ -368,6 +368,8 @@ def fold_repconv_torch(rep: RepConv3d) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def reparameterize_torch(model: TorchUNet3D) -> TorchUNet3D:
     """Returns the deploy-form twin (BN folded, RepConv merged, MSCA norms as affine) of `model`."""
+    if model.deploy:
+        raise ValueError("reparameterize_torch: the model is already in deploy form")
     deploy = TorchUNet3D(**{**model.hparams, "deploy": True})
     target = deploy.state_dict()
     folded: dict[str, torch.Tensor] = {}
