@@ -32,7 +32,16 @@ def make_data(batch: int, patch: tuple[int, ...], seed: int = 0):
     image = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in patch], indexing="ij")
     blob = (sum(g**2 for g in grids) < 0.3).astype(np.int32)
-    return image + blob[None, ..., None], np.broadcast_to(blob, (batch, *patch)).copy()
+    image = (image + blob[None, ..., None]).astype(np.float32)
+    return image, np.broadcast_to(blob, (batch, *patch)).copy()
+
+
+OVERRIDES: dict[str, str] = {}  # model config overrides from --overrides, e.g. depthwise_impl=shift
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """Returns {"key": "value"} from "key=value,key=value"."""
+    return dict(item.split("=", 1) for item in text.split(",") if item)
 
 
 def model_config(variant: str, dtype: str):
@@ -40,6 +49,8 @@ def model_config(variant: str, dtype: str):
 
     cfg = base(variant)
     cfg.dtype = dtype
+    for key, value in OVERRIDES.items():
+        cfg[key] = type(cfg[key])(value) if not isinstance(cfg[key], tuple) else eval(value)
     return cfg
 
 
@@ -91,7 +102,10 @@ def run_torch(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
     x = torch.from_numpy(image).permute(0, 4, 1, 2, 3).contiguous().to(device)
     y = torch.from_numpy(labels).long().to(device)
     if mode in ("torch_amp", "torch_compile"):
-        model = model.to(memory_format=torch.channels_last_3d)
+        # channels_last_3d applies to 5-D tensors only (MSCA's slice-trick convs are 2-D).
+        for p in model.parameters():
+            if p.dim() == 5:
+                p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_config = base_config().loss
@@ -137,9 +151,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--overrides", default="", help="model config overrides, e.g. depthwise_impl=shift")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # child process: variant:mode
     args = parser.parse_args()
     patch = tuple(int(v) for v in args.patch.split(","))
+    OVERRIDES.update(parse_overrides(args.overrides))
     if args.case:
         variant, mode = args.case.split(":")
         print("RESULT " + json.dumps(run_case(variant, mode, patch, args.batch, args.steps)), flush=True)
@@ -151,7 +167,7 @@ def main() -> None:
             if mode not in MODES:
                 raise SystemExit(f"unknown mode {mode!r}; choose from {MODES}")
             cmd = [sys.executable, __file__, "--case", f"{variant}:{mode}", "--patch", args.patch,
-                   "--batch", str(args.batch), "--steps", str(args.steps)]
+                   "--batch", str(args.batch), "--steps", str(args.steps), "--overrides", args.overrides]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -167,8 +183,8 @@ def main() -> None:
             else:
                 text = "ERROR " + row["error"][-400:]
             print(f"{variant:18s} {mode:14s} {text}", flush=True)
-    payload = {"benchmark": "train_step", "patch": patch, "batch": args.batch, "steps": args.steps,
-               "environment": environment(), "rows": rows}
+    payload = {"benchmark": "train_step", "overrides": OVERRIDES, "patch": patch, "batch": args.batch,
+               "steps": args.steps, "environment": environment(), "rows": rows}
     name = "bench_train_step" + (f"_{args.tag}" if args.tag else "")
     path = write_result(name, payload)
     print("\n| variant | mode | median ms | peak GiB | first step s |\n|---|---|---:|---:|---:|")

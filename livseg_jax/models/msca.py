@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from livseg_jax.models.depthwise import DepthwiseConv
 from livseg_jax.models.layers import Dtype, norm_or_affine
 
 Array = jax.Array
@@ -28,17 +29,18 @@ def _gelu(x: Array) -> Array:
 class _Convs:
     """Factory for the block's convolutions in 2D (slice trick) or 3D form."""
 
-    def __init__(self, ndim: int, dtype: Dtype):
+    def __init__(self, ndim: int, dtype: Dtype, depthwise_impl: str = "conv"):
         self.ndim = ndim
         self.dtype = dtype
+        self.depthwise_impl = depthwise_impl
 
     def pointwise(self, features: int, name: str) -> nn.Conv:
         return nn.Conv(features, (1,) * self.ndim, dtype=self.dtype, param_dtype=jnp.float32,
                        name=name)
 
-    def depthwise(self, channels: int, kernel: tuple[int, ...], name: str) -> nn.Conv:
-        return nn.Conv(channels, kernel, padding="SAME", feature_group_count=channels,
-                       dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    def depthwise(self, channels: int, kernel: tuple[int, ...], name: str) -> nn.Module:
+        del channels  # taken from the input
+        return DepthwiseConv(kernel, self.depthwise_impl, self.dtype, name=name)
 
     def strips(self, size: int) -> list[tuple[int, ...]]:
         """Returns the strip kernels applied in sequence for one scale (last axis first)."""
@@ -55,11 +57,12 @@ class MSCAttention(nn.Module):
 
     ndim: int = 2
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "conv"
 
     @nn.compact
     def __call__(self, u: Array) -> Array:
         c = u.shape[-1]
-        convs = _Convs(self.ndim, self.dtype)
+        convs = _Convs(self.ndim, self.dtype, self.depthwise_impl)
         a = convs.depthwise(c, (5,) * self.ndim, "dw5")(u)
         s = 0
         for size in STRIP_SIZES:
@@ -77,6 +80,7 @@ class MSCABlock(nn.Module):
     mlp_ratio: int = 4
     dtype: Dtype = jnp.float32
     deploy: bool = False
+    depthwise_impl: str = "conv"  # "conv" (grouped convolution) or "shift" (fused shifted sums)
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -84,7 +88,7 @@ class MSCABlock(nn.Module):
             raise ValueError(f"msca_mode must be '2d' or '3d', got {self.mode!r}")
         b, d, h, w, c = x.shape
         ndim = 2 if self.mode == "2d" else 3
-        convs = _Convs(ndim, self.dtype)
+        convs = _Convs(ndim, self.dtype, self.depthwise_impl)
         ls1 = self.param("layer_scale1", nn.initializers.constant(LAYER_SCALE_INIT), (c,))
         ls2 = self.param("layer_scale2", nn.initializers.constant(LAYER_SCALE_INIT), (c,))
 
@@ -96,7 +100,7 @@ class MSCABlock(nn.Module):
 
         y = fold(y)
         z = _gelu(convs.pointwise(c, "proj_in")(y))
-        z = MSCAttention(ndim, self.dtype, name="attention")(z)
+        z = MSCAttention(ndim, self.dtype, self.depthwise_impl, name="attention")(z)
         z = convs.pointwise(c, "proj_out")(z) + y
         x = x + ls1.astype(x.dtype) * unfold(z)
 

@@ -50,6 +50,7 @@ class UNet3D(nn.Module):
     block: str = "elanres"  # "double" or "elanres"
     msca_stages: Sequence[int] = (1, 2, 3, 4)
     msca_mode: str = "2d"
+    depthwise_impl: str = "conv"
     activation: str = "silu"
     n_rep: int = 2
     dropout: float = 0.0
@@ -69,7 +70,7 @@ class UNet3D(nn.Module):
         if stage not in self.msca_stages:
             return x
         return MSCABlock(self.msca_mode, dtype=self.dtype, deploy=self.deploy,
-                         name=f"msca{stage}")(x, train)
+                         depthwise_impl=self.depthwise_impl, name=f"msca{stage}")(x, train)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array | tuple[Array, ...]:
@@ -127,6 +128,7 @@ def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = N
         block=block,
         msca_stages=tuple(model_config.msca_stages) if uses_msca else (),
         msca_mode=model_config.msca_mode,
+        depthwise_impl=model_config.get("depthwise_impl", "conv"),
         activation=model_config.activation,
         n_rep=model_config.n_rep,
         dropout=model_config.dropout,
