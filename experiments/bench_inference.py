@@ -1,0 +1,148 @@
+"""End-to-end two-stage prediction of a LiTS-sized synthetic CT (512x512x400 raw): read,
+preprocess, both stages, restore, write; time per phase. Deploy vs training-form model, and the
+JAX window predictor against the PyTorch twin at the same sliding-window settings.
+
+    python experiments/bench_inference.py [--shape 512,512,400] [--variant elanres_msca_unet]
+
+The stage models have random weights, with the liver head biased to foreground everywhere: stage 1
+then keeps the whole body and stage 2 runs on all of it, the slowest case (a trained liver model
+crops stage 2 to the liver). Timings exclude compilation (`Predictor.warmup`), which is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import enable_compilation_cache, environment, write_result  # noqa: E402
+
+
+def make_stage_dir(root: pathlib.Path, stage: str, variant: str, window, features, dtype: str,
+                   force_foreground: bool) -> pathlib.Path:
+    """Writes random-weight variables for one stage (converted-weights format); returns the dir."""
+    import jax
+
+    from livseg_jax.config import base_config
+    from livseg_jax.interop.io import save_variables
+    from livseg_jax.models import build_model, init_variables
+
+    config = base_config()
+    config.stage = stage
+    config.model.name = variant
+    config.model.features = tuple(features)
+    config.model.dtype = dtype
+    config.data.patch_size = tuple(window)
+    config.inference.batch_size = 2
+    variables = jax.device_get(init_variables(build_model(config.model), jax.random.key(0), (16, 32, 32)))
+    if force_foreground:
+        variables["params"]["head3"]["bias"] = np.array([-20.0, 20.0], np.float32)
+    return save_variables(root / stage, variables, config)
+
+
+def torch_window_time(variant, features, window, image, overlap, batch) -> float:
+    """Returns seconds for the PyTorch twin (eval, bf16 autocast) over the same sliding windows."""
+    import torch
+
+    from livseg_jax.config import model_config
+    from livseg_jax.inference.sliding_window import sliding_window_probs
+
+    cfg = model_config(variant)
+    cfg.features = tuple(features)
+    from livseg_jax.interop.torch_models import reparameterize_torch, torch_model_from_config
+
+    model = reparameterize_torch(torch_model_from_config(cfg).cuda().eval()).cuda().eval()
+
+    @torch.no_grad()
+    def predict(x):
+        t = torch.from_numpy(x).cuda().permute(0, 4, 1, 2, 3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(t)
+        return torch.softmax(logits.float(), 1).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+    sliding_window_probs(image[:window[0]], predict, window, overlap, batch)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    sliding_window_probs(image, predict, window, overlap, batch)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="512,512,400", help="raw CT size x,y,z")
+    parser.add_argument("--variant", default="elanres_msca_unet")
+    parser.add_argument("--features", default="16,32,64,128,256")
+    parser.add_argument("--liver-window", default="48,256,256")
+    parser.add_argument("--tumor-window", default="48,128,128")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--torch", action="store_true", help="also time the PyTorch twin's windows")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    enable_compilation_cache()
+    from livseg_jax.data.synthetic import make_phantom, write_phantom
+    from livseg_jax.inference.two_stage import Predictor
+
+    shape = tuple(int(v) for v in args.shape.split(","))
+    features = tuple(int(v) for v in args.features.split(","))
+    liver_window = tuple(int(v) for v in args.liver_window.split(","))
+    tumor_window = tuple(int(v) for v in args.tumor_window.split(","))
+    spacing = (0.75, 0.75, 1.0)
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    t0 = time.perf_counter()
+    hu, labels = make_phantom(shape, spacing, seed=0)
+    write_phantom(hu, labels, spacing, tmp / "volume-0.nii.gz", tmp / "segmentation-0.nii.gz")
+    print(f"phantom {shape} written in {time.perf_counter() - t0:.1f} s", flush=True)
+    models = tmp / "models"
+    liver_dir = make_stage_dir(models, "liver", args.variant, liver_window, features, args.dtype, True)
+    tumor_dir = make_stage_dir(models, "tumor", args.variant, tumor_window, features, args.dtype, False)
+
+    rows = []
+    for deploy in (True, False):
+        predictor = Predictor.from_checkpoints(liver_dir, tumor_dir, deploy=deploy)
+        compile_s = predictor.warmup()
+        runs = []
+        for i in range(2):
+            out = tmp / f"pred-{int(deploy)}-{i}.nii.gz"
+            _, record = predictor.predict_file(tmp / "volume-0.nii.gz", out)
+            runs.append(record)
+        best = min(runs, key=lambda r: r["timings_s"]["total"])
+        rows.append({"deploy": deploy, "compile_s": compile_s, "timings_s": best["timings_s"],
+                     "liver_windows": best.get("liver_windows"), "tumor_windows": best.get("tumor_windows"),
+                     "preprocessed_shape": best.get("preprocessed_shape")})
+        print(f"deploy={deploy}: total {best['timings_s']['total']:.2f} s  {best['timings_s']}", flush=True)
+
+    torch_row = None
+    if args.torch:
+        from livseg_jax.data import nifti
+        from livseg_jax.data.preprocess import preprocess
+        from livseg_jax.inference.sliding_window import sliding_window_probs
+        from livseg_jax.inference.two_stage import load_stage_model
+
+        image, geometry = nifti.read_image(tmp / "volume-0.nii.gz")
+        stage = load_stage_model(liver_dir, "liver", deploy=True)
+        pre, _, _ = preprocess(image, geometry.spacing, stage.preprocess_config)
+        start = time.perf_counter()
+        sliding_window_probs(pre, stage.predict, liver_window, stage.overlap, stage.batch_size)
+        jax_s = time.perf_counter() - start
+        torch_s = torch_window_time(args.variant, features, liver_window, pre, stage.overlap,
+                                    stage.batch_size)
+        torch_row = {"liver_stage_windows_jax_s": jax_s, "liver_stage_windows_torch_s": torch_s,
+                     "preprocessed_shape": list(pre.shape)}
+        print(f"liver-stage sliding window: JAX {jax_s:.2f} s, PyTorch {torch_s:.2f} s", flush=True)
+
+    payload = {"benchmark": "inference", "raw_shape": shape, "spacing_mm": spacing,
+               "variant": args.variant, "features": features, "dtype": args.dtype,
+               "liver_window": liver_window, "tumor_window": tumor_window, "environment": environment(),
+               "rows": rows, "torch": torch_row}
+    print(f"wrote {write_result('bench_inference' + (f'_{args.tag}' if args.tag else ''), payload)}")
+
+
+if __name__ == "__main__":
+    main()
