@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from livseg_jax.training.distributed import maybe_initialize_distributed
@@ -17,6 +17,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "run directory (default: runs/<sta
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     maybe_initialize_distributed()
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", config.stage)
