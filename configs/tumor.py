@@ -1,38 +1,15 @@
 """Stage 2 (tumour) on liver bounding-box crops (ground-truth liver + `data.liver_margin_mm`).
 
-`--config=configs/tumor.py` is the CPU demo (small widths, runs in about 15 minutes on 2 CPU
-cores with the built-in synthetic data); `--config=configs/tumor.py:paper` uses the paper-scale
-network (SPEC 1.1) and schedule. Add a variant name to switch the model, e.g. `:paper,msca_unet`.
+`--config=configs/tumor.py` is the CPU demo (small widths, about 15 minutes on 2 CPU cores with
+the built-in synthetic data); `--config=configs/tumor.py:paper` uses the paper-scale network
+(SPEC 1.1) and schedule. Add a variant name to switch the model, e.g. `:paper,msca_unet`.
 """
 
-from livseg_jax.config import MODEL_NAMES, base_config
+from livseg_jax.config import stage_config
 
 
 def get_config(arg: str = ""):
-    parts = [p for p in arg.split(",") if p]
-    unknown = [p for p in parts if p not in MODEL_NAMES + ("paper",)]
-    if unknown:
-        raise ValueError(f"configs/tumor.py: unknown argument(s) {unknown}; use 'paper' and/or {MODEL_NAMES}")
-    config = base_config()
-    config.stage = "tumor"
+    config = stage_config("tumor", arg, demo_patch=(16, 48, 48), paper_patch=(48, 128, 128), demo_epochs=10,
+                          source="configs/tumor.py")
     config.data.foreground_fraction = 0.7  # tumours are small: oversample them
-    if "paper" in parts:
-        config.data.patch_size = (48, 128, 128)
-        config.train.num_epochs = 300
-        config.train.steps_per_epoch = 250
-        config.train.eval_every_epochs = 10
-        # float32: bf16 training currently turns NaN on GPUs (docs/performance_notes.md).
-        config.model.dtype = "float32"
-    else:
-        # CPU demo: a narrow network and small patches; a 10x higher learning rate than the paper's
-        # so that a few hundred steps give a visibly working model.
-        config.model.features = (8, 16, 32, 32, 64)
-        config.data.patch_size = (16, 48, 48)
-        config.optim.learning_rate = 1e-3
-        config.train.num_epochs = 10
-        config.train.steps_per_epoch = 50
-        config.train.eval_every_epochs = 2
-    for part in parts:
-        if part in MODEL_NAMES:
-            config.model.name = part
     return config

@@ -112,3 +112,38 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     return c
+
+
+def stage_config(stage: str, arg: str, demo_patch: tuple, paper_patch: tuple, demo_epochs: int,
+                 source: str) -> ml_collections.ConfigDict:
+    """Returns the config of one stage with the demo or ':paper' preset and an optional variant.
+
+    `arg` is the text after ':' in `--config=configs/<stage>.py:ARG`: comma-separated, 'paper' and/or
+    one of MODEL_NAMES; anything else raises ValueError naming `source`.
+    """
+    parts = [p for p in arg.split(",") if p]
+    unknown = [p for p in parts if p not in MODEL_NAMES + ("paper",)]
+    if unknown:
+        raise ValueError(f"{source}: unknown argument(s) {unknown}; use 'paper' and/or {MODEL_NAMES}")
+    config = base_config()
+    config.stage = stage
+    if "paper" in parts:
+        config.data.patch_size = tuple(paper_patch)
+        config.train.num_epochs = 300
+        config.train.steps_per_epoch = 250
+        config.train.eval_every_epochs = 10
+        # float32: bf16 training currently turns NaN on GPUs (docs/performance_notes.md).
+        config.model.dtype = "float32"
+    else:
+        # CPU demo: a narrow network and small patches; a 10x higher learning rate than the
+        # paper's so that a few hundred steps give a visibly working model.
+        config.model.features = (8, 16, 32, 32, 64)
+        config.data.patch_size = tuple(demo_patch)
+        config.optim.learning_rate = 1e-3
+        config.train.num_epochs = demo_epochs
+        config.train.steps_per_epoch = 50
+        config.train.eval_every_epochs = 2
+    for part in parts:
+        if part in MODEL_NAMES:
+            config.model.name = part
+    return config

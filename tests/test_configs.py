@@ -1,0 +1,41 @@
+"""Stage configs: presets, variants, and clear errors."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from livseg_jax.config import MODEL_NAMES
+from livseg_jax.models import check_patch_shape
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load(stage):
+    spec = importlib.util.spec_from_file_location(f"cfg_{stage}", CONFIGS / f"{stage}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config
+
+
+@pytest.mark.parametrize("stage", ["liver", "tumor"])
+def test_demo_and_paper_presets_differ_and_patches_fit_the_network(stage):
+    get_config = load(stage)
+    demo, paper = get_config(""), get_config("paper")
+    assert demo.stage == paper.stage == stage
+    assert tuple(paper.model.features) == (16, 32, 64, 128, 256)
+    assert paper.optim.learning_rate == pytest.approx(1e-4)  # the paper's Adam rate
+    assert max(demo.model.features) < max(paper.model.features)
+    for config in (demo, paper):
+        check_patch_shape(tuple(config.data.patch_size), len(config.model.features))
+        assert config.model.name == "elanres_msca_unet"
+
+
+@pytest.mark.parametrize("variant", MODEL_NAMES)
+def test_variant_argument_selects_the_model(variant):
+    assert load("tumor")(f"paper,{variant}").model.name == variant
+
+
+def test_unknown_config_argument_is_an_error_naming_the_file():
+    with pytest.raises(ValueError, match=r"configs/liver.py: unknown argument\(s\) \['bogus'\]"):
+        load("liver")("paper,bogus")
