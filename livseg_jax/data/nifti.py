@@ -1,7 +1,7 @@
 """Reading and writing NIfTI CT volumes and label maps in the internal (D, H, W) orientation.
 
 Internal orientation: a file's voxel axes are permuted and flipped (never resampled) to the closest
-canonical RAS+ orientation, giving an array indexed (x, y, z) with x towards the patient's left,
+canonical RAS+ orientation, giving an array indexed (x, y, z) with x towards the patient's right,
 y anterior and z superior; that array is transposed to (z, y, x) = (D, H, W): slice axis first, then
 rows, then columns. Spacing in that order is (sz, sy, sx) in mm. `Geometry` records the file's
 affine, header, shape and orientation, so a label map in internal order is written back on exactly
