@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
             prefetch=2,
             liver_margin_mm=10.0,  # stage 2 crop margin around the liver bounding box
             tumor_crop_source="ground_truth",  # "ground_truth" or "stage1" predictions
+            stage1_run="",  # liver run / checkpoint directory used when tumor_crop_source="stage1"
             augment=ml_collections.ConfigDict(
                 dict(flips=True, rot90=True, intensity_scale=0.1, intensity_shift=0.1, affine=False)
             ),

@@ -162,3 +162,37 @@ def test_command_line_overrides_reach_the_run_and_unknown_keys_fail(cache_dir, t
     assert saved["optim"]["learning_rate"] == 0.003 and saved["stage"] == "tumor"
     bad = run_cli(*common, "--config.optim.no_such_key=1", cwd=tmp_path)
     assert bad.returncode != 0 and "no_such_key" in bad.stderr
+
+
+def test_tumor_stage_can_crop_with_stage1_liver_predictions(cache_dir, tmp_path):
+    from livseg_jax.interop.io import save_variables
+    from livseg_jax.models import build_model
+    from livseg_jax.training.loop import prepare_stage_cases
+
+    liver_config = tiny_config(cache_dir)
+    shapes = jax.eval_shape(lambda: build_model(liver_config.model).init(
+        jax.random.key(0), jnp.zeros((1, 16, 32, 32, 1)), train=True))
+    variables = jax.tree.map(lambda s: np.full(s.shape, 0.01, s.dtype), shapes)
+    for bias, name in (([-20.0, 20.0], "everywhere"), ([20.0, -20.0], "nowhere")):
+        variables["params"]["head3"]["bias"] = np.array(bias, np.float32)
+        save_variables(tmp_path / name, variables, liver_config)
+
+    config = tiny_config(cache_dir)
+    config.stage = "tumor"
+    config.data.tumor_crop_source = "stage1"
+    config.data.stage1_run = str(tmp_path / "everywhere")
+    train, val = prepare_stage_cases(config)
+    reference_train, _ = prepare_stage_cases(_tumor_gt_config(cache_dir))
+    # A "liver everywhere" stage-1 model crops nothing away; the reference liver crops tighter.
+    for case, ref in zip(train, reference_train, strict=True):
+        assert all(a >= b for a, b in zip(case.shape, ref.shape, strict=True))
+        assert case.shape != ref.shape
+    config.data.stage1_run = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="stage-1 model found no liver"):
+        prepare_stage_cases(config)
+
+
+def _tumor_gt_config(cache_dir):
+    config = tiny_config(cache_dir)
+    config.stage = "tumor"
+    return config

@@ -62,16 +62,25 @@ def liver_crop_margin(spacing: Sequence[float], margin_mm: float) -> tuple[int, 
     return tuple(int(math.ceil(margin_mm / float(s))) for s in spacing)
 
 
-def index_case(case: CachedCase, stage: str, liver_margin_mm: float, seed: int = 0) -> StageCase:
-    """Returns the StageCase of a cached case (crop + foreground sample) for `stage`."""
+def index_case(case: CachedCase, stage: str, liver_margin_mm: float, seed: int = 0,
+               liver_mask: np.ndarray | None = None) -> StageCase:
+    """Returns the StageCase of a cached case (crop + foreground sample) for `stage`.
+
+    For the tumour stage the crop is the bounding box of `liver_mask` (e.g. a stage-1 prediction on
+    the preprocessed grid) grown by the margin, or of the reference liver when it is None.
+    """
     if case.label_path is None:
         raise ValueError(f"{case.source.image}: training needs a label file, none found")
     label = np.asarray(case.label)
     start, stop = (0, 0, 0), tuple(label.shape)
     if stage == "tumor":
-        box = bbox_of(label >= 1, liver_crop_margin(case.spacing, liver_margin_mm))
+        liver = label >= 1 if liver_mask is None else np.asarray(liver_mask, bool)
+        if liver.shape != label.shape:
+            raise ValueError(f"{case.source.image}: liver mask shape {liver.shape} != case shape {label.shape}")
+        box = bbox_of(liver, liver_crop_margin(case.spacing, liver_margin_mm))
         if box is None:
-            raise ValueError(f"{case.source.label}: no liver voxels, cannot crop for the tumour stage")
+            what = "no liver voxels" if liver_mask is None else "the stage-1 model found no liver"
+            raise ValueError(f"{case.source.label}: {what}, cannot crop for the tumour stage")
         start, stop = tuple(b.start for b in box), tuple(b.stop for b in box)
         label = label[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
     coords = np.argwhere(stage_target(label, stage) > 0).astype(np.int32)

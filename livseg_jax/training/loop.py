@@ -55,10 +55,11 @@ def dataset_cases(config: ml_collections.ConfigDict):
 
 def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
     """Returns (train, validation) StageCases: the last `num_val_cases` cases are held out."""
-    if config.stage == "tumor" and config.data.tumor_crop_source != "ground_truth":
-        raise ValueError(
-            f"data.tumor_crop_source = {config.data.tumor_crop_source!r} is not supported yet; "
-            "use 'ground_truth' (stage-2 training on liver crops from the reference labels)")
+    source = config.data.tumor_crop_source
+    if source not in ("ground_truth", "stage1"):
+        raise ValueError(f"data.tumor_crop_source must be 'ground_truth' or 'stage1', got {source!r}")
+    if config.stage == "tumor" and source == "stage1" and not config.data.stage1_run:
+        raise ValueError("data.tumor_crop_source='stage1' needs data.stage1_run (a liver run or checkpoint)")
     cases = dataset_cases(config)
     n_val = int(config.data.num_val_cases)
     if len(cases) <= n_val:
@@ -66,8 +67,28 @@ def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
             f"{len(cases)} cases found but data.num_val_cases = {n_val}: nothing left to train on")
     cached = build_cache(cases, config.preprocess, cache_root(config) / "preprocessed",
                          num_workers=config.data.num_workers)
-    staged = [pipeline.index_case(c, config.stage, config.data.liver_margin_mm, config.seed) for c in cached]
+    liver_masks = [None] * len(cached)
+    if config.stage == "tumor" and source == "stage1":
+        liver_masks = stage1_liver_masks(config, cached)
+    staged = [pipeline.index_case(c, config.stage, config.data.liver_margin_mm, config.seed, mask)
+              for c, mask in zip(cached, liver_masks, strict=True)]
     return staged[: len(staged) - n_val], staged[len(staged) - n_val:]
+
+
+def stage1_liver_masks(config: ml_collections.ConfigDict, cached) -> list[np.ndarray]:
+    """Returns the stage-1 model's liver (largest component) on each cached, preprocessed case."""
+    from livseg_jax.inference.two_stage import largest_component, load_stage_model, stage_mask
+
+    liver = load_stage_model(config.data.stage1_run, expected_stage="liver")
+    ours = {k: float(v) for k, v in config.preprocess.items()}
+    theirs = {k: float(v) for k, v in liver.preprocess_config.items()}
+    if ours != theirs:
+        raise ValueError(f"{config.data.stage1_run}: the liver model was trained with preprocessing {theirs}, "
+                         f"this run uses {ours}; crops would not line up")
+    masks = []
+    for case in tqdm.tqdm(cached, desc="stage-1 liver crops", unit="case"):
+        masks.append(largest_component(stage_mask(liver, np.asarray(case.image))))
+    return masks
 
 
 def background_value(preprocess_config: ml_collections.ConfigDict) -> float:
