@@ -189,6 +189,12 @@ def batch_iterator(dataset: grain.MapDataset, num_workers: int, prefetch: int = 
     options = grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch)
     ds = dataset.to_iter_dataset(options)
     if num_workers > 0:
+        from absl import flags
+
+        # grain's worker processes read absl flags; a program without absl.app (a notebook, an
+        # argparse script) has not parsed them, and grain would fail in every worker.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(ds)
 
