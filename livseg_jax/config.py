@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
             root="",  # "" -> built-in synthetic dataset (generated once, cached)
             layout="auto",  # "auto", "lits", "msd" or "list"
             list_file="",  # for layout="list": lines "image_path label_path"
-            cache_dir="",  # "" -> <workdir>/cache
+            cache_dir="",  # "" -> $LIVSEG_CACHE or ~/.cache/livseg_jax
             num_val_cases=2,
             synthetic=ml_collections.ConfigDict(
                 dict(num_cases=10, shape=(160, 160, 64), spacing=(1.5, 1.5, 3.0), seed=1234)

@@ -140,21 +140,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(jobs)} case(s); compiled in " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
     failed = 0
     for case, out in jobs:
-        if args.skip_existing and out.exists():
+        timings_path = sidecar_path(out, "_timings.json")
+        # The timings file is written last: its presence marks a complete case.
+        if args.skip_existing and out.exists() and timings_path.exists():
             print(f"{case.case_id}: {out} exists, skipped")
             continue
         png = sidecar_path(out, ".png") if args.png else None
         bar = CaseProgress(case.case_id, not args.no_progress)
         try:
             _, record = predictor.predict_file(case.image, out, progress=bar, png_path=png)
-        except (DataError, OSError) as e:
+            record = {"case_id": case.case_id, **record, "run": run}
+            write_json_atomic(timings_path, record)
+        except Exception as e:  # noqa: BLE001 - one bad case must not stop the others
             bar.close()
-            print(f"error: {case.case_id}: {e}", file=sys.stderr)
+            for partial in (out, png, timings_path):  # leave nothing half-done behind
+                if partial is not None:
+                    pathlib.Path(partial).unlink(missing_ok=True)
+            print(f"error: {case.case_id}: {type(e).__name__}: {e}", file=sys.stderr)
             failed += 1
             continue
         bar.close()
-        record = {"case_id": case.case_id, **record, "run": run}
-        write_json_atomic(sidecar_path(out, "_timings.json"), record)
         status = "" if record["liver_found"] else " (NO LIVER FOUND)"
         print(f"{case.case_id}: liver {record['label_voxels']['liver']} + tumour "
               f"{record['label_voxels']['tumor']} voxels in {record['timings_s']['total']:.1f} s "

@@ -196,3 +196,24 @@ def _tumor_gt_config(cache_dir):
     config = tiny_config(cache_dir)
     config.stage = "tumor"
     return config
+
+
+def test_resuming_with_a_different_model_is_refused_and_keeps_config(cache_dir, tmp_path):
+    config = tiny_config(cache_dir, num_epochs=1)
+    train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
+    before = (tmp_path / "config.json").read_text()
+    changed = tiny_config(cache_dir, num_epochs=2)
+    changed.model.features = (4, 8, 8, 8, 16)
+    with pytest.raises(ValueError, match="other settings.*model"):
+        train_and_evaluate(changed, tmp_path, devices=jax.devices()[:1])
+    assert (tmp_path / "config.json").read_text() == before
+
+
+def test_torn_metrics_line_does_not_block_resume(tmp_path):
+    writer = run_logging.MetricWriter(tmp_path)
+    writer.write(1, "train", {"loss": 1.0})
+    writer.write(2, "train", {"loss": 0.5})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "kind": "tra')
+    writer.truncate_after(1)
+    assert [r["step"] for r in run_logging.read_metrics(tmp_path)] == [1]

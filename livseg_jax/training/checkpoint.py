@@ -49,9 +49,19 @@ class RunCheckpoints:
 
     def save_best(self, step: int, state: Any, dice: float) -> None:
         """Replaces the best checkpoint with `state` and records its Dice in best.json."""
+        for old in self.best.all_steps():
+            self.best.delete(old)
         self.best.save(step, args=ocp.args.StandardSave(state), force=True)
         self.best.wait_until_finished()
         write_json_atomic(self.workdir / "best.json", {"step": int(step), "dice": float(dice)})
+
+    def forget_after(self, step: int) -> None:
+        """Drops a best checkpoint newer than `step` (a resumed run recomputes those epochs)."""
+        path = self.workdir / "best.json"
+        if path.exists() and json.loads(path.read_text())["step"] > step:
+            for old in self.best.all_steps():
+                self.best.delete(old)
+            path.unlink()
 
     def best_dice(self) -> float:
         """Returns the best validation Dice recorded so far (-1 when none)."""
@@ -93,8 +103,13 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 def _restore_params(directory: pathlib.Path, step: int) -> dict[str, Any]:
     """Returns {"params", "batch_stats"} of a TrainState checkpoint, restored on the host."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.CheckpointManager(directory.absolute()) as mngr:
-        restored = mngr.restore(step, args=ocp.args.StandardRestore())
+        # Restore onto one local device whatever mesh the run was trained on (the saved shardings
+        # name devices that a prediction machine may not have).
+        metadata = mngr.item_metadata(step)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
     return {"params": restored["params"], "batch_stats": restored["batch_stats"]}
 
 

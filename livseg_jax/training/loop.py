@@ -115,6 +115,31 @@ def validate(model, variables, cases: Sequence[pipeline.StageCase], config, pred
     return scores
 
 
+RESUME_KEYS = ("stage", "model", "data.patch_size", "train.steps_per_epoch", "seed")
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Raises ValueError when a workdir's checkpoints were made with settings that change the state."""
+    from livseg_jax.training.checkpoint import load_config
+
+    try:
+        saved = load_config(workdir)
+    except FileNotFoundError:
+        return
+    differ = []
+    for key in RESUME_KEYS:
+        a, b = saved, config
+        for part in key.split("."):
+            a, b = a.get(part), b.get(part)
+        a = a.to_dict() if hasattr(a, "to_dict") else a
+        b = b.to_dict() if hasattr(b, "to_dict") else b
+        if json.dumps(a, sort_keys=True, default=list) != json.dumps(b, sort_keys=True, default=list):
+            differ.append(key)
+    if differ:
+        raise ValueError(f"{workdir}: holds checkpoints of a run with other settings ({', '.join(differ)} "
+                         "differ from its config.json); use a new --workdir or the same config")
+
+
 def _check_finite(pending: list[tuple[int, dict]], ckpt: RunCheckpoints, workdir: pathlib.Path) -> list:
     host = [(s, jax.device_get(m)) for s, m in pending]
     for s, m in host:
@@ -134,8 +159,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     mesh = make_mesh(devices)
     check_global_batch(config.data.batch_size, mesh)
     is_chief = jax.process_index() == 0
-    if is_chief:
-        save_config(workdir, config)
 
     train_cases, val_cases = prepare_stage_cases(config)
     spe = int(config.train.steps_per_epoch)
@@ -149,6 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ckpt = RunCheckpoints(workdir, config.train.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
+        check_resumable(config, workdir)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                               state_sharding)
         state: TrainState = ckpt.restore(start, target)
@@ -156,6 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     else:
         state = jax.jit(init, out_shardings=state_sharding)()
 
+    if is_chief:  # only now: config.json must keep describing the checkpoints beside it
+        save_config(workdir, config)
+        ckpt.forget_after(start)
     writer = MetricWriter(workdir, config.train.tensorboard, is_chief)
     writer.truncate_after(start)
     sampler = pipeline.PatchSampler(train_cases, config.stage, config.data, config.seed,
@@ -194,8 +221,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 continue
             epoch = done // spe
             last_epoch = done == total_steps
-            if epoch % config.train.checkpoint_every_epochs == 0 or last_epoch:
-                ckpt.save(done, state)
             every = int(config.train.eval_every_epochs)  # <= 0: no validation
             if val_cases and every > 0 and (epoch % every == 0 or last_epoch):
                 scores = validate(model, state.variables, val_cases, config, predict_fn)
@@ -205,11 +230,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if scores["dice"] > summary["best_dice"]:
                     summary["best_dice"] = scores["dice"]
                     ckpt.save_best(done, state, scores["dice"])
+            # Saved after this epoch's validation, so a run killed during validation redoes it.
+            if epoch % config.train.checkpoint_every_epochs == 0 or last_epoch:
+                ckpt.save(done, state)
     finally:
         bar.close()
         writer.close()
         ckpt.close()
-    if is_chief and total_steps > start:
+    if is_chief and (workdir / "metrics.jsonl").exists():
         summary["curves"] = str(plot_curves(workdir))
     summary["final_step"] = int(jax.device_get(state.step))
     summary["state"] = state
