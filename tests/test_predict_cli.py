@@ -4,11 +4,10 @@ import csv
 import json
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import random_unet_variables
 
 from livseg_jax import evaluate, predict, visualize
 from livseg_jax.config import base_config
@@ -27,17 +26,7 @@ def write_run(workdir, stage, seed=0, window=(16, 32, 32), **preprocess):
     c.data.patch_size = window
     c.inference.overlap = 0.25
     c.preprocess.update(preprocess)
-    model = build_model(c.model, deploy=False)
-    shapes = jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, *window, 1)), train=True))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        if getattr(path[-1], "key", "") == "var":
-            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-        return rng.normal(0.0, 0.4, s.shape).astype(np.float32)
-
-    variables = jax.tree_util.tree_map_with_path(draw, shapes)
+    variables = random_unet_variables(build_model(c.model, deploy=False), window, seed)
     save_config(workdir, c)
     ckpt = RunCheckpoints(workdir, keep=1)
     ckpt.save(3, {"step": np.int32(3), **variables})

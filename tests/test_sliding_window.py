@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_unet_variables
 
 from livseg_jax.config import model_config
 from livseg_jax.inference.sliding_window import (
@@ -24,20 +25,6 @@ def pointwise_predict(x):
     """A translation-equivariant 'model': class-1 probability = sigmoid(intensity), per voxel."""
     p1 = 1.0 / (1.0 + np.exp(-x))
     return np.concatenate([1.0 - p1, p1], axis=-1).astype(np.float32)
-
-
-def random_unet_variables(model, window, seed=0):
-    """Returns random variables for `model` (shapes from eval_shape, no compiled init)."""
-    shapes = jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, *window, 1)), train=True))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        if getattr(path[-1], "key", "") == "var":
-            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-        return rng.normal(0.0, 0.4, s.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_unet_variables
 
 from livseg_jax.config import base_config
 from livseg_jax.data.pipeline import liver_crop_margin
@@ -190,18 +191,7 @@ def tiny_config(stage_name):
 
 
 def random_variables(config, seed):
-    model = build_model(config.model, deploy=False)
-    shapes = jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, *WINDOW, 1)), train=True))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        key = getattr(path[-1], "key", "")
-        if key == "var":
-            return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
-        return rng.normal(0.0, 0.4, s.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    return random_unet_variables(build_model(config.model, deploy=False), WINDOW, seed)
 
 
 def write_run(workdir, config, variables, best_variables=None):
