@@ -1,0 +1,55 @@
+"""The fused shifted-sum depthwise convolution equals the grouped convolution (values and gradients)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from livseg_jax.models.depthwise import DepthwiseConv, depthwise_shift
+
+
+@pytest.mark.parametrize("kernel,shape", [((5, 5), (3, 10, 12, 4)), ((1, 21), (2, 9, 16, 3)),
+                                          ((21, 1), (2, 16, 9, 3)), ((3, 3, 3), (2, 6, 7, 8, 5))])
+def test_shift_equals_grouped_convolution_and_its_gradient(kernel, shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    conv, shift = DepthwiseConv(kernel, "conv"), DepthwiseConv(kernel, "shift")
+    variables = conv.init(jax.random.key(1), x)
+    variables = {"params": {"kernel": variables["params"]["kernel"],
+                            "bias": jax.random.normal(jax.random.key(2), (shape[-1],))}}
+    np.testing.assert_allclose(shift.apply(variables, x), conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+    # Parameters are interchangeable: both forms create the same tree.
+    assert jax.tree.structure(shift.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+    loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))  # noqa: E731
+    g_conv = jax.grad(loss(conv), argnums=(0, 1))(variables, x)
+    g_shift = jax.grad(loss(shift), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(g_shift), jax.tree.leaves(g_conv), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_shift_against_float64_loop_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 6, 7, 2))
+    k = rng.normal(size=(3, 5, 1, 2))
+    padded = np.pad(x, ((0, 0), (1, 1), (2, 2), (0, 0)))
+    ref = np.zeros_like(x)
+    for i in range(6):
+        for j in range(7):
+            ref[0, i, j] = np.sum(padded[0, i:i + 3, j:j + 5] * k[:, :, 0], axis=(0, 1))
+    got = depthwise_shift(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_input_accumulates_in_float32():
+    x = jnp.full((1, 4, 64, 2), 1.0 + 2.0**-8, jnp.bfloat16)
+    k = jnp.full((1, 21, 1, 2), 1.0, jnp.float32)
+    y = depthwise_shift(x, k)
+    assert y.dtype == jnp.bfloat16
+    # Centre voxels sum 21 inputs; float32 accumulation keeps the sum at bf16 output precision.
+    assert abs(float(y[0, 0, 32, 0]) - 21 * (1 + 2.0**-8)) < 0.1
+
+
+def test_even_kernel_and_unknown_impl_are_errors():
+    with pytest.raises(ValueError, match="odd kernel"):
+        depthwise_shift(jnp.zeros((1, 4, 4, 1)), jnp.zeros((2, 2, 1, 1)))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        DepthwiseConv((3, 3), "fft").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
