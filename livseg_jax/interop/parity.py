@@ -14,8 +14,9 @@ import jax
 import numpy as np
 
 from livseg_jax.interop.mapping import flatten, unflatten
+from livseg_jax.models.layers import BN_MOMENTUM
 
-TORCH_BN_MOMENTUM = 0.1
+TORCH_BN_MOMENTUM = round(1.0 - BN_MOMENTUM, 12)  # PyTorch convention of livseg_jax.models' BatchNorm
 
 
 def random_flax_variables(shapes: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:

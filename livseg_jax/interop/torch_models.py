@@ -19,18 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Same constants as livseg_jax.models (PyTorch momentum 0.1 == Flax momentum 0.9).
-BN_MOMENTUM = 0.1
-BN_EPSILON = 1e-5
-STRIP_SIZES = (7, 11, 21)
-LAYER_SCALE_INIT = 1e-2
+# One source for the architecture constants: the Flax model family.
+from livseg_jax.models.layers import BN_EPSILON
+from livseg_jax.models.layers import BN_MOMENTUM as FLAX_BN_MOMENTUM
+from livseg_jax.models.msca import LAYER_SCALE_INIT, STRIP_SIZES  # noqa: F401 (re-exported)
+from livseg_jax.models.unet import VARIANTS  # noqa: F401 (re-exported)
 
-VARIANTS: dict[str, tuple[str, bool]] = {
-    "unet": ("double", False),
-    "msca_unet": ("double", True),
-    "elanres_unet": ("elanres", False),
-    "elanres_msca_unet": ("elanres", True),
-}
+BN_MOMENTUM = round(1.0 - FLAX_BN_MOMENTUM, 12)  # PyTorch weighs the new batch statistic, Flax the old average
 
 
 def activation_module(name: str) -> nn.Module:
