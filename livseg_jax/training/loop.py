@@ -21,6 +21,7 @@ from livseg_jax.data.cache import build_cache
 from livseg_jax.data.layouts import discover
 from livseg_jax.data.synthetic import write_synthetic_dataset
 from livseg_jax.inference.sliding_window import sliding_window_probs, window_predict_fn
+from livseg_jax.metrics import overlap_metrics
 from livseg_jax.models import build_model, check_patch_shape
 from livseg_jax.training.checkpoint import RunCheckpoints, save_config
 from livseg_jax.training.logging import MetricWriter, plot_curves
@@ -107,10 +108,8 @@ def validate(model, variables, cases: Sequence[pipeline.StageCase], config, pred
         probs = sliding_window_probs(np.asarray(image), bound, window, config.inference.overlap,
                                      config.inference.batch_size, config.inference.gaussian_sigma_scale,
                                      background_value(config.preprocess))
-        pred = probs.argmax(-1) > 0
-        denom = pred.sum() + target.sum()
-        overlap = np.logical_and(pred, target).sum()
-        scores[f"dice_{case.case_id}"] = float(2 * overlap / denom) if denom else 1.0
+        # Both masks empty counts as Dice 1 (docs/metrics.md).
+        scores[f"dice_{case.case_id}"] = overlap_metrics(probs.argmax(-1) > 0, target > 0)["dice"]
     scores["dice"] = float(np.mean(list(scores.values())))
     return scores
 
