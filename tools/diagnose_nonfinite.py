@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -81,10 +82,13 @@ def main() -> None:
     previous = None
     for i in range(args.steps):
         previous = jax.tree.map(jnp.copy, state)  # the step donates its input state
+        t0 = time.perf_counter()
         state, metrics = step(state, batch)
         loss = float(metrics["loss"])
+        report.setdefault("step_ms", []).append((time.perf_counter() - t0) * 1e3)
         report["losses"].append(loss)
-        print(f"step {i + 1}: loss {loss:.5f} grad norm {float(metrics['grad_norm']):.4f}", flush=True)
+        print(f"step {i + 1}: loss {loss:.5f} grad norm {float(metrics['grad_norm']):.4f} "
+              f"({report['step_ms'][-1]:.1f} ms, includes a device-to-host copy)", flush=True)
         if not np.isfinite(loss):
             break
     else:
