@@ -62,14 +62,15 @@ def run_jax(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
     from livseg_jax.models import build_model
     from livseg_jax.training.schedules import make_optimizer
     from livseg_jax.training.state import create_train_state
-    from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step
+    from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
 
     enable_compilation_cache()
     cfg = model_config(variant, "bfloat16" if mode == "jax_bf16" else "float32")
     model = build_model(cfg)
     optimizer = make_optimizer(ml_collections.ConfigDict(base_config().optim), 100)
     mesh = make_mesh(jax.devices()[:1])
-    state = jax.jit(lambda: create_train_state(model, optimizer, patch, 0))()
+    # Created with the step's state sharding so that the second step does not recompile.
+    state = jax.jit(lambda: create_train_state(model, optimizer, patch, 0), out_shardings=replicated(mesh))()
     step = jit_train_step(make_train_step(model, optimizer, base_config().loss, 100), mesh)
     image, labels = make_data(batch, patch)
     batch_arrays = {"image": jax.device_put(image), "label": jax.device_put(labels)}
