@@ -1,17 +1,29 @@
 """Data-parallel training throughput on 1..N GPUs of one host at a fixed per-GPU batch (weak scaling).
 
-    python experiments/bench_scaling.py [--devices 1,2] [--per-device-batch 2] [--patch 48,256,256]
+    python experiments/bench_scaling.py [--devices 1,2,4,8] [--dtypes bfloat16,float32]
+        [--per-device-batch 2] [--patch 48,256,256] [--pipeline-cases 2]
 
-The same jitted step as training (`livseg_jax.training.step`), batch sharded over a `data` mesh
-axis, state replicated; the batch is already on the devices, so this measures compute plus the
-gradient all-reduce, not the input pipeline. Efficiency = throughput(n) / (n * throughput(1)).
+The same jitted step as training (`livseg_jax.training.step`): batch sharded over a `data` mesh
+axis, state replicated, XLA inserting the gradient all-reduce. Two measurements per GPU count:
+
+- `fixed`: the batch is already on the devices: compute plus all-reduce.
+- `pipeline`: batches come from the training input pipeline (grain, synthetic CT cases cached as in
+  training, in-process workers) and are placed with `to_global_batch`, exactly as the training
+  loop does. GPU idle fraction = 1 - fixed / pipeline step time.
+
+Efficiency = throughput(n) / (n * throughput(1)). All step functions are compiled ahead of time
+in parallel threads (compilation is most of the run time) before any timing starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
+import pathlib
 import sys
+import tempfile
+import time
 
 import numpy as np
 
@@ -19,80 +31,153 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import enable_compilation_cache, environment, median_time, write_result  # noqa: E402
 
 
+def build_pipeline_cases(args, config):
+    """Writes synthetic CT cases, preprocesses them into the training cache; returns StageCases."""
+    from livseg_jax.data import pipeline
+    from livseg_jax.data.cache import build_cache
+    from livseg_jax.data.synthetic import write_synthetic_dataset
+
+    root = pathlib.Path(tempfile.mkdtemp(prefix="bench_scaling_"))
+    shape = tuple(int(v) for v in args.pipeline_shape.split(","))
+    cases = write_synthetic_dataset(root / "syn", args.pipeline_cases, shape, (0.75, 0.75, 1.0), seed=7)
+    cached = build_cache(cases, config.preprocess, root / "cache", num_workers=min(args.pipeline_cases, 8),
+                         progress=False)
+    return [pipeline.index_case(c, "liver", config.data.liver_margin_mm) for c in cached]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", default="1,2")
+    parser.add_argument("--dtypes", default="bfloat16")
     parser.add_argument("--per-device-batch", type=int, default=2)
     parser.add_argument("--patch", default="48,256,256")
     parser.add_argument("--variant", default="elanres_msca_unet")
-    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--overrides", default="depthwise_impl=shift")
     parser.add_argument("--features", default="")
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--pipeline-cases", type=int, default=2, help="0 skips the pipeline-fed measurement")
+    parser.add_argument("--pipeline-shape", default="512,512,200", help="raw x,y,z of each synthetic case")
+    parser.add_argument("--pipeline-workers", type=int, default=0)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     enable_compilation_cache()
     import jax
 
     from livseg_jax.config import base_config
+    from livseg_jax.data import pipeline
     from livseg_jax.models import build_model
     from livseg_jax.training.schedules import make_optimizer
     from livseg_jax.training.state import create_train_state
-    from livseg_jax.training.step import (
-        batch_sharding,
-        jit_train_step,
-        make_mesh,
-        make_train_step,
-        replicated,
-    )
+    from livseg_jax.training.step import batch_sharding, jit_train_step, make_mesh, make_train_step, replicated
 
     config = base_config()
-    config.model.name = args.variant
-    config.model.dtype = args.dtype
-    for item in filter(None, args.overrides.split(",")):
-        key, value = item.split("=", 1)
-        config.model[key] = value
-    if args.features:
-        config.model.features = tuple(int(v) for v in args.features.split(","))
-    patch = tuple(int(v) for v in args.patch.split(","))
-    model = build_model(config.model)
+    config.data.patch_size = tuple(int(v) for v in args.patch.split(","))
+    patch = config.data.patch_size
+    counts = [int(v) for v in args.devices.split(",")]
+    skipped = [n for n in counts if n > len(jax.devices())]
+    for n in skipped:
+        print(f"skipping {n} devices: only {len(jax.devices())} present")
+    counts = [n for n in counts if n not in skipped]
+
+    def model_for(dtype: str):
+        model_config = config.model.copy_and_resolve_references()
+        model_config.name, model_config.dtype = args.variant, dtype
+        for item in filter(None, args.overrides.split(",")):
+            key, value = item.split("=", 1)
+            model_config[key] = value
+        if args.features:
+            model_config.features = tuple(int(v) for v in args.features.split(","))
+        return model_config, build_model(model_config)
+
     optimizer = make_optimizer(config.optim, 100)
-    rng = np.random.default_rng(0)
+    runs = []
+    for dtype in args.dtypes.split(","):
+        model_config, model = model_for(dtype)
+        for n in counts:
+            mesh = make_mesh(jax.devices()[:n])
+            batch = n * args.per_device_batch
+            init = jax.jit(lambda model=model: create_train_state(model, optimizer, patch, 0),
+                           out_shardings=replicated(mesh))
+            abstract_state = jax.eval_shape(init)
+            abstract_state = jax.tree.map(lambda a, m=mesh: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                                 sharding=replicated(m)),
+                                          abstract_state)
+            abstract_batch = {
+                "image": jax.ShapeDtypeStruct((batch, *patch, 1), np.float32, sharding=batch_sharding(mesh)),
+                "label": jax.ShapeDtypeStruct((batch, *patch), np.int32, sharding=batch_sharding(mesh)),
+            }
+            step = jit_train_step(make_train_step(model, optimizer, config.loss, 100), mesh)
+            runs.append({"dtype": dtype, "devices": n, "global_batch": batch, "mesh": mesh, "init": init,
+                         "lowered": step.lower(abstract_state, abstract_batch), "model": model_config.to_dict()})
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(runs) + 1) as pool:
+        staged = pool.submit(build_pipeline_cases, args, config) if args.pipeline_cases else None
+        compiled = [pool.submit(r["lowered"].compile) for r in runs]
+        for r, c in zip(runs, compiled, strict=True):
+            r["compiled"] = c.result()
+        cases = staged.result() if staged else None
+    compile_s = time.perf_counter() - t0
+    print(f"compiled {len(runs)} step functions (and built the pipeline cache) in {compile_s:.0f} s", flush=True)
+    sampler = pipeline.PatchSampler(cases, "liver", config.data, 0, -1.0) if cases else None
+
     rows = []
-    for n in (int(v) for v in args.devices.split(",")):
-        if n > len(jax.devices()):
-            print(f"skipping {n} devices: only {len(jax.devices())} present")
-            continue
-        mesh = make_mesh(jax.devices()[:n])
-        batch = n * args.per_device_batch
+    rng = np.random.default_rng(0)
+    for r in runs:
+        mesh, batch, fn = r["mesh"], r["global_batch"], r["compiled"]
+        sharding = batch_sharding(mesh)
         image = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
         labels = (rng.random((batch, *patch)) < 0.1).astype(np.int32)
-        arrays = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in (("image", image), ("label", labels))}
-        state = jax.jit(lambda: create_train_state(model, optimizer, patch, 0), out_shardings=replicated(mesh))()
-        step = jit_train_step(make_train_step(model, optimizer, config.loss, 100), mesh)
-        holder = {"state": state}
+        arrays = {"image": jax.device_put(image, sharding), "label": jax.device_put(labels, sharding)}
+        holder = {"state": r["init"]()}
 
-        def one(step=step, holder=holder, arrays=arrays):
-            holder["state"], holder["metrics"] = step(holder["state"], arrays)
+        def fixed(fn=fn, holder=holder, arrays=arrays):
+            holder["state"], holder["metrics"] = fn(holder["state"], arrays)
 
-        timing = median_time(one, lambda h=holder: jax.block_until_ready(h["metrics"]), 3, args.steps)
+        timing = median_time(fixed, lambda h=holder: jax.block_until_ready(h["metrics"]), 3, args.steps)
         loss = float(holder["metrics"]["loss"])
-        row = {"devices": n, "global_batch": batch, **timing, "steps_per_s": 1e3 / timing["median_ms"],
-               "patches_per_s": batch * 1e3 / timing["median_ms"], "loss": loss, "finite": bool(np.isfinite(loss))}
+        row = {"dtype": r["dtype"], "devices": r["devices"], "global_batch": batch, **timing,
+               "steps_per_s": 1e3 / timing["median_ms"], "patches_per_s": batch * 1e3 / timing["median_ms"],
+               "loss": loss, "finite": bool(np.isfinite(loss)),
+               "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
+        if sampler is not None:
+            dataset = pipeline.make_dataset(sampler, batch, args.steps + 3)
+            batches = pipeline.batch_iterator(dataset, args.pipeline_workers, prefetch=4)
+            for _ in range(3):  # warm-up: grain threads start, first reads
+                holder["state"], holder["metrics"] = fn(holder["state"], pipeline.to_global_batch(next(batches),
+                                                                                                   sharding))
+            jax.block_until_ready(holder["metrics"])
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                holder["state"], holder["metrics"] = fn(holder["state"], pipeline.to_global_batch(next(batches),
+                                                                                                   sharding))
+            jax.block_until_ready(holder["metrics"])
+            fed_ms = (time.perf_counter() - start) * 1e3 / args.steps
+            row.update(pipeline_ms=fed_ms, pipeline_patches_per_s=batch * 1e3 / fed_ms,
+                       gpu_idle_fraction=max(0.0, 1.0 - timing["median_ms"] / fed_ms))
         rows.append(row)
-        print(f"{n} devices: {timing['median_ms']:.1f} ms/step, {row['patches_per_s']:.1f} patches/s", flush=True)
-        del holder, state, arrays
-    base = next((r for r in rows if r["devices"] == 1), None)
-    for r in rows:
+        print(f"{r['dtype']} {r['devices']} devices: {timing['median_ms']:.1f} ms/step, "
+              f"{row['patches_per_s']:.1f} patches/s"
+              + (f"; pipeline-fed {row['pipeline_ms']:.1f} ms/step" if "pipeline_ms" in row else ""), flush=True)
+        del holder, arrays
+    for row in rows:
+        base = next((b for b in rows if b["devices"] == 1 and b["dtype"] == row["dtype"]), None)
         if base:
-            r["speedup"] = r["patches_per_s"] / base["patches_per_s"]
-            r["efficiency"] = r["speedup"] / r["devices"]
-    payload = {"benchmark": "scaling", "patch": patch, "per_device_batch": args.per_device_batch,
-               "model": config.model.to_dict(), "environment": environment(), "rows": rows}
-    print("\n| GPUs | global batch | ms/step | patches/s | speedup | efficiency |\n|---:|---:|---:|---:|---:|---:|")
+            row["speedup"] = row["patches_per_s"] / base["patches_per_s"]
+            row["efficiency"] = row["speedup"] / row["devices"]
+    payload = {"benchmark": "scaling", "patch": list(patch), "per_device_batch": args.per_device_batch,
+               "variant": args.variant, "overrides": args.overrides, "compile_s_parallel": compile_s,
+               "pipeline": {"cases": args.pipeline_cases, "raw_shape": args.pipeline_shape,
+                            "workers": args.pipeline_workers},
+               "skipped_device_counts": skipped, "models": {r["dtype"]: r["model"] for r in runs},
+               "environment": environment(), "rows": rows}
+    print("\n| dtype | GPUs | global batch | ms/step | patches/s | speedup | efficiency | pipeline-fed ms/step "
+          "| GPU idle |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    nan = float("nan")
     for r in rows:
-        print(f"| {r['devices']} | {r['global_batch']} | {r['median_ms']:.1f} | {r['patches_per_s']:.1f} | "
-              f"{r.get('speedup', float('nan')):.2f} | {r.get('efficiency', float('nan')):.2f} |")
+        print(f"| {r['dtype']} | {r['devices']} | {r['global_batch']} | {r['median_ms']:.1f} | "
+              f"{r['patches_per_s']:.1f} | {r.get('speedup', nan):.2f} | {r.get('efficiency', nan):.2f} | "
+              f"{r.get('pipeline_ms', nan):.1f} | {100 * r.get('gpu_idle_fraction', nan):.0f}% |")
     print(f"wrote {write_result('bench_scaling' + (f'_{args.tag}' if args.tag else ''), payload)}")
 
 
