@@ -11,8 +11,8 @@ axis, state replicated, XLA inserting the gradient all-reduce. Two measurements 
   training, in-process workers) and are placed with `to_global_batch`, exactly as the training
   loop does. GPU idle fraction = 1 - fixed / pipeline step time.
 
-Efficiency = throughput(n) / (n * throughput(1)). All step functions are compiled ahead of time
-in parallel threads (compilation is most of the run time) before any timing starts.
+Efficiency = throughput(n) / (n * throughput(1)). The result file is rewritten after every
+measured configuration, so a run stopped early keeps what it measured.
 """
 
 from __future__ import annotations
@@ -110,21 +110,45 @@ def main() -> None:
             runs.append({"dtype": dtype, "devices": n, "global_batch": batch, "mesh": mesh, "init": init,
                          "lowered": step.lower(abstract_state, abstract_batch), "model": model_config.to_dict()})
 
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(runs) + 1) as pool:
-        staged = pool.submit(build_pipeline_cases, args, config) if args.pipeline_cases else None
-        compiled = [pool.submit(r["lowered"].compile) for r in runs]
-        for r, c in zip(runs, compiled, strict=True):
-            r["compiled"] = c.result()
-        cases = staged.result() if staged else None
-    compile_s = time.perf_counter() - t0
-    print(f"compiled {len(runs)} step functions (and built the pipeline cache) in {compile_s:.0f} s", flush=True)
-    sampler = pipeline.PatchSampler(cases, "liver", config.data, 0, -1.0) if cases else None
+    # The synthetic cases are built in a thread while the step functions compile. Compilation is
+    # sequential: on a 4x H200 host, three 48x256x256 steps compiled in parallel threads had not
+    # finished after 400 s, while one compiles in about 150 s (docs/benchmarks.md).
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    staged = pool.submit(build_pipeline_cases, args, config) if args.pipeline_cases else None
+    sampler = None
+
+    def write_rows(rows: list[dict]) -> None:
+        """Adds speed-up and efficiency, writes the result file (after every row: partial runs count)."""
+        for row in rows:
+            base = next((b for b in rows if b["devices"] == 1 and b["dtype"] == row["dtype"]), None)
+            if base:
+                row["speedup"] = row["patches_per_s"] / base["patches_per_s"]
+                row["efficiency"] = row["speedup"] / row["devices"]
+        payload = {"benchmark": "scaling", "patch": list(patch), "per_device_batch": args.per_device_batch,
+                   "variant": args.variant, "overrides": args.overrides,
+                   "pipeline": {"cases": args.pipeline_cases, "raw_shape": args.pipeline_shape,
+                                "workers": args.pipeline_workers},
+                   "skipped_device_counts": skipped, "models": {r["dtype"]: r["model"] for r in runs},
+                   "environment": environment(), "rows": rows}
+        print("\n| dtype | GPUs | global batch | ms/step | patches/s | speedup | efficiency | pipeline-fed ms/step "
+              "| GPU idle |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        nan = float("nan")
+        for r in rows:
+            print(f"| {r['dtype']} | {r['devices']} | {r['global_batch']} | {r['median_ms']:.1f} | "
+                  f"{r['patches_per_s']:.1f} | {r.get('speedup', nan):.2f} | {r.get('efficiency', nan):.2f} | "
+                  f"{r.get('pipeline_ms', nan):.1f} | {100 * r.get('gpu_idle_fraction', nan):.0f}% |")
+        print(f"wrote {write_result('bench_scaling' + (f'_{args.tag}' if args.tag else ''), payload)}")
 
     rows = []
     rng = np.random.default_rng(0)
     for r in runs:
-        mesh, batch, fn = r["mesh"], r["global_batch"], r["compiled"]
+        t0 = time.perf_counter()
+        fn = r["lowered"].compile()
+        compile_s = time.perf_counter() - t0
+        print(f"{r['dtype']} {r['devices']} devices: compiled in {compile_s:.0f} s", flush=True)
+        if staged is not None and sampler is None:
+            sampler = pipeline.PatchSampler(staged.result(), "liver", config.data, 0, -1.0)
+        mesh, batch = r["mesh"], r["global_batch"]
         sharding = batch_sharding(mesh)
         image = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
         labels = (rng.random((batch, *patch)) < 0.1).astype(np.int32)
@@ -136,7 +160,7 @@ def main() -> None:
 
         timing = median_time(fixed, lambda h=holder: jax.block_until_ready(h["metrics"]), 3, args.steps)
         loss = float(holder["metrics"]["loss"])
-        row = {"dtype": r["dtype"], "devices": r["devices"], "global_batch": batch, **timing,
+        row = {"dtype": r["dtype"], "devices": r["devices"], "global_batch": batch, "compile_s": compile_s, **timing,
                "steps_per_s": 1e3 / timing["median_ms"], "patches_per_s": batch * 1e3 / timing["median_ms"],
                "loss": loss, "finite": bool(np.isfinite(loss)),
                "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
@@ -160,25 +184,8 @@ def main() -> None:
               f"{row['patches_per_s']:.1f} patches/s"
               + (f"; pipeline-fed {row['pipeline_ms']:.1f} ms/step" if "pipeline_ms" in row else ""), flush=True)
         del holder, arrays
-    for row in rows:
-        base = next((b for b in rows if b["devices"] == 1 and b["dtype"] == row["dtype"]), None)
-        if base:
-            row["speedup"] = row["patches_per_s"] / base["patches_per_s"]
-            row["efficiency"] = row["speedup"] / row["devices"]
-    payload = {"benchmark": "scaling", "patch": list(patch), "per_device_batch": args.per_device_batch,
-               "variant": args.variant, "overrides": args.overrides, "compile_s_parallel": compile_s,
-               "pipeline": {"cases": args.pipeline_cases, "raw_shape": args.pipeline_shape,
-                            "workers": args.pipeline_workers},
-               "skipped_device_counts": skipped, "models": {r["dtype"]: r["model"] for r in runs},
-               "environment": environment(), "rows": rows}
-    print("\n| dtype | GPUs | global batch | ms/step | patches/s | speedup | efficiency | pipeline-fed ms/step "
-          "| GPU idle |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    nan = float("nan")
-    for r in rows:
-        print(f"| {r['dtype']} | {r['devices']} | {r['global_batch']} | {r['median_ms']:.1f} | "
-              f"{r['patches_per_s']:.1f} | {r.get('speedup', nan):.2f} | {r.get('efficiency', nan):.2f} | "
-              f"{r.get('pipeline_ms', nan):.1f} | {100 * r.get('gpu_idle_fraction', nan):.0f}% |")
-    print(f"wrote {write_result('bench_scaling' + (f'_{args.tag}' if args.tag else ''), payload)}")
+        write_rows(rows)
+    pool.shutdown()
 
 
 if __name__ == "__main__":
