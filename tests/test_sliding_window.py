@@ -13,7 +13,9 @@ from livseg_jax.inference.sliding_window import (
     gaussian_importance,
     make_window_predictor,
     num_windows,
+    sliding_window_device,
     sliding_window_probs,
+    window_predict_fn,
     window_starts,
 )
 from livseg_jax.models import build_model
@@ -130,3 +132,55 @@ def test_mirror_tta_averages_the_eight_flipped_predictions(tiny_unet):
     expected /= 8
     np.testing.assert_allclose(mirrored, expected, rtol=1e-5, atol=1e-6)
     assert np.abs(mirrored - plain(x)).max() > 1e-4  # the random network is not flip-invariant
+
+
+def position_dependent_window_fn(variables, x):
+    """A jittable 'model' whose output depends on the voxel's place in the window (so blending matters)."""
+    d, h, w = x.shape[1:4]
+    ramp = (jnp.arange(d)[:, None, None] / d + jnp.arange(h)[None, :, None] / h - jnp.arange(w)[None, None, :] / w)
+    logits = jnp.stack([jnp.zeros_like(x[..., 0]), variables["scale"] * x[..., 0] + ramp - 0.3], axis=-1)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+@pytest.mark.parametrize("shape,overlap,batch",
+                         [((40, 23, 51), 0.5, 3), ((9, 30, 12), 0.25, 2), ((16, 16, 16), 0.0, 1)])
+def test_device_blending_equals_the_numpy_reference(shape, overlap, batch):
+    variables = {"scale": jnp.float32(1.7)}
+    window_fn = jax.jit(position_dependent_window_fn)
+    reference_predict = lambda x: np.asarray(window_fn(variables, jnp.asarray(x)))  # noqa: E731
+    image = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+    expected = sliding_window_probs(image, reference_predict, WINDOW, overlap, batch, pad_value=-2.0)
+    probs = sliding_window_device(image, window_fn, variables, WINDOW, overlap, batch, pad_value=-2.0,
+                                  output="probs")
+    assert probs.shape == expected.shape
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+    labels = sliding_window_device(image, window_fn, variables, WINDOW, overlap, batch, pad_value=-2.0,
+                                   num_classes=2)
+    assert labels.dtype == np.uint8 and labels.shape == shape
+    clear = np.abs(expected[..., 1] - expected[..., 0]) > 1e-4  # ties may break either way
+    np.testing.assert_array_equal(labels[clear], expected.argmax(-1)[clear])
+    assert 0 < labels.mean() < 1  # both classes occur, so the comparison means something
+
+
+def test_device_blending_with_a_network_and_mirror_tta_matches_the_reference(tiny_unet):
+    model, variables = tiny_unet
+    window_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), mirror=True)
+    image = np.random.default_rng(8).normal(size=(20, 18, 40)).astype(np.float32)
+    expected = sliding_window_probs(image, lambda x: np.asarray(window_fn(variables, jnp.asarray(x))),
+                                    WINDOW, 0.5, 2)
+    probs = sliding_window_device(image, window_fn, variables, WINDOW, 0.5, 2, output="probs")
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_device_blending_reports_each_window_once_and_checks_its_arguments():
+    reported = []
+    window_fn = jax.jit(position_dependent_window_fn)
+    variables = {"scale": jnp.float32(1.0)}
+    shape = (40, 23, 51)
+    sliding_window_device(np.zeros(shape, np.float32), window_fn, variables, WINDOW, 0.5, 4,
+                          progress=reported.append)
+    assert sum(reported) == num_windows(shape, WINDOW, 0.5)
+    with pytest.raises(ValueError, match="output"):
+        sliding_window_device(np.zeros(shape, np.float32), window_fn, variables, WINDOW, output="logits")
+    with pytest.raises(ValueError, match="D, H, W"):
+        sliding_window_device(np.zeros((4, 4), np.float32), window_fn, variables, WINDOW)

@@ -8,6 +8,7 @@ most context, weigh most), as in nnU-Net.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 WindowFn = Callable[[np.ndarray], np.ndarray]  # (N, *window, 1) -> (N, *window, K) probabilities
 
@@ -85,10 +87,9 @@ def sliding_window_probs(
         raise ValueError(f"expected a (D, H, W) image, got shape {image.shape}")
     window = tuple(int(w) for w in window)
     shape = image.shape
-    padded_shape = tuple(max(n, w) for n, w in zip(shape, window, strict=True))
     # Pad symmetrically so a small volume sits in the window centre, where the weights are high.
-    before = [(p - n) // 2 for p, n in zip(padded_shape, shape, strict=True)]
-    pads = [(b, p - n - b) for b, p, n in zip(before, padded_shape, shape, strict=True)]
+    padded_shape, pads = _padding(shape, window)
+    before = [b for b, _ in pads]
     volume = np.pad(image, pads, constant_values=pad_value) if any(map(any, pads)) else image
 
     starts = list(itertools.product(*[window_starts(n, w, overlap)
@@ -113,6 +114,100 @@ def sliding_window_probs(
     accum /= norm[..., None]
     inner = tuple(slice(b, b + n) for b, n in zip(before, shape, strict=True))
     return accum[inner]
+
+
+def _padding(shape: Sequence[int], window: Sequence[int]) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
+    """Returns (padded shape, symmetric pads): a volume smaller than the window sits in its centre."""
+    padded = tuple(max(n, w) for n, w in zip(shape, window, strict=True))
+    before = [(p - n) // 2 for p, n in zip(padded, shape, strict=True)]
+    return padded, [(b, p - n - b) for b, p, n in zip(before, padded, shape, strict=True)]
+
+
+@functools.partial(jax.jit, static_argnames="window")
+def _cut_windows(volume, starts, window):
+    """Returns the (N, *window, 1) windows of `volume` at the (N, 3) corners `starts`."""
+    return jax.vmap(lambda s: lax.dynamic_slice(volume, s, window))(starts)[..., None]
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _add_windows(accum, norm, probs, starts, valid, weights):
+    """Adds each window's weighted probabilities into `accum` / its weights into `norm`, in place.
+
+    Kept apart from the network so that a new volume shape recompiles only this small program.
+    """
+    window = weights.shape
+
+    def add_one(i, carry):
+        acc, nrm = carry
+        w = weights * valid[i]
+        corner = (*starts[i], jnp.int32(0))
+        patch = lax.dynamic_slice(acc, corner, (*window, acc.shape[-1]))
+        acc = lax.dynamic_update_slice(acc, patch + probs[i].astype(jnp.float32) * w[..., None], corner)
+        nrm = lax.dynamic_update_slice(nrm, lax.dynamic_slice(nrm, starts[i], window) + w, starts[i])
+        return acc, nrm
+
+    return lax.fori_loop(0, probs.shape[0], add_one, (accum, norm))
+
+
+@functools.partial(jax.jit, static_argnames=("inner", "labels"))
+def _finish(accum, norm, inner, labels):
+    box = tuple(slice(b, b + n) for b, n in inner)
+    if labels:  # norm > 0 everywhere, so dividing by it does not change the argmax
+        return jnp.argmax(accum[box], axis=-1).astype(jnp.uint8)
+    return accum[box] / norm[box][..., None]
+
+
+def sliding_window_device(
+    image: np.ndarray | jax.Array,
+    window_fn: Callable,
+    variables,
+    window: Sequence[int],
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    sigma_scale: float = 0.125,
+    pad_value: float = -1.0,
+    progress: Callable[[int], None] | None = None,
+    output: str = "labels",
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """`sliding_window_probs` with the blending on the accelerator; returns argmax labels or probabilities.
+
+    `window_fn(variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K)` is a jittable
+    function such as `window_predict_fn(...)`, compiled once per window shape whatever the volume
+    shape. The volume is sent to the device once; windows are cut, evaluated and accumulated
+    there, and only the (D, H, W) uint8 argmax (`output="labels"`) or the (D, H, W, K) float32
+    probabilities (`output="probs"`) come back. Same windows, weights and padding as
+    `sliding_window_probs`, its reference in the tests. Pass `num_classes` when known; otherwise
+    it is found by tracing `window_fn` once per call.
+    """
+    if output not in ("labels", "probs"):
+        raise ValueError(f"output must be 'labels' or 'probs', got {output!r}")
+    if image.ndim != 3:
+        raise ValueError(f"expected a (D, H, W) image, got shape {image.shape}")
+    window = tuple(int(w) for w in window)
+    padded_shape, pads = _padding(image.shape, window)
+    volume = jnp.pad(jnp.asarray(image, jnp.float32), pads, constant_values=pad_value)
+    starts = np.array(list(itertools.product(*[window_starts(n, w, overlap)
+                                               for n, w in zip(padded_shape, window, strict=True)])), np.int32)
+    if num_classes is None:
+        num_classes = jax.eval_shape(window_fn, variables,
+                                     jax.ShapeDtypeStruct((batch_size, *window, 1), jnp.float32)).shape[-1]
+    weights = jnp.asarray(gaussian_importance(window, sigma_scale))
+    accum = jnp.zeros((*padded_shape, num_classes), jnp.float32)
+    norm = jnp.zeros(padded_shape, jnp.float32)
+    for first in range(0, len(starts), batch_size):
+        chunk = starts[first:first + batch_size]
+        valid = np.zeros(batch_size, np.float32)
+        valid[:len(chunk)] = 1.0
+        if len(chunk) < batch_size:  # keep one compiled batch shape; the repeats get weight 0
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+        probs = window_fn(variables, _cut_windows(volume, chunk, window))
+        accum, norm = _add_windows(accum, norm, probs, chunk, valid, weights)
+        if progress is not None:
+            norm.block_until_ready()  # report windows done, not windows queued
+            progress(int(valid.sum()))
+    inner = tuple((b, n) for (b, _), n in zip(pads, image.shape, strict=True))
+    return np.asarray(_finish(accum, norm, inner, output == "labels"))
 
 
 def num_windows(shape: Sequence[int], window: Sequence[int], overlap: float) -> int:

@@ -37,9 +37,10 @@ from livseg_jax.data.pipeline import liver_crop_margin
 from livseg_jax.data.preprocess import bbox_of, paste_into, preprocess, restore
 from livseg_jax.inference.sliding_window import (
     WindowFn,
-    make_window_predictor,
     num_windows,
+    sliding_window_device,
     sliding_window_probs,
+    window_predict_fn,
 )
 from livseg_jax.models import build_model, check_patch_shape, reparameterize
 from livseg_jax.training.checkpoint import load_inference_variables
@@ -64,6 +65,11 @@ class StageModel:
     sigma_scale: float = 0.125
     liver_margin_mm: float = 10.0  # stage-2 crop margin (used from the tumour model)
     description: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance, for the JSON
+    # The jittable (variables, windows) -> probabilities behind `predict`, with its variables: when
+    # set, windows are blended on the device (`sliding_window_device`) instead of on the host.
+    window_fn: Callable | None = None
+    variables: Any = None
+    num_classes: int | None = None
 
     @property
     def pad_value(self) -> float:
@@ -121,6 +127,11 @@ def stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None
     callback = None
     if progress is not None:
         callback = progress(model.stage, num_windows(image.shape, model.window, model.overlap))
+    if model.window_fn is not None:
+        labels = sliding_window_device(image, model.window_fn, model.variables, model.window, model.overlap,
+                                       model.batch_size, model.sigma_scale, model.pad_value, callback,
+                                       output="labels", num_classes=model.num_classes)
+        return labels > 0
     probs = sliding_window_probs(image, model.predict, model.window, model.overlap, model.batch_size,
                                  model.sigma_scale, model.pad_value, callback)
     return probs.argmax(-1) > 0
@@ -256,7 +267,8 @@ def load_stage_model(
         variables = reparameterize(variables)
     model = build_model(config.model, deploy=deploy)
     variables = jax.device_put(variables)
-    predict = make_window_predictor(lambda v, x: model.apply(v, x, train=False), variables, mirror)
+    window_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), mirror)
+    predict = lambda x: np.asarray(window_fn(variables, jax.numpy.asarray(x)))  # noqa: E731
     description = {"source": str(path), "which": which, "stage": stage, "model": str(config.model.name),
                    "features": [int(f) for f in config.model.features], "deploy": deploy,
                    "mirror_tta": mirror}
@@ -270,6 +282,9 @@ def load_stage_model(
         sigma_scale=float(inf.gaussian_sigma_scale),
         liver_margin_mm=float(config.data.liver_margin_mm),
         description=description,
+        window_fn=window_fn,
+        variables=variables,
+        num_classes=int(config.model.num_classes),
     )
 
 
@@ -296,7 +311,10 @@ class Predictor:
             if model is None or model.stage in self.compile_seconds:
                 continue
             start = time.perf_counter()
-            model.predict(np.full((model.batch_size, *model.window, 1), model.pad_value, np.float32))
+            if model.window_fn is not None:  # the programs `stage_mask` runs, on one window of air
+                stage_mask(model, np.full(model.window, model.pad_value, np.float32))
+            else:
+                model.predict(np.full((model.batch_size, *model.window, 1), model.pad_value, np.float32))
             self.compile_seconds[model.stage] = time.perf_counter() - start
         return dict(self.compile_seconds)
 

@@ -20,7 +20,7 @@ from livseg_jax.data import pipeline
 from livseg_jax.data.cache import build_cache
 from livseg_jax.data.layouts import discover
 from livseg_jax.data.synthetic import write_synthetic_dataset
-from livseg_jax.inference.sliding_window import sliding_window_probs, window_predict_fn
+from livseg_jax.inference.sliding_window import sliding_window_device, window_predict_fn
 from livseg_jax.metrics import overlap_metrics
 from livseg_jax.models import build_model, check_patch_shape
 from livseg_jax.training.checkpoint import RunCheckpoints, save_config
@@ -99,17 +99,16 @@ def background_value(preprocess_config: ml_collections.ConfigDict) -> float:
 
 def validate(model, variables, cases: Sequence[pipeline.StageCase], config, predict_fn) -> dict[str, float]:
     """Returns {"dice", "dice_<case>"...}: foreground Dice of full-volume sliding-window predictions."""
-    bound = lambda x: np.asarray(predict_fn(variables, x))  # noqa: E731
     scores = {}
     window = tuple(config.inference.window) or tuple(config.data.patch_size)
     for case in cases:
         image, label = case.load()
         target = pipeline.stage_target(np.asarray(label), config.stage)
-        probs = sliding_window_probs(np.asarray(image), bound, window, config.inference.overlap,
-                                     config.inference.batch_size, config.inference.gaussian_sigma_scale,
-                                     background_value(config.preprocess))
+        labels = sliding_window_device(np.asarray(image), predict_fn, variables, window, config.inference.overlap,
+                                       config.inference.batch_size, config.inference.gaussian_sigma_scale,
+                                       background_value(config.preprocess), num_classes=config.model.num_classes)
         # Both masks empty counts as Dice 1 (docs/metrics.md).
-        scores[f"dice_{case.case_id}"] = overlap_metrics(probs.argmax(-1) > 0, target > 0)["dice"]
+        scores[f"dice_{case.case_id}"] = overlap_metrics(labels > 0, target > 0)["dice"]
     scores["dice"] = float(np.mean(list(scores.values())))
     return scores
 
