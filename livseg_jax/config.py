@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
             eval_every_epochs=2,  # <= 0 disables validation
             checkpoint_every_epochs=1,
             keep_checkpoints=3,
+            donate_state=True,  # False: the step does not reuse the old state's buffers
             tensorboard=False,
         )
     )

@@ -217,3 +217,27 @@ def test_torn_metrics_line_does_not_block_resume(tmp_path):
         f.write('{"step": 3, "kind": "tra')
     writer.truncate_after(1)
     assert [r["step"] for r in run_logging.read_metrics(tmp_path)] == [1]
+
+
+def test_step_without_donation_keeps_its_input_and_computes_the_same_update():
+    from livseg_jax.models import build_model
+    from livseg_jax.training.schedules import make_optimizer
+    from livseg_jax.training.state import create_train_state
+    from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
+
+    c = base_config()
+    c.model.name, c.model.features = "unet", (2, 4, 4, 4, 4)
+    model, optimizer, mesh = build_model(c.model), make_optimizer(c.optim, 10), make_mesh(jax.devices()[:1])
+    init = jax.jit(lambda: create_train_state(model, optimizer, (16, 16, 16), 0), out_shardings=replicated(mesh))
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(2, 16, 16, 16, 1)), jnp.float32),
+             "label": jnp.asarray(rng.random((2, 16, 16, 16)) < 0.3, jnp.int32)}
+    step = make_train_step(model, optimizer, c.loss, 10)
+    kept = init()
+    new_kept, _ = jit_train_step(step, mesh, donate_state=False)(kept, batch)
+    donated = init()
+    new_donated, _ = jit_train_step(step, mesh)(donated, batch)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(kept))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(donated.params))
+    assert max_rel_diff(new_kept.params, new_donated.params) == 0.0
+    assert max_rel_diff(new_kept.params, kept.params) > 0  # the step did change the parameters

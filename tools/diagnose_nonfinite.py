@@ -6,7 +6,7 @@ result each time points at the graph, a varying one at a kernel or memory race);
 `--modules`, reports the forward pass before the bad step module by module (output finite?
 largest magnitude?).
 
-    python tools/diagnose_nonfinite.py --dtype bfloat16 --patch 48,256,256 --steps 8
+    python tools/diagnose_nonfinite.py --dtype bfloat16 --patch 48,256,256 --steps 8 [--no-donate]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--overrides", default="")
     parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--no-donate", action="store_true", help="compile the step without donating the state")
     parser.add_argument("--modules", action="store_true", help="also report the forward module by module")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
@@ -82,7 +83,7 @@ def main() -> None:
     image = jnp.asarray(rng.normal(size=(args.batch, *patch, 1)).astype(np.float32))
     labels = jnp.asarray((rng.random((args.batch, *patch)) < 0.2).astype(np.int32))
     batch = {"image": image, "label": labels}
-    step = jit_train_step(make_train_step(model, optimizer, config.loss, 100), mesh)
+    step = jit_train_step(make_train_step(model, optimizer, config.loss, 100), mesh, not args.no_donate)
     all_finite = jax.jit(lambda tree: jax.tree.map(lambda v: jnp.all(jnp.isfinite(v)), tree))
     report: dict = {"args": vars(args), "xla_flags": os.environ.get("XLA_FLAGS", ""), "losses": [], "step_ms": []}
     bad_step = None

@@ -87,11 +87,16 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
     return train_step
 
 
-def jit_train_step(train_step: Callable, mesh: Mesh) -> Callable:
-    """Returns the step compiled with the state replicated and donated, the batch sharded."""
+def jit_train_step(train_step: Callable, mesh: Mesh, donate_state: bool = True) -> Callable:
+    """Returns the step compiled with the state replicated (donated by default), the batch sharded.
+
+    Donation lets XLA write the new state into the old one's buffers; the state of the paper's
+    network is ~45 MB, so `donate_state=False` costs little and is kept as a switch for the bf16
+    investigation in docs/performance_notes.md.
+    """
     return jax.jit(
         train_step,
         in_shardings=(replicated(mesh), batch_sharding(mesh)),
         out_shardings=(replicated(mesh), replicated(mesh)),
-        donate_argnums=0,
+        donate_argnums=0 if donate_state else (),
     )
