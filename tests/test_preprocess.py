@@ -153,3 +153,37 @@ def test_restore_rejects_labels_of_the_wrong_shape():
     _, _, rec = pp.preprocess(image, spacing, _cfg())
     with pytest.raises(ValueError, match="preprocessed shape"):
         pp.restore(np.zeros((1, 2, 3), np.uint8), rec)
+
+
+@pytest.mark.parametrize("shape,density", [((3, 17, 23), 0.5), ((2, 40, 31), 0.8), ((4, 3, 9), 0.6), ((1, 2, 5), 0.9)])
+def test_fast_inplane_opening_equals_scipy(shape, density):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(sum(shape))
+    mask = rng.random(shape) < density
+    mask[:, 0, :] = True  # components touching the border, where border handling matters
+    expected = ndimage.binary_opening(mask, structure=np.ones((1, 3, 3), bool))
+    np.testing.assert_array_equal(pp._open_inplane(mask), expected)
+    if min(shape[1:]) >= 10:  # large enough for the opening to keep some voxels and drop others
+        assert expected.any() and not expected.all()
+
+
+def test_largest_component_box_and_sizes_with_few_and_many_components():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    blobs = np.zeros((6, 30, 30), bool)  # three components: the per-box counting path
+    blobs[0:2, 0:5, 0:5] = blobs[3:6, 10:20, 10:14] = blobs[1:4, 25:30, 20:30] = True
+    for mask in (rng.random((6, 30, 30)) < 0.15, blobs):  # hundreds of specks: the bincount path
+        labels, n = ndimage.label(mask)
+        assert n == 3 if mask is blobs else n > 64
+        sizes = np.bincount(labels.ravel())
+        boxes = ndimage.find_objects(labels)
+        np.testing.assert_array_equal(pp._component_sizes(labels, boxes, n)[1:], sizes[1:])
+        big, box = pp._largest_component(mask)
+        k = int(np.argmax(sizes[1:])) + 1
+        np.testing.assert_array_equal(big, labels == k)
+        assert box == boxes[k - 1]
+        assert pp._largest_component(mask, need_mask=False) == (None, box)
+    empty, box = pp._largest_component(np.zeros((2, 4, 4), bool))
+    assert box is None and not empty.any()

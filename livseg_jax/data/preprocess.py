@@ -114,19 +114,70 @@ def paste_into(cropped: np.ndarray, bbox: Bbox, shape: Sequence[int], fill: Any 
     return out
 
 
-def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, Bbox | None]:
+def _component_sizes(labels: np.ndarray, boxes: Sequence[Bbox | None], n: int) -> np.ndarray:
+    """Returns the voxel counts of components 1..n of a `ndimage.label` map (index 0 set to 0)."""
+    if n > 64:  # many components: one pass over the volume
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        sizes[0] = 0
+        return sizes
+    # Few components (the usual body mask): count inside each bounding box, which avoids
+    # bincount's conversion of the whole label map to int64 (~5x slower on a CT).
+    sizes = np.zeros(n + 1, np.int64)
+    for i, box in enumerate(boxes, start=1):
+        if box is not None:
+            sizes[i] = np.count_nonzero(labels[box] == i)
+    return sizes
+
+
+def _largest_component(mask: np.ndarray, need_mask: bool = True) -> tuple[np.ndarray | None, Bbox | None]:
+    """Returns (mask of the largest 3D component or None if not `need_mask`, its bounding box)."""
     labels, n = ndimage.label(mask)
     if n == 0:
-        return labels, None
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    k = int(np.argmax(sizes))
-    return labels == k, ndimage.find_objects(labels)[k - 1]
+        return (labels.astype(bool) if need_mask else None), None
+    boxes = ndimage.find_objects(labels)
+    k = int(np.argmax(_component_sizes(labels, boxes, n)))
+    return (labels == k if need_mask else None), boxes[k - 1]
+
+
+def _open_inplane(mask: np.ndarray) -> np.ndarray:
+    """Returns `ndimage.binary_opening(mask, structure=np.ones((1, 3, 3)))` for a (D, H, W) bool mask.
+
+    A 3x3 square is separable (3x1 then 1x3), so erosion and dilation are four shifted ANDs / ORs
+    with zeros beyond the border, as scipy's default `border_value=0`; several times faster than
+    scipy's generic binary morphology on a CT volume. Tested equal to scipy.
+    """
+
+    def shifted(a: np.ndarray, axis: int, op) -> np.ndarray:
+        out = a.copy()
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        op(out[tuple(lo)], a[tuple(hi)], out=out[tuple(lo)])  # neighbour after
+        op(out[tuple(hi)], a[tuple(lo)], out=out[tuple(hi)])  # neighbour before
+        return out
+
+    def erode(a: np.ndarray) -> np.ndarray:
+        for axis in (1, 2):
+            a = shifted(a, axis, np.logical_and)
+            edge = [slice(None)] * 3
+            for end in (0, -1):  # outside the volume counts as background
+                edge[axis] = end
+                a[tuple(edge)] = False
+        return a
+
+    def dilate(a: np.ndarray) -> np.ndarray:
+        for axis in (1, 2):
+            a = shifted(a, axis, np.logical_or)
+        return a
+
+    if min(mask.shape[1:]) < 3:
+        return ndimage.binary_opening(mask, structure=np.ones((1, 3, 3), bool))
+    return dilate(erode(np.asarray(mask, bool)))
 
 
 def _threshold_open(image: np.ndarray, threshold_hu: float) -> np.ndarray:
     # Opening in-plane only: slices can be thick, and the table touches the body within a slice.
-    return ndimage.binary_opening(image > threshold_hu, structure=np.ones((1, 3, 3), bool))
+    return _open_inplane(image > threshold_hu)
 
 
 def body_mask(image: np.ndarray, threshold_hu: float) -> np.ndarray:
@@ -146,7 +197,7 @@ def body_bbox(image: np.ndarray, threshold_hu: float) -> Bbox | None:
     grid (4x faster) and the box is widened by one voxel to cover the skipped rows and columns.
     """
     stride = 2 if min(image.shape[1:]) >= 64 else 1
-    _, box = _largest_component(_threshold_open(image[:, ::stride, ::stride], threshold_hu))
+    _, box = _largest_component(_threshold_open(image[:, ::stride, ::stride], threshold_hu), need_mask=False)
     if box is None:
         return None
     rows, cols = (
