@@ -179,7 +179,7 @@ def test_largest_component_box_and_sizes_with_few_and_many_components():
         assert n == 3 if mask is blobs else n > 64
         sizes = np.bincount(labels.ravel())
         boxes = ndimage.find_objects(labels)
-        np.testing.assert_array_equal(pp._component_sizes(labels, boxes, n)[1:], sizes[1:])
+        np.testing.assert_array_equal(pp.component_sizes(labels, boxes, n)[1:], sizes[1:])
         big, box = pp._largest_component(mask)
         k = int(np.argmax(sizes[1:])) + 1
         np.testing.assert_array_equal(big, labels == k)

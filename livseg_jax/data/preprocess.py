@@ -114,7 +114,7 @@ def paste_into(cropped: np.ndarray, bbox: Bbox, shape: Sequence[int], fill: Any 
     return out
 
 
-def _component_sizes(labels: np.ndarray, boxes: Sequence[Bbox | None], n: int) -> np.ndarray:
+def component_sizes(labels: np.ndarray, boxes: Sequence[Bbox | None], n: int) -> np.ndarray:
     """Returns the voxel counts of components 1..n of a `ndimage.label` map (index 0 set to 0)."""
     if n > 64:  # many components: one pass over the volume
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
@@ -135,7 +135,7 @@ def _largest_component(mask: np.ndarray, need_mask: bool = True) -> tuple[np.nda
     if n == 0:
         return (labels.astype(bool) if need_mask else None), None
     boxes = ndimage.find_objects(labels)
-    k = int(np.argmax(_component_sizes(labels, boxes, n)))
+    k = int(np.argmax(component_sizes(labels, boxes, n)))
     return (labels == k if need_mask else None), boxes[k - 1]
 
 

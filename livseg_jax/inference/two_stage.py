@@ -34,7 +34,7 @@ from scipy import ndimage
 
 from livseg_jax.data import nifti
 from livseg_jax.data.pipeline import liver_crop_margin
-from livseg_jax.data.preprocess import bbox_of, paste_into, preprocess, restore
+from livseg_jax.data.preprocess import bbox_of, component_sizes, paste_into, preprocess, restore
 from livseg_jax.inference.sliding_window import (
     WindowFn,
     num_windows,
@@ -117,9 +117,7 @@ def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
     labels, n = ndimage.label(mask, structure=structure)
     if n <= 1:
         return labels > 0
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    return labels == int(np.argmax(component_sizes(labels, ndimage.find_objects(labels), n)))
 
 
 def stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
