@@ -9,6 +9,12 @@ the input's grid (`write_label_map`).
 
 Every problem with an input raises `DataError` (a `ValueError`) whose message starts with the
 file's path; intensities that do not look like Hounsfield units raise a `HUWarning`.
+
+`.nii.gz` files go through `gzip_io` instead of nibabel's streaming gzip: reading inflates the whole
+file in memory (members written here in parallel) and nibabel parses the bytes; writing serialises
+the image uncompressed in memory and compresses it in chunks on all cores (a multi-member gzip file
+that every gzip reader accepts). Arrays are handed to nibabel in Fortran (NIfTI disk) order, so
+nibabel does not transpose them again on write.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ import os
 import pathlib
 import uuid
 import warnings
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from livseg_jax.data import gzip_io
 
 PathLike = str | os.PathLike
 LABEL_VALUES = (0, 1, 2)  # LiTS: background, liver, tumour
@@ -117,8 +126,60 @@ def case_id_of(path: PathLike) -> str:
     return name
 
 
+def is_nifti_gz(path: PathLike) -> bool:
+    """Returns whether `path` names a gzip-compressed single-file NIfTI (`.nii.gz`, any case)."""
+    return pathlib.Path(path).name.lower().endswith(".nii.gz")
+
+
+def _nifti_class_of(raw: bytes) -> type[nib.Nifti1Image] | None:
+    """Returns the single-file NIfTI class whose header `raw` starts with (nib.load's order), or None."""
+    for klass in (nib.Nifti1Image, nib.Nifti2Image):
+        if klass.header_class.may_contain_header(raw[: klass.header_class.sizeof_hdr]):
+            return klass
+    return None
+
+
+def _load_nifti_gz(path: pathlib.Path) -> nib.Nifti1Image:
+    """Returns the image of a `.nii.gz` inflated in memory by `gzip_io`, or raises DataError."""
+    try:
+        parts = gzip_io.read_file_parts(path)
+    except gzip_io.GzipDataError as e:
+        if _nifti_class_of(_partial_header(path)) is not None:
+            # The header is intact: the damage is in the voxel data (as nibabel would report it).
+            raise DataError(f"{path}: cannot read voxel data (truncated or corrupt file?): {e.detail}") from e
+        raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e.detail}") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
+    stream = gzip_io.PartsReader(parts)  # nibabel reads the pieces in place (no joined copy)
+    klass = _nifti_class_of(stream.read(nib.Nifti2Header.sizeof_hdr))
+    if klass is None:
+        raise DataError(
+            f"{path}: cannot read as NIfTI (corrupt or not an image file): no NIfTI-1 or NIfTI-2 header "
+            f"in the {stream.seek(0, os.SEEK_END)} decompressed bytes"
+        )
+    stream.seek(0)
+    try:
+        return klass.from_stream(stream)
+    except Exception as e:  # nibabel raises many types for bad bytes
+        raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
+
+
+def _partial_header(path: pathlib.Path) -> bytes:
+    """Returns up to the first 540 decompressed bytes of a damaged `.nii.gz` (b"" if unreadable)."""
+    try:
+        with path.open("rb") as f:
+            d = zlib.decompressobj(31)
+            return d.decompress(f.read(1 << 16), nib.Nifti2Header.sizeof_hdr)
+    except (OSError, zlib.error):
+        return b""
+
+
 def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
-    """Returns the nibabel image (header read, voxels not yet) or raises DataError naming the file."""
+    """Returns the nibabel image (header read, voxels not yet) or raises DataError naming the file.
+
+    A `.nii.gz` is inflated completely here (see `gzip_io`), so truncated or corrupt compressed
+    data is reported by this function.
+    """
     path = pathlib.Path(path)
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
@@ -126,10 +187,13 @@ def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
         raise DataError(f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise DataError(f"{path}: file is not readable (permission denied)")
-    try:
-        img = nib.load(path)
-    except Exception as e:  # nibabel raises many types for bad bytes
-        raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
+    if is_nifti_gz(path):
+        img = _load_nifti_gz(path)
+    else:
+        try:
+            img = nib.load(path)
+        except Exception as e:  # nibabel raises many types for bad bytes
+            raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
     if not isinstance(img, nib.spatialimages.SpatialImage):
         raise DataError(f"{path}: not a spatial image ({type(img).__name__})")
     return img
@@ -151,7 +215,7 @@ def check_spatial_shape(shape: tuple[int, ...], path: PathLike) -> None:
 def read_voxels(img: nib.spatialimages.SpatialImage, path: PathLike, dtype: Any) -> np.ndarray:
     """Returns the voxel array (scaled, cast to `dtype`) or raises DataError for truncated data."""
     try:
-        if np.issubdtype(np.dtype(dtype), np.floating):
+        if dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
             data = img.get_fdata(dtype=dtype, caching="unchanged")
         else:
             data = np.asanyarray(img.dataobj)
@@ -229,12 +293,14 @@ def to_internal(data: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def from_internal(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Returns an internal (D, H, W) array in the file's on-disk axis order and shape."""
+    """Returns an internal (D, H, W) array in the file's on-disk axis order and shape (Fortran order)."""
     if tuple(array_dhw.shape) != geometry.shape_dhw:
         raise ValueError(f"array shape {tuple(array_dhw.shape)} does not match the grid {geometry.shape_dhw}")
     to_disk = nib.orientations.ornt_transform(_RAS, geometry.ornt)
     disk = nib.orientations.apply_orientation(array_dhw.transpose(2, 1, 0), to_disk)
-    return np.ascontiguousarray(disk).reshape(geometry.disk_shape)
+    # A C-ordered (D, H, W) array transposed is Fortran-ordered on disk axes, NIfTI's own order: keep it
+    # (a copy only for flips/permutations) so that neither this nor nibabel's write transposes it.
+    return np.asfortranarray(disk).reshape(geometry.disk_shape, order="F")
 
 
 def read_image(path: PathLike) -> tuple[np.ndarray, Geometry]:
@@ -305,10 +371,22 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def save_nifti(img: nib.Nifti1Image, path: PathLike) -> pathlib.Path:
-    """Returns `path` after writing `img` to it atomically (temp file, then rename)."""
+def save_nifti(
+    img: nib.Nifti1Image,
+    path: PathLike,
+    compresslevel: int = gzip_io.DEFAULT_LEVEL,
+    threads: int | None = None,
+) -> pathlib.Path:
+    """Returns `path` after writing `img` to it atomically (temp file, then rename).
+
+    A NIfTI-1/2 image to `.nii.gz` is serialised in memory and compressed by `gzip_io` in `threads`
+    threads (None: all CPUs) at `compresslevel`; anything else is written by `nib.save`.
+    """
     with atomic_path(path) as tmp:
-        nib.save(img, tmp)
+        if is_nifti_gz(path) and isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+            gzip_io.write_file(tmp, img.to_bytes(), level=compresslevel, threads=threads)
+        else:
+            nib.save(img, tmp)
     return pathlib.Path(path)
 
 
