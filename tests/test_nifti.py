@@ -228,21 +228,27 @@ def test_real_hu_volume_gives_no_warning(tmp_path, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, HUWarning)]
 
 
-def test_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["pred.nii.gz", "pred.nii"])
+def test_failed_write_leaves_no_file_behind(tmp_path, monkeypatch, name):
+    from livseg_jax.data import gzip_io
+
     case = nifti.read_case(_save(tmp_path / "v.nii.gz", _ct((6, 6, 4))))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "pred.nii.gz").write_bytes(b"old")
+    (out / name).write_bytes(b"old")
 
-    def broken_save(img, path):
-        pathlib.Path(path).write_bytes(b"half")
+    def broken_write(img_or_path, path_or_data, *args, **kwargs):
+        target = img_or_path if name.endswith(".gz") else path_or_data  # write_file(path, data) / save(img, path)
+        pathlib.Path(target).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", broken_save)
+    # .nii.gz goes through the parallel gzip writer, .nii through nibabel.
+    monkeypatch.setattr(gzip_io, "write_file", broken_write)
+    monkeypatch.setattr(nib, "save", broken_write)
     with pytest.raises(OSError, match="disk full"):
-        nifti.write_label_map(np.zeros((4, 6, 6), np.uint8), case.geometry, out / "pred.nii.gz")
-    assert sorted(os.listdir(out)) == ["pred.nii.gz"]
-    assert (out / "pred.nii.gz").read_bytes() == b"old"
+        nifti.write_label_map(np.zeros((4, 6, 6), np.uint8), case.geometry, out / name)
+    assert sorted(os.listdir(out)) == [name]
+    assert (out / name).read_bytes() == b"old"
 
 
 def test_write_label_map_rejects_wrong_shape_and_writes_nothing(tmp_path):
