@@ -187,3 +187,15 @@ def test_largest_component_box_and_sizes_with_few_and_many_components():
         assert pp._largest_component(mask, need_mask=False) == (None, box)
     empty, box = pp._largest_component(np.zeros((2, 4, 4), bool))
     assert box is None and not empty.any()
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float64, np.float32])
+def test_inplane_downsampling_equals_converting_to_float32_first(dtype):
+    rng = np.random.default_rng(0)
+    image = (rng.normal(size=(3, 33, 46)) * 500).astype(dtype)  # odd rows: edge padding
+    padded = np.pad(image.astype(np.float32), ((0, 0), (0, 1), (0, 0)), mode="edge")
+    expected = (padded[:, 0::2, 0::2] + padded[:, 0::2, 1::2] + padded[:, 1::2, 0::2]
+                + padded[:, 1::2, 1::2]) * np.float32(0.25)
+    out, pad = pp.downsample_image_inplane(image, 2)
+    assert pad == (1, 0) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)

@@ -257,9 +257,19 @@ def downsample_image_inplane(image: np.ndarray, factor: int) -> tuple[np.ndarray
     """Returns the (D, ceil(H/f), ceil(W/f)) float32 block mean and the edge padding used."""
     if factor == 1:
         return image.astype(np.float32, copy=False), (0, 0)
-    padded, pad = _pad_inplane(image.astype(np.float32, copy=False), factor)
-    total = sum(padded[:, i::factor, j::factor] for i in range(factor) for j in range(factor))
-    return total * np.float32(1.0 / (factor * factor)), pad
+    # Padded in the input's dtype and converted block by block: no float32 copy at full resolution.
+    # Same float32 values, summed in the same order, as converting first.
+    padded, pad = _pad_inplane(image, factor)
+    total = None
+    for i in range(factor):
+        for j in range(factor):
+            block = padded[:, i::factor, j::factor].astype(np.float32)
+            if total is None:
+                total = block
+            else:
+                total += block
+    total *= np.float32(1.0 / (factor * factor))
+    return total, pad
 
 
 def downsample_labels_inplane(labels: np.ndarray, factor: int) -> np.ndarray:
