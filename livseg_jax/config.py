@@ -23,6 +23,7 @@ def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
             msca_stages=(1, 2, 3, 4),  # encoder stages (0-based) + bottleneck (4) that get MSCA
             msca_mode="2d",  # "2d": axial-slice trick (paper); "3d": strip kernels on all axes
             depthwise_impl="conv",  # MSCA depthwise convs: "conv" (grouped conv) or "shift" (fused sums)
+            pointwise_impl="conv",  # 1x1(x1) convs: "conv" (lax.conv) or "einsum" (matrix product)
             dropout=0.0,  # dropout rate before the bottleneck block
             dtype="float32",  # compute dtype: "float32" or "bfloat16" (params stay float32)
             deep_supervision=True,

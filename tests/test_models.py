@@ -202,3 +202,41 @@ def test_bfloat16_forward_agrees_with_float32(variant, inputs, eval_outputs):
     assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
     rel = float(jnp.max(jnp.abs(out16 - out32)) / jnp.max(jnp.abs(out32)))
     assert rel < 5e-2, f"{name}: bf16 relative error {rel:.3f}"
+
+
+def test_einsum_pointwise_convs_match_convolutions_in_every_form(variant, inputs, eval_outputs):
+    name, cfg, model, variables = variant
+    if name == "unet":
+        pytest.skip("no 1x1 convolution besides the heads in this variant")
+    conv_cfg, einsum_cfg = cfg.copy_and_resolve_references(), cfg.copy_and_resolve_references()
+    einsum_cfg.pointwise_impl = "einsum"
+    conv_model, einsum_model = build_model(conv_cfg), build_model(einsum_cfg)
+    fresh = init_variables(einsum_model, jax.random.key(0), PATCH)
+    reference = init_variables(conv_model, jax.random.key(0), PATCH)
+    # Same parameter tree and the same initial values: checkpoints and the PyTorch mapping carry over.
+    assert jax.tree.structure(fresh) == jax.tree.structure(reference)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(reference), strict=True))
+    expected = eval_outputs
+    got = jax.jit(lambda v, x: einsum_model.apply(v, x, train=False))(variables, inputs)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    train_got, _ = einsum_model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    train_expected, _ = conv_model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    # Looser in training mode: the bottleneck's BatchNorm normalises over 2 voxels (1 per sample at
+    # this patch), which amplifies float32 rounding differences between GEMM and convolution.
+    for a, b in zip(train_got, train_expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-3)
+    deployed = build_model(einsum_cfg, deploy=True)
+    folded = jax.jit(lambda v, x: deployed.apply(v, x, train=False))(reparameterize(variables), inputs)
+    np.testing.assert_allclose(folded, expected, rtol=1e-4, atol=1e-4)
+    # The option reaches every 1x1 unit: fewer convolutions, more matrix products in the program.
+    def count(m, primitive):
+        return str(jax.make_jaxpr(lambda v, x: m.apply(v, x, train=False))(variables, inputs)).count(primitive)
+
+    assert count(einsum_model, "conv_general_dilated") < count(conv_model, "conv_general_dilated")
+    assert count(einsum_model, "dot_general") > count(conv_model, "dot_general")
+
+
+def test_unknown_pointwise_impl_is_refused():
+    model = build_model(tiny_config("elanres_unet", pointwise_impl="gemm"))
+    with pytest.raises(ValueError, match="pointwise_impl"):
+        init_variables(model, jax.random.key(0), PATCH)

@@ -25,6 +25,7 @@ class RepConv3d(nn.Module):
     act: Callable[[Array], Array]
     dtype: Dtype = jnp.float32
     deploy: bool = False
+    pointwise_impl: str = "conv"
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -36,7 +37,7 @@ class RepConv3d(nn.Module):
             )(x)
             return self.act(y)
         dense = ConvBN(c, (3, 3, 3), dtype=self.dtype, name="dense")(x, train)
-        point = ConvBN(c, (1, 1, 1), dtype=self.dtype, name="point")(x, train)
+        point = ConvBN(c, (1, 1, 1), dtype=self.dtype, pointwise_impl=self.pointwise_impl, name="point")(x, train)
         identity = batch_norm(train, self.dtype, name="identity")(x)
         return self.act(dense + point + identity)
 
@@ -49,19 +50,21 @@ class ELANResBlock(nn.Module):
     n_rep: int = 2
     dtype: Dtype = jnp.float32
     deploy: bool = False
+    pointwise_impl: str = "conv"
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         hidden = max(self.features // 2, 1)
         unit = lambda f, k, act, name: ConvBN(  # noqa: E731
-            f, k, act=act, dtype=self.dtype, deploy=self.deploy, name=name
+            f, k, act=act, dtype=self.dtype, deploy=self.deploy, pointwise_impl=self.pointwise_impl, name=name
         )
         a = unit(hidden, (1, 1, 1), self.act, "reduce_a")(x, train)
         b = unit(hidden, (1, 1, 1), self.act, "reduce_b")(x, train)
         branches = [b]
         for i in range(self.n_rep):
             branches.append(
-                RepConv3d(self.act, dtype=self.dtype, deploy=self.deploy, name=f"rep{i}")(
+                RepConv3d(self.act, dtype=self.dtype, deploy=self.deploy, pointwise_impl=self.pointwise_impl,
+                          name=f"rep{i}")(
                     branches[-1], train
                 )
             )

@@ -52,6 +52,47 @@ def batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNo
     )
 
 
+POINTWISE_IMPLS = ("conv", "einsum")
+
+
+class PointwiseConv(nn.Module):
+    """A 1x1 (or 1x1x1) convolution computed as a matrix product over the channel axis.
+
+    Same parameters as the `nn.Conv` it replaces (`kernel` of shape (1,)*ndim + (C_in, C_out),
+    optional `bias`) and the same initialisation, so checkpoints, re-parameterisation and the
+    PyTorch mapping do not see the difference; XLA lowers it to a GEMM instead of a convolution.
+    """
+
+    features: int
+    ndim: int
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (1,) * self.ndim + (c, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.einsum("...c,co->...o", x, kernel.reshape(c, self.features))
+        return y + bias if bias is not None else y
+
+
+def pointwise_or_conv(impl: str, features: int, kernel_size: Sequence[int], strides: Sequence[int] | None,
+                      use_bias: bool, kernel_init: Callable, dtype: Dtype, name: str,
+                      padding: str = "SAME") -> nn.Module:
+    """Returns `PointwiseConv` for a stride-1 all-ones kernel when `impl == "einsum"`, else `nn.Conv`."""
+    if impl not in POINTWISE_IMPLS:
+        raise ValueError(f"pointwise_impl must be one of {POINTWISE_IMPLS}, got {impl!r}")
+    pointwise = all(k == 1 for k in kernel_size) and all(s == 1 for s in (strides or ()))
+    if impl == "einsum" and pointwise:
+        return PointwiseConv(features, len(kernel_size), use_bias, kernel_init, dtype, jnp.float32, name=name)
+    return nn.Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias,
+                   kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
 class ConvBN(nn.Module):
     """Conv (no bias) -> BatchNorm [-> activation]; in deploy form one conv with bias.
 
@@ -65,20 +106,12 @@ class ConvBN(nn.Module):
     act: Callable[[Array], Array] | None = None
     dtype: Dtype = jnp.float32
     deploy: bool = False
+    pointwise_impl: str = "conv"  # "einsum": 1x1x1 stride-1 kernels as a matrix product
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        y = nn.Conv(
-            self.features,
-            tuple(self.kernel_size),
-            strides=self.strides,
-            padding=self.padding,
-            use_bias=self.deploy,
-            kernel_init=conv_init,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="conv",
-        )(x)
+        y = pointwise_or_conv(self.pointwise_impl, self.features, self.kernel_size, self.strides, self.deploy,
+                              conv_init, self.dtype, "conv", self.padding)(x)
         if not self.deploy:
             y = batch_norm(train, self.dtype, name="bn")(y)
         return self.act(y) if self.act is not None else y

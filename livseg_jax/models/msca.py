@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from livseg_jax.models.depthwise import DepthwiseConv
-from livseg_jax.models.layers import Dtype, norm_or_affine
+from livseg_jax.models.layers import Dtype, norm_or_affine, pointwise_or_conv
 
 Array = jax.Array
 
@@ -29,14 +29,15 @@ def _gelu(x: Array) -> Array:
 class _Convs:
     """Factory for the block's convolutions in 2D (slice trick) or 3D form."""
 
-    def __init__(self, ndim: int, dtype: Dtype, depthwise_impl: str = "conv"):
+    def __init__(self, ndim: int, dtype: Dtype, depthwise_impl: str = "conv", pointwise_impl: str = "conv"):
         self.ndim = ndim
         self.dtype = dtype
         self.depthwise_impl = depthwise_impl
+        self.pointwise_impl = pointwise_impl
 
-    def pointwise(self, features: int, name: str) -> nn.Conv:
-        return nn.Conv(features, (1,) * self.ndim, dtype=self.dtype, param_dtype=jnp.float32,
-                       name=name)
+    def pointwise(self, features: int, name: str) -> nn.Module:
+        return pointwise_or_conv(self.pointwise_impl, features, (1,) * self.ndim, None, True,
+                                 nn.initializers.lecun_normal(), self.dtype, name)
 
     def depthwise(self, channels: int, kernel: tuple[int, ...], name: str) -> nn.Module:
         del channels  # taken from the input
@@ -58,11 +59,12 @@ class MSCAttention(nn.Module):
     ndim: int = 2
     dtype: Dtype = jnp.float32
     depthwise_impl: str = "conv"
+    pointwise_impl: str = "conv"
 
     @nn.compact
     def __call__(self, u: Array) -> Array:
         c = u.shape[-1]
-        convs = _Convs(self.ndim, self.dtype, self.depthwise_impl)
+        convs = _Convs(self.ndim, self.dtype, self.depthwise_impl, self.pointwise_impl)
         a = convs.depthwise(c, (5,) * self.ndim, "dw5")(u)
         s = 0
         for size in STRIP_SIZES:
@@ -81,6 +83,7 @@ class MSCABlock(nn.Module):
     dtype: Dtype = jnp.float32
     deploy: bool = False
     depthwise_impl: str = "conv"  # "conv" (grouped convolution) or "shift" (fused shifted sums)
+    pointwise_impl: str = "conv"  # "conv" or "einsum" (matrix product) for the 1x1 convolutions
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -88,7 +91,7 @@ class MSCABlock(nn.Module):
             raise ValueError(f"msca_mode must be '2d' or '3d', got {self.mode!r}")
         b, d, h, w, c = x.shape
         ndim = 2 if self.mode == "2d" else 3
-        convs = _Convs(ndim, self.dtype, self.depthwise_impl)
+        convs = _Convs(ndim, self.dtype, self.depthwise_impl, self.pointwise_impl)
         ls1 = self.param("layer_scale1", nn.initializers.constant(LAYER_SCALE_INIT), (c,))
         ls2 = self.param("layer_scale2", nn.initializers.constant(LAYER_SCALE_INIT), (c,))
 
@@ -100,7 +103,7 @@ class MSCABlock(nn.Module):
 
         y = fold(y)
         z = _gelu(convs.pointwise(c, "proj_in")(y))
-        z = MSCAttention(ndim, self.dtype, self.depthwise_impl, name="attention")(z)
+        z = MSCAttention(ndim, self.dtype, self.depthwise_impl, self.pointwise_impl, name="attention")(z)
         z = convs.pointwise(c, "proj_out")(z) + y
         x = x + ls1.astype(x.dtype) * unfold(z)
 

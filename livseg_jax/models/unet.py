@@ -51,6 +51,7 @@ class UNet3D(nn.Module):
     msca_stages: Sequence[int] = (1, 2, 3, 4)
     msca_mode: str = "2d"
     depthwise_impl: str = "conv"
+    pointwise_impl: str = "conv"
     activation: str = "silu"
     n_rep: int = 2
     dropout: float = 0.0
@@ -61,7 +62,7 @@ class UNet3D(nn.Module):
     def _block(self, features: int, name: str) -> nn.Module:
         act = activation_fn(self.activation)
         if self.block == "elanres":
-            return ELANResBlock(features, act, self.n_rep, self.dtype, self.deploy, name=name)
+            return ELANResBlock(features, act, self.n_rep, self.dtype, self.deploy, self.pointwise_impl, name=name)
         if self.block == "double":
             return DoubleConv(features, act, self.dtype, self.deploy, name=name)
         raise ValueError(f"unknown block kind {self.block!r}")
@@ -70,7 +71,8 @@ class UNet3D(nn.Module):
         if stage not in self.msca_stages:
             return x
         return MSCABlock(self.msca_mode, dtype=self.dtype, deploy=self.deploy,
-                         depthwise_impl=self.depthwise_impl, name=f"msca{stage}")(x, train)
+                         depthwise_impl=self.depthwise_impl, pointwise_impl=self.pointwise_impl,
+                         name=f"msca{stage}")(x, train)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array | tuple[Array, ...]:
@@ -129,6 +131,7 @@ def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = N
         msca_stages=tuple(model_config.msca_stages) if uses_msca else (),
         msca_mode=model_config.msca_mode,
         depthwise_impl=model_config.get("depthwise_impl", "conv"),
+        pointwise_impl=model_config.get("pointwise_impl", "conv"),
         activation=model_config.activation,
         n_rep=model_config.n_rep,
         dropout=model_config.dropout,
