@@ -241,3 +241,16 @@ def test_step_without_donation_keeps_its_input_and_computes_the_same_update():
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(donated.params))
     assert max_rel_diff(new_kept.params, new_donated.params) == 0.0
     assert max_rel_diff(new_kept.params, kept.params) > 0  # the step did change the parameters
+
+
+def test_resume_accepts_a_run_saved_before_a_model_key_existed_and_refuses_a_changed_value(tmp_path):
+    from livseg_jax.training.loop import check_resumable
+
+    config = base_config()
+    saved = config.to_dict()
+    del saved["model"]["pointwise_impl"]  # as written before the key was added
+    (tmp_path / "config.json").write_text(json.dumps(saved, default=list))
+    check_resumable(config, tmp_path)  # the default value is what the old run used
+    config.model.pointwise_impl = "einsum"
+    with pytest.raises(ValueError, match="model"):
+        check_resumable(config, tmp_path)

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from livseg_jax.config import model_config
 from livseg_jax.data import pipeline
 from livseg_jax.data.cache import build_cache
 from livseg_jax.data.layouts import discover
@@ -131,6 +132,9 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
             a, b = a.get(part), b.get(part)
         a = a.to_dict() if hasattr(a, "to_dict") else a
         b = b.to_dict() if hasattr(b, "to_dict") else b
+        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
+            # A model key added after the run was saved had its default value in that run.
+            a = {**{k: v for k, v in model_config().to_dict().items() if k in b and k not in a}, **a}
         if json.dumps(a, sort_keys=True, default=list) != json.dumps(b, sort_keys=True, default=list):
             differ.append(key)
     if differ:
