@@ -92,8 +92,7 @@ def sliding_window_probs(
     before = [b for b, _ in pads]
     volume = np.pad(image, pads, constant_values=pad_value) if any(map(any, pads)) else image
 
-    starts = list(itertools.product(*[window_starts(n, w, overlap)
-                                      for n, w in zip(padded_shape, window, strict=True)]))
+    starts = window_corners(padded_shape, window, overlap)
     weights = gaussian_importance(window, sigma_scale)
     accum = None
     norm = np.zeros(padded_shape, np.float32)
@@ -114,6 +113,11 @@ def sliding_window_probs(
     accum /= norm[..., None]
     inner = tuple(slice(b, b + n) for b, n in zip(before, shape, strict=True))
     return accum[inner]
+
+
+def window_corners(padded_shape: Sequence[int], window: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
+    """Returns the (d, h, w) start corner of every window over a volume at least as large as the window."""
+    return list(itertools.product(*[window_starts(n, w, overlap) for n, w in zip(padded_shape, window, strict=True)]))
 
 
 def _padding(shape: Sequence[int], window: Sequence[int]) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
@@ -187,8 +191,7 @@ def sliding_window_device(
     window = tuple(int(w) for w in window)
     padded_shape, pads = _padding(image.shape, window)
     volume = jnp.pad(jnp.asarray(image, jnp.float32), pads, constant_values=pad_value)
-    starts = np.array(list(itertools.product(*[window_starts(n, w, overlap)
-                                               for n, w in zip(padded_shape, window, strict=True)])), np.int32)
+    starts = np.array(window_corners(padded_shape, window, overlap), np.int32)
     if num_classes is None:
         num_classes = jax.eval_shape(window_fn, variables,
                                      jax.ShapeDtypeStruct((batch_size, *window, 1), jnp.float32)).shape[-1]
