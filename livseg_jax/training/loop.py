@@ -79,12 +79,12 @@ def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
 
 def stage1_liver_masks(config: ml_collections.ConfigDict, cached) -> list[np.ndarray]:
     """Returns the stage-1 model's liver (largest component) on each cached, preprocessed case."""
-    from livseg_jax.inference.two_stage import largest_component, load_stage_model, stage_mask
+    from livseg_jax.inference.two_stage import largest_component, load_stage_model, same_preprocessing, stage_mask
 
     liver = load_stage_model(config.data.stage1_run, expected_stage="liver")
-    ours = {k: float(v) for k, v in config.preprocess.items()}
-    theirs = {k: float(v) for k, v in liver.preprocess_config.items()}
-    if ours != theirs:
+    if not same_preprocessing(config.preprocess, liver.preprocess_config):
+        ours = {k: float(v) for k, v in config.preprocess.items()}
+        theirs = {k: float(v) for k, v in liver.preprocess_config.items()}
         raise ValueError(f"{config.data.stage1_run}: the liver model was trained with preprocessing {theirs}, "
                          f"this run uses {ours}; crops would not line up")
     masks = []
