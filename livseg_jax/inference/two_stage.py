@@ -37,6 +37,7 @@ from livseg_jax.data.pipeline import liver_crop_margin
 from livseg_jax.data.preprocess import bbox_of, component_sizes, paste_into, preprocess, restore
 from livseg_jax.inference.sliding_window import (
     WindowFn,
+    bind_variables,
     num_windows,
     sliding_window_device,
     sliding_window_probs,
@@ -266,7 +267,7 @@ def load_stage_model(
     model = build_model(config.model, deploy=deploy)
     variables = jax.device_put(variables)
     window_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), mirror)
-    predict = lambda x: np.asarray(window_fn(variables, jax.numpy.asarray(x)))  # noqa: E731
+    predict = bind_variables(window_fn, variables)
     description = {"source": str(path), "which": which, "stage": stage, "model": str(config.model.name),
                    "features": [int(f) for f in config.model.features], "deploy": deploy,
                    "mirror_tta": mirror}
