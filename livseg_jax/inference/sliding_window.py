@@ -42,6 +42,14 @@ def gaussian_importance(window: Sequence[int], sigma_scale: float = 0.125) -> np
     return np.maximum(weights, 1e-3).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_importance(window: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    """`gaussian_importance`, read-only and computed once per window (it is ~3 M exponentials)."""
+    weights = gaussian_importance(window, sigma_scale)
+    weights.flags.writeable = False
+    return weights
+
+
 def window_predict_fn(apply_fn: Callable, mirror: bool = False) -> Callable:
     """Returns a jitted `(variables, windows (N, D, H, W, 1)) -> softmax probabilities (N, D, H, W, K)`.
 
@@ -65,10 +73,14 @@ def window_predict_fn(apply_fn: Callable, mirror: bool = False) -> Callable:
     return predict
 
 
+def bind_variables(window_fn: Callable, variables) -> WindowFn:
+    """Returns `windows (N, D, H, W, 1) -> probabilities` as numpy for a `window_predict_fn` result."""
+    return lambda x: np.asarray(window_fn(variables, jnp.asarray(x)))
+
+
 def make_window_predictor(apply_fn: Callable, variables, mirror: bool = False) -> WindowFn:
     """Returns `windows (N, D, H, W, 1) -> probabilities (N, D, H, W, K)` as numpy, variables bound."""
-    predict = window_predict_fn(apply_fn, mirror)
-    return lambda x: np.asarray(predict(variables, jnp.asarray(x)))
+    return bind_variables(window_predict_fn(apply_fn, mirror), variables)
 
 
 def sliding_window_probs(
@@ -93,7 +105,7 @@ def sliding_window_probs(
     volume = np.pad(image, pads, constant_values=pad_value) if any(map(any, pads)) else image
 
     starts = window_corners(padded_shape, window, overlap)
-    weights = gaussian_importance(window, sigma_scale)
+    weights = _cached_importance(window, sigma_scale)
     accum = None
     norm = np.zeros(padded_shape, np.float32)
     for first in range(0, len(starts), batch_size):
@@ -195,7 +207,7 @@ def sliding_window_device(
     if num_classes is None:
         num_classes = jax.eval_shape(window_fn, variables,
                                      jax.ShapeDtypeStruct((batch_size, *window, 1), jnp.float32)).shape[-1]
-    weights = jnp.asarray(gaussian_importance(window, sigma_scale))
+    weights = jnp.asarray(_cached_importance(window, sigma_scale))
     accum = jnp.zeros((*padded_shape, num_classes), jnp.float32)
     norm = jnp.zeros(padded_shape, jnp.float32)
     for first in range(0, len(starts), batch_size):
