@@ -54,7 +54,8 @@ def model_config(variant: str, dtype: str):
     return cfg
 
 
-def run_jax(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
+def lower_jax_step(variant: str, mode: str, patch, batch: int):
+    """The JAX train step of `mode` lowered for one device: (lowered, state, batch arrays)."""
     import jax
     import ml_collections
 
@@ -64,7 +65,6 @@ def run_jax(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
     from livseg_jax.training.state import create_train_state
     from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
 
-    enable_compilation_cache()
     cfg = model_config(variant, "bfloat16" if mode == "jax_bf16" else "float32")
     model = build_model(cfg)
     optimizer = make_optimizer(ml_collections.ConfigDict(base_config().optim), 100)
@@ -74,11 +74,23 @@ def run_jax(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
     step = jit_train_step(make_train_step(model, optimizer, base_config().loss, 100), mesh)
     image, labels = make_data(batch, patch)
     batch_arrays = {"image": jax.device_put(image), "label": jax.device_put(labels)}
+    return step.lower(state, batch_arrays), state, batch_arrays
+
+
+def run_jax(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
+    import jax
+
+    from roofline import device_peaks, roofline, step_cost
+
+    enable_compilation_cache()
     t0 = time.perf_counter()
-    state, metrics = step(state, batch_arrays)
+    lowered, state, batch_arrays = lower_jax_step(variant, mode, patch, batch)
+    compiled = lowered.compile()  # ahead of time, so the cost analysis is of the timed program
+    state, metrics = compiled(state, batch_arrays)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
     holder = {"state": state}
+    step = compiled
 
     def one():
         holder["state"], holder["metrics"] = step(holder["state"], batch_arrays)
@@ -86,8 +98,13 @@ def run_jax(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
     timing = median_time(one, lambda: jax.block_until_ready(holder["metrics"]), 3, steps)
     loss = float(holder["metrics"]["loss"])
     stats = jax.devices()[0].memory_stats() or {}
+    cost = step_cost(lowered, compiled)
+    small = jax.devices()[0].platform == "cpu"  # keeps a CPU smoke run short
+    peaks = device_peaks(1024 if small else 8192, 64 if small else 1024)
+    dtype = "bfloat16" if mode == "jax_bf16" else "float32"
     return {**timing, "first_step_s": compile_s, "loss": loss, "finite": bool(np.isfinite(loss)),
-            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "cost": cost, "device_peaks": peaks,
+            "roofline": roofline(cost, peaks, dtype, timing["median_ms"])}
 
 
 def run_torch(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
@@ -159,10 +176,20 @@ def main() -> None:
     OVERRIDES.update(parse_overrides(args.overrides))
     if args.case:
         variant, mode = args.case.split(":")
-        print("RESULT " + json.dumps(run_case(variant, mode, patch, args.batch, args.steps)), flush=True)
+        result = run_case(variant, mode, patch, args.batch, args.steps)
+        print("RESULT " + json.dumps({**result, "environment": environment()}), flush=True)
         return
 
     rows = []
+    name = "bench_train_step" + (f"_{args.tag}" if args.tag else "")
+
+    def save():  # after every row, so a run cut off by a time limit keeps what it measured
+        # The children report the environment: importing jax here would claim the GPU's memory.
+        env = next((r["environment"] for r in rows if "environment" in r), {})
+        payload = {"benchmark": "train_step", "overrides": OVERRIDES, "patch": patch,
+                   "batch": args.batch, "steps": args.steps, "environment": env, "rows": rows}
+        return write_result(name, payload)
+
     for variant in args.variants.split(","):
         for mode in args.modes.split(","):
             if mode not in MODES:
@@ -178,16 +205,13 @@ def main() -> None:
             else:
                 row.update(json.loads(found[-1][len("RESULT "):]))
             rows.append(row)
+            path = save()
             if "median_ms" in row:
                 text = (f"{row['median_ms']:8.1f} ms  peak {row['peak_gib']:.1f} GiB  "
                         f"first step {row['first_step_s']:.0f} s  loss {row['loss']:.4f}")
             else:
                 text = "ERROR " + row["error"][-400:]
             print(f"{variant:18s} {mode:14s} {text}", flush=True)
-    payload = {"benchmark": "train_step", "overrides": OVERRIDES, "patch": patch, "batch": args.batch,
-               "steps": args.steps, "environment": environment(), "rows": rows}
-    name = "bench_train_step" + (f"_{args.tag}" if args.tag else "")
-    path = write_result(name, payload)
     print("\n| variant | mode | median ms | peak GiB | first step s |\n|---|---|---:|---:|---:|")
     for r in rows:
         if "median_ms" in r:
