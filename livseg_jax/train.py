@@ -9,6 +9,7 @@ from ml_collections import config_flags
 
 from livseg_jax.training.distributed import maybe_initialize_distributed
 from livseg_jax.training.loop import train_and_evaluate
+from livseg_jax.training.xla_flags import apply_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tumor.py", "training config file")
 _WORKDIR = flags.DEFINE_string("workdir", "", "run directory (default: runs/<stage>)")
@@ -18,12 +19,14 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    maybe_initialize_distributed()
     config = _CONFIG.value
+    apply_xla_flags(config.train.get("xla_flags", ""))  # before anything starts a backend
+    maybe_initialize_distributed()
     workdir = _WORKDIR.value or os.path.join("runs", config.stage)
     summary = train_and_evaluate(config, workdir)
-    print(f"done: step {summary['final_step']}, best validation Dice {summary['best_dice']:.4f}; "
-          f"run directory {workdir}")
+    best = summary["best_dice"]  # -1 when no validation ran
+    dice = f"best validation Dice {best:.4f}" if best >= 0 else "no validation run"
+    print(f"done: step {summary['final_step']}, {dice}; run directory {workdir}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ def test_demo_and_paper_presets_differ_and_patches_fit_the_network(stage):
     assert tuple(paper.model.features) == (16, 32, 64, 128, 256)
     assert paper.optim.learning_rate == pytest.approx(1e-4)  # the paper's Adam rate
     assert max(demo.model.features) < max(paper.model.features)
+    # The GPU-fast forms compute the same parameters (tests/test_models.py); the demo keeps the
+    # reference forms, which compile faster on a CPU.
+    assert (paper.model.depthwise_impl, paper.model.pointwise_impl) == ("shift", "einsum")
+    assert (demo.model.depthwise_impl, demo.model.pointwise_impl) == ("conv", "conv")
     for config in (demo, paper):
         check_patch_shape(tuple(config.data.patch_size), len(config.model.features))
         assert config.model.name == "elanres_msca_unet"

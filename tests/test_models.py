@@ -236,6 +236,16 @@ def test_einsum_pointwise_convs_match_convolutions_in_every_form(variant, inputs
     assert count(einsum_model, "dot_general") > count(conv_model, "dot_general")
 
 
+def test_the_paper_presets_fast_forms_together_match_the_reference_forms(variant, inputs, eval_outputs):
+    # configs/*.py:paper combines shift depthwise and einsum 1x1 convs; each is tested alone above.
+    name, cfg, _, variables = variant
+    fast_cfg = cfg.copy_and_resolve_references()
+    fast_cfg.update(depthwise_impl="shift", pointwise_impl="einsum")
+    fast = build_model(fast_cfg)
+    got = jax.jit(lambda v, x: fast.apply(v, x, train=False))(variables, inputs)
+    np.testing.assert_allclose(got, eval_outputs, rtol=1e-4, atol=1e-5)
+
+
 def test_unknown_pointwise_impl_is_refused():
     model = build_model(tiny_config("elanres_unet", pointwise_impl="gemm"))
     with pytest.raises(ValueError, match="pointwise_impl"):

@@ -251,6 +251,20 @@ def test_resume_accepts_a_run_saved_before_a_model_key_existed_and_refuses_a_cha
     del saved["model"]["pointwise_impl"]  # as written before the key was added
     (tmp_path / "config.json").write_text(json.dumps(saved, default=list))
     check_resumable(config, tmp_path)  # the default value is what the old run used
-    config.model.pointwise_impl = "einsum"
+    del saved["model"]["n_rep"]
+    (tmp_path / "config.json").write_text(json.dumps(saved, default=list))
+    config.model.n_rep = 3  # not the default the old run had: another parameter tree
+    with pytest.raises(ValueError, match="model"):
+        check_resumable(config, tmp_path)
+
+
+def test_resume_accepts_another_implementation_of_the_same_parameters(tmp_path):
+    from livseg_jax.training.loop import check_resumable
+
+    config = base_config()
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict(), default=list))
+    config.model.update(dtype="bfloat16", depthwise_impl="shift", pointwise_impl="einsum")
+    check_resumable(config, tmp_path)
+    config.model.features = (8, 16, 32, 64, 128)
     with pytest.raises(ValueError, match="model"):
         check_resumable(config, tmp_path)

@@ -115,6 +115,9 @@ def validate(model, variables, cases: Sequence[pipeline.StageCase], config, pred
 
 
 RESUME_KEYS = ("stage", "model", "data.patch_size", "train.steps_per_epoch", "seed")
+# Model keys that choose how the same parameters are computed, not what they are: a run may
+# resume under another value (e.g. float32 after a bf16 run stopped on a NaN, or einsum 1x1 convs).
+IMPLEMENTATION_KEYS = ("dtype", "depthwise_impl", "pointwise_impl")
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -135,6 +138,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
         if key == "model" and isinstance(a, dict) and isinstance(b, dict):
             # A model key added after the run was saved had its default value in that run.
             a = {**{k: v for k, v in model_config().to_dict().items() if k in b and k not in a}, **a}
+            a, b = ({k: v for k, v in d.items() if k not in IMPLEMENTATION_KEYS} for d in (a, b))
         if json.dumps(a, sort_keys=True, default=list) != json.dumps(b, sort_keys=True, default=list):
             differ.append(key)
     if differ:
