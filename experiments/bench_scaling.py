@@ -132,11 +132,13 @@ def main() -> None:
                    "environment": environment(), "rows": rows}
         print("\n| dtype | GPUs | global batch | ms/step | patches/s | speedup | efficiency | pipeline-fed ms/step "
               "| GPU idle |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        nan = float("nan")
+        def cell(r, key, spec, scale=1.0, unit=""):  # "–" for what this run did not measure
+            return f"{scale * r[key]:{spec}}{unit}" if key in r else "–"
+
         for r in rows:
             print(f"| {r['dtype']} | {r['devices']} | {r['global_batch']} | {r['median_ms']:.1f} | "
-                  f"{r['patches_per_s']:.1f} | {r.get('speedup', nan):.2f} | {r.get('efficiency', nan):.2f} | "
-                  f"{r.get('pipeline_ms', nan):.1f} | {100 * r.get('gpu_idle_fraction', nan):.0f}% |")
+                  f"{r['patches_per_s']:.1f} | {cell(r, 'speedup', '.2f')} | {cell(r, 'efficiency', '.2f')} | "
+                  f"{cell(r, 'pipeline_ms', '.1f')} | {cell(r, 'gpu_idle_fraction', '.0f', 100, '%')} |")
         print(f"wrote {write_result('bench_scaling' + (f'_{args.tag}' if args.tag else ''), payload)}")
 
     rows = []
