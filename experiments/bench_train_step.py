@@ -79,7 +79,6 @@ def lower_jax_step(variant: str, mode: str, patch, batch: int):
 
 def run_jax(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
     import jax
-
     from roofline import device_peaks, roofline, step_cost
 
     enable_compilation_cache()

@@ -6,6 +6,9 @@ modules: each function receives the section it needs.
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import ml_collections
 
 MODEL_NAMES = ("unet", "msca_unet", "elanres_unet", "elanres_msca_unet")
@@ -30,6 +33,11 @@ def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
             deploy=False,  # re-parameterised form: no BatchNorm, one conv per RepConv3d
         )
     )
+
+
+def default_cache_root() -> pathlib.Path:
+    """Where caches go when `data.cache_dir` is empty: $LIVSEG_CACHE, else ~/.cache/livseg_jax."""
+    return pathlib.Path(os.environ.get("LIVSEG_CACHE", "~/.cache/livseg_jax")).expanduser()
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -103,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
             # Added to XLA_FLAGS before JAX starts (flags the environment sets win); GPU layout
             # and autotuning flags go here. Only the `livseg_jax.train` entry point applies them.
             xla_flags="",
+            # JAX's persistent compilation cache, turned on by `livseg_jax.train`: "auto" ->
+            # <cache root>/jax_compilation, "off", or a directory. Restarts skip recompiling.
+            compilation_cache="auto",
             tensorboard=False,
         )
     )

@@ -18,6 +18,7 @@ a failed or interrupted case leaves nothing behind. Exit status 1 when any case 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -26,6 +27,8 @@ from collections.abc import Sequence
 import jax
 import tqdm
 
+from livseg_jax.compilation_cache import enable_compilation_cache, resolve_cache_dir
+from livseg_jax.config import default_cache_root
 from livseg_jax.data.layouts import CaseFiles, discover_lits, natural_key
 from livseg_jax.data.nifti import DataError, case_id_of
 from livseg_jax.inference.two_stage import Predictor, output_name, sidecar_path
@@ -117,6 +120,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--png", action="store_true", help="also write PNG overlays of the prediction")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose label map exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--compilation-cache", default=os.environ.get("LIVSEG_COMPILATION_CACHE", "auto"),
+                   help="JAX persistent compilation cache: auto ($LIVSEG_CACHE or ~/.cache/livseg_jax, "
+                        "/jax_compilation), off, or a directory (default: $LIVSEG_COMPILATION_CACHE or auto)")
     return p.parse_args(argv)
 
 
@@ -127,11 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
         return 1
     try:
+        cache_dir = resolve_cache_dir(args.compilation_cache, default_cache_root())
+        if cache_dir is not None:
+            enable_compilation_cache(cache_dir)
         jobs = plan_outputs(find_inputs(args.input), args.output)
         predictor = Predictor.from_checkpoints(
             args.liver, args.tumor, connectivity=args.connectivity, which=args.which, deploy=args.deploy,
             mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     compile_s = predictor.warmup()

@@ -10,6 +10,10 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 )
 
+# `predict.main` turns on JAX's persistent compilation cache by default; the tests call it in
+# process and must not change JAX's global configuration for the tests that follow.
+os.environ.setdefault("LIVSEG_COMPILATION_CACHE", "off")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from livseg_jax.config import model_config
+from livseg_jax.config import default_cache_root, model_config
 from livseg_jax.data import pipeline
 from livseg_jax.data.cache import build_cache
 from livseg_jax.data.layouts import discover
@@ -42,7 +42,7 @@ def cache_root(config: ml_collections.ConfigDict) -> pathlib.Path:
     """Returns where synthetic data and preprocessed cases are cached."""
     if config.data.cache_dir:
         return pathlib.Path(config.data.cache_dir).expanduser()
-    return pathlib.Path(os.environ.get("LIVSEG_CACHE", "~/.cache/livseg_jax")).expanduser()
+    return default_cache_root()
 
 
 def dataset_cases(config: ml_collections.ConfigDict):
