@@ -68,8 +68,8 @@ def write_result(name: str, payload: dict) -> pathlib.Path:
 
 
 def enable_compilation_cache(path: str = ".cache/jax") -> None:
-    """Points JAX's persistent compilation cache at `path` so a second start skips autotuning."""
-    import jax
+    """The entry points' persistent compilation cache, kept in the checkout: on the GPU machine
+    it survives between commands while the machine stays warm."""
+    from livseg_jax.compilation_cache import enable_compilation_cache as enable
 
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    enable(pathlib.Path(path).resolve())
