@@ -180,6 +180,7 @@ def test_largest_component_box_and_sizes_with_few_and_many_components():
         sizes = np.bincount(labels.ravel())
         boxes = ndimage.find_objects(labels)
         np.testing.assert_array_equal(pp.component_sizes(labels, boxes, n)[1:], sizes[1:])
+        np.testing.assert_array_equal(pp.component_sizes(labels, None, n)[1:], sizes[1:])
         big, box = pp._largest_component(mask)
         k = int(np.argmax(sizes[1:])) + 1
         np.testing.assert_array_equal(big, labels == k)

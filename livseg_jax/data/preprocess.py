@@ -114,14 +114,19 @@ def paste_into(cropped: np.ndarray, bbox: Bbox, shape: Sequence[int], fill: Any 
     return out
 
 
-def component_sizes(labels: np.ndarray, boxes: Sequence[Bbox | None], n: int) -> np.ndarray:
-    """Returns the voxel counts of components 1..n of a `ndimage.label` map (index 0 set to 0)."""
+def component_sizes(labels: np.ndarray, boxes: Sequence[Bbox | None] | None, n: int) -> np.ndarray:
+    """Returns the voxel counts of components 1..n of a `ndimage.label` map (index 0 set to 0).
+
+    `boxes` is `ndimage.find_objects(labels)`, or None to have it found only when it is used.
+    """
     if n > 64:  # many components: one pass over the volume
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         sizes[0] = 0
         return sizes
     # Few components (the usual body mask): count inside each bounding box, which avoids
     # bincount's conversion of the whole label map to int64 (~5x slower on a CT).
+    if boxes is None:
+        boxes = ndimage.find_objects(labels)
     sizes = np.zeros(n + 1, np.int64)
     for i, box in enumerate(boxes, start=1):
         if box is not None:
