@@ -132,6 +132,16 @@ def window_corners(padded_shape: Sequence[int], window: Sequence[int], overlap: 
     return list(itertools.product(*[window_starts(n, w, overlap) for n, w in zip(padded_shape, window, strict=True)]))
 
 
+def blending_layout(shape: Sequence[int], window: Sequence[int], output: str):
+    """Checks a device-blending call; returns (window as ints, padded shape, symmetric pads)."""
+    if output not in ("labels", "probs"):
+        raise ValueError(f"output must be 'labels' or 'probs', got {output!r}")
+    if len(shape) != 3:
+        raise ValueError(f"expected a (D, H, W) image, got shape {tuple(shape)}")
+    window = tuple(int(w) for w in window)
+    return (window, *_padding(shape, window))
+
+
 def _padding(shape: Sequence[int], window: Sequence[int]) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
     """Returns (padded shape, symmetric pads): a volume smaller than the window sits in its centre."""
     padded = tuple(max(n, w) for n, w in zip(shape, window, strict=True))
@@ -196,12 +206,7 @@ def sliding_window_device(
     `sliding_window_probs`, its reference in the tests. Pass `num_classes` when known; otherwise
     it is found by tracing `window_fn` once per call.
     """
-    if output not in ("labels", "probs"):
-        raise ValueError(f"output must be 'labels' or 'probs', got {output!r}")
-    if image.ndim != 3:
-        raise ValueError(f"expected a (D, H, W) image, got shape {image.shape}")
-    window = tuple(int(w) for w in window)
-    padded_shape, pads = _padding(image.shape, window)
+    window, padded_shape, pads = blending_layout(image.shape, window, output)
     volume = jnp.pad(jnp.asarray(image, jnp.float32), pads, constant_values=pad_value)
     starts = np.array(window_corners(padded_shape, window, overlap), np.int32)
     if num_classes is None:

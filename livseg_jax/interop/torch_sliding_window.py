@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from livseg_jax.inference.sliding_window import _cached_importance, _padding, window_corners
+from livseg_jax.inference.sliding_window import _cached_importance, blending_layout, window_corners
 
 TorchWindowFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 1, D, H, W) -> probabilities (N, K, D, H, W)
 
@@ -36,12 +36,7 @@ def torch_sliding_window(
     Unlike the JAX path, the last batch is not filled up with repeats: PyTorch has no compiled
     batch shape to keep.
     """
-    if output not in ("labels", "probs"):
-        raise ValueError(f"output must be 'labels' or 'probs', got {output!r}")
-    if image.ndim != 3:
-        raise ValueError(f"expected a (D, H, W) image, got shape {image.shape}")
-    window = tuple(int(w) for w in window)
-    padded_shape, pads = _padding(image.shape, window)
+    window, padded_shape, pads = blending_layout(image.shape, window, output)
     volume = torch.from_numpy(np.ascontiguousarray(image, np.float32)).to(device)
     if any(map(any, pads)):
         flat_pads = [p for pair in reversed(pads) for p in pair]  # torch pads the last axis first
