@@ -32,6 +32,8 @@ def test_applying_after_a_backend_started_is_refused_and_changes_nothing():
         apply_xla_flags("--xla_c=2", environ=environ)
     assert environ == {"XLA_FLAGS": "--xla_b=1"}
     assert apply_xla_flags("--xla_b=5", environ=environ) == "--xla_b=1"  # nothing to add: no error
+    spaced = {"XLA_FLAGS": "  --xla_b=1 "}
+    assert apply_xla_flags("", environ=spaced) == "  --xla_b=1 "  # untouched, whatever its spacing
 
 
 def test_flags_applied_at_start_reach_xla(tmp_path):

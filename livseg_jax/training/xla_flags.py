@@ -32,9 +32,10 @@ def apply_xla_flags(wanted: str, environ: MutableMapping[str, str] = os.environ)
     for flag in wanted.split():
         if not flag.startswith("--xla_") or "=" not in flag:
             raise ValueError(f"train.xla_flags: {flag!r} is not of the form --xla_name=value")
-    merged = merge_xla_flags(environ.get("XLA_FLAGS", ""), wanted)
-    if merged == environ.get("XLA_FLAGS", ""):
-        return merged
+    existing = environ.get("XLA_FLAGS", "")
+    merged = merge_xla_flags(existing, wanted)
+    if merged.split() == existing.split():  # nothing to add (spacing aside): nothing to apply
+        return existing
     if xla_bridge.backends_are_initialized():
         raise RuntimeError(f"train.xla_flags ({wanted!r}) must be applied before JAX starts a "
                            "backend; XLA would ignore them now")
