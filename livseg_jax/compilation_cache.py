@@ -40,3 +40,9 @@ def enable_compilation_cache(path: pathlib.Path, min_compile_secs: float = 1.0) 
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
     return path
+
+
+def use_compilation_cache(setting: str, cache_root: pathlib.Path) -> pathlib.Path | None:
+    """The entry points' one call: resolves `setting` and turns the cache on; returns its directory."""
+    path = resolve_cache_dir(setting, cache_root)
+    return None if path is None else enable_compilation_cache(path)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import jax
 import tqdm
 
-from livseg_jax.compilation_cache import enable_compilation_cache, resolve_cache_dir
+from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
 from livseg_jax.data.layouts import CaseFiles, discover_lits, natural_key
 from livseg_jax.data.nifti import DataError, case_id_of
@@ -133,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
         return 1
     try:
-        cache_dir = resolve_cache_dir(args.compilation_cache, default_cache_root())
-        if cache_dir is not None:
-            enable_compilation_cache(cache_dir)
+        use_compilation_cache(args.compilation_cache, default_cache_root())
         jobs = plan_outputs(find_inputs(args.input), args.output)
         predictor = Predictor.from_checkpoints(
             args.liver, args.tumor, connectivity=args.connectivity, which=args.which, deploy=args.deploy,

@@ -7,7 +7,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from livseg_jax.compilation_cache import enable_compilation_cache, resolve_cache_dir
+from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.training.distributed import maybe_initialize_distributed
 from livseg_jax.training.loop import cache_root, train_and_evaluate
 from livseg_jax.training.xla_flags import apply_xla_flags
@@ -22,9 +22,7 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = _CONFIG.value
     apply_xla_flags(config.train.get("xla_flags", ""))  # before anything starts a backend
-    cache_dir = resolve_cache_dir(config.train.get("compilation_cache", "auto"), cache_root(config))
-    if cache_dir is not None:
-        enable_compilation_cache(cache_dir)
+    use_compilation_cache(config.train.get("compilation_cache", "auto"), cache_root(config))
     maybe_initialize_distributed()
     workdir = _WORKDIR.value or os.path.join("runs", config.stage)
     summary = train_and_evaluate(config, workdir)
