@@ -27,6 +27,9 @@ def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
             msca_mode="2d",  # "2d": axial-slice trick (paper); "3d": strip kernels on all axes
             depthwise_impl="conv",  # MSCA depthwise convs: "conv" (grouped conv) or "shift" (fused sums)
             pointwise_impl="conv",  # 1x1(x1) convs: "conv" (lax.conv) or "einsum" (matrix product)
+            # > 0: stride-1 3x3x3 convs with fewer channels run on a width-packed view with about
+            # this many channels (models/packed_conv.py); 0: plain convolutions.
+            dense_pack_channels=0,
             dropout=0.0,  # dropout rate before the bottleneck block
             dtype="float32",  # compute dtype: "float32" or "bfloat16" (params stay float32)
             deep_supervision=True,

@@ -236,11 +236,48 @@ def test_einsum_pointwise_convs_match_convolutions_in_every_form(variant, inputs
     assert count(einsum_model, "dot_general") > count(conv_model, "dot_general")
 
 
+def test_width_packed_dense_convs_match_convolutions_in_every_form(variant, inputs, eval_outputs):
+    name, cfg, model, variables = variant
+    packed_cfg = cfg.copy_and_resolve_references()
+    packed_cfg.dense_pack_channels = 32  # packs by 8, 4 and 2 at this tiny network's widths
+    packed = build_model(packed_cfg)
+    fresh = init_variables(packed, jax.random.key(0), PATCH)
+    reference = init_variables(model, jax.random.key(0), PATCH)
+    assert jax.tree.structure(fresh) == jax.tree.structure(reference)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(reference), strict=True))
+    got = jax.jit(lambda v, x: packed.apply(v, x, train=False))(variables, inputs)
+    np.testing.assert_allclose(got, eval_outputs, rtol=1e-4, atol=1e-5)
+
+    train_got, _ = packed.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    train_expected, _ = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    for a, b in zip(train_got, train_expected, strict=True):  # atol: see the einsum test
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-3)
+
+    # Gradients through the evaluation form, where no 2-voxel batch statistic amplifies rounding.
+    def loss(m):
+        return lambda params, x: jnp.sum(jnp.sin(m.apply({**variables, "params": params}, x, train=False)))
+
+    got_grads = jax.jit(jax.grad(loss(packed)))(variables["params"], inputs)
+    want_grads = jax.jit(jax.grad(loss(model)))(variables["params"], inputs)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * max(1.0, float(jnp.max(jnp.abs(w)))))
+    deployed = build_model(packed_cfg, deploy=True)
+    folded = jax.jit(lambda v, x: deployed.apply(v, x, train=False))(reparameterize(variables), inputs)
+    np.testing.assert_allclose(folded, eval_outputs, rtol=1e-4, atol=1e-4)
+    # The option reaches the 3x3x3 convolutions: the 4-channel full-resolution layers (4 channels
+    # and a width of 16: packed by 8) run with a 32-channel kernel that the reference never has.
+    def program(m):
+        return str(jax.make_jaxpr(lambda v, x: m.apply(v, x, train=False))(variables, inputs))
+
+    assert "f32[3,3,3,32,32]" in program(packed) and "f32[3,3,3,32,32]" not in program(model)
+
+
 def test_the_paper_presets_fast_forms_together_match_the_reference_forms(variant, inputs, eval_outputs):
-    # configs/*.py:paper combines shift depthwise and einsum 1x1 convs; each is tested alone above.
+    # configs/*.py:paper combines shift depthwise, einsum 1x1 and packed 3x3x3 convs; each is tested
+    # alone above.
     name, cfg, _, variables = variant
     fast_cfg = cfg.copy_and_resolve_references()
-    fast_cfg.update(depthwise_impl="shift", pointwise_impl="einsum")
+    fast_cfg.update(depthwise_impl="shift", pointwise_impl="einsum", dense_pack_channels=32)
     fast = build_model(fast_cfg)
     got = jax.jit(lambda v, x: fast.apply(v, x, train=False))(variables, inputs)
     np.testing.assert_allclose(got, eval_outputs, rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from livseg_jax.models.layers import ConvBN, Dtype, batch_norm, conv_init
+from livseg_jax.models.layers import ConvBN, Dtype, batch_norm, conv_init, make_conv
 
 Array = jax.Array
 
@@ -26,17 +26,17 @@ class RepConv3d(nn.Module):
     dtype: Dtype = jnp.float32
     deploy: bool = False
     pointwise_impl: str = "conv"
+    dense_pack_channels: int = 0
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         c = x.shape[-1]
         if self.deploy:
-            y = nn.Conv(
-                c, (3, 3, 3), padding="SAME", use_bias=True, kernel_init=conv_init,
-                dtype=self.dtype, param_dtype=jnp.float32, name="conv",
-            )(x)
+            y = make_conv("conv", c, (3, 3, 3), None, True, conv_init, self.dtype, "conv",
+                          dense_pack_channels=self.dense_pack_channels)(x)
             return self.act(y)
-        dense = ConvBN(c, (3, 3, 3), dtype=self.dtype, name="dense")(x, train)
+        dense = ConvBN(c, (3, 3, 3), dtype=self.dtype, dense_pack_channels=self.dense_pack_channels,
+                       name="dense")(x, train)
         point = ConvBN(c, (1, 1, 1), dtype=self.dtype, pointwise_impl=self.pointwise_impl, name="point")(x, train)
         identity = batch_norm(train, self.dtype, name="identity")(x)
         return self.act(dense + point + identity)
@@ -51,6 +51,7 @@ class ELANResBlock(nn.Module):
     dtype: Dtype = jnp.float32
     deploy: bool = False
     pointwise_impl: str = "conv"
+    dense_pack_channels: int = 0
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -64,7 +65,7 @@ class ELANResBlock(nn.Module):
         for i in range(self.n_rep):
             branches.append(
                 RepConv3d(self.act, dtype=self.dtype, deploy=self.deploy, pointwise_impl=self.pointwise_impl,
-                          name=f"rep{i}")(
+                          dense_pack_channels=self.dense_pack_channels, name=f"rep{i}")(
                     branches[-1], train
                 )
             )
@@ -85,12 +86,13 @@ class DoubleConv(nn.Module):
     act: Callable[[Array], Array]
     dtype: Dtype = jnp.float32
     deploy: bool = False
+    dense_pack_channels: int = 0
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         for i in range(2):
             x = ConvBN(
                 self.features, (3, 3, 3), act=self.act, dtype=self.dtype, deploy=self.deploy,
-                name=f"conv{i}",
+                dense_pack_channels=self.dense_pack_channels, name=f"conv{i}",
             )(x, train)
         return x

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from livseg_jax.models.packed_conv import PackedConv3d
+
 Dtype = Any
 Array = jax.Array
 
@@ -80,15 +82,21 @@ class PointwiseConv(nn.Module):
         return y + bias if bias is not None else y
 
 
-def pointwise_or_conv(impl: str, features: int, kernel_size: Sequence[int], strides: Sequence[int] | None,
-                      use_bias: bool, kernel_init: Callable, dtype: Dtype, name: str,
-                      padding: str = "SAME") -> nn.Module:
-    """Returns `PointwiseConv` for a stride-1 all-ones kernel when `impl == "einsum"`, else `nn.Conv`."""
+def make_conv(impl: str, features: int, kernel_size: Sequence[int], strides: Sequence[int] | None,
+              use_bias: bool, kernel_init: Callable, dtype: Dtype, name: str,
+              padding: str = "SAME", dense_pack_channels: int = 0) -> nn.Module:
+    """Returns the convolution module for a kernel shape, all with `nn.Conv`'s variables.
+
+    `PointwiseConv` for a stride-1 all-ones kernel when `impl == "einsum"`; `PackedConv3d` for a
+    stride-1 SAME 3x3x3 kernel when `dense_pack_channels > 0`; else `nn.Conv`.
+    """
     if impl not in POINTWISE_IMPLS:
         raise ValueError(f"pointwise_impl must be one of {POINTWISE_IMPLS}, got {impl!r}")
-    pointwise = all(k == 1 for k in kernel_size) and all(s == 1 for s in (strides or ()))
-    if impl == "einsum" and pointwise:
+    stride_one = all(s == 1 for s in (strides or ()))
+    if impl == "einsum" and stride_one and all(k == 1 for k in kernel_size):
         return PointwiseConv(features, len(kernel_size), use_bias, kernel_init, dtype, jnp.float32, name=name)
+    if dense_pack_channels > 0 and stride_one and tuple(kernel_size) == (3, 3, 3) and padding == "SAME":
+        return PackedConv3d(features, dense_pack_channels, use_bias, kernel_init, dtype, jnp.float32, name=name)
     return nn.Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias,
                    kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
 
@@ -107,11 +115,12 @@ class ConvBN(nn.Module):
     dtype: Dtype = jnp.float32
     deploy: bool = False
     pointwise_impl: str = "conv"  # "einsum": 1x1x1 stride-1 kernels as a matrix product
+    dense_pack_channels: int = 0  # > 0: few-channel 3x3x3 kernels on a width-packed view
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        y = pointwise_or_conv(self.pointwise_impl, self.features, self.kernel_size, self.strides, self.deploy,
-                              conv_init, self.dtype, "conv", self.padding)(x)
+        y = make_conv(self.pointwise_impl, self.features, self.kernel_size, self.strides, self.deploy,
+                      conv_init, self.dtype, "conv", self.padding, self.dense_pack_channels)(x)
         if not self.deploy:
             y = batch_norm(train, self.dtype, name="bn")(y)
         return self.act(y) if self.act is not None else y

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from livseg_jax.models.depthwise import DepthwiseConv
-from livseg_jax.models.layers import Dtype, norm_or_affine, pointwise_or_conv
+from livseg_jax.models.layers import Dtype, make_conv, norm_or_affine
 
 Array = jax.Array
 
@@ -36,8 +36,8 @@ class _Convs:
         self.pointwise_impl = pointwise_impl
 
     def pointwise(self, features: int, name: str) -> nn.Module:
-        return pointwise_or_conv(self.pointwise_impl, features, (1,) * self.ndim, None, True,
-                                 nn.initializers.lecun_normal(), self.dtype, name)
+        return make_conv(self.pointwise_impl, features, (1,) * self.ndim, None, True,
+                         nn.initializers.lecun_normal(), self.dtype, name)
 
     def depthwise(self, channels: int, kernel: tuple[int, ...], name: str) -> nn.Module:
         del channels  # taken from the input

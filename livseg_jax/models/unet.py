@@ -52,6 +52,7 @@ class UNet3D(nn.Module):
     msca_mode: str = "2d"
     depthwise_impl: str = "conv"
     pointwise_impl: str = "conv"
+    dense_pack_channels: int = 0
     activation: str = "silu"
     n_rep: int = 2
     dropout: float = 0.0
@@ -62,9 +63,10 @@ class UNet3D(nn.Module):
     def _block(self, features: int, name: str) -> nn.Module:
         act = activation_fn(self.activation)
         if self.block == "elanres":
-            return ELANResBlock(features, act, self.n_rep, self.dtype, self.deploy, self.pointwise_impl, name=name)
+            return ELANResBlock(features, act, self.n_rep, self.dtype, self.deploy, self.pointwise_impl,
+                                self.dense_pack_channels, name=name)
         if self.block == "double":
-            return DoubleConv(features, act, self.dtype, self.deploy, name=name)
+            return DoubleConv(features, act, self.dtype, self.deploy, self.dense_pack_channels, name=name)
         raise ValueError(f"unknown block kind {self.block!r}")
 
     def _msca(self, stage: int, x: Array, train: bool) -> Array:
@@ -132,6 +134,7 @@ def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = N
         msca_mode=model_config.msca_mode,
         depthwise_impl=model_config.get("depthwise_impl", "conv"),
         pointwise_impl=model_config.get("pointwise_impl", "conv"),
+        dense_pack_channels=model_config.get("dense_pack_channels", 0),
         activation=model_config.activation,
         n_rep=model_config.n_rep,
         dropout=model_config.dropout,

@@ -117,7 +117,7 @@ def validate(model, variables, cases: Sequence[pipeline.StageCase], config, pred
 RESUME_KEYS = ("stage", "model", "data.patch_size", "train.steps_per_epoch", "seed")
 # Model keys that choose how the same parameters are computed, not what they are: a run may
 # resume under another value (e.g. float32 after a bf16 run stopped on a NaN, or einsum 1x1 convs).
-IMPLEMENTATION_KEYS = ("dtype", "depthwise_impl", "pointwise_impl")
+IMPLEMENTATION_KEYS = ("dtype", "depthwise_impl", "pointwise_impl", "dense_pack_channels")
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
