@@ -66,12 +66,36 @@ def read_trace(trace_dir: pathlib.Path) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-HLO_OP_NAME = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name="([^"]*)"', re.M)
+HLO_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
+HLO_OP_NAME = re.compile(r'op_name="([^"]*)"')
+HLO_CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
-    """{instruction name: JAX name stack} from an optimised HLO module's metadata."""
-    return {m.group(1): m.group(2) for m in HLO_OP_NAME.finditer(hlo_text)}
+    """{instruction name: JAX name stack} from an optimised HLO module's metadata.
+
+    A fusion without metadata of its own takes the most common name stack inside the computation
+    it calls. Keys are given both as in the HLO (`fusion.12`) and as kernel names (`fusion_12`)."""
+    inside: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    named, calls = {}, {}
+    computation = ""
+    for line in hlo_text.splitlines():
+        if (header := HLO_COMPUTATION.match(line)) and "=" not in line.split("(")[0]:
+            computation = header.group(1)
+            continue
+        if not (instruction := HLO_INSTRUCTION.match(line)):
+            continue
+        name = instruction.group(1)
+        if op_name := HLO_OP_NAME.search(line):
+            named[name] = op_name.group(1)
+            inside[computation][op_name.group(1)] += 1
+        if called := HLO_CALLS.search(line):
+            calls[name] = called.group(1)
+    for name, computation in calls.items():
+        if name not in named and inside[computation]:
+            named[name] = inside[computation].most_common(1)[0][0]
+    return {**{k.replace(".", "_"): v for k, v in named.items()}, **named}
 
 
 def summarise(events: list[dict], steps: int, depth: int, op_names: dict[str, str]) -> dict:
@@ -101,7 +125,7 @@ def summarise(events: list[dict], steps: int, depth: int, op_names: dict[str, st
             kernel_count[e["name"]] += 1
             kinds[kernel_kind(e["name"])] += dur_ms
             hlo_op = str(args.get("hlo_op", ""))
-            op_name = op_names.get(hlo_op) or args.get("tf_op") or ""
+            op_name = op_names.get(hlo_op) or op_names.get(e["name"]) or args.get("tf_op") or ""
             layers[layer_of(str(op_name), depth)] += dur_ms
         elif line == "XLA Ops":
             ops[e["name"]] += dur_ms
