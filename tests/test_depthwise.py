@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from livseg_jax.models.depthwise import DepthwiseConv, depthwise_shift
+from livseg_jax.models.depthwise import DepthwiseConv, depthwise_shift, depthwise_shift_reference
 
 
 @pytest.mark.parametrize("kernel,shape", [((5, 5), (3, 10, 12, 4)), ((1, 21), (2, 9, 16, 3)),
@@ -24,6 +24,27 @@ def test_shift_equals_grouped_convolution_and_its_gradient(kernel, shape):
     g_shift = jax.grad(loss(shift), argnums=(0, 1))(variables, x)
     for a, b in zip(jax.tree.leaves(g_shift), jax.tree.leaves(g_conv), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kernel,shape", [((5, 5), (3, 10, 12, 4)), ((1, 21), (2, 9, 30, 3)),
+                                          ((21, 1), (2, 30, 9, 3)), ((3, 1, 5), (2, 6, 7, 9, 4))])
+def test_two_stage_backward_equals_autodiff_of_the_shifted_sum(kernel, shape, dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), dtype)
+    k = jnp.asarray(rng.normal(size=(*kernel, 1, shape[-1])), dtype)
+    weights = jnp.asarray(rng.normal(size=shape), jnp.float32)  # a different gradient at every voxel
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(conv(x, k).astype(jnp.float32) * weights)
+
+    got = jax.grad(loss(depthwise_shift), argnums=(0, 1))(x, k)
+    want = jax.grad(loss(depthwise_shift_reference), argnums=(0, 1))(x, k)
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == dtype
+        scale = float(jnp.max(jnp.abs(w.astype(jnp.float32))))
+        np.testing.assert_allclose(g.astype(jnp.float32), w.astype(jnp.float32), rtol=0, atol=tol * scale)
 
 
 def test_shift_against_float64_loop_reference():

@@ -206,8 +206,6 @@ def test_bfloat16_forward_agrees_with_float32(variant, inputs, eval_outputs):
 
 def test_einsum_pointwise_convs_match_convolutions_in_every_form(variant, inputs, eval_outputs):
     name, cfg, model, variables = variant
-    if name == "unet":
-        pytest.skip("no 1x1 convolution besides the heads in this variant")
     conv_cfg, einsum_cfg = cfg.copy_and_resolve_references(), cfg.copy_and_resolve_references()
     einsum_cfg.pointwise_impl = "einsum"
     conv_model, einsum_model = build_model(conv_cfg), build_model(einsum_cfg)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from livseg_jax.models.elanres import DoubleConv, ELANResBlock
-from livseg_jax.models.layers import ConvBN, Dtype, Upsample2x, activation_fn
+from livseg_jax.models.layers import ConvBN, Dtype, Upsample2x, activation_fn, make_conv
 from livseg_jax.models.msca import MSCABlock
 
 Array = jax.Array
@@ -109,8 +109,9 @@ class UNet3D(nn.Module):
         supervised = range(n) if (train and self.deep_supervision) else [n - 1]
         logits = []
         for i in supervised:
-            y = nn.Conv(self.num_classes, (1, 1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                        name=f"head{i}")(decoded[i]).astype(jnp.float32)
+            head = make_conv(self.pointwise_impl, self.num_classes, (1, 1, 1), None, True,
+                             nn.initializers.lecun_normal(), self.dtype, f"head{i}")
+            y = head(decoded[i]).astype(jnp.float32)
             if y.shape[1:4] != tuple(out_shape[1:4]):
                 y = jax.image.resize(y, out_shape + (self.num_classes,), method="trilinear")
             logits.append(y)
