@@ -41,6 +41,21 @@ def environment() -> dict:
     return info
 
 
+def parse_overrides(text: str) -> dict[str, str]:
+    """Returns {"key": "value"} from "key=value,key=value" (model config overrides)."""
+    return dict(item.split("=", 1) for item in text.split(",") if item)
+
+
+def apply_overrides(model_config, overrides: dict[str, str]):
+    """Sets each override on a `model` ConfigDict, converted to the type of the current value."""
+    for key, value in overrides.items():
+        if key not in model_config:
+            raise SystemExit(f"unknown model config key {key!r} in --overrides")
+        current = model_config[key]
+        model_config[key] = eval(value) if isinstance(current, tuple) else type(current)(value)
+    return model_config
+
+
 def median_time(fn: Callable[[], None], sync: Callable[[], None], warmup: int, repeats: int) -> dict:
     """Returns {"median_ms", "min_ms", "times_ms"} of `fn`, synchronising around each call."""
     for _ in range(warmup):

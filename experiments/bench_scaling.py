@@ -28,7 +28,14 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import enable_compilation_cache, environment, median_time, write_result  # noqa: E402
+from bench_common import (  # noqa: E402
+    apply_overrides,
+    enable_compilation_cache,
+    environment,
+    median_time,
+    parse_overrides,
+    write_result,
+)
 
 
 def build_pipeline_cases(args, config):
@@ -82,9 +89,7 @@ def main() -> None:
     def model_for(dtype: str):
         model_config = config.model.copy_and_resolve_references()
         model_config.name, model_config.dtype = args.variant, dtype
-        for item in filter(None, args.overrides.split(",")):
-            key, value = item.split("=", 1)
-            model_config[key] = value
+        apply_overrides(model_config, parse_overrides(args.overrides))
         if args.features:
             model_config.features = tuple(int(v) for v in args.features.split(","))
         return model_config, build_model(model_config)

@@ -21,7 +21,14 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import enable_compilation_cache, environment, median_time, write_result  # noqa: E402
+from bench_common import (  # noqa: E402
+    apply_overrides,
+    enable_compilation_cache,
+    environment,
+    median_time,
+    parse_overrides,
+    write_result,
+)
 
 MODES = ("jax_f32", "jax_bf16", "torch_f32", "torch_amp", "torch_compile")
 
@@ -39,19 +46,12 @@ def make_data(batch: int, patch: tuple[int, ...], seed: int = 0):
 OVERRIDES: dict[str, str] = {}  # model config overrides from --overrides, e.g. depthwise_impl=shift
 
 
-def parse_overrides(text: str) -> dict[str, str]:
-    """Returns {"key": "value"} from "key=value,key=value"."""
-    return dict(item.split("=", 1) for item in text.split(",") if item)
-
-
 def model_config(variant: str, dtype: str):
     from livseg_jax.config import model_config as base
 
     cfg = base(variant)
     cfg.dtype = dtype
-    for key, value in OVERRIDES.items():
-        cfg[key] = type(cfg[key])(value) if not isinstance(cfg[key], tuple) else eval(value)
-    return cfg
+    return apply_overrides(cfg, OVERRIDES)
 
 
 def lower_jax_step(variant: str, mode: str, patch, batch: int):

@@ -29,7 +29,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train_step as bench  # noqa: E402
-from bench_common import enable_compilation_cache, environment, write_result  # noqa: E402
+from bench_common import enable_compilation_cache, environment, parse_overrides, write_result  # noqa: E402
 
 KIND_PATTERNS = (  # first match wins; kernel names from cuDNN, cuBLAS, CUTLASS, Triton and XLA
     ("convolution", re.compile(r"conv|xmma_fprop|xmma_dgrad|xmma_wgrad|implicit_gemm|cudnn|winograd", re.I)),
@@ -156,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     import jax
 
-    bench.OVERRIDES.update(bench.parse_overrides(args.overrides))
+    bench.OVERRIDES.update(parse_overrides(args.overrides))
     patch = tuple(int(v) for v in args.patch.split(","))
     enable_compilation_cache()
     lowered, state, batch = bench.lower_jax_step(args.variant, args.mode, patch, args.batch)

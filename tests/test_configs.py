@@ -29,7 +29,9 @@ def test_demo_and_paper_presets_differ_and_patches_fit_the_network(stage):
     # The GPU-fast forms compute the same parameters (tests/test_models.py); the demo keeps the
     # reference forms, which compile faster on a CPU.
     assert (paper.model.depthwise_impl, paper.model.pointwise_impl) == ("shift", "einsum")
+    assert paper.model.dense_pack_channels == 32
     assert (demo.model.depthwise_impl, demo.model.pointwise_impl) == ("conv", "conv")
+    assert demo.model.dense_pack_channels == 0
     for config in (demo, paper):
         check_patch_shape(tuple(config.data.patch_size), len(config.model.features))
         assert config.model.name == "elanres_msca_unet"
