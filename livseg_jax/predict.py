@@ -13,11 +13,16 @@ it. Outputs, per case, next to each other in OUT (a folder; for a single input O
 (uint8 0/1/2, the input's affine and header); `<label map name>_timings.json` with the seconds
 spent in each phase; with `--png`, `<label map name>.png` overlays. Files are written atomically:
 a failed or interrupted case leaves nothing behind. Exit status 1 when any case failed.
+
+XLA flags: the stages' `train.xla_flags` (the flags their model forms were measured with, e.g.
+the `:paper` preset's `--xla_gpu_force_conv_nhwc=true`) are added to `XLA_FLAGS` before JAX
+starts; a flag already set in the environment wins.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -33,6 +38,7 @@ from livseg_jax.data.layouts import CaseFiles, discover_lits, natural_key
 from livseg_jax.data.nifti import DataError, case_id_of
 from livseg_jax.inference.two_stage import Predictor, output_name, sidecar_path
 from livseg_jax.training.checkpoint import write_json_atomic
+from livseg_jax.training.xla_flags import apply_xla_flags, merge_xla_flags
 
 NIFTI_ENDINGS = (".nii", ".nii.gz")
 
@@ -99,6 +105,30 @@ class CaseProgress:
             self.bar.close()
 
 
+def stage_xla_flags(paths: Sequence[str | os.PathLike | None]) -> str:
+    """The `train.xla_flags` of the stages' config.json files, merged (the first stage wins a
+    conflict). A missing or unreadable config adds nothing: loading the stage reports it."""
+    flags = ""
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            config = json.loads((pathlib.Path(path) / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        train = config.get("train") if isinstance(config, dict) else None
+        flags = merge_xla_flags(flags, str((train or {}).get("xla_flags", "") or ""))
+    return flags
+
+
+def use_stage_xla_flags(paths: Sequence[str | os.PathLike | None]) -> None:
+    """Applies `stage_xla_flags`; warns (results do not depend on them) when JAX already started."""
+    try:
+        apply_xla_flags(stage_xla_flags(paths))
+    except RuntimeError as e:  # called in a process that already used JAX
+        print(f"warning: the checkpoints' XLA flags are not applied: {e}", file=sys.stderr)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m livseg_jax.predict", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -133,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
         return 1
     try:
+        use_stage_xla_flags([args.liver, args.tumor])
         use_compilation_cache(args.compilation_cache, default_cache_root())
         jobs = plan_outputs(find_inputs(args.input), args.output)
         predictor = Predictor.from_checkpoints(

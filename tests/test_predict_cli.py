@@ -2,7 +2,10 @@
 
 import csv
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -17,10 +20,11 @@ from livseg_jax.training.checkpoint import RunCheckpoints, save_config
 PHASES = ("read", "preprocess", "liver_inference", "liver_postprocess", "restore", "write", "total")
 
 
-def write_run(workdir, stage, seed=0, window=(16, 32, 32), **preprocess):
+def write_run(workdir, stage, seed=0, window=(16, 32, 32), xla_flags="", **preprocess):
     """Writes a run directory (config.json + orbax checkpoint) of a tiny random U-Net; returns it."""
     c = base_config()
     c.stage = stage
+    c.train.xla_flags = xla_flags
     c.model.name = "unet"
     c.model.features = (2, 4, 4, 4, 4)
     c.data.patch_size = window
@@ -199,3 +203,31 @@ def test_each_cli_prints_help(module, capsys):
         module.main(["--help"])
     assert exit_info.value.code == 0
     assert f"python -m livseg_jax.{module.__name__.split('.')[-1]}" in capsys.readouterr().out
+
+
+def test_stage_xla_flags_merge_the_configs_and_skip_what_the_loader_will_report(tmp_path):
+    for name, flags in (("a", "--xla_x=1 --xla_y=2"), ("b", "--xla_x=3 --xla_z=4")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"train": {"xla_flags": flags}}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    got = predict.stage_xla_flags([tmp_path / "a", None, tmp_path / "missing", tmp_path / "broken", tmp_path / "b"])
+    assert got.split() == ["--xla_x=1", "--xla_y=2", "--xla_z=4"]  # the liver stage wins a conflict
+
+
+def test_predict_applies_the_checkpoints_xla_flags_before_jax_starts(tmp_path, capsys):
+    dump = tmp_path / "dump"
+    pre = dict(inplane_factor=8, target_slice_spacing=4.8)
+    run = write_run(tmp_path / "liver", "liver", 0, xla_flags=f"--xla_dump_to={dump}", **pre)
+    ct = ct_file(tmp_path / "ct.nii.gz", small_ct())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", LIVSEG_COMPILATION_CACHE="off")
+    done = subprocess.run([sys.executable, "-m", "livseg_jax.predict", "--liver", str(run), "-i", str(ct),
+                           "-o", str(tmp_path / "out"), "--no-progress"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(dump.glob("*.txt")), "XLA did not see the checkpoint's --xla_dump_to"
+    # In a process whose backend already runs, the flags cannot apply: a warning, and the
+    # prediction (which does not depend on them) still runs.
+    assert predict.main(["--liver", str(run), "-i", str(ct), "-o", str(tmp_path / "out2"), "--no-progress"]) == 0
+    assert "checkpoints' XLA flags are not applied" in capsys.readouterr().err
+    assert (tmp_path / "out2" / "ct_seg.nii.gz").exists()
