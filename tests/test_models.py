@@ -270,6 +270,21 @@ def test_width_packed_dense_convs_match_convolutions_in_every_form(variant, inpu
     assert "f32[3,3,3,32,32]" in program(packed) and "f32[3,3,3,32,32]" not in program(model)
 
 
+def test_flop_counts_are_the_models_not_the_packed_forms_zeros():
+    from livseg_jax.models.summary import forward_flops
+
+    reference = tiny_config("elanres_unet")
+    packed = tiny_config("elanres_unet", dense_pack_channels=32)
+    model = build_model(packed)
+    x = jax.ShapeDtypeStruct((1, *PATCH, 1), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=True), x)
+    program = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).cost_analysis()
+    program = program[0] if isinstance(program, list | tuple) else program
+    assert forward_flops(packed, PATCH) == forward_flops(reference, PATCH) > 0
+    assert program["flops"] > 1.5 * forward_flops(reference, PATCH)  # the packed program multiplies zeros
+    assert packed.dense_pack_channels == 32  # the caller's config is left as it was
+
+
 def test_the_paper_presets_fast_forms_together_match_the_reference_forms(variant, inputs, eval_outputs):
     # configs/*.py:paper combines shift depthwise, einsum 1x1 and packed 3x3x3 convs; each is tested
     # alone above.
