@@ -296,6 +296,12 @@ def test_the_paper_presets_fast_forms_together_match_the_reference_forms(variant
     np.testing.assert_allclose(got, eval_outputs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("value", [-32, True])  # a float is refused by the ConfigDict itself
+def test_a_packing_width_that_is_not_a_count_is_refused(value):
+    with pytest.raises(ValueError, match="dense_pack_channels must be an integer >= 0"):
+        build_model(tiny_config("elanres_unet", dense_pack_channels=value))
+
+
 def test_unknown_pointwise_impl_is_refused():
     model = build_model(tiny_config("elanres_unet", pointwise_impl="gemm"))
     with pytest.raises(ValueError, match="pointwise_impl"):

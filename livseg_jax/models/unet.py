@@ -124,6 +124,9 @@ def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = N
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS)}")
     block, uses_msca = VARIANTS[name]
+    pack = model_config.get("dense_pack_channels", 0)
+    if not isinstance(pack, int) or isinstance(pack, bool) or pack < 0:
+        raise ValueError(f"model.dense_pack_channels must be an integer >= 0 (0: off), got {pack!r}")
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if model_config.dtype not in dtypes:
         raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {model_config.dtype!r}")
@@ -135,7 +138,7 @@ def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = N
         msca_mode=model_config.msca_mode,
         depthwise_impl=model_config.get("depthwise_impl", "conv"),
         pointwise_impl=model_config.get("pointwise_impl", "conv"),
-        dense_pack_channels=model_config.get("dense_pack_channels", 0),
+        dense_pack_channels=pack,
         activation=model_config.activation,
         n_rep=model_config.n_rep,
         dropout=model_config.dropout,
