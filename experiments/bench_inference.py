@@ -112,6 +112,8 @@ def main() -> None:
                         help="skip the end-to-end rows: only the liver-stage window timings (with --torch)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
+    if args.windows_only and not args.torch:
+        parser.error("--windows-only times the JAX and PyTorch windows: add --torch")
     overrides = parse_overrides(args.overrides)
     enable_compilation_cache()
     from livseg_jax.data.synthetic import make_phantom, write_phantom
