@@ -112,7 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             donate_state=True,  # False: the step does not reuse the old state's buffers
             # Added to XLA_FLAGS before JAX starts (flags the environment sets win); GPU layout
-            # and autotuning flags go here. Only the `livseg_jax.train` entry point applies them.
+            # and autotuning flags go here. The `livseg_jax.train` and `livseg_jax.predict` entry
+            # points apply them (predict: the flags of the checkpoints it loads).
             xla_flags="",
             # JAX's persistent compilation cache, turned on by `livseg_jax.train`: "auto" ->
             # <cache root>/jax_compilation, "off", or a directory. Restarts skip recompiling.

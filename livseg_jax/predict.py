@@ -22,7 +22,6 @@ starts; a flag already set in the environment wins.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -37,7 +36,7 @@ from livseg_jax.config import default_cache_root
 from livseg_jax.data.layouts import CaseFiles, discover_lits, natural_key
 from livseg_jax.data.nifti import DataError, case_id_of
 from livseg_jax.inference.two_stage import Predictor, output_name, sidecar_path
-from livseg_jax.training.checkpoint import write_json_atomic
+from livseg_jax.training.checkpoint import load_config, write_json_atomic
 from livseg_jax.training.xla_flags import apply_xla_flags, merge_xla_flags
 
 NIFTI_ENDINGS = (".nii", ".nii.gz")
@@ -113,11 +112,10 @@ def stage_xla_flags(paths: Sequence[str | os.PathLike | None]) -> str:
         if path is None:
             continue
         try:
-            config = json.loads((pathlib.Path(path) / "config.json").read_text())
-        except (OSError, ValueError):
+            train = load_config(path).get("train") or {}
+        except (OSError, ValueError, TypeError):
             continue
-        train = config.get("train") if isinstance(config, dict) else None
-        flags = merge_xla_flags(flags, str((train or {}).get("xla_flags", "") or ""))
+        flags = merge_xla_flags(flags, str(train.get("xla_flags", "") or ""))
     return flags
 
 
