@@ -17,7 +17,7 @@ ENTRY %main.9 (p: bf16[8]) -> bf16[8] {
   %input_multiply_reduce_fusion.3 = bf16[8]{0} fusion(%p), kind=kInput, calls=%fused_computation.7
   ROOT %custom-call.2 = bf16[8]{0} custom-call(%p), custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/jvp(UNet3D)/enc0/rep0/dense/conv/conv_general_dilated"}
 }
-"""
+"""  # noqa: E501 (HLO lines as XLA prints them)
 
 
 def test_fusions_without_metadata_take_the_name_stack_of_what_they_compute():
