@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from livseg_jax import metrics
+from livseg_jax import atomic_write, metrics
 from livseg_jax.data import nifti
 from livseg_jax.data.layouts import detect_layout, discover, natural_key
 from livseg_jax.data.nifti import DataError, case_id_of
@@ -247,16 +247,6 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def _write_text_atomic(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = nifti.temp_path_for(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(out_dir: str | os.PathLike, cases: Sequence[Mapping[str, Any]],
                   summary: Mapping[str, Any],
                   unmatched: Sequence[str] = ()) -> tuple[pathlib.Path, pathlib.Path]:
@@ -269,9 +259,9 @@ def write_outputs(out_dir: str | os.PathLike, cases: Sequence[Mapping[str, Any]]
     for row in rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     csv_path, json_path = out_dir / "evaluation.csv", out_dir / "evaluation.json"
-    _write_text_atomic(csv_path, buffer.getvalue())
+    atomic_write.write_text(csv_path, buffer.getvalue())
     report = {"cases": cases, "summary": summary, "ground_truth_without_prediction": list(unmatched)}
-    _write_text_atomic(json_path, json.dumps(jsonable(report), indent=1) + "\n")
+    atomic_write.write_text(json_path, json.dumps(jsonable(report), indent=1) + "\n")
     return csv_path, json_path
 
 

@@ -25,9 +25,10 @@ from typing import Any, BinaryIO
 import numpy as np
 import tqdm
 
+from livseg_jax.atomic_write import atomic_path
 from livseg_jax.data import preprocess as pp
 from livseg_jax.data.layouts import CaseFiles
-from livseg_jax.data.nifti import Geometry, PathLike, atomic_path, read_case
+from livseg_jax.data.nifti import Geometry, PathLike, read_case
 
 CACHE_VERSION = 1
 _SETTINGS_KEYS = (

@@ -20,19 +20,17 @@ nibabel does not transpose them again on write.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import os
 import pathlib
-import uuid
 import warnings
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from livseg_jax.atomic_write import atomic_path
 from livseg_jax.data import gzip_io
 
 PathLike = str | os.PathLike
@@ -349,26 +347,6 @@ def read_case(image_path: PathLike, label_path: PathLike | None = None, case_id:
         spacing=geometry.spacing,
         geometry=geometry,
     )
-
-
-def temp_path_for(path: PathLike) -> pathlib.Path:
-    """Returns a unique hidden temporary path next to `path`, keeping its file-name endings."""
-    path = pathlib.Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
-    """Yields a temporary path next to `path` (same endings); moves it to `path` on success only."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = temp_path_for(path)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def save_nifti(
