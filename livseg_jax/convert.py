@@ -1,13 +1,16 @@
-"""Convert weights between PyTorch and livseg_jax.
+"""Convert weights between PyTorch and livseg_jax run directories.
 
-    python -m livseg_jax.convert --config=configs/liver.py --from-torch in.pt --out DIR [--force]
-    python -m livseg_jax.convert --to-torch DIR --out out.pt|out.safetensors [--deploy] [--force]
+    python -m livseg_jax.convert --config=configs/liver.py --from-torch in.pt --out RUN_DIR [--force]
+    python -m livseg_jax.convert --to-torch RUN_DIR --out out.pt|out.safetensors [--which best|latest]
+                                 [--deploy] [--force]
 
 --from-torch reads a .pt/.pth (weights only, never arbitrary pickles) or .safetensors state dict
 of the PyTorch twin (`livseg_jax.interop.torch_models`), training or re-parameterised form (read
-from the keys), and writes a portable checkpoint folder (variables.msgpack + config.json).
---to-torch reads such a folder (its config.json names the model unless --config is given) and
-writes the twin's state dict; --deploy re-parameterises first.
+from the keys), and writes a run directory (`livseg_jax.run_dir`: config.json + an orbax
+checkpoint) that `predict`, `evaluate` and `--to-torch` read like a trained one.
+--to-torch reads any run directory, trained (best checkpoint, else the latest; `--which`) or
+converted; its config.json names the model unless --config is given. It writes the twin's state
+dict; --deploy re-parameterises first.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import pathlib
 
 import ml_collections
 
+from livseg_jax import run_dir
 from livseg_jax.interop import io, mapping
 
 
 def convert_from_torch(in_path: str | pathlib.Path, out_dir: str | pathlib.Path,
                        config: ml_collections.ConfigDict, force: bool = False) -> pathlib.Path:
-    """Writes the Flax checkpoint of a torch weight file to `out_dir`; returns the folder."""
+    """Returns `out_dir` after writing a run directory holding the weights of a torch file."""
     state_dict = io.load_state_dict(in_path)
     deploy = mapping.is_deploy_state_dict(state_dict)
     try:
@@ -33,14 +37,14 @@ def convert_from_torch(in_path: str | pathlib.Path, out_dir: str | pathlib.Path,
         ) from None
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.deploy = deploy
-    return io.save_variables(out_dir, variables, config, force=force)
+    return run_dir.write_variables(out_dir, variables, config, force=force)
 
 
 def convert_to_torch(ckpt_dir: str | pathlib.Path, out_path: str | pathlib.Path,
                      config: ml_collections.ConfigDict | None = None, deploy: bool = False,
-                     force: bool = False) -> pathlib.Path:
-    """Writes the torch state dict of a Flax checkpoint folder to `out_path`; returns the path."""
-    variables, saved_config = io.load_variables(ckpt_dir)
+                     force: bool = False, which: str = "best") -> pathlib.Path:
+    """Returns `out_path` after writing the torch state dict of a run directory's checkpoint."""
+    variables, saved_config = run_dir.load_variables(ckpt_dir, which)
     model_config = (config or saved_config).model
     if deploy and "batch_stats" in variables:
         from livseg_jax.models import reparameterize
@@ -63,8 +67,10 @@ def main() -> None:
     config_flag = config_flags.DEFINE_config_file("config", None,
                                                   "config file, e.g. configs/liver.py[:variant]")
     from_flag = flags.DEFINE_string("from-torch", None, "PyTorch weights (.pt, .pth, .safetensors)")
-    to_flag = flags.DEFINE_string("to-torch", None, "portable Flax checkpoint folder to export")
-    out_flag = flags.DEFINE_string("out", None, "a folder (--from-torch) or a weight file (--to-torch)")
+    to_flag = flags.DEFINE_string("to-torch", None, "run directory to export (trained or converted)")
+    out_flag = flags.DEFINE_string("out", None, "a run directory (--from-torch) or a weight file (--to-torch)")
+    which_flag = flags.DEFINE_enum("which", "best", list(run_dir.WHICH),
+                                   "--to-torch: checkpoint of a trained run (best falls back to latest)")
     deploy_flag = flags.DEFINE_boolean("deploy", False, "--to-torch: re-parameterise first")
     force_flag = flags.DEFINE_boolean("force", False, "overwrite an existing output")
 
@@ -81,7 +87,7 @@ def main() -> None:
                                      force=force_flag.value)
         else:
             out = convert_to_torch(to_flag.value, out_flag.value, config_flag.value,
-                                   deploy=deploy_flag.value, force=force_flag.value)
+                                   deploy=deploy_flag.value, force=force_flag.value, which=which_flag.value)
         print(f"wrote {out}")
 
     app.run(run)

@@ -1,9 +1,9 @@
 """Two-stage liver / tumour prediction for NIfTI CT volumes.
 
-    python -m livseg_jax.predict --liver RUN_OR_CKPT --tumor RUN_OR_CKPT -i CT.nii.gz|DIR -o OUT
+    python -m livseg_jax.predict --liver RUN_DIR --tumor RUN_DIR -i CT.nii.gz|DIR -o OUT
 
-RUN_OR_CKPT is a training run directory (orbax; `--which best|latest`) or a converted-weights
-directory (`variables.msgpack` + `config.json`, from `python -m livseg_jax.convert`). Without
+RUN_DIR is a run directory: trained (`--which best|latest`) or written by
+`python -m livseg_jax.convert --from-torch`. Without
 `--tumor` only the liver is predicted (labels 0/1).
 
 Inputs: one `.nii`/`.nii.gz` file, or a folder: LiTS layout (`volume-N.nii[.gz]`, searched
@@ -31,12 +31,13 @@ from collections.abc import Sequence
 import jax
 import tqdm
 
+from livseg_jax import atomic_write
 from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
 from livseg_jax.data.layouts import CaseFiles, discover_lits, natural_key
 from livseg_jax.data.nifti import DataError, case_id_of
 from livseg_jax.inference.two_stage import Predictor, output_name, sidecar_path
-from livseg_jax.training.checkpoint import load_config, write_json_atomic
+from livseg_jax.run_dir import load_config
 from livseg_jax.training.xla_flags import apply_xla_flags, merge_xla_flags
 
 NIFTI_ENDINGS = (".nii", ".nii.gz")
@@ -127,12 +128,18 @@ def use_stage_xla_flags(paths: Sequence[str | os.PathLike | None]) -> None:
         print(f"warning: the checkpoints' XLA flags are not applied: {e}", file=sys.stderr)
 
 
+def _save_overlay(path, image, spacing, labels, title):
+    from livseg_jax.visualize import save_overlay  # matplotlib only when asked for
+
+    return save_overlay(path, image, spacing, labels, title=title)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m livseg_jax.predict", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--liver", required=True, help="stage-1 run directory or converted-weights directory")
-    p.add_argument("--tumor", help="stage-2 run directory or converted-weights directory (omit: liver only)")
+    p.add_argument("--liver", required=True, help="stage-1 run directory (trained or converted)")
+    p.add_argument("--tumor", help="stage-2 run directory (omit: liver only)")
     p.add_argument("-i", "--input", required=True, help="CT .nii/.nii.gz file or folder")
     p.add_argument("-o", "--output", required=True, help="output folder (or .nii.gz file for one input)")
     p.add_argument("--which", choices=("best", "latest"), default="best",
@@ -184,9 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         png = sidecar_path(out, ".png") if args.png else None
         bar = CaseProgress(case.case_id, not args.no_progress)
         try:
-            _, record = predictor.predict_file(case.image, out, progress=bar, png_path=png)
+            _, record = predictor.predict_file(case.image, out, progress=bar, png_path=png,
+                                               png_writer=_save_overlay)
             record = {"case_id": case.case_id, **record, "run": run}
-            write_json_atomic(timings_path, record)
+            atomic_write.write_json(timings_path, record)
         except Exception as e:  # noqa: BLE001 - one bad case must not stop the others
             bar.close()
             for partial in (out, png, timings_path):  # leave nothing half-done behind

@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from livseg_jax import atomic_write
 from livseg_jax.data import nifti
 from livseg_jax.data.nifti import DataError
 
@@ -112,13 +113,8 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray, spacing: Sequence[f
     """Returns `path` after writing the `render_overlay` PNG atomically."""
     path = pathlib.Path(path)
     fig = render_overlay(image, spacing, pred, gt, title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
+    with atomic_write.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

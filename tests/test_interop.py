@@ -20,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from livseg_jax import losses  # noqa: E402
+from livseg_jax import losses, run_dir  # noqa: E402
 from livseg_jax.config import base_config, model_config  # noqa: E402
 from livseg_jax.convert import convert_from_torch, convert_to_torch  # noqa: E402
 from livseg_jax.interop import io, mapping, parity  # noqa: E402
@@ -388,25 +388,6 @@ def test_pt_and_safetensors_files_round_trip(tmp_path):
         io.load_state_dict(tmp_path / "bad.safetensors")
 
 
-def test_save_variables_round_trip_and_refuses_to_overwrite(tmp_path):
-    config = base_config()
-    config.model = tiny("unet")
-    variables = parity.random_flax_variables(mapping.flax_variable_shapes(config.model), seed=11)
-    out = io.save_variables(tmp_path / "ckpt", variables, config)
-    loaded, loaded_config = io.load_variables(out)
-    flat, flat_loaded = mapping.flatten(variables), mapping.flatten(loaded)
-    assert flat.keys() == flat_loaded.keys()
-    assert all(np.array_equal(flat[k], flat_loaded[k]) for k in flat)
-    assert loaded_config.model.name == "unet" and tuple(loaded_config.model.features) == FEATURES
-    with pytest.raises(FileExistsError, match="not empty"):
-        io.save_variables(out, variables, config)
-    io.save_variables(out, {"params": {"a": np.ones(1)}}, config, force=True)
-    assert list(mapping.flatten(io.load_variables(out)[0])) == ["params/a"]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary folders left behind
-    with pytest.raises(FileNotFoundError, match="not a livseg_jax portable checkpoint"):
-        io.load_variables(tmp_path)
-
-
 def test_convert_functions_round_trip_training_and_deploy_forms(tmp_path):
     config = base_config()
     config.model = tiny("elanres_unet")
@@ -426,7 +407,7 @@ def test_convert_functions_round_trip_training_and_deploy_forms(tmp_path):
         np.testing.assert_allclose(deployed[key], want[key], rtol=1e-6, atol=1e-7, err_msg=key)
     # A deploy-form file comes back in as a deploy checkpoint.
     ckpt2 = convert_from_torch(tmp_path / "deploy.pt", tmp_path / "ckpt2", config)
-    variables2, config2 = io.load_variables(ckpt2)
+    variables2, config2 = run_dir.load_variables(ckpt2)
     assert config2.model.deploy and "batch_stats" not in variables2
 
     other = base_config()
@@ -450,7 +431,7 @@ def test_convert_cli_and_torch_free_imports(tmp_path):
            "--out", str(tmp_path / "ckpt")]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    variables, saved = io.load_variables(tmp_path / "ckpt")
+    variables, saved = run_dir.load_variables(tmp_path / "ckpt")
     assert saved.model.name == "unet" and "batch_stats" in variables
     # Refuses to overwrite without --force, and says why.
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)

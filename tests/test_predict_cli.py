@@ -15,7 +15,7 @@ from helpers import random_unet_variables
 from livseg_jax import evaluate, predict, visualize
 from livseg_jax.config import base_config
 from livseg_jax.models import build_model
-from livseg_jax.training.checkpoint import RunCheckpoints, save_config
+from livseg_jax.run_dir import RunCheckpoints, save_config
 
 PHASES = ("read", "preprocess", "liver_inference", "liver_postprocess", "restore", "write", "total")
 
@@ -193,7 +193,7 @@ def test_missing_input_and_missing_checkpoint_are_clear_errors(tmp_path, capsys)
     assert "nope.nii.gz: input does not exist" in capsys.readouterr().err
     ct = ct_file(tmp_path / "ct.nii.gz", small_ct())
     assert predict.main(["--liver", str(tmp_path / "run"), "-i", str(ct), "-o", str(tmp_path / "o")]) == 1
-    assert "run: checkpoint or run directory does not exist" in capsys.readouterr().err
+    assert "run: run directory does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

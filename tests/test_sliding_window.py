@@ -7,20 +7,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import random_unet_variables
+from sliding_window_oracle import make_window_predictor, sliding_window_probs
 
 from livseg_jax.config import model_config
 from livseg_jax.inference.sliding_window import (
     gaussian_importance,
-    make_window_predictor,
     num_windows,
-    sliding_window_device,
-    sliding_window_probs,
+    sliding_window,
     window_predict_fn,
     window_starts,
 )
 from livseg_jax.models import build_model
 
 WINDOW = (16, 16, 16)
+
+
+def device_probs(image, predict, window, overlap=0.5, batch_size=2, sigma_scale=0.125, pad_value=-1.0,
+                 progress=None):
+    """The product's `sliding_window` with the oracle's signature (a host `predict` per batch)."""
+    window_fn = lambda variables, x: jnp.asarray(predict(np.asarray(x)))  # noqa: E731
+    return sliding_window(image, window_fn, None, window, overlap, batch_size, sigma_scale, pad_value, progress,
+                          output="probs", num_classes=2)
+
+
+# The blending properties below must hold for the product and for the oracle it is compared with.
+@pytest.fixture(params=["device", "oracle"])
+def blend(request):
+    return device_probs if request.param == "device" else sliding_window_probs
 
 
 def pointwise_predict(x):
@@ -49,12 +62,12 @@ def test_window_starts_cover_the_axis_evenly_and_end_at_the_border():
         window_starts(100, 16, 1.0)
 
 
-def test_one_window_volume_equals_a_direct_forward_pass(tiny_unet):
+def test_one_window_volume_equals_a_direct_forward_pass(tiny_unet, blend):
     model, variables = tiny_unet
     apply_fn = lambda v, x: model.apply(v, x, train=False)
     predict = make_window_predictor(apply_fn, variables)
     image = np.random.default_rng(1).normal(size=WINDOW).astype(np.float32)
-    probs = sliding_window_probs(image, predict, WINDOW, overlap=0.5, batch_size=2)
+    probs = blend(image, predict, WINDOW, overlap=0.5, batch_size=2)
     direct = jax.nn.softmax(apply_fn(variables, jnp.asarray(image)[None, ..., None]), axis=-1)[0]
     assert probs.shape == (*WINDOW, 2)
     np.testing.assert_allclose(probs, np.asarray(direct), rtol=1e-5, atol=1e-6)
@@ -62,26 +75,26 @@ def test_one_window_volume_equals_a_direct_forward_pass(tiny_unet):
     assert np.ptp(probs[..., 1]) > 1e-3
 
 
-def test_blending_of_a_constant_output_model_returns_the_constant():
+def test_blending_of_a_constant_output_model_returns_the_constant(blend):
     constant = np.array([0.3, 0.7], np.float32)
     predict = lambda x: np.broadcast_to(constant, x.shape[:-1] + (2,)).copy()
     shape = (40, 23, 51)  # several overlapping windows on every axis, uneven steps
     assert num_windows(shape, WINDOW, 0.5) > 20
-    probs = sliding_window_probs(np.zeros(shape, np.float32), predict, WINDOW, overlap=0.5, batch_size=3)
+    probs = blend(np.zeros(shape, np.float32), predict, WINDOW, overlap=0.5, batch_size=3)
     assert probs.shape == (*shape, 2)
     np.testing.assert_allclose(probs, np.broadcast_to(constant, probs.shape), rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(40, 23, 51), (9, 30, 12), (16, 16, 16), (5, 7, 3)])
-def test_pointwise_model_is_recovered_exactly_wherever_windows_overlap_or_pad(shape):
+def test_pointwise_model_is_recovered_exactly_wherever_windows_overlap_or_pad(shape, blend):
     # A per-voxel model gives the same answer in every window that covers a voxel, so any
     # misplaced window, wrong weight normalisation or off-by-one in the padding shows up here.
     image = np.random.default_rng(2).normal(size=shape).astype(np.float32)
-    probs = sliding_window_probs(image, pointwise_predict, WINDOW, overlap=0.5, batch_size=2)
+    probs = blend(image, pointwise_predict, WINDOW, overlap=0.5, batch_size=2)
     np.testing.assert_allclose(probs, pointwise_predict(image[..., None]), rtol=1e-5, atol=1e-6)
 
 
-def test_small_volume_is_padded_with_the_pad_value():
+def test_small_volume_is_padded_with_the_pad_value(blend):
     seen = []
 
     def spy(x):
@@ -89,13 +102,13 @@ def test_small_volume_is_padded_with_the_pad_value():
         return pointwise_predict(x)
 
     image = np.full((6, 20, 10), 5.0, np.float32)
-    sliding_window_probs(image, spy, WINDOW, overlap=0.5, batch_size=1, pad_value=-7.0)
+    blend(image, spy, WINDOW, overlap=0.5, batch_size=1, pad_value=-7.0)
     windows = np.concatenate(seen)[..., 0]
     assert set(np.unique(windows).tolist()) == {5.0, -7.0}
     assert (windows == 5.0).sum() == len(windows) * 6 * 16 * 10  # every window holds the padded depth
 
 
-def test_every_batch_has_the_compiled_shape_and_progress_counts_each_window_once():
+def test_every_batch_has_the_compiled_shape_and_progress_counts_each_window_once(blend):
     shapes, reported = [], []
 
     def spy(x):
@@ -103,7 +116,7 @@ def test_every_batch_has_the_compiled_shape_and_progress_counts_each_window_once
         return pointwise_predict(x)
 
     shape, batch = (40, 23, 51), 4
-    sliding_window_probs(np.zeros(shape, np.float32), spy, WINDOW, 0.5, batch, progress=reported.append)
+    blend(np.zeros(shape, np.float32), spy, WINDOW, 0.5, batch, progress=reported.append)
     expected = num_windows(shape, WINDOW, 0.5)
     assert sum(reported) == expected
     assert len(shapes) == -(-expected // batch)
@@ -150,11 +163,11 @@ def test_device_blending_equals_the_numpy_reference(shape, overlap, batch):
     reference_predict = lambda x: np.asarray(window_fn(variables, jnp.asarray(x)))  # noqa: E731
     image = np.random.default_rng(5).normal(size=shape).astype(np.float32)
     expected = sliding_window_probs(image, reference_predict, WINDOW, overlap, batch, pad_value=-2.0)
-    probs = sliding_window_device(image, window_fn, variables, WINDOW, overlap, batch, pad_value=-2.0,
+    probs = sliding_window(image, window_fn, variables, WINDOW, overlap, batch, pad_value=-2.0,
                                   output="probs")
     assert probs.shape == expected.shape
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
-    labels = sliding_window_device(image, window_fn, variables, WINDOW, overlap, batch, pad_value=-2.0,
+    labels = sliding_window(image, window_fn, variables, WINDOW, overlap, batch, pad_value=-2.0,
                                    num_classes=2)
     assert labels.dtype == np.uint8 and labels.shape == shape
     clear = np.abs(expected[..., 1] - expected[..., 0]) > 1e-4  # ties may break either way
@@ -168,7 +181,7 @@ def test_device_blending_with_a_network_and_mirror_tta_matches_the_reference(tin
     image = np.random.default_rng(8).normal(size=(20, 18, 40)).astype(np.float32)
     expected = sliding_window_probs(image, lambda x: np.asarray(window_fn(variables, jnp.asarray(x))),
                                     WINDOW, 0.5, 2)
-    probs = sliding_window_device(image, window_fn, variables, WINDOW, 0.5, 2, output="probs")
+    probs = sliding_window(image, window_fn, variables, WINDOW, 0.5, 2, output="probs")
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -177,10 +190,10 @@ def test_device_blending_reports_each_window_once_and_checks_its_arguments():
     window_fn = jax.jit(position_dependent_window_fn)
     variables = {"scale": jnp.float32(1.0)}
     shape = (40, 23, 51)
-    sliding_window_device(np.zeros(shape, np.float32), window_fn, variables, WINDOW, 0.5, 4,
+    sliding_window(np.zeros(shape, np.float32), window_fn, variables, WINDOW, 0.5, 4,
                           progress=reported.append)
     assert sum(reported) == num_windows(shape, WINDOW, 0.5)
     with pytest.raises(ValueError, match="output"):
-        sliding_window_device(np.zeros(shape, np.float32), window_fn, variables, WINDOW, output="logits")
+        sliding_window(np.zeros(shape, np.float32), window_fn, variables, WINDOW, output="logits")
     with pytest.raises(ValueError, match="D, H, W"):
-        sliding_window_device(np.zeros((4, 4), np.float32), window_fn, variables, WINDOW)
+        sliding_window(np.zeros((4, 4), np.float32), window_fn, variables, WINDOW)

@@ -5,7 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from livseg_jax.inference.sliding_window import sliding_window_probs  # noqa: E402
+from sliding_window_oracle import sliding_window_probs  # noqa: E402
+
 from livseg_jax.interop.torch_sliding_window import torch_sliding_window  # noqa: E402
 
 

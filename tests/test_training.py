@@ -13,8 +13,8 @@ import pytest
 
 from livseg_jax import losses
 from livseg_jax.config import base_config
+from livseg_jax.run_dir import load_variables, write_variables
 from livseg_jax.training import logging as run_logging
-from livseg_jax.training.checkpoint import load_inference_variables
 from livseg_jax.training.loop import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_last_good_checkpoint(c
         train_and_evaluate(config, tmp_path)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2]
-    variables, _ = load_inference_variables(tmp_path, which="latest")
+    variables, _ = load_variables(tmp_path, which="latest")
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
 
 
@@ -165,7 +165,6 @@ def test_command_line_overrides_reach_the_run_and_unknown_keys_fail(cache_dir, t
 
 
 def test_tumor_stage_can_crop_with_stage1_liver_predictions(cache_dir, tmp_path):
-    from livseg_jax.interop.io import save_variables
     from livseg_jax.models import build_model
     from livseg_jax.training.loop import prepare_stage_cases
 
@@ -175,7 +174,7 @@ def test_tumor_stage_can_crop_with_stage1_liver_predictions(cache_dir, tmp_path)
     variables = jax.tree.map(lambda s: np.full(s.shape, 0.01, s.dtype), shapes)
     for bias, name in (([-20.0, 20.0], "everywhere"), ([20.0, -20.0], "nowhere")):
         variables["params"]["head3"]["bias"] = np.array(bias, np.float32)
-        save_variables(tmp_path / name, variables, liver_config)
+        write_variables(tmp_path / name, variables, liver_config)
 
     config = tiny_config(cache_dir)
     config.stage = "tumor"

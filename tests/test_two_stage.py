@@ -17,7 +17,7 @@ from livseg_jax.inference.two_stage import (
     predict_case,
 )
 from livseg_jax.models import build_model
-from livseg_jax.training.checkpoint import RunCheckpoints, save_config
+from livseg_jax.run_dir import RunCheckpoints, save_config, write_variables
 
 SHAPE = (24, 40, 48)
 SPACING = (2.5, 1.0, 1.0)
@@ -41,20 +41,29 @@ def phantom() -> np.ndarray:
 
 
 def threshold_model(threshold, calls=None):
-    """Returns a window function: foreground probability 1 where the scaled intensity > threshold."""
+    """Returns a window function: foreground probability 1 where the scaled intensity > threshold.
 
-    def predict(x):
+    The sliding window calls it once per batch of windows (it is not jitted), so `calls` records
+    every batch's shape."""
+
+    def window_fn(variables, x):
+        del variables
         if calls is not None:
             calls.append(x.shape)
-        p = (x > threshold).astype(np.float32)
-        return np.concatenate([1 - p, p], axis=-1)
+        p = (x > threshold).astype(jnp.float32)
+        return jnp.concatenate([1 - p, p], axis=-1)
 
-    return predict
+    return window_fn
 
 
-def stage(name, predict, preprocess_config=EXACT, margin_mm=5.0, window=(8, 16, 16)):
-    return StageModel(stage=name, predict=predict, window=window, preprocess_config=preprocess_config,
-                      overlap=0.5, batch_size=2, liver_margin_mm=margin_mm)
+def window_probs(model, x):
+    """Returns a StageModel's probabilities for a batch of windows, as numpy."""
+    return np.asarray(model.window_fn(model.variables, jnp.asarray(x)))
+
+
+def stage(name, window_fn, preprocess_config=EXACT, margin_mm=5.0, window=(8, 16, 16)):
+    return StageModel(stage=name, window_fn=window_fn, variables=None, num_classes=2, window=window,
+                      preprocess_config=preprocess_config, overlap=0.5, batch_size=2, liver_margin_mm=margin_mm)
 
 
 def expected_labels() -> np.ndarray:
@@ -223,26 +232,24 @@ def test_loaded_deploy_model_matches_the_training_form_of_the_best_checkpoint(ru
     workdir, config, _, best, x = run
     deploy = load_stage_model(workdir, "liver", which="best")
     assert deploy.description["deploy"] is True
-    np.testing.assert_allclose(deploy.predict(x), reference_probs(config, best, x), atol=2e-5)
+    np.testing.assert_allclose(window_probs(deploy, x), reference_probs(config, best, x), atol=2e-5)
     plain = load_stage_model(workdir, "liver", which="best", deploy=False)
-    np.testing.assert_allclose(plain.predict(x), reference_probs(config, best, x), atol=2e-5)
+    np.testing.assert_allclose(window_probs(plain, x), reference_probs(config, best, x), atol=2e-5)
 
 
 def test_latest_loads_the_periodic_checkpoint_not_the_best(run):
     workdir, config, variables, best, x = run
     latest = load_stage_model(workdir, "liver", which="latest")
-    probs = latest.predict(x)
+    probs = window_probs(latest, x)
     np.testing.assert_allclose(probs, reference_probs(config, variables, x), atol=2e-5)
     assert np.abs(probs - reference_probs(config, best, x)).max() > 1e-3
 
 
 def test_converted_weights_directory_loads_like_a_run(run, tmp_path):
-    from livseg_jax.interop.io import save_variables
-
     _, config, variables, _, x = run
-    directory = save_variables(tmp_path / "converted", variables, config)
+    directory = write_variables(tmp_path / "converted", variables, config)
     loaded = load_stage_model(directory, "liver")
-    np.testing.assert_allclose(loaded.predict(x), reference_probs(config, variables, x), atol=2e-5)
+    np.testing.assert_allclose(window_probs(loaded, x), reference_probs(config, variables, x), atol=2e-5)
 
 
 def test_settings_come_from_the_config_unless_overridden(run):

@@ -1,9 +1,11 @@
-"""Sliding-window inference over a whole volume with Gaussian blending.
+"""Sliding-window inference over a whole volume with Gaussian blending, on the device.
 
 The network is compiled for one window shape and one batch of windows: volumes smaller than the
-window are padded, and the last batch of windows is filled up with repeats. Softmax probabilities
-of overlapping windows are blended with a Gaussian importance map (centre voxels, which see the
-most context, weigh most), as in nnU-Net.
+window are padded, and the last batch of windows is filled up with repeats (weighted 0). Softmax
+probabilities of overlapping windows are blended with a Gaussian importance map (centre voxels,
+which see the most context, weigh most), as in nnU-Net. The volume goes to the device once and
+only the argmax (or the probabilities) come back; `tests/sliding_window_oracle.py` holds the plain
+NumPy version this is tested against.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-WindowFn = Callable[[np.ndarray], np.ndarray]  # (N, *window, 1) -> (N, *window, K) probabilities
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -43,8 +43,8 @@ def gaussian_importance(window: Sequence[int], sigma_scale: float = 0.125) -> np
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_importance(window: tuple[int, ...], sigma_scale: float) -> np.ndarray:
-    """`gaussian_importance`, read-only and computed once per window (it is ~3 M exponentials)."""
+def importance_map(window: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    """Returns `gaussian_importance`, read-only and computed once per window (~3 M exponentials)."""
     weights = gaussian_importance(window, sigma_scale)
     weights.flags.writeable = False
     return weights
@@ -71,60 +71,6 @@ def window_predict_fn(apply_fn: Callable, mirror: bool = False) -> Callable:
         return total / len(flip_sets)
 
     return predict
-
-
-def bind_variables(window_fn: Callable, variables) -> WindowFn:
-    """Returns `windows (N, D, H, W, 1) -> probabilities` as numpy for a `window_predict_fn` result."""
-    return lambda x: np.asarray(window_fn(variables, jnp.asarray(x)))
-
-
-def make_window_predictor(apply_fn: Callable, variables, mirror: bool = False) -> WindowFn:
-    """Returns `windows (N, D, H, W, 1) -> probabilities (N, D, H, W, K)` as numpy, variables bound."""
-    return bind_variables(window_predict_fn(apply_fn, mirror), variables)
-
-
-def sliding_window_probs(
-    image: np.ndarray,
-    predict: WindowFn,
-    window: Sequence[int],
-    overlap: float = 0.5,
-    batch_size: int = 2,
-    sigma_scale: float = 0.125,
-    pad_value: float = -1.0,
-    progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Returns blended softmax probabilities (D, H, W, K) float32 of a (D, H, W) image."""
-    image = np.asarray(image, np.float32)
-    if image.ndim != 3:
-        raise ValueError(f"expected a (D, H, W) image, got shape {image.shape}")
-    window = tuple(int(w) for w in window)
-    shape = image.shape
-    # Pad symmetrically so a small volume sits in the window centre, where the weights are high.
-    padded_shape, pads = _padding(shape, window)
-    before = [b for b, _ in pads]
-    volume = np.pad(image, pads, constant_values=pad_value) if any(map(any, pads)) else image
-
-    starts = window_corners(padded_shape, window, overlap)
-    weights = _cached_importance(window, sigma_scale)
-    accum = None
-    norm = np.zeros(padded_shape, np.float32)
-    for first in range(0, len(starts), batch_size):
-        chunk = starts[first:first + batch_size]
-        boxes = [tuple(slice(s, s + w) for s, w in zip(st, window, strict=True)) for st in chunk]
-        batch = np.stack([volume[box] for box in boxes])
-        if len(chunk) < batch_size:  # keep one compiled batch shape
-            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(chunk), 0)])
-        probs = predict(batch[..., None])
-        if accum is None:
-            accum = np.zeros((*padded_shape, probs.shape[-1]), np.float32)
-        for box, p in zip(boxes, probs, strict=False):
-            accum[box] += p * weights[..., None]
-            norm[box] += weights
-        if progress is not None:
-            progress(len(chunk))
-    accum /= norm[..., None]
-    inner = tuple(slice(b, b + n) for b, n in zip(before, shape, strict=True))
-    return accum[inner]
 
 
 def window_corners(padded_shape: Sequence[int], window: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
@@ -183,7 +129,7 @@ def _finish(accum, norm, inner, labels):
     return accum[box] / norm[box][..., None]
 
 
-def sliding_window_device(
+def sliding_window(
     image: np.ndarray | jax.Array,
     window_fn: Callable,
     variables,
@@ -196,15 +142,14 @@ def sliding_window_device(
     output: str = "labels",
     num_classes: int | None = None,
 ) -> np.ndarray:
-    """`sliding_window_probs` with the blending on the accelerator; returns argmax labels or probabilities.
+    """Returns the (D, H, W) uint8 argmax (`output="labels"`) or (D, H, W, K) probabilities of a (D, H, W) image.
 
     `window_fn(variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K)` is a jittable
     function such as `window_predict_fn(...)`, compiled once per window shape whatever the volume
     shape. The volume is sent to the device once; windows are cut, evaluated and accumulated
     there, and only the (D, H, W) uint8 argmax (`output="labels"`) or the (D, H, W, K) float32
-    probabilities (`output="probs"`) come back. Same windows, weights and padding as
-    `sliding_window_probs`, its reference in the tests. Pass `num_classes` when known; otherwise
-    it is found by tracing `window_fn` once per call.
+    probabilities (`output="probs"`) come back. Pass `num_classes` when known; otherwise it is
+    found by tracing `window_fn` once per call.
     """
     window, padded_shape, pads = blending_layout(image.shape, window, output)
     volume = jnp.pad(jnp.asarray(image, jnp.float32), pads, constant_values=pad_value)
@@ -212,7 +157,7 @@ def sliding_window_device(
     if num_classes is None:
         num_classes = jax.eval_shape(window_fn, variables,
                                      jax.ShapeDtypeStruct((batch_size, *window, 1), jnp.float32)).shape[-1]
-    weights = jnp.asarray(_cached_importance(window, sigma_scale))
+    weights = jnp.asarray(importance_map(window, sigma_scale))
     accum = jnp.zeros((*padded_shape, num_classes), jnp.float32)
     norm = jnp.zeros(padded_shape, jnp.float32)
     for first in range(0, len(starts), batch_size):
@@ -231,5 +176,5 @@ def sliding_window_device(
 
 
 def num_windows(shape: Sequence[int], window: Sequence[int], overlap: float) -> int:
-    """Returns how many windows `sliding_window_probs` evaluates for a (D, H, W) shape."""
+    """Returns how many windows `sliding_window` evaluates for a (D, H, W) shape."""
     return math.prod(len(window_starts(max(n, w), w, overlap)) for n, w in zip(shape, window, strict=True))

@@ -13,8 +13,8 @@ For one CT volume in internal (D, H, W) order and HU:
    when written by `Predictor.predict_file`).
 
 `StageModel` bundles one stage's compiled window predictor with its sliding-window settings;
-`load_stage_model` builds it from a training run directory (orbax, best or latest checkpoint) or a
-converted-weights directory, re-parameterised (deploy form) by default.
+`load_stage_model` builds it from a run directory (trained: best or latest checkpoint; or written
+by `convert --from-torch`), re-parameterised (deploy form) by default.
 """
 
 from __future__ import annotations
@@ -35,30 +35,28 @@ from scipy import ndimage
 from livseg_jax.data import nifti
 from livseg_jax.data.pipeline import liver_crop_margin
 from livseg_jax.data.preprocess import bbox_of, component_sizes, paste_into, preprocess, restore
-from livseg_jax.inference.sliding_window import (
-    WindowFn,
-    bind_variables,
-    num_windows,
-    sliding_window_device,
-    sliding_window_probs,
-    window_predict_fn,
-)
+from livseg_jax.inference.sliding_window import num_windows, sliding_window, window_predict_fn
 from livseg_jax.models import build_model, check_patch_shape, reparameterize
-from livseg_jax.training.checkpoint import load_inference_variables
+from livseg_jax.run_dir import load_variables
 
 STAGES = ("liver", "tumor")
 # progress(phase, number of windows) -> callback(windows done); phase is "liver" or "tumor".
 ProgressFn = Callable[[str, int], Callable[[int], None]]
+# png_writer(path, image (D, H, W) HU, spacing, labels (D, H, W), title): renders an overlay.
+PngWriter = Callable[[pathlib.Path, np.ndarray, Any, np.ndarray, str], Any]
 PREPROCESS_KEYS = ("body_threshold_hu", "inplane_factor", "target_slice_spacing", "hu_min", "hu_max",
                    "hu_scale")
 
 
 @dataclasses.dataclass(frozen=True)
 class StageModel:
-    """One stage's window predictor with the sliding-window and preprocessing settings it needs."""
+    """One stage's network, its variables on the device, and its sliding-window and preprocessing settings."""
 
     stage: str  # "liver" or "tumor"
-    predict: WindowFn  # windows (N, D, H, W, 1) -> probabilities (N, D, H, W, K)
+    # Jittable (variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K), and its variables.
+    window_fn: Callable
+    variables: Any
+    num_classes: int
     window: tuple[int, int, int]
     preprocess_config: Mapping[str, Any]
     overlap: float = 0.5
@@ -66,11 +64,6 @@ class StageModel:
     sigma_scale: float = 0.125
     liver_margin_mm: float = 10.0  # stage-2 crop margin (used from the tumour model)
     description: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance, for the JSON
-    # The jittable (variables, windows) -> probabilities behind `predict`, with its variables: when
-    # set, windows are blended on the device (`sliding_window_device`) instead of on the host.
-    window_fn: Callable | None = None
-    variables: Any = None
-    num_classes: int | None = None
 
     @property
     def pad_value(self) -> float:
@@ -128,14 +121,10 @@ def stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None
     callback = None
     if progress is not None:
         callback = progress(model.stage, num_windows(image.shape, model.window, model.overlap))
-    if model.window_fn is not None:
-        labels = sliding_window_device(image, model.window_fn, model.variables, model.window, model.overlap,
-                                       model.batch_size, model.sigma_scale, model.pad_value, callback,
-                                       output="labels", num_classes=model.num_classes)
-        return labels > 0
-    probs = sliding_window_probs(image, model.predict, model.window, model.overlap, model.batch_size,
-                                 model.sigma_scale, model.pad_value, callback)
-    return probs.argmax(-1) > 0
+    labels = sliding_window(image, model.window_fn, model.variables, model.window, model.overlap,
+                            model.batch_size, model.sigma_scale, model.pad_value, callback,
+                            output="labels", num_classes=model.num_classes)
+    return labels > 0
 
 
 def same_preprocessing(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -234,14 +223,12 @@ def load_stage_model(
     batch_size: int | None = None,
     window: tuple[int, int, int] | None = None,
 ) -> StageModel:
-    """Returns a `StageModel` from a run directory or converted weights; None options use the config.
+    """Returns a `StageModel` from a run directory (trained or converted); None options use the config.
 
     `deploy` (default `inference.deploy`) folds BatchNorm and the RepConv branches into single
     convolutions first; `expected_stage` raises ValueError when the checkpoint's `stage` differs.
     """
-    if which not in ("best", "latest"):
-        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-    variables, config = load_inference_variables(path, which)
+    variables, config = load_variables(path, which)
     stage = str(config.get("stage", ""))
     if expected_stage is not None and stage != expected_stage:
         raise ValueError(f"{path}: is a {stage!r} model (config.json stage), but it was given as the "
@@ -269,13 +256,14 @@ def load_stage_model(
     model = build_model(config.model, deploy=deploy)
     variables = jax.device_put(variables)
     window_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), mirror)
-    predict = bind_variables(window_fn, variables)
     description = {"source": str(path), "which": which, "stage": stage, "model": str(config.model.name),
                    "features": [int(f) for f in config.model.features], "deploy": deploy,
                    "mirror_tta": mirror}
     return StageModel(
         stage=stage or (expected_stage or "liver"),
-        predict=predict,
+        window_fn=window_fn,
+        variables=variables,
+        num_classes=int(config.model.num_classes),
         window=window,
         preprocess_config={k: config.preprocess[k] for k in PREPROCESS_KEYS},
         overlap=overlap,
@@ -283,9 +271,6 @@ def load_stage_model(
         sigma_scale=float(inf.gaussian_sigma_scale),
         liver_margin_mm=float(config.data.liver_margin_mm),
         description=description,
-        window_fn=window_fn,
-        variables=variables,
-        num_classes=int(config.model.num_classes),
     )
 
 
@@ -312,10 +297,7 @@ class Predictor:
             if model is None or model.stage in self.compile_seconds:
                 continue
             start = time.perf_counter()
-            if model.window_fn is not None:  # the programs `stage_mask` runs, on one window of air
-                stage_mask(model, np.full(model.window, model.pad_value, np.float32))
-            else:
-                model.predict(np.full((model.batch_size, *model.window, 1), model.pad_value, np.float32))
+            stage_mask(model, np.full(model.window, model.pad_value, np.float32))  # the programs it runs
             self.compile_seconds[model.stage] = time.perf_counter() - start
         return dict(self.compile_seconds)
 
@@ -325,11 +307,12 @@ class Predictor:
                 "largest_component_connectivity": self.connectivity}
 
     def predict_file(self, image_path: str | os.PathLike, output_path: str | os.PathLike,
-                     progress: ProgressFn | None = None,
-                     png_path: str | os.PathLike | None = None) -> tuple[CaseResult, dict[str, Any]]:
+                     progress: ProgressFn | None = None, png_path: str | os.PathLike | None = None,
+                     png_writer: PngWriter | None = None) -> tuple[CaseResult, dict[str, Any]]:
         """Returns (result, JSON record) after writing the label map of one NIfTI CT atomically.
 
-        With `png_path`, also writes overlays of the prediction (`visualize.save_overlay`).
+        With `png_path`, also renders an overlay of the prediction there with `png_writer`
+        (the command line passes `visualize.save_overlay`).
         Raises `nifti.DataError` naming the file for unreadable, corrupt or non-finite input;
         nothing is written then.
         """
@@ -347,11 +330,11 @@ class Predictor:
         nifti.write_label_map(result.labels, geometry, output_path)
         timings = {"read": read_s, **result.timings, "write": time.perf_counter() - write_start}
         if png_path is not None:
-            from livseg_jax.visualize import save_overlay  # matplotlib only when asked for
-
+            if png_writer is None:
+                raise ValueError("png_path needs a png_writer")
             png_start = time.perf_counter()
-            save_overlay(png_path, image, geometry.spacing, result.labels,
-                         title=pathlib.Path(image_path).name)
+            png_writer(pathlib.Path(png_path), image, geometry.spacing, result.labels,
+                       pathlib.Path(image_path).name)
             timings["png"] = time.perf_counter() - png_start
         timings["total"] = time.perf_counter() - start
         counts = np.bincount(result.labels.ravel(), minlength=3)

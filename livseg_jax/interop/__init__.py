@@ -5,7 +5,7 @@ Importing this package never imports torch; `livseg_jax.interop.torch_models` (t
 re-parameterisation and the torch losses) does, and needs the `torch` extra.
 """
 
-from livseg_jax.interop.io import load_state_dict, load_variables, save_state_dict, save_variables
+from livseg_jax.interop.io import load_state_dict, save_state_dict
 from livseg_jax.interop.mapping import (
     RULES,
     ConversionError,
@@ -20,6 +20,6 @@ from livseg_jax.interop.mapping import (
 
 __all__ = [
     "RULES", "ConversionError", "flax_to_torch", "flax_variable_shapes", "format_table",
-    "load_state_dict", "load_variables", "mapping_table", "save_state_dict", "save_variables",
+    "load_state_dict", "mapping_table", "save_state_dict",
     "state_dict_to_variables", "torch_to_flax", "variables_to_state_dict",
 ]

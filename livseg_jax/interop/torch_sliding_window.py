@@ -1,9 +1,9 @@
 """Sliding-window inference for the PyTorch twins, blended on the torch device.
 
-The comparison partner of `livseg_jax.inference.sliding_window.sliding_window_device` in
+The comparison partner of `livseg_jax.inference.sliding_window.sliding_window` in
 `experiments/bench_inference.py`: the same windows, Gaussian weights and padding (it reuses their
 NumPy definitions), with the volume, the accumulators and the argmax kept on the torch device, as
-a PyTorch user would write it. Tested against the NumPy reference `sliding_window_probs`. This
+a PyTorch user would write it. Tested against the NumPy reference in tests/sliding_window_oracle.py. This
 module imports torch at import time (the `torch` extra).
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from livseg_jax.inference.sliding_window import _cached_importance, blending_layout, window_corners
+from livseg_jax.inference.sliding_window import blending_layout, importance_map, window_corners
 
 TorchWindowFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 1, D, H, W) -> probabilities (N, K, D, H, W)
 
@@ -41,7 +41,7 @@ def torch_sliding_window(
     if any(map(any, pads)):
         flat_pads = [p for pair in reversed(pads) for p in pair]  # torch pads the last axis first
         volume = torch.nn.functional.pad(volume, flat_pads, value=pad_value)
-    weights = torch.from_numpy(_cached_importance(window, sigma_scale).copy()).to(device)
+    weights = torch.from_numpy(importance_map(window, sigma_scale).copy()).to(device)
     starts = window_corners(padded_shape, window, overlap)
     accum = None
     norm = torch.zeros(padded_shape, dtype=torch.float32, device=device)

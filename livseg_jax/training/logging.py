@@ -7,7 +7,8 @@ import os
 import pathlib
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
+from livseg_jax import atomic_write
+from livseg_jax.run_dir import METRICS_FILE
 
 
 class MetricWriter:
@@ -37,9 +38,7 @@ class MetricWriter:
                     kept.append(line)
             except (ValueError, KeyError):  # a line torn by a kill during a write
                 continue
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
         """Appends one record `{"step", "kind", **values}`."""
@@ -91,8 +90,7 @@ def plot_curves(workdir: pathlib.Path) -> pathlib.Path:
     ax_dice.set(xlabel="step", ylabel="Dice", title="validation Dice (foreground)", ylim=(0, 1))
     fig.tight_layout()
     out = workdir / "curves.png"
-    tmp = workdir / ".curves.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_write.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out

@@ -21,10 +21,10 @@ from livseg_jax.data import pipeline
 from livseg_jax.data.cache import build_cache
 from livseg_jax.data.layouts import discover
 from livseg_jax.data.synthetic import write_synthetic_dataset
-from livseg_jax.inference.sliding_window import sliding_window_device, window_predict_fn
+from livseg_jax.inference.sliding_window import sliding_window, window_predict_fn
 from livseg_jax.metrics import overlap_metrics
 from livseg_jax.models import build_model, check_patch_shape
-from livseg_jax.training.checkpoint import RunCheckpoints, save_config
+from livseg_jax.run_dir import METRICS_FILE, PERIODIC, RunCheckpoints, load_config, save_config
 from livseg_jax.training.logging import MetricWriter, plot_curves
 from livseg_jax.training.schedules import make_optimizer
 from livseg_jax.training.state import TrainState, create_train_state
@@ -105,7 +105,7 @@ def validate(model, variables, cases: Sequence[pipeline.StageCase], config, pred
     for case in cases:
         image, label = case.load()
         target = pipeline.stage_target(np.asarray(label), config.stage)
-        labels = sliding_window_device(np.asarray(image), predict_fn, variables, window, config.inference.overlap,
+        labels = sliding_window(np.asarray(image), predict_fn, variables, window, config.inference.overlap,
                                        config.inference.batch_size, config.inference.gaussian_sigma_scale,
                                        background_value(config.preprocess), num_classes=config.model.num_classes)
         # Both masks empty counts as Dice 1 (docs/metrics.md).
@@ -122,8 +122,6 @@ IMPLEMENTATION_KEYS = ("dtype", "depthwise_impl", "pointwise_impl", "dense_pack_
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     """Raises ValueError when a workdir's checkpoints were made with settings that change the state."""
-    from livseg_jax.training.checkpoint import load_config
-
     try:
         saved = load_config(workdir)
     except FileNotFoundError:
@@ -151,7 +149,7 @@ def _check_finite(pending: list[tuple[int, dict]], ckpt: RunCheckpoints, workdir
     for s, m in host:
         if not np.isfinite(m["loss"]):
             last = ckpt.latest_step()
-            where = f"step {last} in {workdir / 'checkpoints'}" if last is not None else "none saved yet"
+            where = f"step {last} in {workdir / PERIODIC}" if last is not None else "none saved yet"
             raise FloatingPointError(
                 f"training loss is {float(m['loss'])} at step {s}; stopping. Last good checkpoint: {where}")
     return host
@@ -182,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                               state_sharding)
         state: TrainState = ckpt.restore(start, target)
-        print(f"resuming from step {start} ({workdir / 'checkpoints'})")
+        print(f"resuming from step {start} ({workdir / PERIODIC})")
     else:
         state = jax.jit(init, out_shardings=state_sharding)()
 
@@ -244,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         bar.close()
         writer.close()
         ckpt.close()
-    if is_chief and (workdir / "metrics.jsonl").exists():
+    if is_chief and (workdir / METRICS_FILE).exists():
         summary["curves"] = str(plot_curves(workdir))
     summary["final_step"] = int(jax.device_get(state.step))
     summary["state"] = state
