@@ -2,7 +2,7 @@
 preprocess, both stages, restore, write; time per phase. Deploy vs training-form model, and the
 JAX window predictor against the PyTorch twin at the same sliding-window settings.
 
-    python experiments/bench_inference.py [--shape 512,512,400] [--variant elanres_msca_unet]
+    python -m experiments.bench_inference [--shape 512,512,400] [--variant elanres_msca_unet]
 
 The stage models have random weights, with the liver head biased to foreground everywhere: stage 1
 then keeps the whole body and stage 2 runs on all of it, the slowest case (a trained liver model
@@ -12,16 +12,19 @@ crops stage 2 to the liver). Timings exclude compilation (`Predictor.warmup`), w
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import apply_overrides, enable_compilation_cache, environment, parse_overrides, write_result  # noqa: E402
+from experiments.bench_common import (
+    apply_overrides,
+    enable_compilation_cache,
+    environment,
+    parse_overrides,
+    write_result,
+)
 
 
 def make_stage_dir(root: pathlib.Path, stage: str, variant: str, window, features, dtype: str,

@@ -6,7 +6,7 @@ result each time points at the graph, a varying one at a kernel or memory race);
 `--modules`, reports the forward pass before the bad step module by module (output finite?
 largest magnitude?).
 
-    python tools/diagnose_nonfinite.py --dtype bfloat16 --patch 48,256,256 --steps 8 [--no-donate]
+    python -m tools.diagnose_nonfinite --dtype bfloat16 --patch 48,256,256 --steps 8 [--no-donate]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Print how closely the PyTorch twins reproduce the Flax models, per variant and per head.
 
-    python tools/parity_report.py [--features 8,16,16,32,32] [--patch 16,32,32] [--batch 2]
+    python -m tools.parity_report [--features 8,16,16,32,32] [--patch 16,32,32] [--batch 2]
                                   [--variants unet,...] [--msca-mode 2d] [--seed 0]
 
 For every variant, with random weights and random non-trivial BatchNorm statistics (float32, CPU):
