@@ -55,10 +55,10 @@ def torch_window_times(variant, features, window, image, overlap, batch, device:
     windows: blended on the host with NumPy, and on the GPU (`torch_sliding_window`)."""
     import torch
 
+    from experiments.torch_sliding_window import torch_sliding_window
     from livseg_jax.config import model_config
     from livseg_jax.inference.sliding_window import sliding_window_probs
     from livseg_jax.interop.torch_models import reparameterize_torch, torch_model_from_config
-    from livseg_jax.interop.torch_sliding_window import torch_sliding_window
 
     cfg = model_config(variant)
     cfg.features = tuple(features)

@@ -110,7 +110,8 @@ def run_torch(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
     import torch
 
     from livseg_jax.config import base_config
-    from livseg_jax.interop.torch_models import deep_supervision_loss_torch, torch_model_from_config
+    from livseg_jax.interop.torch_models import torch_model_from_config
+    from tools.torch_losses import deep_supervision_loss_torch
 
     torch.backends.cudnn.benchmark = True
     device = torch.device("cuda")

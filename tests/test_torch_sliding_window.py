@@ -5,8 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from experiments.torch_sliding_window import torch_sliding_window  # noqa: E402
 from livseg_jax.inference.sliding_window import sliding_window_probs  # noqa: E402
-from livseg_jax.interop.torch_sliding_window import torch_sliding_window  # noqa: E402
 
 
 def _network():
