@@ -1,14 +1,15 @@
-"""Times reading and writing a LiTS-sized .nii.gz: plain nibabel, `gzip_io`, zlib in memory, ISA-L.
+"""Times reading and writing a LiTS-sized .nii.gz: plain nibabel, Python's gzip read whole, ISA-L.
 
     python -m experiments.bench_nifti_io --out experiments/results/bench_nifti_io.json
     python -m experiments.bench_nifti_io --shape 64 64 32 --repeats 1 --out /tmp/smoke.json   # smoke test
 
-Needs numpy and nibabel only. `livseg_jax.data.gzip_io` (the package's multi-threaded gzip) and
-python-isal (`pip install isal`: `isal.igzip` and `isal.igzip_threaded`, ISA-L's inflate/deflate)
-are timed when they can be imported. The volumes are synthetic, made with NumPy: a 512x512x400
-int16 CT (air, an elliptic body of soft tissue with organs and bone, Gaussian noise of 20 HU
-everywhere, so gzip level 1 shrinks it 1.8x; real CT: about 2x) and a uint8 label map (liver and
-tumour ellipsoids).
+Needs numpy and nibabel only. python-isal (`pip install isal`: `isal.igzip` and
+`isal.igzip_threaded`, ISA-L's inflate/deflate) is timed when it can be imported, and so is
+`livseg_jax.data.gzip_io`, the multi-threaded gzip the package had until this benchmark had it
+removed (`git show 2d145a6:livseg_jax/data/gzip_io.py`), on checkouts that still have it. The
+volumes are synthetic, made with NumPy: a 512x512x400 int16 CT (air, an elliptic body of soft
+tissue with organs and bone, Gaussian noise of 20 HU everywhere, so gzip level 1 shrinks it 1.8x;
+real CT: about 2x) and a uint8 label map (liver and tumour ellipsoids).
 
 Each method turns the same `Nifti1Image` into a file and a file back into the voxel array, the
 median of `--repeats` runs on files in the page cache:
@@ -18,7 +19,7 @@ median of `--repeats` runs on files in the page cache:
 Methods: `nibabel` (`nib.load(...).dataobj`, `nib.save`: zlib, streamed, one thread); `gzip_io` as
 `livseg_jax.data.nifti` uses it (read into memory, parallel inflate where the file allows it;
 write: compressed in chunks on all cores); `gzip_whole` (Python's `gzip` reads the whole file,
-checking every member's CRC, then `from_bytes`: the read of `nifti.py` without `gzip_io`); `isal`
+checking every member's CRC, then `from_bytes`: the read of `nifti.py`); `isal`
 (`isal.igzip.decompress` in memory); `isal_threaded` (`isal.igzip_threaded.open` with all cores:
 reading inflates on one thread beside the reader thread, writing compresses blocks in parallel).
 Compression levels: zlib 1 (nibabel's default) and ISA-L 1 (its fastest but one); file sizes are
