@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import json
+import ast
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+from livseg_jax.atomic_write import write_json
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
 
 
 def environment() -> dict:
@@ -42,17 +46,48 @@ def environment() -> dict:
 
 
 def parse_overrides(text: str) -> dict[str, str]:
-    """Returns {"key": "value"} from "key=value,key=value" (model config overrides)."""
-    return dict(item.split("=", 1) for item in text.split(",") if item)
+    """Returns {"key": "value"} from "key=value,key=value" (model config overrides).
+
+    A comma starts a new item only where a `key=` follows, so a tuple value keeps its commas:
+    "features=(8,16,16,32,32),dtype=bfloat16".
+    """
+    items = [item for item in re.split(r",(?=\s*\w+\s*=)", text) if item.strip()]
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--overrides item {item!r} is not key=value")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def parse_value(text: str, current):
+    """Returns `text` parsed as a value of the type of `current` (bool, int, float, str or tuple)."""
+    if isinstance(current, bool):  # before int: bool("False") would be True
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return lowered in ("true", "1")
+    if isinstance(current, tuple):
+        value = ast.literal_eval(text if text.lstrip().startswith(("(", "[")) else f"({text},)")
+        if not isinstance(value, tuple | list):
+            raise ValueError(f"expected a tuple, got {text!r}")
+        return tuple(value)
+    if isinstance(current, int | float | str):
+        return type(current)(text)
+    raise ValueError(f"cannot override a value of type {type(current).__name__}")
 
 
 def apply_overrides(model_config, overrides: dict[str, str]):
-    """Sets each override on a `model` ConfigDict, converted to the type of the current value."""
+    """Returns `model_config` (a `model` ConfigDict) with each override set, parsed to the type of
+    the current value."""
     for key, value in overrides.items():
         if key not in model_config:
             raise SystemExit(f"unknown model config key {key!r} in --overrides")
-        current = model_config[key]
-        model_config[key] = eval(value) if isinstance(current, tuple) else type(current)(value)
+        try:
+            model_config[key] = parse_value(value, model_config[key])
+        except (ValueError, SyntaxError) as err:
+            raise SystemExit(f"--overrides {key}={value}: {err}") from None
     return model_config
 
 
@@ -73,12 +108,9 @@ def median_time(fn: Callable[[], None], sync: Callable[[], None], warmup: int, r
 
 def write_result(name: str, payload: dict) -> pathlib.Path:
     """Writes `payload` as results/<name>.json (and a copy under $OUT when set); returns the path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=1)
-    path = RESULTS / f"{name}.json"
-    path.write_text(text)
+    path = write_json(RESULTS / f"{name}.json", payload)
     if os.environ.get("OUT"):
-        pathlib.Path(os.environ["OUT"], f"{name}.json").write_text(text)
+        write_json(pathlib.Path(os.environ["OUT"], f"{name}.json"), payload)
     return path
 
 

@@ -2,7 +2,7 @@
 preprocess, both stages, restore, write; time per phase. Deploy vs training-form model, and the
 JAX window predictor against the PyTorch twin at the same sliding-window settings.
 
-    python experiments/bench_inference.py [--shape 512,512,400] [--variant elanres_msca_unet]
+    python -m experiments.bench_inference [--shape 512,512,400] [--variant elanres_msca_unet]
 
 The stage models have random weights, with the liver head biased to foreground everywhere: stage 1
 then keeps the whole body and stage 2 runs on all of it, the slowest case (a trained liver model
@@ -12,26 +12,29 @@ crops stage 2 to the liver). Timings exclude compilation (`Predictor.warmup`), w
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import apply_overrides, enable_compilation_cache, environment, parse_overrides, write_result  # noqa: E402
+from experiments.bench_common import (
+    apply_overrides,
+    enable_compilation_cache,
+    environment,
+    parse_overrides,
+    write_result,
+)
 
 
 def make_stage_dir(root: pathlib.Path, stage: str, variant: str, window, features, dtype: str,
                    force_foreground: bool, overrides: dict[str, str]) -> pathlib.Path:
-    """Writes random-weight variables for one stage (converted-weights format); returns the dir."""
+    """Writes random-weight variables for one stage as a run directory; returns the dir."""
     import jax
 
     from livseg_jax.config import base_config
-    from livseg_jax.interop.io import save_variables
     from livseg_jax.models import build_model, init_variables
+    from livseg_jax.run_dir import write_variables
 
     config = base_config()
     config.stage = stage
@@ -44,18 +47,17 @@ def make_stage_dir(root: pathlib.Path, stage: str, variant: str, window, feature
     variables = jax.device_get(init_variables(build_model(config.model), jax.random.key(0), (16, 32, 32)))
     if force_foreground:
         variables["params"]["head3"]["bias"] = np.array([-20.0, 20.0], np.float32)
-    return save_variables(root / stage, variables, config)
+    return write_variables(root / stage, variables, config)
 
 
 def torch_window_times(variant, features, window, image, overlap, batch, device: str = "cuda") -> dict:
     """Seconds for the PyTorch twin (eval, deploy form, bf16 autocast) over the same sliding
-    windows: blended on the host with NumPy, and on the GPU (`torch_sliding_window`)."""
+    windows, blended on the GPU (`torch_sliding_window`)."""
     import torch
 
+    from experiments.torch_sliding_window import torch_sliding_window
     from livseg_jax.config import model_config
-    from livseg_jax.inference.sliding_window import sliding_window_probs
     from livseg_jax.interop.torch_models import reparameterize_torch, torch_model_from_config
-    from livseg_jax.interop.torch_sliding_window import torch_sliding_window
 
     cfg = model_config(variant)
     cfg.features = tuple(features)
@@ -70,12 +72,7 @@ def torch_window_times(variant, features, window, image, overlap, batch, device:
         with torch.autocast(device, dtype=torch.bfloat16):
             return torch.softmax(model(t).float(), 1)
 
-    def on_host(x):
-        x = torch.from_numpy(x).to(device).permute(0, 4, 1, 2, 3)
-        return on_device(x).permute(0, 2, 3, 4, 1).cpu().numpy()
-
-    runs = {"host_blend_s": lambda: sliding_window_probs(image, on_host, window, overlap, batch),
-            "device_blend_s": lambda: torch_sliding_window(image, on_device, window, overlap, batch,
+    runs = {"device_blend_s": lambda: torch_sliding_window(image, on_device, window, overlap, batch,
                                                            device=device)}
     times = {}
     for name, run in runs.items():
@@ -152,32 +149,26 @@ def main() -> None:
     if args.torch:
         from livseg_jax.data import nifti
         from livseg_jax.data.preprocess import preprocess
-        from livseg_jax.inference.sliding_window import sliding_window_device, sliding_window_probs
+        from livseg_jax.inference.sliding_window import sliding_window
         from livseg_jax.inference.two_stage import load_stage_model
 
         image, geometry = nifti.read_image(tmp / "volume-0.nii.gz")
         stage = load_stage_model(liver_dir, "liver", deploy=True)
         pre, _, _ = preprocess(image, geometry.spacing, stage.preprocess_config)
         # Warm-ups on the full volume: the timed runs below include no compilation.
-        sliding_window_probs(pre, stage.predict, liver_window, stage.overlap, stage.batch_size)
-        sliding_window_device(pre, stage.window_fn, stage.variables, liver_window, stage.overlap,
-                              stage.batch_size, num_classes=stage.num_classes)
-        # Both return host arrays, so each run ends synchronised.
-        jax_host_s = best_of(lambda: sliding_window_probs(pre, stage.predict, liver_window, stage.overlap,
-                                                          stage.batch_size), lambda: None)
-        jax_device_s = best_of(lambda: sliding_window_device(pre, stage.window_fn, stage.variables, liver_window,
-                                                             stage.overlap, stage.batch_size,
-                                                             num_classes=stage.num_classes), lambda: None)
+        sliding_window(pre, stage.window_fn, stage.variables, liver_window, stage.overlap,
+                       stage.batch_size, num_classes=stage.num_classes)
+        # It returns a host array, so each run ends synchronised.
+        jax_device_s = best_of(lambda: sliding_window(pre, stage.window_fn, stage.variables, liver_window,
+                                                      stage.overlap, stage.batch_size,
+                                                      num_classes=stage.num_classes), lambda: None)
         torch_s = torch_window_times(args.variant, features, liver_window, pre, stage.overlap,
                                      stage.batch_size)
-        torch_row = {"liver_stage_windows_jax_host_blend_s": jax_host_s,
-                     "liver_stage_windows_jax_device_blend_s": jax_device_s,
-                     "liver_stage_windows_torch_host_blend_s": torch_s["host_blend_s"],
+        torch_row = {"liver_stage_windows_jax_device_blend_s": jax_device_s,
                      "liver_stage_windows_torch_device_blend_s": torch_s["device_blend_s"],
                      "preprocessed_shape": list(pre.shape)}
-        print(f"liver-stage sliding window: JAX {jax_host_s:.2f} s (host blending), {jax_device_s:.2f} s "
-              f"(device blending); PyTorch {torch_s['host_blend_s']:.2f} s (host blending), "
-              f"{torch_s['device_blend_s']:.2f} s (device blending)", flush=True)
+        print(f"liver-stage sliding window, blended on the device: JAX {jax_device_s:.2f} s, "
+              f"PyTorch {torch_s['device_blend_s']:.2f} s", flush=True)
 
     payload = {"benchmark": "inference", "raw_shape": shape, "spacing_mm": spacing, "overrides": overrides,
                "variant": args.variant, "features": features, "dtype": args.dtype,

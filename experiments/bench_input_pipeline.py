@@ -1,7 +1,7 @@
 """Input pipeline throughput: training patches per second with 0, 2 and all grain workers on
 LiTS-sized synthetic volumes (cached and preprocessed first, as in training).
 
-    python experiments/bench_input_pipeline.py [--cases 2] [--shape 512,512,300] [--patch 48,256,256]
+    python -m experiments.bench_input_pipeline [--cases 2] [--shape 512,512,300] [--patch 48,256,256]
 
 Writes experiments/results/bench_input_pipeline.json and prints a Markdown table.
 """
@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import environment, write_result  # noqa: E402
+from experiments.bench_common import environment, write_result
 
 
 def main() -> None:

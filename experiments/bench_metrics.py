@@ -1,8 +1,8 @@
 """Times the full metric set of `livseg_jax.metrics` on one synthetic CT-sized case.
 
-    python experiments/bench_metrics.py                 # 512x512x500, writes the JSON below
-    python experiments/bench_metrics.py --medpy         # also times medpy's full-volume assd+hd95
-    python experiments/bench_metrics.py --shape 256 256 200 --repeats 1
+    python -m experiments.bench_metrics                 # 512x512x500, writes the JSON below
+    python -m experiments.bench_metrics --medpy         # also times medpy's full-volume assd+hd95
+    python -m experiments.bench_metrics --shape 256 256 200 --repeats 1
 
 The case: a liver-sized, irregular blob (about 1.6 L) with a few tumours inside, at a spacing of
 0.75 x 0.75 x 1.0 mm, and a prediction that is the truth deformed (surface noise, a small shift),
@@ -19,7 +19,6 @@ import pathlib
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,13 +27,12 @@ import numpy as np
 import scipy
 from scipy import ndimage
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from livseg_jax import metrics  # noqa: E402
+from experiments.bench_common import RESULTS
+from livseg_jax import metrics
+from livseg_jax.atomic_write import write_json
 
 SPACING = (0.75, 0.75, 1.0)  # mm, (X, Y, Z): a typical LiTS in-plane spacing and 1 mm slices
-DEFAULT_OUT = REPO / "experiments" / "results" / "bench_metrics.json"
+DEFAULT_OUT = RESULTS / "bench_metrics.json"
 
 
 def _smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, cells: int = 6) -> np.ndarray:
@@ -183,7 +181,7 @@ def run(shape: tuple[int, int, int], repeats: int, with_medpy: bool) -> dict[str
     lesions = results["tumour: lesion_detection"]
     box = metrics.bounding_box(lp | lt)
     return {
-        "command": " ".join(["python", "experiments/bench_metrics.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", "experiments.bench_metrics", *sys.argv[1:]]),
         "case": {
             "shape_xyz": list(shape),
             "spacing_mm": list(SPACING),
@@ -208,20 +206,6 @@ def run(shape: tuple[int, int, int], repeats: int, with_medpy: bool) -> dict[str
     }
 
 
-def _write_json(record: dict[str, Any], path: pathlib.Path) -> None:
-    """Writes `record` to `path` atomically (temp file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parses flags, runs the benchmark, prints a table and writes the JSON record."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -240,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, t in record["timings"].items():
         print(f"{name:<55} {t['median_s']:>9.3f} {t['min_s']:>8.3f}")
     print(json.dumps(record["results"], indent=1))
-    _write_json(record, args.out)
+    write_json(args.out, record, indent=2)
     print(f"wrote {args.out}")
 
 

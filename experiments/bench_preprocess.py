@@ -3,21 +3,18 @@ and of the body-mask steps it replaced: scipy's binary opening against the separ
 opening, and `np.bincount` component sizes against counting inside each component's box; and
 stage 1's largest component of a speckled mask with and without finding every component's box.
 
-    python experiments/bench_preprocess.py [--shape 512,512,400] [--repeats 3]
+    python -m experiments.bench_preprocess [--shape 512,512,400] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import environment, write_result  # noqa: E402
+from experiments.bench_common import environment, write_result
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -1,6 +1,6 @@
 """Data-parallel training throughput on 1..N GPUs of one host at a fixed per-GPU batch (weak scaling).
 
-    python experiments/bench_scaling.py [--devices 1,2,4,8] [--dtypes bfloat16,float32]
+    python -m experiments.bench_scaling [--devices 1,2,4,8] [--dtypes bfloat16,float32]
         [--per-device-batch 2] [--patch 48,256,256] [--pipeline-cases 2]
 
 The same jitted step as training (`livseg_jax.training.step`): batch sharded over a `data` mesh
@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
 import pathlib
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (  # noqa: E402
+from experiments.bench_common import (
     apply_overrides,
     enable_compilation_cache,
     environment,

@@ -1,7 +1,7 @@
 """Train-step time and peak memory: JAX (float32, bf16) against the PyTorch twins (eager float32,
 eager AMP bf16 channels_last_3d, torch.compile), same weights, same data.
 
-    python experiments/bench_train_step.py --variants elanres_msca_unet \
+    python -m experiments.bench_train_step --variants elanres_msca_unet \
         --modes jax_bf16,torch_amp,torch_compile [--patch 48,256,256 --batch 2 --steps 20]
 
 A step is forward + backward + Adam with HybridLoss1 and deep supervision (SPEC 2). Each
@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (  # noqa: E402
+from experiments.bench_common import (
+    REPO,
     apply_overrides,
     enable_compilation_cache,
     environment,
@@ -79,7 +78,8 @@ def lower_jax_step(variant: str, mode: str, patch, batch: int):
 
 def run_jax(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
     import jax
-    from roofline import device_peaks, roofline, step_cost
+
+    from experiments.roofline import device_peaks, roofline, step_cost
 
     enable_compilation_cache()
     t0 = time.perf_counter()
@@ -110,7 +110,8 @@ def run_torch(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
     import torch
 
     from livseg_jax.config import base_config
-    from livseg_jax.interop.torch_models import deep_supervision_loss_torch, torch_model_from_config
+    from livseg_jax.interop.torch_models import torch_model_from_config
+    from tools.torch_losses import deep_supervision_loss_torch
 
     torch.backends.cudnn.benchmark = True
     device = torch.device("cuda")
@@ -193,10 +194,11 @@ def main() -> None:
         for mode in args.modes.split(","):
             if mode not in MODES:
                 raise SystemExit(f"unknown mode {mode!r}; choose from {MODES}")
-            cmd = [sys.executable, __file__, "--case", f"{variant}:{mode}", "--patch", args.patch,
-                   "--batch", str(args.batch), "--steps", str(args.steps), "--overrides", args.overrides]
+            cmd = [sys.executable, "-m", "experiments.bench_train_step", "--case", f"{variant}:{mode}",
+                   "--patch", args.patch, "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--overrides", args.overrides]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             row = {"variant": variant, "mode": mode, "wall_s": time.perf_counter() - t0}
             if proc.returncode or not found:

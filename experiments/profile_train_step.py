@@ -1,7 +1,7 @@
 """Where the JAX train step's device time goes: kernel time per step, grouped by kernel kind and
 by the model layer that issued it.
 
-    XLA_FLAGS=--xla_gpu_force_conv_nhwc=true python experiments/profile_train_step.py \
+    XLA_FLAGS=--xla_gpu_force_conv_nhwc=true python -m experiments.profile_train_step \
         --mode jax_bf16 --overrides depthwise_impl=shift,pointwise_impl=einsum --tag h100
 
 Compiles the same step as `bench_train_step.py`, runs a few steps under `jax.profiler.trace`,
@@ -24,12 +24,10 @@ import os
 import pathlib
 import re
 import shutil
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_train_step as bench  # noqa: E402
-from bench_common import enable_compilation_cache, environment, parse_overrides, write_result  # noqa: E402
+from experiments import bench_train_step as bench
+from experiments.bench_common import enable_compilation_cache, environment, parse_overrides, write_result
 
 KIND_PATTERNS = (  # first match wins; kernel names from cuDNN, cuBLAS, CUTLASS, Triton and XLA
     ("convolution", re.compile(r"conv|xmma_fprop|xmma_dgrad|xmma_wgrad|implicit_gemm|cudnn|winograd", re.I)),

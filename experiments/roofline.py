@@ -1,7 +1,7 @@
 """Roofline terms for a compiled JAX step: its FLOPs and bytes (XLA cost analysis) against the
 device's measured peak matmul rate and memory bandwidth.
 
-    python experiments/roofline.py experiments/results/bench_train_step_h100_einsum_side_by_side.json
+    python -m experiments.roofline experiments/results/bench_train_step_h100_einsum_side_by_side.json
 
 As a script it completes a `bench_train_step` result on the CPU: XLA's GPU cost analysis does not
 count the FLOPs of cuDNN convolutions, so the model's FLOPs come from the traced program (the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 if __name__ == "__main__":  # the report only traces programs: no accelerator needed
@@ -104,9 +103,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="bench_train_step JSON files")
     args = parser.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_train_step as bench
-    from bench_common import write_result
+    from experiments import bench_train_step as bench
+    from experiments.bench_common import write_result
 
     print("| file | mode | median ms | TFLOP/step | compute bound ms | memory bound ms | x bound |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -1,7 +1,7 @@
 """Trains the CPU demo models (configs/liver.py, configs/tumor.py) on the built-in synthetic data
 and reports the validation Dice and wall time of each stage.
 
-    python experiments/train_demo.py [--stages liver,tumor] [--workdir runs/demo]
+    python -m experiments.train_demo [--stages liver,tumor] [--workdir runs/demo]
 
 Writes experiments/results/train_demo.json. Reruns resume from the run directories, so remove
 them for a fresh timing.
@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import pathlib
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import environment, write_result  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from experiments.bench_common import REPO, environment, write_result
 
 
 def load_config(stage: str):

@@ -443,17 +443,3 @@ def tumor_size_study(
         for case_id, pred, truth, spacing in cases
     ]
     return tumor_size_groups(rows, threshold=threshold)
-
-
-def format_tumor_size_table(study: Mapping[str, Any]) -> str:
-    """Returns the tumour-size study as a small Markdown table (one line per Dice group)."""
-    lines = [
-        "| group | cases | tumours | mean major axis (mm) |",
-        "|---|---|---|---|",
-    ]
-    for name, g in study["groups"].items():
-        lines.append(
-            f"| {name} | {g['n_cases']} | {g['n_tumors']} | "
-            f"{g['mean_major_axis_mm']:.2f} ± {g['std_major_axis_mm']:.2f} |"
-        )
-    return "\n".join(lines)

@@ -23,10 +23,12 @@ torch = pytest.importorskip("torch")
 from livseg_jax import losses, run_dir  # noqa: E402
 from livseg_jax.config import base_config, model_config  # noqa: E402
 from livseg_jax.convert import convert_from_torch, convert_to_torch  # noqa: E402
-from livseg_jax.interop import io, mapping, parity  # noqa: E402
+from livseg_jax.interop import io, mapping  # noqa: E402
 from livseg_jax.interop import torch_models as tm  # noqa: E402
 from livseg_jax.models import VARIANTS, build_model, reparameterize  # noqa: E402
 from livseg_jax.models.msca import MSCABlock  # noqa: E402
+from tools import parity  # noqa: E402
+from tools.torch_losses import deep_supervision_loss_torch  # noqa: E402
 
 torch.set_num_threads(2)
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -132,7 +134,7 @@ def one_step():
     opt = torch.optim.Adam(torch_model.parameters(), lr=optim.learning_rate, betas=(optim.b1, optim.b2),
                            eps=optim.eps)
     heads_t = torch_model(torch.from_numpy(np.moveaxis(x, -1, 1)))
-    loss_t, per_head_t = tm.deep_supervision_loss_torch(heads_t, torch.from_numpy(labels), loss_cfg, ds_alpha)
+    loss_t, per_head_t = deep_supervision_loss_torch(heads_t, torch.from_numpy(labels), loss_cfg, ds_alpha)
     opt.zero_grad()
     loss_t.backward()
     grads_t = {k: p.grad.numpy().copy() for k, p in torch_model.named_parameters()}
@@ -423,7 +425,7 @@ def test_convert_cli_and_torch_free_imports(tmp_path):
     state_dict = parity.torch_state_numpy(tm.torch_model_from_config(config.model))
     io.save_state_dict(tmp_path / "in.pt", state_dict)
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    check = ("import sys, livseg_jax, livseg_jax.models, livseg_jax.interop, livseg_jax.interop.parity, "
+    check = ("import sys, livseg_jax, livseg_jax.models, livseg_jax.interop, tools.parity, "
              "livseg_jax.convert; assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", check], check=True, env=env, cwd=REPO)
     cmd = [sys.executable, "-m", "livseg_jax.convert", "--config=configs/liver.py:unet",

@@ -230,21 +230,16 @@ def test_real_hu_volume_gives_no_warning(tmp_path, recwarn):
 
 @pytest.mark.parametrize("name", ["pred.nii.gz", "pred.nii"])
 def test_failed_write_leaves_no_file_behind(tmp_path, monkeypatch, name):
-    from livseg_jax.data import gzip_io
-
     case = nifti.read_case(_save(tmp_path / "v.nii.gz", _ct((6, 6, 4))))
     out = tmp_path / "out"
     out.mkdir()
     (out / name).write_bytes(b"old")
 
-    def broken_write(img_or_path, path_or_data, *args, **kwargs):
-        target = img_or_path if name.endswith(".gz") else path_or_data  # write_file(path, data) / save(img, path)
-        pathlib.Path(target).write_bytes(b"half")
+    def broken_write(img, path, *args, **kwargs):
+        pathlib.Path(path).write_bytes(b"half")
         raise OSError("disk full")
 
-    # .nii.gz goes through the parallel gzip writer, .nii through nibabel.
-    monkeypatch.setattr(gzip_io, "write_file", broken_write)
-    monkeypatch.setattr(nib, "save", broken_write)
+    monkeypatch.setattr(nib, "save", broken_write)  # .nii.gz and .nii alike
     with pytest.raises(OSError, match="disk full"):
         nifti.write_label_map(np.zeros((4, 6, 6), np.uint8), case.geometry, out / name)
     assert sorted(os.listdir(out)) == [name]
@@ -256,3 +251,119 @@ def test_write_label_map_rejects_wrong_shape_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="does not match the grid"):
         nifti.write_label_map(np.zeros((6, 6, 4), np.uint8), case.geometry, tmp_path / "o.nii.gz")
     assert not list(tmp_path.glob("*o.nii.gz*"))
+
+
+# ------------------------------------------------------------ .nii.gz: read whole, members checked
+
+
+def _nibabel_images():
+    rng = np.random.default_rng(3)
+    affine = np.array([[-0.7, 0, 0, 120], [0, -0.7, 0, 90], [0, 0, 1.6, -40], [0, 0, 0, 1.0]])
+    hu = rng.integers(-1000, 1500, (24, 20, 9)).astype(np.int16)
+    scaled = nib.Nifti1Image(hu, affine)
+    scaled.header.set_slope_inter(0.5, -1024.0)
+    scaled.header.set_qform(affine, code=1)
+    scaled.header.set_sform(affine, code=2)
+    scaled.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"written by nibabel"))
+    labels = nib.Nifti1Image((hu > 200).astype(np.uint8), affine)
+    floats = nib.Nifti2Image(hu.astype(np.float32) / 3, affine)
+    return {"int16_scaled": scaled, "uint8": labels, "nifti2_float32": floats}
+
+
+def _multi_member_gzip(data: bytes, chunk: int) -> bytes:
+    """Returns `data` as a gzip file of one member per `chunk` bytes (as bgzip and pigz -i write)."""
+    return b"".join(gzip.compress(data[i:i + chunk], 1) for i in range(0, len(data), chunk))
+
+
+@pytest.mark.parametrize("name", ["int16_scaled", "uint8", "nifti2_float32"])
+def test_nibabel_written_files_are_read_identically(tmp_path, name):
+    img = _nibabel_images()[name]
+    path = tmp_path / f"{name}.nii.gz"
+    nib.save(img, path)
+    ref = nib.load(path)
+    ours = nifti.load_image(path)
+    assert type(ours) is type(ref)
+    assert ours.header.binaryblock == ref.header.binaryblock
+    assert [e.get_content() for e in ours.header.extensions] == [e.get_content() for e in ref.header.extensions]
+    np.testing.assert_array_equal(ours.affine, ref.affine)
+    np.testing.assert_array_equal(ours.get_fdata(), ref.get_fdata())
+    np.testing.assert_array_equal(np.asanyarray(ours.dataobj), np.asanyarray(ref.dataobj))
+    # The same volume uncompressed goes through nibabel alone: the internal arrays agree.
+    nib.save(img, tmp_path / "plain.nii")
+    if name == "uint8":
+        a, ga = nifti.read_label(path)
+        b, gb = nifti.read_label(tmp_path / "plain.nii")
+        assert a.dtype == np.uint8
+    else:
+        a, ga = nifti.read_image(path)
+        b, gb = nifti.read_image(tmp_path / "plain.nii")
+    np.testing.assert_array_equal(a, b)
+    assert ga.header.binaryblock == gb.header.binaryblock
+
+
+def test_multi_member_and_zero_padded_files_are_read_whole(tmp_path):
+    img = _nibabel_images()["int16_scaled"]
+    raw = img.to_bytes()
+    expected = np.asanyarray(nib.Nifti1Image.from_bytes(raw).dataobj)
+    path = tmp_path / "v.nii.gz"
+    for stream in (_multi_member_gzip(raw, 1000), gzip.compress(raw) + b"\x00" * 16):
+        path.write_bytes(stream)
+        np.testing.assert_array_equal(np.asanyarray(nifti.load_image(path).dataobj), expected)
+
+
+def test_label_map_write_read_round_trip(tmp_path):
+    img = _nibabel_images()["int16_scaled"]
+    nib.save(img, tmp_path / "v.nii.gz")
+    case = nifti.read_case(tmp_path / "v.nii.gz")
+    labels = (case.image > 0).astype(np.uint8) + (case.image > 500)
+    out = nifti.write_label_map(labels, case.geometry, tmp_path / "pred.nii.gz")
+    back = nib.load(out)  # nibabel's own loader
+    assert back.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(back.affine, nib.load(tmp_path / "v.nii.gz").affine)
+    for key in ("qform_code", "sform_code", "pixdim", "srow_x", "quatern_b"):
+        np.testing.assert_array_equal(back.header[key], img.header[key])
+    again, _ = nifti.read_label(out, expected=case.geometry)
+    np.testing.assert_array_equal(again, labels)
+    with gzip.open(out) as f:  # and Python's gzip module
+        assert f.read() == nib.load(out).to_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.nii.gz", "v.nii.gz"]
+
+
+def test_labels_are_read_in_their_stored_dtype_and_written_in_disk_order(tmp_path):
+    img = _nibabel_images()["uint8"]
+    nib.save(img, tmp_path / "s.nii.gz")
+    loaded = nifti.load_image(tmp_path / "s.nii.gz")
+    assert nifti.read_voxels(loaded, "s", None).dtype == np.uint8  # not float64 via get_fdata
+    labels, geometry = nifti.read_label(tmp_path / "s.nii.gz")
+    disk = nifti.from_internal(labels, geometry)
+    assert disk.flags.f_contiguous  # NIfTI order: nibabel writes it without transposing
+    np.testing.assert_array_equal(disk, np.asanyarray(img.dataobj))
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("truncate", r"seg\.nii\.gz: cannot read voxel data \(truncated or corrupt file\?\): gzip data is truncated"),
+        ("flip", r"seg\.nii\.gz: cannot read voxel data \(truncated or corrupt file\?\): corrupt gzip data"),
+        ("crc", r"seg\.nii\.gz: cannot read voxel data \(truncated or corrupt file\?\): corrupt gzip data"),
+        ("header", r"seg\.nii\.gz: cannot read as NIfTI \(corrupt or not an image file\)"),
+        ("not gzip", r"seg\.nii\.gz: cannot read as NIfTI \(corrupt or not an image file\): not a gzip file"),
+    ],
+)
+def test_damaged_nifti_gz_gives_data_error_naming_the_file(tmp_path, damage, message):
+    img = nib.Nifti1Image(np.random.default_rng(0).integers(-1000, 1000, (40, 40, 30)).astype(np.int16), np.eye(4))
+    path = tmp_path / "seg.nii.gz"
+    raw = bytearray(_multi_member_gzip(img.to_bytes(), 16_000))
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+    elif damage == "crc":
+        raw[-8] ^= 0x01  # CRC-32 of the last member: its data decodes, only reading to the end finds it
+    elif damage == "header":
+        raw = raw[:30]
+    else:
+        raw = bytearray(img.to_bytes())  # an uncompressed NIfTI named .nii.gz
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=message):
+        nifti.read_case(path)

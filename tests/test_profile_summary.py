@@ -1,10 +1,6 @@
 """experiments/profile_train_step.py's trace summary: kernel kinds, layers from HLO metadata."""
 
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-from profile_train_step import hlo_op_names, kernel_kind, layer_of, summarise  # noqa: E402
+from experiments.profile_train_step import hlo_op_names, kernel_kind, layer_of, summarise
 
 HLO = """
 %fused_computation.7 (param_0: bf16[8]) -> bf16[8] {

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 
 from sliding_window_oracle import sliding_window_probs  # noqa: E402
 
-from livseg_jax.interop.torch_sliding_window import torch_sliding_window  # noqa: E402
+from experiments.torch_sliding_window import torch_sliding_window  # noqa: E402
 
 
 def _network():

@@ -6,7 +6,7 @@ result each time points at the graph, a varying one at a kernel or memory race);
 `--modules`, reports the forward pass before the bad step module by module (output finite?
 largest magnitude?).
 
-    python tools/diagnose_nonfinite.py --dtype bfloat16 --patch 48,256,256 --steps 8 [--no-donate]
+    python -m tools.diagnose_nonfinite --dtype bfloat16 --patch 48,256,256 --steps 8 [--no-donate]
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench_common import apply_overrides, parse_overrides
+from livseg_jax.atomic_write import write_text
 from livseg_jax.config import base_config
 from livseg_jax.models import build_model
 from livseg_jax.training.schedules import make_optimizer
@@ -69,9 +71,7 @@ def main() -> None:
     config = base_config()
     config.model.name, config.model.dtype = args.variant, args.dtype
     config.model.features = tuple(int(v) for v in args.features.split(","))
-    for item in filter(None, args.overrides.split(",")):
-        key, value = item.split("=", 1)
-        config.model[key] = value
+    apply_overrides(config.model, parse_overrides(args.overrides))
     if args.learning_rate is not None:
         config.optim.learning_rate = args.learning_rate
     patch = tuple(int(v) for v in args.patch.split(","))
@@ -120,8 +120,7 @@ def main() -> None:
             print(f"forward before step {bad_step}: {len(bad)} of {len(rows)} module outputs non-finite:", bad[:10])
             report["modules"] = rows
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+        write_text(args.json, json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

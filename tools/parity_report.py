@@ -1,6 +1,6 @@
 """Print how closely the PyTorch twins reproduce the Flax models, per variant and per head.
 
-    python tools/parity_report.py [--features 8,16,16,32,32] [--patch 16,32,32] [--batch 2]
+    python -m tools.parity_report [--features 8,16,16,32,32] [--patch 16,32,32] [--batch 2]
                                   [--variants unet,...] [--msca-mode 2d] [--seed 0]
 
 For every variant, with random weights and random non-trivial BatchNorm statistics (float32, CPU):
@@ -29,9 +29,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from livseg_jax.config import model_config  # noqa: E402
-from livseg_jax.interop import mapping, parity  # noqa: E402
+from livseg_jax.interop import mapping  # noqa: E402
 from livseg_jax.interop import torch_models as tm  # noqa: E402
 from livseg_jax.models import VARIANTS, build_model, reparameterize  # noqa: E402
+from tools import parity  # noqa: E402
+from tools.torch_losses import deep_supervision_loss_torch  # noqa: E402
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -78,7 +80,7 @@ def _step_row(cfg, torch_model, variables, x: np.ndarray) -> str:
                            eps=optim.eps)
     before = {k: p.detach().numpy().copy() for k, p in torch_model.named_parameters()}
     heads = torch_model(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))))
-    loss_t, _ = tm.deep_supervision_loss_torch(heads, torch.from_numpy(labels), loss_cfg, loss_cfg.ds_alpha)
+    loss_t, _ = deep_supervision_loss_torch(heads, torch.from_numpy(labels), loss_cfg, loss_cfg.ds_alpha)
     opt.zero_grad()
     loss_t.backward()
     grads_t = {k: p.grad.numpy().copy() for k, p in torch_model.named_parameters()}

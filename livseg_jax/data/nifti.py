@@ -10,17 +10,18 @@ the input's grid (`write_label_map`).
 Every problem with an input raises `DataError` (a `ValueError`) whose message starts with the
 file's path; intensities that do not look like Hounsfield units raise a `HUWarning`.
 
-`.nii.gz` files go through `gzip_io` instead of nibabel's streaming gzip: reading inflates the whole
-file in memory (members written here in parallel) and nibabel parses the bytes; writing serialises
-the image uncompressed in memory and compresses it in chunks on all cores (a multi-member gzip file
-that every gzip reader accepts). Arrays are handed to nibabel in Fortran (NIfTI disk) order, so
-nibabel does not transpose them again on write.
+A `.nii.gz` file is inflated completely when it is loaded (Python's `gzip`: every member's CRC and
+length are checked, so a damaged file is reported there, not half-read) and nibabel parses the
+bytes; writing is nibabel's (zlib level 1). Arrays are handed to nibabel in Fortran (NIfTI disk)
+order, so nibabel does not transpose them again on write.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import gzip
+import io
 import os
 import pathlib
 import warnings
@@ -31,7 +32,6 @@ import nibabel as nib
 import numpy as np
 
 from livseg_jax.atomic_write import atomic_path
-from livseg_jax.data import gzip_io
 
 PathLike = str | os.PathLike
 LABEL_VALUES = (0, 1, 2)  # LiTS: background, liver, tumour
@@ -137,27 +137,36 @@ def _nifti_class_of(raw: bytes) -> type[nib.Nifti1Image] | None:
     return None
 
 
+def _gzip_damage(error: Exception) -> str | None:
+    """Returns what is wrong with a gzip stream that raised `error`, or None for other errors."""
+    if isinstance(error, EOFError):
+        return "gzip data is truncated"
+    if isinstance(error, gzip.BadGzipFile) and str(error).startswith("Not a gzipped file"):
+        return f"not a gzip file ({error})"
+    if isinstance(error, gzip.BadGzipFile | zlib.error):  # CRC or length mismatch, bad deflate data
+        return f"corrupt gzip data ({error})"
+    return None
+
+
 def _load_nifti_gz(path: pathlib.Path) -> nib.Nifti1Image:
-    """Returns the image of a `.nii.gz` inflated in memory by `gzip_io`, or raises DataError."""
+    """Returns the image of a `.nii.gz` inflated in memory, or raises DataError naming the file."""
     try:
-        parts = gzip_io.read_file_parts(path)
-    except gzip_io.GzipDataError as e:
-        if _nifti_class_of(_partial_header(path)) is not None:
+        with gzip.open(path, "rb") as f:  # to the end: every member's CRC and length are checked
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        damage = _gzip_damage(e)
+        if damage is not None and _nifti_class_of(_partial_header(path)) is not None:
             # The header is intact: the damage is in the voxel data (as nibabel would report it).
-            raise DataError(f"{path}: cannot read voxel data (truncated or corrupt file?): {e.detail}") from e
-        raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e.detail}") from e
-    except OSError as e:
-        raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
-    stream = gzip_io.PartsReader(parts)  # nibabel reads the pieces in place (no joined copy)
-    klass = _nifti_class_of(stream.read(nib.Nifti2Header.sizeof_hdr))
+            raise DataError(f"{path}: cannot read voxel data (truncated or corrupt file?): {damage}") from e
+        raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {damage or e}") from e
+    klass = _nifti_class_of(raw)
     if klass is None:
         raise DataError(
             f"{path}: cannot read as NIfTI (corrupt or not an image file): no NIfTI-1 or NIfTI-2 header "
-            f"in the {stream.seek(0, os.SEEK_END)} decompressed bytes"
+            f"in the {len(raw)} decompressed bytes"
         )
-    stream.seek(0)
     try:
-        return klass.from_stream(stream)
+        return klass.from_stream(io.BytesIO(raw))
     except Exception as e:  # nibabel raises many types for bad bytes
         raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
 
@@ -175,8 +184,8 @@ def _partial_header(path: pathlib.Path) -> bytes:
 def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
     """Returns the nibabel image (header read, voxels not yet) or raises DataError naming the file.
 
-    A `.nii.gz` is inflated completely here (see `gzip_io`), so truncated or corrupt compressed
-    data is reported by this function.
+    A `.nii.gz` is inflated completely here, so truncated or corrupt compressed data is reported by
+    this function.
     """
     path = pathlib.Path(path)
     if not path.exists():
@@ -349,22 +358,10 @@ def read_case(image_path: PathLike, label_path: PathLike | None = None, case_id:
     )
 
 
-def save_nifti(
-    img: nib.Nifti1Image,
-    path: PathLike,
-    compresslevel: int = gzip_io.DEFAULT_LEVEL,
-    threads: int | None = None,
-) -> pathlib.Path:
-    """Returns `path` after writing `img` to it atomically (temp file, then rename).
-
-    A NIfTI-1/2 image to `.nii.gz` is serialised in memory and compressed by `gzip_io` in `threads`
-    threads (None: all CPUs) at `compresslevel`; anything else is written by `nib.save`.
-    """
-    with atomic_path(path) as tmp:
-        if is_nifti_gz(path) and isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
-            gzip_io.write_file(tmp, img.to_bytes(), level=compresslevel, threads=threads)
-        else:
-            nib.save(img, tmp)
+def save_nifti(img: nib.Nifti1Image, path: PathLike) -> pathlib.Path:
+    """Returns `path` after writing `img` to it atomically with `nib.save` (temp file, then rename)."""
+    with atomic_path(path) as tmp:  # the temporary name keeps `.nii.gz`: nibabel compresses by it
+        nib.save(img, tmp)
     return pathlib.Path(path)
 
 

@@ -1,8 +1,8 @@
 """PyTorch interchange: a name table and converters (numpy only), safe weight-file I/O, and the
 PyTorch twins of the model family.
 
-Importing this package never imports torch; `livseg_jax.interop.torch_models` (the twins, their
-re-parameterisation and the torch losses) does, and needs the `torch` extra.
+Importing this package never imports torch; `livseg_jax.interop.torch_models` (the twins and their
+re-parameterisation) does, and needs the `torch` extra.
 """
 
 from livseg_jax.interop.io import load_state_dict, save_state_dict

@@ -1,7 +1,7 @@
 """Sliding-window inference for the PyTorch twins, blended on the torch device.
 
 The comparison partner of `livseg_jax.inference.sliding_window.sliding_window` in
-`experiments/bench_inference.py`: the same windows, Gaussian weights and padding (it reuses their
+`python -m experiments.bench_inference`: the same windows, Gaussian weights and padding (it reuses their
 NumPy definitions), with the volume, the accumulators and the argmax kept on the torch device, as
 a PyTorch user would write it. Tested against the NumPy reference in tests/sliding_window_oracle.py. This
 module imports torch at import time (the `torch` extra).

@@ -1,7 +1,7 @@
 """Helpers that put the two frameworks side by side: random non-trivial weights, forward passes
 that return every deep-supervision head, error measures, and the BatchNorm running-variance rule.
 
-Used by tests/test_interop.py and tools/parity_report.py. Imports torch lazily.
+Used by tests/test_interop.py and `python -m tools.parity_report`. Imports torch lazily.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Developer utilities, run from the repository root as `python -m tools.NAME`."""
