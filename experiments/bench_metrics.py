@@ -32,6 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from livseg_jax import metrics  # noqa: E402
+from livseg_jax.data.regions import bbox_of  # noqa: E402
 
 SPACING = (0.75, 0.75, 1.0)  # mm, (X, Y, Z): a typical LiTS in-plane spacing and 1 mm slices
 DEFAULT_OUT = REPO / "experiments" / "results" / "bench_metrics.json"
@@ -181,7 +182,7 @@ def run(shape: tuple[int, int, int], repeats: int, with_medpy: bool) -> dict[str
         )
     liver_row = results["liver: binary_metrics (all 7)"]
     lesions = results["tumour: lesion_detection"]
-    box = metrics.bounding_box(lp | lt)
+    box = bbox_of(lp | lt)
     return {
         "command": " ".join(["python", "experiments/bench_metrics.py", *sys.argv[1:]]),
         "case": {

@@ -5,8 +5,8 @@ For one CT volume in internal (D, H, W) order and HU:
 2. Stage 1: sliding-window liver probabilities, argmax, keep the largest connected component.
    No liver: the case's label map is all background and a warning says so.
 3. Stage 2: the preprocessed volume cropped to the liver's bounding box grown by the tumour
-   model's `data.liver_margin_mm` (converted to voxels with `pipeline.liver_crop_margin`, exactly
-   as the training crops were made); tumour voxels outside the stage-1 liver are removed.
+   model's `data.liver_margin_mm` (`stages.liver_crop_box`, exactly as the training crops were
+   made); tumour voxels outside the stage-1 liver are removed.
    When the tumour model was trained with other preprocessing settings, the volume is preprocessed
    again with them and the liver mask is carried over through the original grid.
 4. `restore` maps the 0/1/2 map back onto the original grid (shape, and with the input's geometry
@@ -25,16 +25,16 @@ import os
 import pathlib
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
-from scipy import ndimage
 
 from livseg_jax.data import nifti
-from livseg_jax.data.pipeline import liver_crop_margin
-from livseg_jax.data.preprocess import bbox_of, component_sizes, paste_into, preprocess, restore
+from livseg_jax.data.preprocess import PreprocessSettings, preprocess, restore
+from livseg_jax.data.regions import largest_component, paste_into
+from livseg_jax.data.stages import liver_crop_box
 from livseg_jax.inference.sliding_window import (
     WindowFn,
     bind_variables,
@@ -49,8 +49,6 @@ from livseg_jax.training.checkpoint import load_inference_variables
 STAGES = ("liver", "tumor")
 # progress(phase, number of windows) -> callback(windows done); phase is "liver" or "tumor".
 ProgressFn = Callable[[str, int], Callable[[int], None]]
-PREPROCESS_KEYS = ("body_threshold_hu", "inplane_factor", "target_slice_spacing", "hu_min", "hu_max",
-                   "hu_scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +58,7 @@ class StageModel:
     stage: str  # "liver" or "tumor"
     predict: WindowFn  # windows (N, D, H, W, 1) -> probabilities (N, D, H, W, K)
     window: tuple[int, int, int]
-    preprocess_config: Mapping[str, Any]
+    preprocessing: PreprocessSettings
     overlap: float = 0.5
     batch_size: int = 2
     sigma_scale: float = 0.125
@@ -75,7 +73,7 @@ class StageModel:
     @property
     def pad_value(self) -> float:
         """Returns the scaled intensity of air, used to pad windows beyond the volume."""
-        return float(self.preprocess_config["hu_min"]) / float(self.preprocess_config["hu_scale"])
+        return self.preprocessing.air_value
 
     def settings(self) -> dict[str, Any]:
         """Returns the JSON-serialisable settings of this stage (window, overlap, source ...)."""
@@ -112,17 +110,6 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
-    """Returns the largest connected component of a (D, H, W) mask as bool (empty stays empty)."""
-    structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
-    labels, n = ndimage.label(mask, structure=structure)
-    if n <= 1:
-        return labels > 0
-    # Boxes only when few components: a noisy mask has 10^5 of them, and find_objects over those
-    # costs more than the labelling.
-    return labels == int(np.argmax(component_sizes(labels, None, n)))
-
-
 def stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
     """Returns the stage's foreground mask (D, H, W) bool: argmax of blended window probabilities."""
     callback = None
@@ -136,11 +123,6 @@ def stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None
     probs = sliding_window_probs(image, model.predict, model.window, model.overlap, model.batch_size,
                                  model.sigma_scale, model.pad_value, callback)
     return probs.argmax(-1) > 0
-
-
-def same_preprocessing(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Returns whether two preprocess sections produce the same grid and intensities."""
-    return all(float(a[k]) == float(b[k]) for k in PREPROCESS_KEYS)
 
 
 def _box_list(box) -> list[list[int]]:
@@ -165,7 +147,7 @@ def predict_case(
     info: dict[str, Any] = {"input_shape": list(image_dhw.shape),
                             "input_spacing": [float(s) for s in spacing]}
     with timer("preprocess"):
-        image, _, record = preprocess(image_dhw, spacing, liver.preprocess_config)
+        image, _, record = preprocess(image_dhw, spacing, liver.preprocessing)
     info.update(preprocessed_shape=list(record.shape), preprocessed_spacing=list(record.spacing),
                 body_found=record.body_found,
                 liver_windows=num_windows(image.shape, liver.window, liver.overlap))
@@ -186,16 +168,16 @@ def predict_case(
             labels = restore(liver_mask.astype(np.uint8), record)
         return CaseResult(labels, True, timer.seconds, info, notes)
 
-    same = same_preprocessing(liver.preprocess_config, tumor.preprocess_config)
+    same = liver.preprocessing == tumor.preprocessing
     liver_orig = None
     if same:
         t_image, t_liver, t_record = image, liver_mask, record
     else:
         with timer("tumor_preprocess"):
             liver_orig = restore(liver_mask.astype(np.uint8), record)
-            t_image, t_label, t_record = preprocess(image_dhw, spacing, tumor.preprocess_config, liver_orig)
+            t_image, t_label, t_record = preprocess(image_dhw, spacing, tumor.preprocessing, liver_orig)
             t_liver = t_label >= 1
-    box = bbox_of(t_liver, liver_crop_margin(t_record.spacing, tumor.liver_margin_mm))
+    box = liver_crop_box(t_liver, t_record.spacing, tumor.liver_margin_mm)
     if box is None:  # the liver vanished when moved to the tumour model's coarser grid
         notes.append("the liver is empty on the tumour model's grid: no tumour predicted")
         with timer("restore"):
@@ -277,7 +259,7 @@ def load_stage_model(
         stage=stage or (expected_stage or "liver"),
         predict=predict,
         window=window,
-        preprocess_config={k: config.preprocess[k] for k in PREPROCESS_KEYS},
+        preprocessing=PreprocessSettings.from_config(config.preprocess),
         overlap=overlap,
         batch_size=batch_size,
         sigma_scale=float(inf.gaussian_sigma_scale),

@@ -20,6 +20,9 @@ from livseg_jax.config import default_cache_root, model_config
 from livseg_jax.data import pipeline
 from livseg_jax.data.cache import build_cache
 from livseg_jax.data.layouts import discover
+from livseg_jax.data.preprocess import PreprocessSettings
+from livseg_jax.data.regions import largest_component
+from livseg_jax.data.stages import stage_target
 from livseg_jax.data.synthetic import write_synthetic_dataset
 from livseg_jax.inference.sliding_window import sliding_window_device, window_predict_fn
 from livseg_jax.metrics import overlap_metrics
@@ -79,14 +82,13 @@ def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
 
 def stage1_liver_masks(config: ml_collections.ConfigDict, cached) -> list[np.ndarray]:
     """Returns the stage-1 model's liver (largest component) on each cached, preprocessed case."""
-    from livseg_jax.inference.two_stage import largest_component, load_stage_model, same_preprocessing, stage_mask
+    from livseg_jax.inference.two_stage import load_stage_model, stage_mask
 
     liver = load_stage_model(config.data.stage1_run, expected_stage="liver")
-    if not same_preprocessing(config.preprocess, liver.preprocess_config):
-        ours = {k: float(v) for k, v in config.preprocess.items()}
-        theirs = {k: float(v) for k, v in liver.preprocess_config.items()}
-        raise ValueError(f"{config.data.stage1_run}: the liver model was trained with preprocessing {theirs}, "
-                         f"this run uses {ours}; crops would not line up")
+    ours = PreprocessSettings.from_config(config.preprocess)
+    if ours != liver.preprocessing:
+        raise ValueError(f"{config.data.stage1_run}: the liver model was trained with preprocessing "
+                         f"{liver.preprocessing.to_dict()}, this run uses {ours.to_dict()}; crops would not line up")
     masks = []
     for case in tqdm.tqdm(cached, desc="stage-1 liver crops", unit="case"):
         masks.append(largest_component(stage_mask(liver, np.asarray(case.image))))
@@ -95,7 +97,7 @@ def stage1_liver_masks(config: ml_collections.ConfigDict, cached) -> list[np.nda
 
 def background_value(preprocess_config: ml_collections.ConfigDict) -> float:
     """Returns the scaled intensity of air (the padding value of patches and windows)."""
-    return float(preprocess_config.hu_min) / float(preprocess_config.hu_scale)
+    return PreprocessSettings.from_config(preprocess_config).air_value
 
 
 def validate(model, variables, cases: Sequence[pipeline.StageCase], config, predict_fn) -> dict[str, float]:
@@ -104,7 +106,7 @@ def validate(model, variables, cases: Sequence[pipeline.StageCase], config, pred
     window = tuple(config.inference.window) or tuple(config.data.patch_size)
     for case in cases:
         image, label = case.load()
-        target = pipeline.stage_target(np.asarray(label), config.stage)
+        target = stage_target(np.asarray(label), config.stage)
         labels = sliding_window_device(np.asarray(image), predict_fn, variables, window, config.inference.overlap,
                                        config.inference.batch_size, config.inference.gaussian_sigma_scale,
                                        background_value(config.preprocess), num_classes=config.model.num_classes)
