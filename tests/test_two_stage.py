@@ -12,7 +12,6 @@ from livseg_jax.data.stages import liver_crop_margin
 from livseg_jax.inference.two_stage import (
     StageModel,
     load_stage_model,
-    output_name,
     predict_case,
 )
 from livseg_jax.models import build_model
@@ -153,12 +152,6 @@ def test_progress_reports_every_window_of_both_stages():
                           stage("tumor", threshold_model(0.9)), progress)
     assert seen["liver"] == [result.info["liver_windows"]] * 2
     assert seen["tumor"] == [result.info["tumor_windows"]] * 2
-
-
-def test_output_names_follow_lits_or_add_seg():
-    assert output_name("volume-17") == "segmentation-17.nii.gz"
-    assert output_name("example_ct_sm") == "example_ct_sm_seg.nii.gz"
-    assert output_name("volume-x") == "volume-x_seg.nii.gz"
 
 
 # ------------------------------------------------------------------------------- checkpoints

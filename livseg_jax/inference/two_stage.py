@@ -353,15 +353,3 @@ class Predictor:
             warnings.warn(f"{image_path}: {note}", stacklevel=2)
         return result, record
 
-
-def output_name(case_id: str) -> str:
-    """Returns the label-map name of a case: segmentation-N.nii.gz for volume-N, else <id>_seg.nii.gz."""
-    if case_id.startswith("volume-") and case_id[len("volume-"):].isdigit():
-        return f"segmentation-{case_id[len('volume-'):]}.nii.gz"
-    return f"{case_id}_seg.nii.gz"
-
-
-def sidecar_path(output_path: str | os.PathLike, suffix: str) -> pathlib.Path:
-    """Returns `<output without .nii[.gz]><suffix>` beside a label map (e.g. `_timings.json`)."""
-    output_path = pathlib.Path(output_path)
-    return output_path.with_name(nifti.case_id_of(output_path) + suffix)
