@@ -229,6 +229,13 @@ def _keyed(files: Sequence[pathlib.Path], where: PathLike) -> dict[str, pathlib.
     return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
 
 
+def _label_maps_in(folder: pathlib.Path) -> list[pathlib.Path]:
+    files = nifti_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no .nii or .nii.gz label maps in this folder")
+    return files
+
+
 def prediction_files(path: PathLike) -> dict[str, pathlib.Path]:
     """Returns {case id: label map} for one prediction file or the NIfTI files of a folder."""
     path = pathlib.Path(path)
@@ -236,10 +243,7 @@ def prediction_files(path: PathLike) -> dict[str, pathlib.Path]:
         return {case_key(path): path}
     if not path.is_dir():
         raise DataError(f"{path}: prediction file or folder does not exist")
-    files = nifti_files(path)
-    if not files:
-        raise DataError(f"{path}: no .nii or .nii.gz label maps in this folder")
-    return _keyed(files, path)
+    return _keyed(_label_maps_in(path), path)
 
 
 def truth_files(path: PathLike) -> dict[str, pathlib.Path]:
@@ -258,7 +262,4 @@ def truth_files(path: PathLike) -> dict[str, pathlib.Path]:
         if not labelled:
             raise DataError(f"{path}: {layout} layout with no label files")
         return _keyed(labelled, path)
-    files = nifti_files(path)
-    if not files:
-        raise DataError(f"{path}: no .nii or .nii.gz label maps in this folder")
-    return _keyed(files, path)
+    return _keyed(_label_maps_in(path), path)
