@@ -46,7 +46,6 @@ from livseg_jax.inference.sliding_window import (
 from livseg_jax.models import build_model, check_patch_shape, reparameterize
 from livseg_jax.training.checkpoint import load_inference_variables
 
-STAGES = ("liver", "tumor")
 # progress(phase, number of windows) -> callback(windows done); phase is "liver" or "tumor".
 ProgressFn = Callable[[str, int], Callable[[int], None]]
 
