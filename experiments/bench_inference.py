@@ -154,7 +154,7 @@ def main() -> None:
 
         image, geometry = nifti.read_image(tmp / "volume-0.nii.gz")
         stage = load_stage_model(liver_dir, "liver", deploy=True)
-        pre, _, _ = preprocess(image, geometry.spacing, stage.preprocess_config)
+        pre, _, _ = preprocess(image, geometry.spacing, stage.preprocessing)
         # Warm-ups on the full volume: the timed runs below include no compilation.
         sliding_window(pre, stage.window_fn, stage.variables, liver_window, stage.overlap,
                        stage.batch_size, num_classes=stage.num_classes)

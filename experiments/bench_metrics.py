@@ -30,6 +30,7 @@ from scipy import ndimage
 from experiments.bench_common import RESULTS
 from livseg_jax import metrics
 from livseg_jax.atomic_write import write_json
+from livseg_jax.data.regions import bbox_of
 
 SPACING = (0.75, 0.75, 1.0)  # mm, (X, Y, Z): a typical LiTS in-plane spacing and 1 mm slices
 DEFAULT_OUT = RESULTS / "bench_metrics.json"
@@ -179,7 +180,7 @@ def run(shape: tuple[int, int, int], repeats: int, with_medpy: bool) -> dict[str
         )
     liver_row = results["liver: binary_metrics (all 7)"]
     lesions = results["tumour: lesion_detection"]
-    box = metrics.bounding_box(lp | lt)
+    box = bbox_of(lp | lt)
     return {
         "command": " ".join(["python", "-m", "experiments.bench_metrics", *sys.argv[1:]]),
         "case": {

@@ -35,6 +35,7 @@ def main() -> None:
 
     from livseg_jax.config import base_config
     from livseg_jax.data import preprocess as pp
+    from livseg_jax.data.regions import component_sizes, largest_component
     from livseg_jax.data.synthetic import make_phantom
 
     shape = tuple(int(v) for v in args.shape.split(","))
@@ -53,12 +54,10 @@ def main() -> None:
             lambda: ndimage.binary_opening(mask, structure=np.ones((1, 3, 3), bool)), args.repeats),
         "opening_separable_s": median_seconds(lambda: pp._open_inplane(mask), args.repeats),
         "sizes_bincount_s": median_seconds(lambda: np.bincount(labels.ravel()), args.repeats),
-        "sizes_per_box_s": median_seconds(lambda: pp.component_sizes(labels, boxes, n), args.repeats),
+        "sizes_per_box_s": median_seconds(lambda: component_sizes(labels, boxes, n), args.repeats),
     }
     # Stage 1's largest component of a speckled mask (an untrained or unsure liver model): the
     # old path found every component's box first, the new one only when there are few.
-    from livseg_jax.inference.two_stage import largest_component
-
     speckled = np.zeros((400, 169, 232), bool)  # the preprocessed grid of the inference benchmark
     speckled[20:380, 20:150, 20:210] = True
     speckled |= np.random.default_rng(0).random(speckled.shape) < 0.02
@@ -66,7 +65,7 @@ def main() -> None:
     rows["largest_component_speckled_s"] = median_seconds(lambda: largest_component(speckled), args.repeats)
     rows["largest_component_speckled_with_boxes_s"] = median_seconds(
         lambda: ndimage.label(speckled)[0] == int(np.argmax(
-            pp.component_sizes(s_labels, ndimage.find_objects(s_labels), s_n))), args.repeats)
+            component_sizes(s_labels, ndimage.find_objects(s_labels), s_n))), args.repeats)
     payload = {"benchmark": "preprocess", "raw_shape": shape, "internal_shape": list(image.shape),
                "body_mask_grid": list(mask.shape), "components": int(n), "speckled_components": int(s_n),
                "repeats": args.repeats,

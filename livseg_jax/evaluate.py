@@ -24,7 +24,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,78 +33,15 @@ import tqdm
 
 from livseg_jax import atomic_write, metrics
 from livseg_jax.data import nifti
-from livseg_jax.data.layouts import detect_layout, discover, natural_key
-from livseg_jax.data.nifti import DataError, case_id_of
+from livseg_jax.data.layouts import prediction_files, truth_files
+from livseg_jax.data.nifti import DataError
 
-NIFTI_ENDINGS = (".nii", ".nii.gz")
 STRUCTURES = ("liver", "tumor")
 COUNT_KEYS = ("n_pred", "n_truth", "n_intersection")
 LESION_KEYS = ("n_true", "n_hit", "n_missed", "n_pred", "n_false_positive")
-_LITS_NAME = re.compile(r"^(?:volume|segmentation)-(\d+)$")
 
 
 # ------------------------------------------------------------------------------------ pairing
-
-
-def case_key(path: str | os.PathLike) -> str:
-    """Returns the case id a file belongs to: `volume-N` for LiTS names, else the name minus `_seg`."""
-    cid = case_id_of(path)
-    match = _LITS_NAME.match(cid)
-    if match:
-        return f"volume-{int(match.group(1))}"
-    return cid[: -len("_seg")] if cid.endswith("_seg") else cid
-
-
-def _keyed(files: Sequence[pathlib.Path], where: str | os.PathLike) -> dict[str, pathlib.Path]:
-    out: dict[str, pathlib.Path] = {}
-    for f in files:
-        key = case_key(f)
-        if key in out:
-            raise DataError(f"{where}: two files belong to case {key!r}: {out[key]} and {f}")
-        out[key] = f
-    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
-
-
-def nifti_files(folder: pathlib.Path) -> list[pathlib.Path]:
-    """Returns the visible .nii/.nii.gz files directly in `folder`, in natural order."""
-    files = [p for p in folder.iterdir()
-             if p.is_file() and p.name.endswith(NIFTI_ENDINGS) and not p.name.startswith(".")]
-    return sorted(files, key=lambda p: natural_key(p.name))
-
-
-def prediction_files(path: str | os.PathLike) -> dict[str, pathlib.Path]:
-    """Returns {case id: label map} for one prediction file or the NIfTI files of a folder."""
-    path = pathlib.Path(path)
-    if path.is_file():
-        return {case_key(path): path}
-    if not path.is_dir():
-        raise DataError(f"{path}: prediction file or folder does not exist")
-    files = nifti_files(path)
-    if not files:
-        raise DataError(f"{path}: no .nii or .nii.gz label maps in this folder")
-    return _keyed(files, path)
-
-
-def truth_files(path: str | os.PathLike) -> dict[str, pathlib.Path]:
-    """Returns {case id: label map} of a ground-truth file, LiTS/MSD folder or folder of label files."""
-    path = pathlib.Path(path)
-    if path.is_file():
-        return {case_key(path): path}
-    if not path.is_dir():
-        raise DataError(f"{path}: ground-truth file or folder does not exist")
-    try:
-        layout = detect_layout(path)
-    except DataError:
-        layout = None
-    if layout is not None:
-        labelled = [c.label for c in discover(path, layout) if c.label is not None]
-        if not labelled:
-            raise DataError(f"{path}: {layout} layout with no label files")
-        return _keyed(labelled, path)
-    files = nifti_files(path)
-    if not files:
-        raise DataError(f"{path}: no .nii or .nii.gz label maps in this folder")
-    return _keyed(files, path)
 
 
 Pair = tuple[str, pathlib.Path, pathlib.Path]  # (case id, prediction, ground truth)

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from livseg_jax.data.regions import bbox_of, component_sizes, label_components, union_box
+
 METRIC_NAMES = ("dice", "iou", "precision", "recall", "rvd", "asd", "hd95")
 # Lesions touching only by an edge or a corner are one lesion (26-neighbourhood), as is usual for
 # tumour counting; pass connectivity=1 for face-connected components.
@@ -40,7 +42,7 @@ DEFAULT_LESION_CONNECTIVITY = 3
 
 
 # --------------------------------------------------------------------------------------------
-# Input checks and bounding boxes
+# Input checks and the union box
 
 
 def _as_mask(x: Any, name: str) -> np.ndarray:
@@ -76,32 +78,9 @@ def _check_pair(
     return a, b, _as_spacing(spacing)
 
 
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Returns the tight bounding box of a 3D mask as slices, or None when the mask is empty."""
-    # Two reductions over the volume instead of one per axis: (X, Y) projection, then (Z,).
-    any_01 = mask.any(axis=2)
-    rows = np.flatnonzero(any_01.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(any_01.any(axis=0))
-    deps = np.flatnonzero(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].any(axis=(0, 1)))
-    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in (rows, cols, deps))
-
-
-def _union_box(box_a: tuple[slice, ...] | None, box_b: tuple[slice, ...] | None):
-    """Returns the smallest box holding both boxes (None when both are None)."""
-    if box_a is None:
-        return box_b
-    if box_b is None:
-        return box_a
-    return tuple(
-        slice(min(sa.start, sb.start), max(sa.stop, sb.stop)) for sa, sb in zip(box_a, box_b, strict=True)
-    )
-
-
 def _crop_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns both masks cropped to the bounding box of their union (empty arrays if none)."""
-    box = _union_box(bounding_box(a), bounding_box(b))
+    box = union_box(bbox_of(a), bbox_of(b))
     if box is None:
         empty = np.zeros((0, 0, 0), bool)
         return empty, empty
@@ -290,13 +269,14 @@ def major_axis_length(coords_mm: np.ndarray) -> float:
     return math.sqrt(20.0 * max(lam, 0.0))
 
 
-def _component_sizes(labels: np.ndarray, n: int, spacing: np.ndarray) -> tuple[np.ndarray, list[float]]:
+def _component_extents(labels: np.ndarray, n: int, spacing: np.ndarray) -> tuple[np.ndarray, list[float]]:
     """Returns voxel counts (n,) and major-axis lengths (mm) of components 1..n of `labels`."""
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    axes: list[float] = []
     if n == 0:  # find_objects treats max_label=0 as "unset" and fails on empty arrays
-        return counts, axes
-    for i, box in enumerate(ndimage.find_objects(labels, max_label=n), start=1):
+        return np.zeros(0, np.int64), []
+    boxes = ndimage.find_objects(labels, max_label=n)
+    counts = component_sizes(labels, boxes, n)[1:]
+    axes: list[float] = []
+    for i, box in enumerate(boxes, start=1):
         idx = np.nonzero(labels[box] == i)
         offset = np.array([s.start for s in box], np.float64)
         coords = (np.stack(idx, axis=1).astype(np.float64) + offset) * spacing
@@ -329,12 +309,11 @@ def lesion_detection(
     if connectivity not in (1, 2, 3):
         raise ValueError(f"metrics: connectivity must be 1, 2 or 3, got {connectivity!r}")
     a, b = _crop_union(a, b)
-    structure = ndimage.generate_binary_structure(3, connectivity)
     voxel_mm3 = float(np.prod(sp))
-    true_labels, n_true = ndimage.label(b, structure=structure)
-    pred_labels, n_pred = ndimage.label(a, structure=structure)
+    true_labels, n_true = label_components(b, connectivity)
+    pred_labels, n_pred = label_components(a, connectivity)
 
-    true_counts, true_axes = _component_sizes(true_labels, n_true, sp)
+    true_counts, true_axes = _component_extents(true_labels, n_true, sp)
     covered = np.bincount(true_labels[a], minlength=n_true + 1)[1:]
     true_lesions = []
     for i in range(n_true):
@@ -349,7 +328,7 @@ def lesion_detection(
                 "hit": bool(covered[i] > 0 and fraction >= min_overlap),
             }
         )
-    pred_counts = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)[1:]
+    pred_counts = component_sizes(pred_labels, None, n_pred)[1:]
     touching = np.bincount(pred_labels[b], minlength=n_pred + 1)[1:]
     pred_components = [
         {
@@ -390,8 +369,8 @@ def tumor_size_row(
     """
     a, b, sp = _check_pair(pred, truth, spacing)
     a, b = _crop_union(a, b)
-    labels, n = ndimage.label(b, structure=ndimage.generate_binary_structure(3, connectivity))
-    _, axes = _component_sizes(labels, n, sp)
+    labels, n = label_components(b, connectivity)
+    _, axes = _component_extents(labels, n, sp)
     counts = overlap_metrics_from_counts(
         int(np.count_nonzero(a)), int(np.count_nonzero(b)), int(np.count_nonzero(a & b))
     )

@@ -34,54 +34,12 @@ import tqdm
 from livseg_jax import atomic_write
 from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
-from livseg_jax.data.layouts import CaseFiles, discover_lits, natural_key
-from livseg_jax.data.nifti import DataError, case_id_of
-from livseg_jax.inference.two_stage import Predictor, output_name, sidecar_path
+from livseg_jax.data.cases import sidecar_path
+from livseg_jax.data.layouts import find_inputs, plan_outputs
+from livseg_jax.data.nifti import DataError
+from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
 from livseg_jax.training.xla_flags import apply_xla_flags, merge_xla_flags
-
-NIFTI_ENDINGS = (".nii", ".nii.gz")
-
-
-def _is_nifti(path: pathlib.Path) -> bool:
-    return path.is_file() and path.name.endswith(NIFTI_ENDINGS) and not path.name.startswith(".")
-
-
-def find_inputs(path: str | pathlib.Path) -> list[CaseFiles]:
-    """Returns the CT images to predict: one file, a LiTS folder's volumes, or a folder's NIfTI files."""
-    path = pathlib.Path(path)
-    if path.is_file():
-        if not path.name.endswith(NIFTI_ENDINGS):
-            raise DataError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
-        return [CaseFiles(case_id_of(path), path)]
-    if not path.is_dir():
-        raise DataError(f"{path}: input does not exist")
-    if any(path.rglob("volume-*.nii*")):
-        return [CaseFiles(c.case_id, c.image, c.label) for c in discover_lits(path)]
-    files = sorted((p for p in path.iterdir() if _is_nifti(p)), key=lambda p: natural_key(p.name))
-    if not files:
-        raise DataError(f"{path}: no .nii or .nii.gz images in this folder")
-    return [CaseFiles(case_id_of(p), p) for p in files]
-
-
-def plan_outputs(cases: Sequence[CaseFiles],
-                 output: str | pathlib.Path) -> list[tuple[CaseFiles, pathlib.Path]]:
-    """Returns (case, label-map path) pairs, refusing outputs that would overwrite an input."""
-    output = pathlib.Path(output)
-    if output.name.endswith(NIFTI_ENDINGS):
-        if len(cases) != 1:
-            raise ValueError(f"{output}: a file name as output needs exactly one input, got {len(cases)}")
-        jobs = [(cases[0], output)]
-    else:
-        if output.exists() and not output.is_dir():
-            raise ValueError(f"{output}: output exists and is not a folder")
-        jobs = [(c, output / output_name(c.case_id)) for c in cases]
-    protected = {p.resolve() for c in cases for p in (c.image, c.label) if p is not None}
-    for case, out in jobs:
-        if out.resolve() in protected:
-            raise ValueError(f"{out}: output would overwrite an input file (case {case.case_id}); "
-                             "choose another output folder")
-    return jobs
 
 
 class CaseProgress:

@@ -8,8 +8,8 @@ one) and the coronal slice with the most liver, chosen on the ground truth when 
 prediction. Contours: ground truth solid (liver green, tumour red), prediction dashed (liver
 yellow, tumour cyan). Radiological convention: the patient's right on the image's left, anterior
 (axial) and superior (coronal) at the top; pixels have their true aspect ratio. The CT is shown
-with an abdominal window (W 400, L 40). Folders are paired by case id as in `livseg_jax.evaluate`;
-each case gives `OUT_DIR/<case id>.png`.
+with an abdominal window (W 400, L 40). Folders are paired by case id (`data.cases.case_key`), as
+in `livseg_jax.evaluate`; each case gives `OUT_DIR/<case id>.png`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from matplotlib.lines import Line2D
 
 from livseg_jax import atomic_write
 from livseg_jax.data import nifti
+from livseg_jax.data.cases import case_key
+from livseg_jax.data.layouts import find_inputs, prediction_files, truth_files
 from livseg_jax.data.nifti import DataError
 
 DISPLAY_HU = (-160.0, 240.0)  # abdominal window W 400 / L 40
@@ -131,9 +133,6 @@ Job = tuple[str, pathlib.Path, pathlib.Path, pathlib.Path | None, pathlib.Path] 
 
 
 def _jobs(args: argparse.Namespace) -> list[Job]:
-    from livseg_jax.evaluate import case_key, prediction_files, truth_files
-    from livseg_jax.predict import find_inputs
-
     image, pred, out = pathlib.Path(args.image), pathlib.Path(args.pred), pathlib.Path(args.output)
     if image.is_file() and pred.is_file():
         if out.suffix.lower() != ".png" and not out.is_dir():

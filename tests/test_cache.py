@@ -1,5 +1,6 @@
 """Preprocessed-case cache: built once, reused, rebuilt on new settings or sources, never half-written."""
 
+import json
 import os
 
 import numpy as np
@@ -73,7 +74,12 @@ def test_new_settings_rebuild_into_a_new_folder(dataset, tmp_path, monkeypatch):
     assert calls == ["volume-0"]
     assert first[0].image_path.parent != second[0].image_path.parent
     assert second[0].image.max() <= 0.5 < first[0].image.max()
-    assert cache.settings_key(cfg) != cache.settings_key(base_config().preprocess)
+    new, old = (pp.PreprocessSettings.from_config(c) for c in (cfg, base_config().preprocess))
+    assert new.cache_key(cache.CACHE_VERSION) != old.cache_key(cache.CACHE_VERSION)
+    assert second[0].image_path.parent == cache.entry_folder(tmp_path, new)
+    assert first[0].image_path.parent == cache.entry_folder(tmp_path, old)
+    saved = json.loads((cache.entry_folder(tmp_path, new) / "settings.json").read_text())
+    assert saved == new.cache_fields(cache.CACHE_VERSION) and saved["hu_max"] == 100.0
 
 
 def test_changed_source_file_is_rebuilt(dataset, tmp_path, monkeypatch):
@@ -126,7 +132,7 @@ def test_crash_while_writing_leaves_no_entry_and_next_build_recovers(dataset, tm
     with pytest.raises(OSError, match="disk full"):
         cache.build_cache(cases, cfg, tmp_path, progress=False)
     assert saves == [np.float32, np.uint8]
-    entry_dir = tmp_path / f"preprocess-{cache.settings_key(cfg)}"
+    entry_dir = cache.entry_folder(tmp_path, pp.PreprocessSettings.from_config(cfg))
     assert not (entry_dir / "volume-0.json").exists()
     assert not (entry_dir / "volume-0.label.npy").exists()
     assert _leftovers(tmp_path) == []

@@ -151,13 +151,6 @@ def test_prediction_on_another_grid_is_refused_naming_the_file(tmp_path, capsys)
     assert not (tmp_path / "r").exists()
 
 
-def test_case_keys_pair_lits_and_predict_names():
-    assert evaluate.case_key("x/segmentation-007.nii.gz") == "volume-7"
-    assert evaluate.case_key("volume-7.nii") == "volume-7"
-    assert evaluate.case_key("liver_3_seg.nii.gz") == "liver_3"
-    assert evaluate.case_key("liver_3.nii.gz") == "liver_3"
-
-
 # ------------------------------------------------------------------------------------ pictures
 
 

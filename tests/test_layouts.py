@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from livseg_jax.data.layouts import CaseFiles, discover
+from livseg_jax.data.layouts import CaseFiles, discover, find_inputs, plan_outputs, prediction_files, truth_files
 from livseg_jax.data.nifti import DataError
 
 
@@ -106,3 +106,48 @@ def test_unknown_folder_layout_is_an_error_naming_it(tmp_path):
         discover(tmp_path)
     with pytest.raises(DataError, match="does not exist"):
         discover(tmp_path / "absent", layout="lits")
+
+
+def test_inputs_are_a_file_a_lits_folder_or_a_folders_nifti_files(tmp_path):
+    lits, plain = tmp_path / "lits", tmp_path / "plain"
+    for name in ("b/volume-10.nii.gz", "a/volume-2.nii", "a/segmentation-2.nii"):
+        _touch(lits / name)
+    for name in ("ct10.nii.gz", "ct2.nii", "._ct2.nii", "notes.txt"):
+        _touch(plain / name)
+    assert [(c.case_id, c.label is not None) for c in find_inputs(lits)] == [("volume-2", True), ("volume-10", False)]
+    assert [c.image.name for c in find_inputs(plain)] == ["ct2.nii", "ct10.nii.gz"]
+    assert find_inputs(plain / "ct2.nii") == [CaseFiles("ct2", plain / "ct2.nii")]
+    with pytest.raises(DataError, match="not a NIfTI file"):
+        find_inputs(plain / "notes.txt")
+    with pytest.raises(DataError, match="input does not exist"):
+        find_inputs(tmp_path / "absent")
+    with pytest.raises(DataError, match="no .nii or .nii.gz images"):
+        find_inputs(_touch(tmp_path / "empty" / "notes.txt").parent)
+
+
+def test_outputs_are_named_per_case_and_never_overwrite_an_input(tmp_path):
+    cases = [CaseFiles("volume-3", tmp_path / "volume-3.nii"), CaseFiles("ct", tmp_path / "ct.nii.gz")]
+    jobs = plan_outputs(cases, tmp_path / "out")
+    assert [out.name for _, out in jobs] == ["segmentation-3.nii.gz", "ct_seg.nii.gz"]
+    assert plan_outputs(cases[:1], tmp_path / "x.nii.gz") == [(cases[0], tmp_path / "x.nii.gz")]
+    with pytest.raises(ValueError, match="exactly one input"):
+        plan_outputs(cases, tmp_path / "x.nii.gz")
+    with pytest.raises(ValueError, match="overwrite an input"):
+        plan_outputs([CaseFiles("x", tmp_path / "x_seg.nii.gz")], tmp_path)
+
+
+def test_predictions_and_truths_are_keyed_by_case_in_natural_order(tmp_path):
+    for name in ("pred/segmentation-10.nii.gz", "pred/segmentation-2.nii.gz", "gt/volume-2.nii",
+                 "gt/segmentation-2.nii", "gt/volume-10.nii", "gt/segmentation-10.nii", "plain/ct_seg.nii.gz"):
+        _touch(tmp_path / name)
+    preds = prediction_files(tmp_path / "pred")
+    assert list(preds) == ["volume-2", "volume-10"]
+    truths = truth_files(tmp_path / "gt")  # a LiTS folder: its segmentations, not its volumes
+    assert {k: p.name for k, p in truths.items()} == {"volume-2": "segmentation-2.nii",
+                                                      "volume-10": "segmentation-10.nii"}
+    assert truth_files(tmp_path / "plain") == {"ct": tmp_path / "plain" / "ct_seg.nii.gz"}
+    _touch(tmp_path / "pred" / "volume-2.nii.gz")
+    with pytest.raises(DataError, match="two files belong to case 'volume-2'"):
+        prediction_files(tmp_path / "pred")
+    with pytest.raises(DataError, match="prediction file or folder does not exist"):
+        prediction_files(tmp_path / "absent")

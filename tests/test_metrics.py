@@ -80,13 +80,6 @@ def test_metrics_are_unchanged_by_embedding_in_a_larger_volume():
         np.testing.assert_allclose(big[key], small[key], rtol=1e-12, err_msg=key)
 
 
-def test_bounding_box_is_tight_and_none_for_empty():
-    m = np.zeros((10, 11, 12), bool)
-    assert metrics.bounding_box(m) is None
-    m[2, 3, 4] = m[5, 9, 7] = True
-    assert metrics.bounding_box(m) == (slice(2, 6), slice(3, 10), slice(4, 8))
-
-
 def test_empty_mask_cases_have_documented_values():
     empty = np.zeros((6, 6, 6), bool)
     cube = empty.copy()

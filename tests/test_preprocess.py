@@ -1,5 +1,6 @@
 """Preprocessing: body crop, slice resampling, in-plane down-sampling, window, and exact restore."""
 
+import dataclasses
 import json
 
 import ml_collections
@@ -8,6 +9,7 @@ import pytest
 
 from livseg_jax.config import base_config
 from livseg_jax.data import preprocess as pp
+from livseg_jax.data import regions
 from livseg_jax.data.synthetic import make_phantom
 
 
@@ -115,7 +117,7 @@ def test_body_crop_excludes_table_and_air():
     assert 9 <= rec.crop_start[2] <= 10 and 70 <= rec.crop_stop[2] <= 71
     mask = pp.body_mask(image, -500.0)
     assert mask[:, 35, 35].all() and not mask[:, 72, 40].any()
-    assert pp.bbox_of(mask) == (slice(0, 6), slice(20, 60), slice(10, 70))
+    assert regions.bbox_of(mask) == (slice(0, 6), slice(20, 60), slice(10, 70))
 
 
 def test_all_air_volume_is_not_cropped_and_restores():
@@ -123,19 +125,6 @@ def test_all_air_volume_is_not_cropped_and_restores():
     out, _, rec = pp.preprocess(image, (2.0, 1.0, 1.0), _cfg())
     assert not rec.body_found and rec.crop_shape == image.shape
     assert pp.restore(np.ones(out.shape, np.uint8), rec).all()
-
-
-def test_bbox_margin_crop_and_paste():
-    mask = np.zeros((10, 12, 14), bool)
-    mask[4:6, 5:7, 6:9] = True
-    assert pp.bbox_of(np.zeros_like(mask)) is None
-    box = pp.bbox_of(mask, margin_vox=(1, 2.5, 10))
-    assert box == (slice(3, 7), slice(2, 10), slice(0, 14))
-    data = np.arange(mask.size).reshape(mask.shape)
-    cropped = pp.crop_to_bbox(data, box)
-    pasted = pp.paste_into(cropped, box, data.shape, fill=-1)
-    np.testing.assert_array_equal(pasted[box], data[box])
-    assert (pasted == -1).sum() == data.size - cropped.size
 
 
 def test_record_survives_json_and_dict_restore():
@@ -168,28 +157,6 @@ def test_fast_inplane_opening_equals_scipy(shape, density):
         assert expected.any() and not expected.all()
 
 
-def test_largest_component_box_and_sizes_with_few_and_many_components():
-    from scipy import ndimage
-
-    rng = np.random.default_rng(3)
-    blobs = np.zeros((6, 30, 30), bool)  # three components: the per-box counting path
-    blobs[0:2, 0:5, 0:5] = blobs[3:6, 10:20, 10:14] = blobs[1:4, 25:30, 20:30] = True
-    for mask in (rng.random((6, 30, 30)) < 0.15, blobs):  # hundreds of specks: the bincount path
-        labels, n = ndimage.label(mask)
-        assert n == 3 if mask is blobs else n > 64
-        sizes = np.bincount(labels.ravel())
-        boxes = ndimage.find_objects(labels)
-        np.testing.assert_array_equal(pp.component_sizes(labels, boxes, n)[1:], sizes[1:])
-        np.testing.assert_array_equal(pp.component_sizes(labels, None, n)[1:], sizes[1:])
-        big, box = pp._largest_component(mask)
-        k = int(np.argmax(sizes[1:])) + 1
-        np.testing.assert_array_equal(big, labels == k)
-        assert box == boxes[k - 1]
-        assert pp._largest_component(mask, need_mask=False) == (None, box)
-    empty, box = pp._largest_component(np.zeros((2, 4, 4), bool))
-    assert box is None and not empty.any()
-
-
 @pytest.mark.parametrize("dtype", [np.int16, np.float64, np.float32])
 def test_inplane_downsampling_equals_converting_to_float32_first(dtype):
     rng = np.random.default_rng(0)
@@ -200,3 +167,54 @@ def test_inplane_downsampling_equals_converting_to_float32_first(dtype):
     out, pad = pp.downsample_image_inplane(image, 2)
     assert pad == (1, 0) and out.dtype == np.float32
     np.testing.assert_array_equal(out, expected)
+
+
+SETTING_CHANGES = dict(body_threshold_hu=-400.0, inplane_factor=1, target_slice_spacing=2.5, hu_min=-100.0,
+                       hu_max=300.0, hu_scale=100.0)
+
+
+def test_settings_equal_when_the_six_settings_are_equal_whatever_their_number_type():
+    section = _cfg()
+    a = pp.PreprocessSettings.from_config(section)
+    b = pp.PreprocessSettings.from_config({**section.to_dict(), "hu_min": int(section.hu_min), "extra": 1})
+    assert a == b and hash(a) == hash(b) and a.cache_key(1) == b.cache_key(1)
+    assert a.to_dict() == {k: section[k] for k in SETTING_CHANGES}
+    assert pp.as_settings(section) == a and pp.as_settings(a) is a
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.hu_min = 0.0
+
+
+@pytest.mark.parametrize("key", sorted(SETTING_CHANGES))
+def test_each_setting_changes_equality_and_the_cache_key(key):
+    base = pp.PreprocessSettings.from_config(_cfg())
+    other = dataclasses.replace(base, **{key: SETTING_CHANGES[key]})
+    assert other != base
+    assert other.cache_key(1) != base.cache_key(1)
+
+
+def test_cache_key_is_stable_across_versions_of_the_code_and_names_the_format_versions():
+    base = pp.PreprocessSettings.from_config(base_config().preprocess)
+    # The default settings' cache folder, as named since the cache was introduced: a change here
+    # makes every existing cache rebuild.
+    assert base.cache_key(1) == "22472b6620ed9e8c"
+    assert base.cache_key(2) != base.cache_key(1)
+    assert base.cache_fields(1) == {**base.to_dict(), "record_version": pp.RECORD_VERSION, "cache_version": 1}
+
+
+def test_air_value_is_hu_min_over_hu_scale():
+    assert pp.PreprocessSettings.from_config(_cfg()).air_value == pytest.approx(-1.0)
+    assert pp.PreprocessSettings.from_config(_cfg(hu_min=-150.0, hu_scale=50.0)).air_value == pytest.approx(-3.0)
+
+
+@pytest.mark.parametrize("factor", [0, -2, 1.5])
+def test_settings_refuse_an_inplane_factor_that_is_not_a_count(factor):
+    with pytest.raises(ValueError, match="inplane_factor must be >= 1"):
+        pp.PreprocessSettings.from_config({**_cfg().to_dict(), "inplane_factor": factor})
+
+
+def test_preprocess_takes_settings_or_a_config_section_alike():
+    image, label, spacing = _phantom()
+    by_section = pp.preprocess(image, spacing, _cfg(), label)
+    by_settings = pp.preprocess(image, spacing, pp.PreprocessSettings.from_config(_cfg()), label)
+    np.testing.assert_array_equal(by_section[0], by_settings[0])
+    assert by_section[2] == by_settings[2]

@@ -7,13 +7,11 @@ import pytest
 from helpers import random_unet_variables
 
 from livseg_jax.config import base_config
-from livseg_jax.data.pipeline import liver_crop_margin
-from livseg_jax.data.preprocess import preprocess
+from livseg_jax.data.preprocess import PreprocessSettings, preprocess
+from livseg_jax.data.stages import liver_crop_margin
 from livseg_jax.inference.two_stage import (
     StageModel,
-    largest_component,
     load_stage_model,
-    output_name,
     predict_case,
 )
 from livseg_jax.models import build_model
@@ -63,7 +61,8 @@ def window_probs(model, x):
 
 def stage(name, window_fn, preprocess_config=EXACT, margin_mm=5.0, window=(8, 16, 16)):
     return StageModel(stage=name, window_fn=window_fn, variables=None, num_classes=2, window=window,
-                      preprocess_config=preprocess_config, overlap=0.5, batch_size=2, liver_margin_mm=margin_mm)
+                      preprocessing=PreprocessSettings.from_config(preprocess_config), overlap=0.5,
+                      batch_size=2, liver_margin_mm=margin_mm)
 
 
 def expected_labels() -> np.ndarray:
@@ -71,19 +70,6 @@ def expected_labels() -> np.ndarray:
     out[LIVER] = 1
     out[TUMOUR] = 2
     return out
-
-
-def test_largest_component_keeps_the_biggest_and_connectivity_decides_what_touches():
-    mask = np.zeros((6, 6, 6), bool)
-    mask[0:2, 0:2, 0:2] = True  # 8 voxels
-    mask[2:4, 2:4, 2:4] = True  # 8 voxels touching the first only at a corner
-    mask[4:6, 4:6, 3] = True  # 4 voxels, touching the second only along an edge
-    face = largest_component(mask, connectivity=1)
-    assert face.sum() == 8 and (face[0:2, 0:2, 0:2].all() or face[2:4, 2:4, 2:4].all())
-    edge = largest_component(mask, connectivity=2)
-    assert edge.sum() == 12 and edge[2:4, 2:4, 2:4].all() and edge[4:6, 4:6, 3].all()
-    np.testing.assert_array_equal(largest_component(mask, connectivity=3), mask)
-    assert not largest_component(np.zeros((3, 3, 3), bool)).any()
 
 
 def test_two_stages_give_largest_liver_with_tumour_inside_on_the_original_grid():
@@ -177,12 +163,6 @@ def test_progress_reports_every_window_of_both_stages():
     assert seen["tumor"] == [result.info["tumor_windows"]] * 2
 
 
-def test_output_names_follow_lits_or_add_seg():
-    assert output_name("volume-17") == "segmentation-17.nii.gz"
-    assert output_name("example_ct_sm") == "example_ct_sm_seg.nii.gz"
-    assert output_name("volume-x") == "volume-x_seg.nii.gz"
-
-
 # ------------------------------------------------------------------------------- checkpoints
 
 WINDOW = (16, 16, 16)
@@ -256,8 +236,8 @@ def test_settings_come_from_the_config_unless_overridden(run):
     workdir, config, *_ = run
     m = load_stage_model(workdir, "liver")
     assert (m.window, m.overlap, m.batch_size) == (WINDOW, 0.25, 3)
-    assert m.pad_value == pytest.approx(-1.0)
-    assert m.preprocess_config["inplane_factor"] == config.preprocess.inplane_factor
+    assert m.preprocessing.air_value == pytest.approx(-1.0)
+    assert m.preprocessing.inplane_factor == config.preprocess.inplane_factor
     m = load_stage_model(workdir, "liver", overlap=0.5, batch_size=1, window=(16, 32, 32), mirror=True)
     assert (m.window, m.overlap, m.batch_size, m.description["mirror_tta"]) == ((16, 32, 32), 0.5, 1, True)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
@@ -30,15 +29,7 @@ from livseg_jax.data import preprocess as pp
 from livseg_jax.data.layouts import CaseFiles
 from livseg_jax.data.nifti import Geometry, PathLike, read_case
 
-CACHE_VERSION = 1
-_SETTINGS_KEYS = (
-    "body_threshold_hu",
-    "inplane_factor",
-    "target_slice_spacing",
-    "hu_min",
-    "hu_max",
-    "hu_scale",
-)
+CACHE_VERSION = 1  # of the entry layout; part of the folder's key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,19 +64,9 @@ class CachedCase:
         return tuple(self.record.shape)
 
 
-def preprocess_settings(preprocess_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Returns the preprocessing settings that define a cache (plain JSON types)."""
-    settings = {k: preprocess_config[k] for k in _SETTINGS_KEYS}
-    settings = json.loads(json.dumps(settings))
-    settings["record_version"] = pp.RECORD_VERSION
-    settings["cache_version"] = CACHE_VERSION
-    return settings
-
-
-def settings_key(preprocess_config: Mapping[str, Any]) -> str:
-    """Returns a short hash of the preprocessing settings (the cache sub-folder's suffix)."""
-    text = json.dumps(preprocess_settings(preprocess_config), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def entry_folder(cache_dir: PathLike, settings: pp.PreprocessSettings) -> pathlib.Path:
+    """Returns the cache sub-folder holding the entries preprocessed with `settings`."""
+    return pathlib.Path(cache_dir) / f"preprocess-{settings.cache_key(CACHE_VERSION)}"
 
 
 def _fingerprint(path: pathlib.Path | None) -> dict[str, Any] | None:
@@ -138,7 +119,7 @@ def _load_entry(case: CaseFiles, entry_dir: pathlib.Path) -> CachedCase | None:
     )
 
 
-def build_entry(case: CaseFiles, settings: Mapping[str, Any], entry_dir: PathLike) -> str:
+def build_entry(case: CaseFiles, settings: pp.PreprocessSettings, entry_dir: PathLike) -> str:
     """Returns the case id after reading, preprocessing and writing one cache entry atomically."""
     entry_dir = pathlib.Path(entry_dir)
     source = _source_of(case)  # taken before reading: a file changed meanwhile is rebuilt next time
@@ -161,21 +142,25 @@ def build_entry(case: CaseFiles, settings: Mapping[str, Any], entry_dir: PathLik
 
 def build_cache(
     cases: Sequence[CaseFiles],
-    preprocess_config: Mapping[str, Any],
+    settings: pp.PreprocessSettings | Mapping[str, Any],
     cache_dir: PathLike,
     num_workers: int = 0,
     progress: bool = True,
 ) -> list[CachedCase]:
-    """Returns the cached cases (in input order), preprocessing those missing or out of date."""
+    """Returns the cached cases (in input order), preprocessing those missing or out of date.
+
+    `settings` may also be a `preprocess` config section.
+    """
     ids = [c.case_id for c in cases]
     if len(set(map(_safe_name, ids))) != len(ids):
         raise ValueError(f"case ids are not unique: {ids}")
-    settings = preprocess_settings(preprocess_config)
-    entry_dir = pathlib.Path(cache_dir) / f"preprocess-{settings_key(preprocess_config)}"
+    settings = pp.as_settings(settings)
+    entry_dir = entry_folder(cache_dir, settings)
     entry_dir.mkdir(parents=True, exist_ok=True)
     settings_path = entry_dir / "settings.json"
     if not settings_path.exists():
-        _write_atomic(settings_path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        fields = settings.cache_fields(CACHE_VERSION)
+        _write_atomic(settings_path, lambda f: f.write(json.dumps(fields, indent=1).encode()))
 
     todo = [c for c in cases if _load_entry(c, entry_dir) is None]
     bar = tqdm.tqdm(

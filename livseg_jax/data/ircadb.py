@@ -33,7 +33,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from livseg_jax.data.layouts import natural_key
+from livseg_jax.data.cases import natural_key
 from livseg_jax.data.nifti import DataError, PathLike, save_nifti
 
 DEFAULT_TUMOR_MASKS = ("livertumor*",)

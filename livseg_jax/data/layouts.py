@@ -10,6 +10,10 @@
   file's folder; blank lines and `#` comments are ignored; quote paths with spaces.
 
 Cases come back sorted by case id in natural order (`volume-2` before `volume-10`).
+
+The command-line tools find their files here too: `find_inputs` (CT images to predict: one file, a
+LiTS folder's volumes, or a folder's NIfTI files), `plan_outputs` (their label-map paths),
+`prediction_files` / `truth_files` (label maps keyed by `cases.case_key`, for pairing).
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import json
 import pathlib
 import re
 import shlex
+from collections.abc import Sequence
 
-from livseg_jax.data.nifti import DataError, PathLike, case_id_of
+from livseg_jax.data.cases import NIFTI_ENDINGS, case_id_of, case_key, is_nifti_file, natural_key, output_name
+from livseg_jax.data.nifti import DataError, PathLike
 
 LAYOUTS = ("auto", "lits", "msd", "list")
-_NIFTI_ENDINGS = (".nii", ".nii.gz")
 _LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 _LITS_SEGMENTATION = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
 
@@ -35,15 +40,6 @@ class CaseFiles:
     case_id: str
     image: pathlib.Path
     label: pathlib.Path | None = None
-
-
-def natural_key(text: str) -> tuple:
-    """Returns a sort key that orders embedded numbers numerically (`a2` before `a10`)."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
-
-
-def _is_nifti(path: pathlib.Path) -> bool:
-    return path.is_file() and path.name.endswith(_NIFTI_ENDINGS) and not path.name.startswith(".")
 
 
 def _by_number(files: list[pathlib.Path], pattern: re.Pattern, root: pathlib.Path) -> dict[int, pathlib.Path]:
@@ -62,7 +58,7 @@ def _by_number(files: list[pathlib.Path], pattern: re.Pattern, root: pathlib.Pat
 def discover_lits(root: PathLike) -> list[CaseFiles]:
     """Returns the cases of a LiTS-layout folder (searched recursively)."""
     root = pathlib.Path(root)
-    files = [p for p in sorted(root.rglob("*.nii*")) if _is_nifti(p)]
+    files = [p for p in sorted(root.rglob("*.nii*")) if is_nifti_file(p)]
     volumes = _by_number(files, _LITS_VOLUME, root)
     segs = _by_number(files, _LITS_SEGMENTATION, root)
     if not volumes:
@@ -100,7 +96,7 @@ def discover_msd(root: PathLike) -> list[CaseFiles]:
         images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
         if not images_dir.is_dir():
             raise DataError(f"{root}: no dataset.json and no imagesTr/ folder (MSD layout)")
-        for image in sorted(p for p in images_dir.iterdir() if _is_nifti(p)):
+        for image in sorted(p for p in images_dir.iterdir() if is_nifti_file(p)):
             label = labels_dir / image.name
             cases.append(CaseFiles(case_id_of(image), image, label if label.exists() else None))
         if not cases:
@@ -176,3 +172,94 @@ def discover(root: PathLike, layout: str = "auto", list_file: PathLike = "") -> 
     elif not pathlib.Path(root).is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
     return discover_lits(root) if layout == "lits" else discover_msd(root)
+
+
+# ------------------------------------------------- the inputs of predict, evaluate and visualize
+
+
+def nifti_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Returns the visible .nii/.nii.gz files directly in `folder`, in natural order."""
+    return sorted((p for p in folder.iterdir() if is_nifti_file(p)), key=lambda p: natural_key(p.name))
+
+
+def find_inputs(path: PathLike) -> list[CaseFiles]:
+    """Returns the CT images to predict: one file, a LiTS folder's volumes, or a folder's NIfTI files."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        if not path.name.endswith(NIFTI_ENDINGS):
+            raise DataError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+        return [CaseFiles(case_id_of(path), path)]
+    if not path.is_dir():
+        raise DataError(f"{path}: input does not exist")
+    if any(path.rglob("volume-*.nii*")):
+        return discover_lits(path)
+    files = nifti_files(path)
+    if not files:
+        raise DataError(f"{path}: no .nii or .nii.gz images in this folder")
+    return [CaseFiles(case_id_of(p), p) for p in files]
+
+
+def plan_outputs(cases: Sequence[CaseFiles],
+                 output: PathLike) -> list[tuple[CaseFiles, pathlib.Path]]:
+    """Returns (case, label-map path) pairs, refusing outputs that would overwrite an input."""
+    output = pathlib.Path(output)
+    if output.name.endswith(NIFTI_ENDINGS):
+        if len(cases) != 1:
+            raise ValueError(f"{output}: a file name as output needs exactly one input, got {len(cases)}")
+        jobs = [(cases[0], output)]
+    else:
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"{output}: output exists and is not a folder")
+        jobs = [(c, output / output_name(c.case_id)) for c in cases]
+    protected = {p.resolve() for c in cases for p in (c.image, c.label) if p is not None}
+    for case, out in jobs:
+        if out.resolve() in protected:
+            raise ValueError(f"{out}: output would overwrite an input file (case {case.case_id}); "
+                             "choose another output folder")
+    return jobs
+
+
+def _keyed(files: Sequence[pathlib.Path], where: PathLike) -> dict[str, pathlib.Path]:
+    out: dict[str, pathlib.Path] = {}
+    for f in files:
+        key = case_key(f)
+        if key in out:
+            raise DataError(f"{where}: two files belong to case {key!r}: {out[key]} and {f}")
+        out[key] = f
+    return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
+
+
+def _label_maps_in(folder: pathlib.Path) -> list[pathlib.Path]:
+    files = nifti_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no .nii or .nii.gz label maps in this folder")
+    return files
+
+
+def prediction_files(path: PathLike) -> dict[str, pathlib.Path]:
+    """Returns {case id: label map} for one prediction file or the NIfTI files of a folder."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return {case_key(path): path}
+    if not path.is_dir():
+        raise DataError(f"{path}: prediction file or folder does not exist")
+    return _keyed(_label_maps_in(path), path)
+
+
+def truth_files(path: PathLike) -> dict[str, pathlib.Path]:
+    """Returns {case id: label map} of a ground-truth file, LiTS/MSD folder or folder of label files."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return {case_key(path): path}
+    if not path.is_dir():
+        raise DataError(f"{path}: ground-truth file or folder does not exist")
+    try:
+        layout = detect_layout(path)
+    except DataError:
+        layout = None
+    if layout is not None:
+        labelled = [c.label for c in discover(path, layout) if c.label is not None]
+        if not labelled:
+            raise DataError(f"{path}: {layout} layout with no label files")
+        return _keyed(labelled, path)
+    return _keyed(_label_maps_in(path), path)

@@ -36,6 +36,7 @@ import numpy as np
 from isal import igzip, igzip_threaded, isal_zlib
 
 from livseg_jax.atomic_write import atomic_path
+from livseg_jax.data.cases import case_id_of
 
 PathLike = str | os.PathLike
 LABEL_VALUES = (0, 1, 2)  # LiTS: background, liver, tumour
@@ -118,15 +119,6 @@ class Case:
     label: np.ndarray | None
     spacing: np.ndarray  # (sz, sy, sx) mm
     geometry: Geometry
-
-
-def case_id_of(path: PathLike) -> str:
-    """Returns a file's name without its `.nii` / `.nii.gz` ending."""
-    name = pathlib.Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def is_nifti_gz(path: PathLike) -> bool:

@@ -5,14 +5,12 @@ step k sees exactly the batches an uninterrupted run sees from step k on, whatev
 worker processes. The global batch of step k is examples [k * B, (k + 1) * B); JAX process p of P
 loads the contiguous slice p * B / P ... (p + 1) * B / P of it, so processes get disjoint shards.
 
-Stage "liver": the whole preprocessed volume, foreground = liver (labels 1 and 2).
-Stage "tumor": the volume cropped to the liver's bounding box plus a margin, foreground = tumour.
+What each stage sees (the whole volume or the liver crop) and learns is `data.stages`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator, Sequence
 
 import grain
@@ -21,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from livseg_jax.data.cache import CachedCase
-from livseg_jax.data.preprocess import bbox_of
+from livseg_jax.data.stages import liver_crop_box, stage_target
 
 MAX_FOREGROUND_SAMPLES = 20_000  # voxel coordinates kept per case to draw patch centres from
 
@@ -48,20 +46,6 @@ class StageCase:
         return np.load(self.image_path, mmap_mode="r")[box], np.load(self.label_path, mmap_mode="r")[box]
 
 
-def stage_target(label: np.ndarray, stage: str) -> np.ndarray:
-    """Returns the stage's binary target (uint8): liver (1 or 2) for "liver", tumour (2) for "tumor"."""
-    if stage == "liver":
-        return (label >= 1).astype(np.uint8)
-    if stage == "tumor":
-        return (label == 2).astype(np.uint8)
-    raise ValueError(f"stage must be 'liver' or 'tumor', got {stage!r}")
-
-
-def liver_crop_margin(spacing: Sequence[float], margin_mm: float) -> tuple[int, int, int]:
-    """Returns the per-axis crop margin in voxels for a margin in mm."""
-    return tuple(int(math.ceil(margin_mm / float(s))) for s in spacing)
-
-
 def index_case(case: CachedCase, stage: str, liver_margin_mm: float, seed: int = 0,
                liver_mask: np.ndarray | None = None) -> StageCase:
     """Returns the StageCase of a cached case (crop + foreground sample) for `stage`.
@@ -77,7 +61,7 @@ def index_case(case: CachedCase, stage: str, liver_margin_mm: float, seed: int =
         liver = label >= 1 if liver_mask is None else np.asarray(liver_mask, bool)
         if liver.shape != label.shape:
             raise ValueError(f"{case.source.image}: liver mask shape {liver.shape} != case shape {label.shape}")
-        box = bbox_of(liver, liver_crop_margin(case.spacing, liver_margin_mm))
+        box = liver_crop_box(liver, case.spacing, liver_margin_mm)
         if box is None:
             what = "no liver voxels" if liver_mask is None else "the stage-1 model found no liver"
             raise ValueError(f"{case.source.label}: {what}, cannot crop for the tumour stage")

@@ -5,8 +5,8 @@ For one CT volume in internal (D, H, W) order and HU:
 2. Stage 1: sliding-window liver probabilities, argmax, keep the largest connected component.
    No liver: the case's label map is all background and a warning says so.
 3. Stage 2: the preprocessed volume cropped to the liver's bounding box grown by the tumour
-   model's `data.liver_margin_mm` (converted to voxels with `pipeline.liver_crop_margin`, exactly
-   as the training crops were made); tumour voxels outside the stage-1 liver are removed.
+   model's `data.liver_margin_mm` (`stages.liver_crop_box`, exactly as the training crops were
+   made); tumour voxels outside the stage-1 liver are removed.
    When the tumour model was trained with other preprocessing settings, the volume is preprocessed
    again with them and the liver mask is carried over through the original grid.
 4. `restore` maps the 0/1/2 map back onto the original grid (shape, and with the input's geometry
@@ -25,27 +25,24 @@ import os
 import pathlib
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
-from scipy import ndimage
 
 from livseg_jax.data import nifti
-from livseg_jax.data.pipeline import liver_crop_margin
-from livseg_jax.data.preprocess import bbox_of, component_sizes, paste_into, preprocess, restore
+from livseg_jax.data.preprocess import PreprocessSettings, preprocess, restore
+from livseg_jax.data.regions import largest_component, paste_into
+from livseg_jax.data.stages import liver_crop_box
 from livseg_jax.inference.sliding_window import num_windows, sliding_window, window_predict_fn
 from livseg_jax.models import build_model, check_patch_shape, reparameterize
 from livseg_jax.run_dir import load_variables
 
-STAGES = ("liver", "tumor")
 # progress(phase, number of windows) -> callback(windows done); phase is "liver" or "tumor".
 ProgressFn = Callable[[str, int], Callable[[int], None]]
 # png_writer(path, image (D, H, W) HU, spacing, labels (D, H, W), title): renders an overlay.
 PngWriter = Callable[[pathlib.Path, np.ndarray, Any, np.ndarray, str], Any]
-PREPROCESS_KEYS = ("body_threshold_hu", "inplane_factor", "target_slice_spacing", "hu_min", "hu_max",
-                   "hu_scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,17 +55,12 @@ class StageModel:
     variables: Any
     num_classes: int
     window: tuple[int, int, int]
-    preprocess_config: Mapping[str, Any]
+    preprocessing: PreprocessSettings
     overlap: float = 0.5
     batch_size: int = 2
     sigma_scale: float = 0.125
     liver_margin_mm: float = 10.0  # stage-2 crop margin (used from the tumour model)
     description: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance, for the JSON
-
-    @property
-    def pad_value(self) -> float:
-        """Returns the scaled intensity of air, used to pad windows beyond the volume."""
-        return float(self.preprocess_config["hu_min"]) / float(self.preprocess_config["hu_scale"])
 
     def settings(self) -> dict[str, Any]:
         """Returns the JSON-serialisable settings of this stage (window, overlap, source ...)."""
@@ -105,31 +97,15 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
-    """Returns the largest connected component of a (D, H, W) mask as bool (empty stays empty)."""
-    structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
-    labels, n = ndimage.label(mask, structure=structure)
-    if n <= 1:
-        return labels > 0
-    # Boxes only when few components: a noisy mask has 10^5 of them, and find_objects over those
-    # costs more than the labelling.
-    return labels == int(np.argmax(component_sizes(labels, None, n)))
-
-
 def stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
     """Returns the stage's foreground mask (D, H, W) bool: argmax of blended window probabilities."""
     callback = None
     if progress is not None:
         callback = progress(model.stage, num_windows(image.shape, model.window, model.overlap))
     labels = sliding_window(image, model.window_fn, model.variables, model.window, model.overlap,
-                            model.batch_size, model.sigma_scale, model.pad_value, callback,
+                            model.batch_size, model.sigma_scale, model.preprocessing.air_value, callback,
                             output="labels", num_classes=model.num_classes)
     return labels > 0
-
-
-def same_preprocessing(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Returns whether two preprocess sections produce the same grid and intensities."""
-    return all(float(a[k]) == float(b[k]) for k in PREPROCESS_KEYS)
 
 
 def _box_list(box) -> list[list[int]]:
@@ -154,7 +130,7 @@ def predict_case(
     info: dict[str, Any] = {"input_shape": list(image_dhw.shape),
                             "input_spacing": [float(s) for s in spacing]}
     with timer("preprocess"):
-        image, _, record = preprocess(image_dhw, spacing, liver.preprocess_config)
+        image, _, record = preprocess(image_dhw, spacing, liver.preprocessing)
     info.update(preprocessed_shape=list(record.shape), preprocessed_spacing=list(record.spacing),
                 body_found=record.body_found,
                 liver_windows=num_windows(image.shape, liver.window, liver.overlap))
@@ -175,16 +151,16 @@ def predict_case(
             labels = restore(liver_mask.astype(np.uint8), record)
         return CaseResult(labels, True, timer.seconds, info, notes)
 
-    same = same_preprocessing(liver.preprocess_config, tumor.preprocess_config)
+    same = liver.preprocessing == tumor.preprocessing
     liver_orig = None
     if same:
         t_image, t_liver, t_record = image, liver_mask, record
     else:
         with timer("tumor_preprocess"):
             liver_orig = restore(liver_mask.astype(np.uint8), record)
-            t_image, t_label, t_record = preprocess(image_dhw, spacing, tumor.preprocess_config, liver_orig)
+            t_image, t_label, t_record = preprocess(image_dhw, spacing, tumor.preprocessing, liver_orig)
             t_liver = t_label >= 1
-    box = bbox_of(t_liver, liver_crop_margin(t_record.spacing, tumor.liver_margin_mm))
+    box = liver_crop_box(t_liver, t_record.spacing, tumor.liver_margin_mm)
     if box is None:  # the liver vanished when moved to the tumour model's coarser grid
         notes.append("the liver is empty on the tumour model's grid: no tumour predicted")
         with timer("restore"):
@@ -265,7 +241,7 @@ def load_stage_model(
         variables=variables,
         num_classes=int(config.model.num_classes),
         window=window,
-        preprocess_config={k: config.preprocess[k] for k in PREPROCESS_KEYS},
+        preprocessing=PreprocessSettings.from_config(config.preprocess),
         overlap=overlap,
         batch_size=batch_size,
         sigma_scale=float(inf.gaussian_sigma_scale),
@@ -297,7 +273,7 @@ class Predictor:
             if model is None or model.stage in self.compile_seconds:
                 continue
             start = time.perf_counter()
-            stage_mask(model, np.full(model.window, model.pad_value, np.float32))  # the programs it runs
+            stage_mask(model, np.full(model.window, model.preprocessing.air_value, np.float32))  # the programs it runs
             self.compile_seconds[model.stage] = time.perf_counter() - start
         return dict(self.compile_seconds)
 
@@ -354,15 +330,3 @@ class Predictor:
             warnings.warn(f"{image_path}: {note}", stacklevel=2)
         return result, record
 
-
-def output_name(case_id: str) -> str:
-    """Returns the label-map name of a case: segmentation-N.nii.gz for volume-N, else <id>_seg.nii.gz."""
-    if case_id.startswith("volume-") and case_id[len("volume-"):].isdigit():
-        return f"segmentation-{case_id[len('volume-'):]}.nii.gz"
-    return f"{case_id}_seg.nii.gz"
-
-
-def sidecar_path(output_path: str | os.PathLike, suffix: str) -> pathlib.Path:
-    """Returns `<output without .nii[.gz]><suffix>` beside a label map (e.g. `_timings.json`)."""
-    output_path = pathlib.Path(output_path)
-    return output_path.with_name(nifti.case_id_of(output_path) + suffix)

@@ -20,6 +20,9 @@ from livseg_jax.config import default_cache_root, model_config
 from livseg_jax.data import pipeline
 from livseg_jax.data.cache import build_cache
 from livseg_jax.data.layouts import discover
+from livseg_jax.data.preprocess import PreprocessSettings
+from livseg_jax.data.regions import largest_component
+from livseg_jax.data.stages import stage_target
 from livseg_jax.data.synthetic import write_synthetic_dataset
 from livseg_jax.inference.sliding_window import sliding_window, window_predict_fn
 from livseg_jax.metrics import overlap_metrics
@@ -79,23 +82,17 @@ def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
 
 def stage1_liver_masks(config: ml_collections.ConfigDict, cached) -> list[np.ndarray]:
     """Returns the stage-1 model's liver (largest component) on each cached, preprocessed case."""
-    from livseg_jax.inference.two_stage import largest_component, load_stage_model, same_preprocessing, stage_mask
+    from livseg_jax.inference.two_stage import load_stage_model, stage_mask
 
     liver = load_stage_model(config.data.stage1_run, expected_stage="liver")
-    if not same_preprocessing(config.preprocess, liver.preprocess_config):
-        ours = {k: float(v) for k, v in config.preprocess.items()}
-        theirs = {k: float(v) for k, v in liver.preprocess_config.items()}
-        raise ValueError(f"{config.data.stage1_run}: the liver model was trained with preprocessing {theirs}, "
-                         f"this run uses {ours}; crops would not line up")
+    ours = PreprocessSettings.from_config(config.preprocess)
+    if ours != liver.preprocessing:
+        raise ValueError(f"{config.data.stage1_run}: the liver model was trained with preprocessing "
+                         f"{liver.preprocessing.to_dict()}, this run uses {ours.to_dict()}; crops would not line up")
     masks = []
     for case in tqdm.tqdm(cached, desc="stage-1 liver crops", unit="case"):
         masks.append(largest_component(stage_mask(liver, np.asarray(case.image))))
     return masks
-
-
-def background_value(preprocess_config: ml_collections.ConfigDict) -> float:
-    """Returns the scaled intensity of air (the padding value of patches and windows)."""
-    return float(preprocess_config.hu_min) / float(preprocess_config.hu_scale)
 
 
 def validate(model, variables, cases: Sequence[pipeline.StageCase], config, predict_fn) -> dict[str, float]:
@@ -104,10 +101,11 @@ def validate(model, variables, cases: Sequence[pipeline.StageCase], config, pred
     window = tuple(config.inference.window) or tuple(config.data.patch_size)
     for case in cases:
         image, label = case.load()
-        target = pipeline.stage_target(np.asarray(label), config.stage)
+        target = stage_target(np.asarray(label), config.stage)
         labels = sliding_window(np.asarray(image), predict_fn, variables, window, config.inference.overlap,
-                                       config.inference.batch_size, config.inference.gaussian_sigma_scale,
-                                       background_value(config.preprocess), num_classes=config.model.num_classes)
+                                config.inference.batch_size, config.inference.gaussian_sigma_scale,
+                                PreprocessSettings.from_config(config.preprocess).air_value,
+                                num_classes=config.model.num_classes)
         # Both masks empty counts as Dice 1 (docs/metrics.md).
         scores[f"dice_{case.case_id}"] = overlap_metrics(labels > 0, target > 0)["dice"]
     scores["dice"] = float(np.mean(list(scores.values())))
@@ -190,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     writer = MetricWriter(workdir, config.train.tensorboard, is_chief)
     writer.truncate_after(start)
     sampler = pipeline.PatchSampler(train_cases, config.stage, config.data, config.seed,
-                                    background_value(config.preprocess))
+                                    PreprocessSettings.from_config(config.preprocess).air_value)
     dataset = pipeline.make_dataset(sampler, config.data.batch_size, total_steps, start,
                                     jax.process_index(), jax.process_count())
     batches = pipeline.batch_iterator(dataset, config.data.num_workers, config.data.prefetch)
