@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from livseg_jax.config import MODEL_NAMES, model_config
-from livseg_jax.models import build_model, init_variables, reparameterize, variable_shapes
+from livseg_jax.models import build_model, init_variables, names, reparameterize, variable_shapes
 from livseg_jax.models.forms import REFERENCE_FORMS
 from livseg_jax.models.layers import Layers, Upsample2x, upsample2x_reference
 from livseg_jax.models.msca import MSCABlock
@@ -38,7 +38,7 @@ def randomize_batch_stats(variables, seed=0):
             if keys[-1] == "mean":
                 return jnp.asarray(rng.normal(0, 0.5, shape), jnp.float32)
             return jnp.asarray(rng.uniform(0.5, 2.0, shape), jnp.float32)
-        if any(k in ("bn", "identity", "norm1", "norm2") for k in keys):
+        if any(k in names.NORM_MODULES for k in keys):
             if keys[-1] == "scale":
                 return jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
             return jnp.asarray(rng.normal(0, 0.2, shape), jnp.float32)
@@ -128,6 +128,17 @@ def test_reparameterized_model_reproduces_evaluation_model(variant, inputs, eval
     reference = variable_shapes(deploy, PATCH)
     assert jax.tree.structure(reference) == jax.tree.structure(
         jax.tree.map(jnp.asarray, deploy_vars))
+
+
+def test_every_batch_norm_is_named_as_the_name_table_expects(variant):
+    # The PyTorch name table and re-parameterisation tell BatchNorms from convolutions by these
+    # names (models/names.py): a BatchNorm under another name would be converted as a conv.
+    _, _, _, variables = variant
+    norms = {tuple(getattr(p, "key", p) for p in path[:-1])
+             for path, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])}
+    assert norms and all(path[-1] in names.NORM_MODULES for path in norms)
+    ups = {k for k in variables["params"] if k.startswith(names.UP)}
+    assert ups == {f"{names.UP}{s}" for s in range(len(FEATURES) - 1)}
 
 
 def test_upsample_equals_conv_transpose_and_float64_reference():
