@@ -84,8 +84,11 @@ def apply_overrides(model_config, overrides: dict[str, str]):
     for key, value in overrides.items():
         if key not in model_config:
             raise SystemExit(f"unknown model config key {key!r} in --overrides")
+        current = model_config[key]
+        if current is None:  # a typed None ("auto" dense_pack_channels) parses as its field's type
+            current = model_config.get_ref(key).get_type()()
         try:
-            model_config[key] = parse_value(value, model_config[key])
+            model_config[key] = parse_value(value, current)
         except (ValueError, SyntaxError) as err:
             raise SystemExit(f"--overrides {key}={value}: {err}") from None
     return model_config

@@ -25,11 +25,14 @@ def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
             n_rep=2,  # RepConv3d blocks chained inside each ELANResBlock
             msca_stages=(1, 2, 3, 4),  # encoder stages (0-based) + bottleneck (4) that get MSCA
             msca_mode="2d",  # "2d": axial-slice trick (paper); "3d": strip kernels on all axes
-            depthwise_impl="conv",  # MSCA depthwise convs: "conv" (grouped conv) or "shift" (fused sums)
-            pointwise_impl="conv",  # 1x1(x1) convs: "conv" (lax.conv) or "einsum" (matrix product)
+            # Computation forms: same parameters, same outputs. "auto" (dense_pack_channels: None)
+            # leaves them to the backend: the fastest measured on GPUs, plain convolutions elsewhere
+            # (models/forms.py); a value pins one.
+            depthwise_impl="auto",  # MSCA depthwise convs: "conv" (grouped conv) or "shift" (fused sums)
+            pointwise_impl="auto",  # 1x1(x1) convs: "conv" (lax.conv) or "einsum" (matrix product)
             # > 0: stride-1 3x3x3 convs with fewer channels run on a width-packed view with about
             # this many channels (models/packed_conv.py); 0: plain convolutions.
-            dense_pack_channels=0,
+            dense_pack_channels=ml_collections.FieldReference(None, field_type=int),
             dropout=0.0,  # dropout rate before the bottleneck block
             dtype="float32",  # compute dtype: "float32" or "bfloat16" (params stay float32)
             deep_supervision=True,
@@ -111,9 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
             checkpoint_every_epochs=1,
             keep_checkpoints=3,
             donate_state=True,  # False: the step does not reuse the old state's buffers
-            # Added to XLA_FLAGS before JAX starts (flags the environment sets win); GPU layout
-            # and autotuning flags go here. The `livseg_jax.train` and `livseg_jax.predict` entry
-            # points apply them (predict: the flags of the checkpoints it loads).
+            # The user's own XLA flags, added to XLA_FLAGS by `livseg_jax.train` before JAX starts
+            # (flags the environment sets win). The flags the model's computation forms need are
+            # added without being listed here (livseg_jax/xla_flags.py), also by `predict`.
             xla_flags="",
             # JAX's persistent compilation cache, turned on by `livseg_jax.train`: "auto" ->
             # <cache root>/jax_compilation, "off", or a directory. Restarts skip recompiling.
@@ -154,14 +157,9 @@ def stage_config(stage: str, arg: str, demo_patch: tuple, paper_patch: tuple, de
         config.train.steps_per_epoch = 250
         config.train.eval_every_epochs = 10
         # float32, as the paper trains. bf16 (`--config.model.dtype=bfloat16`) is 1.7x faster on
-        # an H100 and has stayed finite with the einsum 1x1 convs below, but its earlier NaN with
-        # convolution 1x1s is not explained (docs/performance_notes.md).
+        # an H100 and has stayed finite with the einsum 1x1 convs of the GPU forms, but its earlier
+        # NaN with convolution 1x1s is not explained (docs/performance_notes.md).
         config.model.dtype = "float32"
-        # The fastest measured GPU forms (docs/benchmarks.md): same parameters, same outputs.
-        config.model.depthwise_impl = "shift"
-        config.model.pointwise_impl = "einsum"
-        config.model.dense_pack_channels = 32
-        config.train.xla_flags = "--xla_gpu_force_conv_nhwc=true"
     else:
         # CPU demo: a narrow network and small patches; a 10x higher learning rate than the
         # paper's so that a few hundred steps give a visibly working model.

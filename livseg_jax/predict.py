@@ -14,9 +14,9 @@ it. Outputs, per case, next to each other in OUT (a folder; for a single input O
 spent in each phase; with `--png`, `<label map name>.png` overlays. Files are written atomically:
 a failed or interrupted case leaves nothing behind. Exit status 1 when any case failed.
 
-XLA flags: the stages' `train.xla_flags` (the flags their model forms were measured with, e.g.
-the `:paper` preset's `--xla_gpu_force_conv_nhwc=true`) are added to `XLA_FLAGS` before JAX
-starts; a flag already set in the environment wins.
+XLA flags: those the stages' computation forms need (`livseg_jax.xla_flags`; on GPUs
+`--xla_gpu_force_conv_nhwc=true`) are added to `XLA_FLAGS` before JAX starts; a flag already set
+in the environment wins.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from livseg_jax.data.layouts import find_inputs, plan_outputs
 from livseg_jax.data.nifti import DataError
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
-from livseg_jax.training.xla_flags import apply_xla_flags, merge_xla_flags
+from livseg_jax.xla_flags import apply_model_xla_flags
 
 
 class CaseProgress:
@@ -63,27 +63,29 @@ class CaseProgress:
             self.bar.close()
 
 
-def stage_xla_flags(paths: Sequence[str | os.PathLike | None]) -> str:
-    """The `train.xla_flags` of the stages' config.json files, merged (the first stage wins a
-    conflict). A missing or unreadable config adds nothing: loading the stage reports it."""
-    flags = ""
+def stage_model_configs(paths: Sequence[str | os.PathLike | None]) -> list:
+    """Returns the `model` sections of the stages' config.json files. A missing or unreadable
+    config adds nothing: loading the stage reports it."""
+    models = []
     for path in paths:
         if path is None:
             continue
         try:
-            train = load_config(path).get("train") or {}
+            model = load_config(path).get("model")
         except (OSError, ValueError, TypeError):
             continue
-        flags = merge_xla_flags(flags, str(train.get("xla_flags", "") or ""))
-    return flags
+        if model is not None:
+            models.append(model)
+    return models
 
 
 def use_stage_xla_flags(paths: Sequence[str | os.PathLike | None]) -> None:
-    """Applies `stage_xla_flags`; warns (results do not depend on them) when JAX already started."""
+    """Applies the XLA flags the stages' computation forms need; warns (results do not depend on
+    them) when JAX already started."""
     try:
-        apply_xla_flags(stage_xla_flags(paths))
+        apply_model_xla_flags(stage_model_configs(paths))
     except RuntimeError as e:  # called in a process that already used JAX
-        print(f"warning: the checkpoints' XLA flags are not applied: {e}", file=sys.stderr)
+        print(f"warning: the XLA flags of the models' computation forms are not applied: {e}", file=sys.stderr)
 
 
 def _save_overlay(path, image, spacing, labels, title):

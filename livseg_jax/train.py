@@ -10,7 +10,7 @@ from ml_collections import config_flags
 from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.training.distributed import maybe_initialize_distributed
 from livseg_jax.training.loop import cache_root, train_and_evaluate
-from livseg_jax.training.xla_flags import apply_xla_flags
+from livseg_jax.xla_flags import apply_model_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tumor.py", "training config file")
 _WORKDIR = flags.DEFINE_string("workdir", "", "run directory (default: runs/<stage>)")
@@ -21,7 +21,8 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config = _CONFIG.value
-    apply_xla_flags(config.train.get("xla_flags", ""))  # before anything starts a backend
+    # Before anything starts a backend: the flags the model's forms need, and the user's own.
+    apply_model_xla_flags([config.model], config.train.get("xla_flags", ""))
     use_compilation_cache(config.train.get("compilation_cache", "auto"), cache_root(config))
     maybe_initialize_distributed()
     workdir = _WORKDIR.value or os.path.join("runs", config.stage)

@@ -1,8 +1,9 @@
 """Helpers shared by several test modules (imported as `helpers`: pytest puts tests/ on sys.path)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from livseg_jax.models import variable_shapes
 
 
 def random_unet_variables(model, window, seed=0):
@@ -11,8 +12,7 @@ def random_unet_variables(model, window, seed=0):
     Running variances are drawn from [0.5, 2] so BatchNorm stays well defined; everything else
     from N(0, 0.4).
     """
-    shapes = jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, *window, 1)), train=True))
+    shapes = variable_shapes(model, window)
     rng = np.random.default_rng(seed)
 
     def draw(path, s):

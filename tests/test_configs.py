@@ -7,6 +7,7 @@ import pytest
 
 from livseg_jax.config import MODEL_NAMES
 from livseg_jax.models import check_patch_shape
+from livseg_jax.models.forms import resolve_forms
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -26,12 +27,17 @@ def test_demo_and_paper_presets_differ_and_patches_fit_the_network(stage):
     assert tuple(paper.model.features) == (16, 32, 64, 128, 256)
     assert paper.optim.learning_rate == pytest.approx(1e-4)  # the paper's Adam rate
     assert max(demo.model.features) < max(paper.model.features)
-    # The GPU-fast forms compute the same parameters (tests/test_models.py); the demo keeps the
-    # reference forms, which compile faster on a CPU.
-    assert (paper.model.depthwise_impl, paper.model.pointwise_impl) == ("shift", "einsum")
-    assert paper.model.dense_pack_channels == 32
-    assert (demo.model.depthwise_impl, demo.model.pointwise_impl) == ("conv", "conv")
-    assert demo.model.dense_pack_channels == 0
+    # Presets are science only: computation forms are left to the backend, which gives the paper
+    # run the GPU-fast forms (same parameters, tests/test_models.py) and a CPU demo the reference
+    # forms, which compile faster there; the XLA flags come from the forms, not from the preset.
+    for config in (demo, paper):
+        assert (config.model.depthwise_impl, config.model.pointwise_impl) == ("auto", "auto")
+        assert config.model.dense_pack_channels is None
+        assert config.train.xla_flags == ""
+    assert resolve_forms(paper.model, "gpu") == {
+        "depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_channels": 32}
+    assert resolve_forms(demo.model, "cpu") == {
+        "depthwise_impl": "conv", "pointwise_impl": "conv", "dense_pack_channels": 0}
     for config in (demo, paper):
         check_patch_shape(tuple(config.data.patch_size), len(config.model.features))
         assert config.model.name == "elanres_msca_unet"

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from livseg_jax.config import MODEL_NAMES, model_config
-from livseg_jax.models import build_model, init_variables, reparameterize
-from livseg_jax.models.layers import Upsample2x, upsample2x_reference
+from livseg_jax.models import build_model, init_variables, names, reparameterize, variable_shapes
+from livseg_jax.models.forms import REFERENCE_FORMS
+from livseg_jax.models.layers import Layers, Upsample2x, upsample2x_reference
 from livseg_jax.models.msca import MSCABlock
 
 PATCH = (16, 16, 16)
@@ -20,6 +21,7 @@ FEATURES = (4, 8, 8, 8, 16)
 def tiny_config(name, **overrides):
     cfg = model_config(name)
     cfg.features = FEATURES
+    cfg.update(REFERENCE_FORMS)  # pinned: the forms these tests compare against, on any backend
     for k, v in overrides.items():
         cfg[k] = v
     return cfg
@@ -36,7 +38,7 @@ def randomize_batch_stats(variables, seed=0):
             if keys[-1] == "mean":
                 return jnp.asarray(rng.normal(0, 0.5, shape), jnp.float32)
             return jnp.asarray(rng.uniform(0.5, 2.0, shape), jnp.float32)
-        if any(k in ("bn", "identity", "norm1", "norm2") for k in keys):
+        if any(k in names.NORM_MODULES for k in keys):
             if keys[-1] == "scale":
                 return jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
             return jnp.asarray(rng.normal(0, 0.2, shape), jnp.float32)
@@ -123,9 +125,20 @@ def test_reparameterized_model_reproduces_evaluation_model(variant, inputs, eval
     assert set(deploy_vars) == {"params"}
     assert not any(re.search(r"(^|/)(bn|identity|dense|point)(/|$)", n)
                    for n in param_names(deploy_vars))
-    reference = jax.eval_shape(lambda: init_variables(deploy, jax.random.key(0), PATCH))
+    reference = variable_shapes(deploy, PATCH)
     assert jax.tree.structure(reference) == jax.tree.structure(
         jax.tree.map(jnp.asarray, deploy_vars))
+
+
+def test_every_batch_norm_is_named_as_the_name_table_expects(variant):
+    # The PyTorch name table and re-parameterisation tell BatchNorms from convolutions by these
+    # names (models/names.py): a BatchNorm under another name would be converted as a conv.
+    _, _, _, variables = variant
+    norms = {tuple(getattr(p, "key", p) for p in path[:-1])
+             for path, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])}
+    assert norms and all(path[-1] in names.NORM_MODULES for path in norms)
+    ups = {k for k in variables["params"] if k.startswith(names.UP)}
+    assert ups == {f"{names.UP}{s}" for s in range(len(FEATURES) - 1)}
 
 
 def test_upsample_equals_conv_transpose_and_float64_reference():
@@ -177,7 +190,7 @@ def test_variants_have_the_specified_blocks():
     names = {}
     for name in MODEL_NAMES:
         model = build_model(tiny_config(name))
-        variables = jax.eval_shape(lambda m=model: init_variables(m, jax.random.key(0), PATCH))
+        variables = variable_shapes(model, PATCH)
         names[name] = param_names(variables)
     has = lambda name, pattern: any(re.search(pattern, n) for n in names[name])  # noqa: E731
     assert not has("unet", "msca") and not has("unet", "rep")
@@ -188,7 +201,7 @@ def test_variants_have_the_specified_blocks():
     stages = {int(m.group(1)) for n in names["elanres_msca_unet"] if (m := re.match(r"msca(\d)/", n))}
     assert stages == {1, 2, 3, 4}
     model = build_model(tiny_config("elanres_msca_unet", msca_stages=(4,), n_rep=3))
-    v = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), PATCH))
+    v = variable_shapes(model, PATCH)
     assert {n.split("/")[0] for n in param_names(v) if n.startswith("msca")} == {"msca4"}
     assert any("rep2" in n for n in param_names(v))
 
@@ -277,7 +290,7 @@ def test_flop_counts_are_the_models_not_the_packed_forms_zeros():
     packed = tiny_config("elanres_unet", dense_pack_channels=32)
     model = build_model(packed)
     x = jax.ShapeDtypeStruct((1, *PATCH, 1), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=True), x)
+    variables = variable_shapes(model, PATCH)
     program = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).cost_analysis()
     program = program[0] if isinstance(program, list | tuple) else program
     assert forward_flops(packed, PATCH) == forward_flops(reference, PATCH) > 0
@@ -285,15 +298,18 @@ def test_flop_counts_are_the_models_not_the_packed_forms_zeros():
     assert packed.dense_pack_channels == 32  # the caller's config is left as it was
 
 
-def test_the_paper_presets_fast_forms_together_match_the_reference_forms(variant, inputs, eval_outputs):
-    # configs/*.py:paper combines shift depthwise, einsum 1x1 and packed 3x3x3 convs; each is tested
-    # alone above.
+def test_the_gpu_forms_together_match_the_reference_forms(variant, inputs, eval_outputs):
+    # On GPUs "auto" combines shift depthwise, einsum 1x1 and packed 3x3x3 convs (models/forms.py);
+    # each is tested alone above.
     name, cfg, _, variables = variant
     fast_cfg = cfg.copy_and_resolve_references()
     fast_cfg.update(depthwise_impl="shift", pointwise_impl="einsum", dense_pack_channels=32)
     fast = build_model(fast_cfg)
     got = jax.jit(lambda v, x: fast.apply(v, x, train=False))(variables, inputs)
     np.testing.assert_allclose(got, eval_outputs, rtol=1e-4, atol=1e-5)
+    auto_cfg = cfg.copy_and_resolve_references()
+    auto_cfg.update(depthwise_impl="auto", pointwise_impl="auto", dense_pack_channels=None)
+    assert build_model(auto_cfg, backend="gpu") == fast  # what "auto" means on a GPU
 
 
 @pytest.mark.parametrize("value", [-32, True])  # a float is refused by the ConfigDict itself
@@ -303,6 +319,33 @@ def test_a_packing_width_that_is_not_a_count_is_refused(value):
 
 
 def test_unknown_pointwise_impl_is_refused():
-    model = build_model(tiny_config("elanres_unet", pointwise_impl="gemm"))
     with pytest.raises(ValueError, match="pointwise_impl"):
-        init_variables(model, jax.random.key(0), PATCH)
+        build_model(tiny_config("elanres_unet", pointwise_impl="gemm"))
+
+
+def test_unknown_depthwise_impl_is_refused():
+    with pytest.raises(ValueError, match="depthwise_impl"):
+        build_model(tiny_config("msca_unet", depthwise_impl="fft"))
+
+
+def test_equal_configs_build_equal_hashable_models():
+    # Blocks hold the model's `Layers` as an attribute: it must be a hashable value, so that two
+    # builds of one config are the same module (jit caches, Flax's module comparison).
+    a, b = build_model(tiny_config("elanres_msca_unet")), build_model(tiny_config("elanres_msca_unet"))
+    assert a == b and hash(a) == hash(b) and a.layers == Layers()
+    assert build_model(tiny_config("elanres_msca_unet", dtype="bfloat16")) != a
+    assert build_model(tiny_config("elanres_msca_unet"), deploy=True).deploy
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_variable_shapes_are_those_of_init_at_any_patch(deploy):
+    model = build_model(tiny_config("elanres_msca_unet"), deploy=deploy)
+    variables = init_variables(model, jax.random.key(0), PATCH)
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), variables)
+    for patch, batch in ((None, 1), (PATCH, 1), ((32, 16, 16), 3)):
+        got = variable_shapes(model, patch, batch)
+        assert jax.tree.map(lambda s: (s.shape, s.dtype), got) == shapes
+    assert ("batch_stats" in shapes) == (not deploy)
+    # The deploy form is initialised in evaluation mode: only the finest head exists.
+    assert {k for k in shapes["params"] if k.startswith("head")} == ({"head3"} if deploy else
+                                                                     {"head0", "head1", "head2", "head3"})

@@ -15,16 +15,17 @@ from helpers import random_unet_variables
 from livseg_jax import evaluate, predict, visualize
 from livseg_jax.config import base_config
 from livseg_jax.models import build_model
+from livseg_jax.models.forms import REFERENCE_FORMS
 from livseg_jax.run_dir import RunCheckpoints, save_config
+from livseg_jax.xla_flags import GPU_FORM_FLAGS, model_xla_flags
 
 PHASES = ("read", "preprocess", "liver_inference", "liver_postprocess", "restore", "write", "total")
 
 
-def write_run(workdir, stage, seed=0, window=(16, 32, 32), xla_flags="", **preprocess):
+def write_run(workdir, stage, seed=0, window=(16, 32, 32), **preprocess):
     """Writes a run directory (config.json + orbax checkpoint) of a tiny random U-Net; returns it."""
     c = base_config()
     c.stage = stage
-    c.train.xla_flags = xla_flags
     c.model.name = "unet"
     c.model.features = (2, 4, 4, 4, 4)
     c.data.patch_size = window
@@ -205,29 +206,36 @@ def test_each_cli_prints_help(module, capsys):
     assert f"python -m livseg_jax.{module.__name__.split('.')[-1]}" in capsys.readouterr().out
 
 
-def test_stage_xla_flags_merge_the_configs_and_skip_what_the_loader_will_report(tmp_path):
-    for name, flags in (("a", "--xla_x=1 --xla_y=2"), ("b", "--xla_x=3 --xla_z=4")):
+def test_stage_model_configs_skip_what_the_loader_will_report(tmp_path):
+    for name, forms in (("a", REFERENCE_FORMS), ("b", {"depthwise_impl": "auto"})):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps({"train": {"xla_flags": flags}}))
+        (tmp_path / name / "config.json").write_text(json.dumps({"model": forms}))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    got = predict.stage_xla_flags([tmp_path / "a", None, tmp_path / "missing", tmp_path / "broken", tmp_path / "b"])
-    assert got.split() == ["--xla_x=1", "--xla_y=2", "--xla_z=4"]  # the liver stage wins a conflict
+    got = predict.stage_model_configs([tmp_path / "a", None, tmp_path / "missing", tmp_path / "broken",
+                                       tmp_path / "b"])
+    assert [m.to_dict() for m in got] == [REFERENCE_FORMS, {"depthwise_impl": "auto"}]
+    # The flags come from the forms of either stage, not from the configs' train sections.
+    assert model_xla_flags(got[:1]) == "" and model_xla_flags(got) == GPU_FORM_FLAGS
 
 
-def test_predict_applies_the_checkpoints_xla_flags_before_jax_starts(tmp_path, capsys):
+def test_predict_applies_the_forms_xla_flags_before_jax_starts(tmp_path, capsys):
     dump = tmp_path / "dump"
     pre = dict(inplane_factor=8, target_slice_spacing=4.8)
-    run = write_run(tmp_path / "liver", "liver", 0, xla_flags=f"--xla_dump_to={dump}", **pre)
+    run = write_run(tmp_path / "liver", "liver", 0, **pre)  # computation forms "auto"
     ct = ct_file(tmp_path / "ct.nii.gz", small_ct())
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", LIVSEG_COMPILATION_CACHE="off")
-    done = subprocess.run([sys.executable, "-m", "livseg_jax.predict", "--liver", str(run), "-i", str(ct),
+    # A fresh process in which the forms' flags are --xla_dump_to: XLA dumps only if they were set
+    # before its backend started.
+    script = (f"import sys, livseg_jax.xla_flags as f; f.GPU_FORM_FLAGS = {f'--xla_dump_to={dump}'!r}; "
+              f"from livseg_jax import predict; sys.exit(predict.main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", script, "--liver", str(run), "-i", str(ct),
                            "-o", str(tmp_path / "out"), "--no-progress"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert list(dump.glob("*.txt")), "XLA did not see the checkpoint's --xla_dump_to"
+    assert list(dump.glob("*.txt")), "XLA did not see the flags of the checkpoint's computation forms"
     # In a process whose backend already runs, the flags cannot apply: a warning, and the
     # prediction (which does not depend on them) still runs.
     assert predict.main(["--liver", str(run), "-i", str(ct), "-o", str(tmp_path / "out2"), "--no-progress"]) == 0
-    assert "checkpoints' XLA flags are not applied" in capsys.readouterr().err
+    assert "computation forms are not applied" in capsys.readouterr().err
     assert (tmp_path / "out2" / "ct_seg.nii.gz").exists()

@@ -1,4 +1,4 @@
-"""Config-chosen XLA flags: merged with the user's, and applied before a backend starts."""
+"""XLA flags: those the model's forms need and the user's, merged, applied before a backend starts."""
 
 import os
 import subprocess
@@ -8,7 +8,16 @@ import textwrap
 import jax
 import pytest
 
-from livseg_jax.training.xla_flags import apply_xla_flags, merge_xla_flags
+from livseg_jax import xla_flags
+from livseg_jax.config import model_config
+from livseg_jax.models.forms import REFERENCE_FORMS
+from livseg_jax.xla_flags import (
+    GPU_FORM_FLAGS,
+    apply_model_xla_flags,
+    apply_xla_flags,
+    merge_xla_flags,
+    model_xla_flags,
+)
 
 
 def test_the_users_flags_win_and_new_ones_are_appended():
@@ -40,10 +49,54 @@ def test_flags_applied_at_start_reach_xla(tmp_path):
     # XLA dumps compiled programs only if it saw the flag when its backend started.
     script = textwrap.dedent(f"""
         import jax, jax.numpy as jnp
-        from livseg_jax.training.xla_flags import apply_xla_flags
+        from livseg_jax.xla_flags import apply_xla_flags
         apply_xla_flags("--xla_dump_to={tmp_path / 'dump'}")
         jax.jit(lambda x: x * 2 + 1)(jnp.ones(4)).block_until_ready()
     """)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     subprocess.run([sys.executable, "-c", script], check=True, env={**env, "JAX_PLATFORMS": "cpu"})
     assert list((tmp_path / "dump").glob("*.txt"))
+
+
+def reference_model():
+    config = model_config()
+    config.update(REFERENCE_FORMS)
+    return config
+
+
+def test_the_gpu_forms_ask_for_channels_last_convolutions_and_the_reference_forms_for_nothing():
+    assert GPU_FORM_FLAGS == "--xla_gpu_force_conv_nhwc=true"
+    assert model_xla_flags([model_config()]) == GPU_FORM_FLAGS  # "auto": the GPU forms on a GPU
+    assert model_xla_flags([reference_model()]) == ""
+    assert model_xla_flags([reference_model(), model_config()]) == GPU_FORM_FLAGS  # either stage
+    assert model_xla_flags([]) == ""
+
+
+def test_the_environment_wins_over_the_users_flags_which_win_over_the_forms(monkeypatch):
+    # As at the start of a process (only a dict is written here, not the real environment).
+    monkeypatch.setattr(xla_flags.xla_bridge, "backends_are_initialized", lambda: False)
+    environ = {}
+    assert apply_model_xla_flags([model_config()], environ=environ) == GPU_FORM_FLAGS
+    environ = {}
+    got = apply_model_xla_flags([model_config()], "--xla_gpu_force_conv_nhwc=false --xla_c=2", environ)
+    assert got.split() == ["--xla_gpu_force_conv_nhwc=false", "--xla_c=2"]
+    environ = {"XLA_FLAGS": "--xla_c=1"}
+    got = apply_model_xla_flags([reference_model()], "--xla_c=2 --xla_d=3", environ)
+    assert got.split() == ["--xla_c=1", "--xla_d=3"] == environ["XLA_FLAGS"].split()
+
+
+def test_the_gpu_forms_flag_changes_nothing_on_a_cpu(tmp_path):
+    # "auto" forms ask for the flag before the backend is known: on a CPU it must be harmless.
+    script = textwrap.dedent("""
+        import hashlib, jax, jax.numpy as jnp, numpy as np
+        x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8, 4))
+        w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 4))
+        y = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+            x, w, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")))(x, w)
+        print(hashlib.sha256(np.asarray(y).tobytes()).hexdigest())
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    outputs = [subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
+                              env={**env, "XLA_FLAGS": flags}).stdout for flags in ("", GPU_FORM_FLAGS)]
+    assert outputs[0] == outputs[1] and len(outputs[0].strip()) == 64

@@ -1,4 +1,4 @@
-"""The PyTorch <-> Flax name table and the converters built on it (pure numpy, no torch).
+"""The PyTorch <-> Flax name table and the converters built on it (numpy, no torch).
 
 The torch twins (`livseg_jax.interop.torch_models`) give every module the name of its Flax
 counterpart, so one short list of rules maps every tensor of every variant, training or deploy
@@ -15,7 +15,8 @@ form. The rules are tried in order; the first whose pattern matches the whole to
     <m>.bias                            params/<m>/bias               copy
     <m>.layer_scaleN                    params/<m>/layer_scaleN       copy   (MSCA, shape (C,))
 
-where <m> is the module path, "." in torch and "/" in Flax. Kernel transforms:
+where <m> is the module path, "." in torch and "/" in Flax, and the module names the rules test
+(bn, identity, norm1/norm2, upN) are those of `livseg_jax.models.names`. Kernel transforms:
     conv            torch (O, I/groups, *k) -> flax (*k, I/groups, O)   Conv3d, Conv2d, depthwise
     conv_transpose  torch (I, O, 2, 2, 2)   -> flax (2, 2, 2, I, O)     ConvTranspose3d <-> Upsample2x
 `mapping_table(torch_keys)` applies the rules to a model's keys and returns the full table.
@@ -30,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from livseg_jax.models import names
+
 Shape = tuple[int, ...]
 
 
@@ -42,14 +45,15 @@ class Rule:
     transform: str
 
 
-_BN = r"((?:.+\.)?(?:bn|identity|norm\d+))"
+# A BatchNorm (or its deploy affine) is told from a conv by its module name (models/names.py).
+_BN = rf"((?:.+\.)?(?:{'|'.join(names.NORM_MODULES)}))"
 RULES: tuple[Rule, ...] = (
     Rule(r"(.+)\.num_batches_tracked", None, "drop"),
     Rule(r"(.+)\.running_mean", "batch_stats/{0}/mean", "copy"),
     Rule(r"(.+)\.running_var", "batch_stats/{0}/var", "copy"),
     Rule(_BN + r"\.weight", "params/{0}/scale", "copy"),
     Rule(_BN + r"\.bias", "params/{0}/bias", "copy"),
-    Rule(r"(up\d+)\.weight", "params/{0}/kernel", "conv_transpose"),
+    Rule(rf"({names.UP}\d+)\.weight", "params/{0}/kernel", "conv_transpose"),
     Rule(r"(.+)\.weight", "params/{0}/kernel", "conv"),
     Rule(r"(.+)\.bias", "params/{0}/bias", "copy"),
     Rule(r"((?:.+\.)?layer_scale\d+)", "params/{0}", "copy"),
@@ -234,16 +238,9 @@ def flax_to_torch(variables: Mapping[str, Any],
 
 def flax_variable_shapes(model_config, deploy: bool | None = None, in_channels: int = 1) -> dict:
     """Returns the ShapeDtypeStruct tree of `build_model(model_config, deploy)`'s variables."""
-    import jax
-    import jax.numpy as jnp
+    from livseg_jax.models import build_model, variable_shapes
 
-    from livseg_jax.models import build_model
-
-    model = build_model(model_config, deploy=deploy)
-    # Parameter shapes do not depend on the patch: use the smallest one the levels allow.
-    side = 2 ** (len(model.features) - 1)
-    x = jax.ShapeDtypeStruct((1, side, side, side, in_channels), jnp.float32)
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=not model.deploy), x)
+    return variable_shapes(build_model(model_config, deploy=deploy), in_channels=in_channels)
 
 
 def is_deploy_state_dict(keys: Iterable[str]) -> bool:

@@ -2,7 +2,8 @@
 
 Layout is PyTorch's NCDHW. Every module carries the same name as its Flax counterpart in
 `livseg_jax.models` (`enc0.rep1.dense.bn`, `msca2.attention.strip11_0`, `up3`, `head3`, ...), so
-the name table in `livseg_jax.interop.mapping` only renames leaves and moves kernel axes.
+the name table in `livseg_jax.interop.mapping` only renames leaves and moves kernel axes. The names
+that the table and re-parameterisation test come from `livseg_jax.models.names`.
 
 Padding: Flax "SAME" on a stride-1 odd kernel pads k // 2 on both sides, which is PyTorch's
 `padding=k // 2` per axis; the stride-2 down-sampling convs are "VALID" (padding 0). This module
@@ -19,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from livseg_jax.models import names
+
 # One source for the architecture constants: the Flax model family.
 from livseg_jax.models.layers import BN_EPSILON
 from livseg_jax.models.layers import BN_MOMENTUM as FLAX_BN_MOMENTUM
-from livseg_jax.models.msca import LAYER_SCALE_INIT, STRIP_SIZES  # noqa: F401 (re-exported)
+from livseg_jax.models.msca import LAYER_SCALE_INIT, STRIP_SIZES, strip_kernels  # noqa: F401 (re-exported)
 from livseg_jax.models.unet import VARIANTS  # noqa: F401 (re-exported)
 
 BN_MOMENTUM = round(1.0 - FLAX_BN_MOMENTUM, 12)  # PyTorch weighs the new batch statistic, Flax the old average
@@ -68,15 +71,17 @@ class ConvBN(nn.Module):
         super().__init__()
         # kernel == stride == 2 is the "VALID" down-sampling; odd kernels are "SAME".
         padding = 0 if stride > 1 else kernel // 2
-        self.conv = nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, bias=deploy)
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-        self.bn = None if deploy else batch_norm3d(c_out)
+        conv = nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, bias=deploy)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        self.add_module(names.CONV, conv)
+        self.add_module(names.BN, None if deploy else batch_norm3d(c_out))
         self.act = activation_module(act) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        if self.bn is not None:
-            y = self.bn(y)
+        y = getattr(self, names.CONV)(x)
+        bn = getattr(self, names.BN)
+        if bn is not None:
+            y = bn(y)
         return self.act(y)
 
 
@@ -87,17 +92,18 @@ class RepConv3d(nn.Module):
         super().__init__()
         self.act = activation_module(act)
         if deploy:
-            self.conv = nn.Conv3d(channels, channels, 3, padding=1, bias=True)
+            self.add_module(names.CONV, nn.Conv3d(channels, channels, 3, padding=1, bias=True))
         else:
-            self.dense = ConvBN(channels, channels, 3)
-            self.point = ConvBN(channels, channels, 1)
-            self.identity = batch_norm3d(channels)
+            self.add_module(names.REP_DENSE, ConvBN(channels, channels, 3))
+            self.add_module(names.REP_POINT, ConvBN(channels, channels, 1))
+            self.add_module(names.REP_IDENTITY, batch_norm3d(channels))
         self.deploy = deploy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
-            return self.act(self.conv(x))
-        return self.act(self.dense(x) + self.point(x) + self.identity(x))
+            return self.act(getattr(self, names.CONV)(x))
+        dense, point, identity = (getattr(self, n) for n in (names.REP_DENSE, names.REP_POINT, names.REP_IDENTITY))
+        return self.act(dense(x) + point(x) + identity(x))
 
 
 class ELANResBlock(nn.Module):
@@ -137,16 +143,6 @@ class DoubleConv(nn.Module):
         return self.conv1(self.conv0(x))
 
 
-def _strip_kernels(size: int, ndim: int) -> list[tuple[int, ...]]:
-    """Returns the strip kernels applied in sequence for one scale, last axis first (as Flax)."""
-    kernels = []
-    for axis in reversed(range(ndim)):
-        k = [1] * ndim
-        k[axis] = size
-        kernels.append(tuple(k))
-    return kernels
-
-
 def _conv(ndim: int, c_in: int, c_out: int, kernel: Sequence[int], groups: int = 1) -> nn.Module:
     cls = nn.Conv2d if ndim == 2 else nn.Conv3d
     return cls(c_in, c_out, tuple(kernel), padding=tuple(k // 2 for k in kernel), groups=groups)
@@ -160,19 +156,19 @@ class MSCAttention(nn.Module):
         self.dw5 = _conv(ndim, channels, channels, (5,) * ndim, groups=channels)
         self.scales = []
         for size in STRIP_SIZES:
-            names = []
-            for j, kernel in enumerate(_strip_kernels(size, ndim)):
+            strips = []
+            for j, kernel in enumerate(strip_kernels(size, ndim)):
                 self.add_module(f"strip{size}_{j}", _conv(ndim, channels, channels, kernel, channels))
-                names.append(f"strip{size}_{j}")
-            self.scales.append(names)
+                strips.append(f"strip{size}_{j}")
+            self.scales.append(strips)
         self.mix = _conv(ndim, channels, channels, (1,) * ndim)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         a = self.dw5(u)
         s = 0
-        for names in self.scales:
+        for strips in self.scales:
             y = a
-            for name in names:
+            for name in strips:
                 y = getattr(self, name)(y)
             s = s + y
         return self.mix(a + s) * u
@@ -189,11 +185,12 @@ class MSCABlock(nn.Module):
         ndim, c, hidden = self.ndim, channels, mlp_ratio * channels
         self.layer_scale1 = nn.Parameter(torch.full((c,), LAYER_SCALE_INIT))
         self.layer_scale2 = nn.Parameter(torch.full((c,), LAYER_SCALE_INIT))
-        self.norm1 = ChannelAffine(c) if deploy else batch_norm3d(c)
+        norm1, norm2 = names.MSCA_NORMS
+        self.add_module(norm1, ChannelAffine(c) if deploy else batch_norm3d(c))
         self.proj_in = _conv(ndim, c, c, (1,) * ndim)
         self.attention = MSCAttention(c, ndim)
         self.proj_out = _conv(ndim, c, c, (1,) * ndim)
-        self.norm2 = ChannelAffine(c) if deploy else batch_norm3d(c)
+        self.add_module(norm2, ChannelAffine(c) if deploy else batch_norm3d(c))
         self.fc1 = _conv(ndim, c, hidden, (1,) * ndim)
         self.dw3 = _conv(ndim, hidden, hidden, (3,) * ndim, groups=hidden)
         self.fc2 = _conv(ndim, hidden, c, (1,) * ndim)
@@ -213,11 +210,12 @@ class MSCABlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ls1 = self.layer_scale1.view(1, -1, 1, 1, 1)
         ls2 = self.layer_scale2.view(1, -1, 1, 1, 1)
-        y = self._fold(self.norm1(x))
+        norm1, norm2 = (getattr(self, name) for name in names.MSCA_NORMS)
+        y = self._fold(norm1(x))
         z = self.attention(F.gelu(self.proj_in(y)))
         z = self.proj_out(z) + y
         x = x + ls1 * self._unfold(z, x)
-        y = self._fold(self.norm2(x))
+        y = self._fold(norm2(x))
         z = self.fc2(F.gelu(self.dw3(self.fc1(y))))
         return x + ls2 * self._unfold(z, x)
 
@@ -268,13 +266,13 @@ class TorchUNet3D(nn.Module):
         if levels - 1 in self.msca_stages:
             self.add_module(f"msca{levels - 1}", MSCABlock(features[-1], msca_mode, deploy=deploy))
         for s in reversed(range(levels - 1)):
-            self.add_module(f"up{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
+            self.add_module(f"{names.UP}{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
             self.add_module(f"dec{s}", make_block(2 * features[s], features[s]))
         n = levels - 1
         # head i sits on the i-th decoder output, coarse to fine: dec{n-1-i}.
         self.head_ids = [n - 1] if deploy else list(range(n))
         for i in self.head_ids:
-            self.add_module(f"head{i}", nn.Conv3d(features[n - 1 - i], num_classes, 1))
+            self.add_module(f"{names.HEAD}{i}", nn.Conv3d(features[n - 1 - i], num_classes, 1))
 
     def _msca(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, f"msca{stage}")(x) if stage in self.msca_stages else x
@@ -294,7 +292,7 @@ class TorchUNet3D(nn.Module):
         x = self._msca(self.levels - 1, self.bottleneck(self.dropout(x)))
         decoded = []
         for s in reversed(range(self.levels - 1)):
-            x = torch.cat([getattr(self, f"up{s}")(x), skips[s]], dim=1)
+            x = torch.cat([getattr(self, f"{names.UP}{s}")(x), skips[s]], dim=1)
             x = getattr(self, f"dec{s}")(x)
             decoded.append(x)
         n = len(decoded)
@@ -302,7 +300,7 @@ class TorchUNet3D(nn.Module):
         heads = [i for i in self.head_ids if every or i == n - 1]
         logits = []
         for i in heads:
-            y = getattr(self, f"head{i}")(decoded[i])
+            y = getattr(self, f"{names.HEAD}{i}")(decoded[i])
             if tuple(y.shape[2:]) != out_size:
                 y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)
             logits.append(y)
@@ -343,18 +341,19 @@ def _bn_affine(bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fold_conv_bn_torch(unit: ConvBN) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (weight (O, I, k, k, k), bias (O,)) in float64 of a ConvBN with its BN folded in."""
-    scale, shift = _bn_affine(unit.bn)
-    weight = unit.conv.weight.double() * scale.view(-1, 1, 1, 1, 1)
-    bias = shift if unit.conv.bias is None else shift + unit.conv.bias.double() * scale
+    scale, shift = _bn_affine(getattr(unit, names.BN))
+    conv = getattr(unit, names.CONV)
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1, 1)
+    bias = shift if conv.bias is None else shift + conv.bias.double() * scale
     return weight, bias
 
 
 def fold_repconv_torch(rep: RepConv3d) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (weight (C, C, 3, 3, 3), bias (C,)) in float64 of RepConv3d's branches summed."""
-    w3, b3 = fold_conv_bn_torch(rep.dense)
-    w1, b1 = fold_conv_bn_torch(rep.point)
+    w3, b3 = fold_conv_bn_torch(getattr(rep, names.REP_DENSE))
+    w1, b1 = fold_conv_bn_torch(getattr(rep, names.REP_POINT))
     weight = w3 + F.pad(w1, [1, 1, 1, 1, 1, 1])
-    scale, shift = _bn_affine(rep.identity)
+    scale, shift = _bn_affine(getattr(rep, names.REP_IDENTITY))
     channels = torch.arange(scale.shape[0])
     weight[channels, channels, 1, 1, 1] += scale
     return weight, b3 + b1 + shift
@@ -384,7 +383,8 @@ def reparameterize_torch(model: TorchUNet3D) -> TorchUNet3D:
             continue
         else:
             continue
-        folded[f"{prefix}conv.weight"], folded[f"{prefix}conv.bias"] = weight.float(), bias.float()
+        conv = f"{prefix}{names.CONV}"
+        folded[f"{conv}.weight"], folded[f"{conv}.bias"] = weight.float(), bias.float()
         done.append(prefix)
     for key, value in model.state_dict().items():
         if key in target and not any(key.startswith(p) for p in done):

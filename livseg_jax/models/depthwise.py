@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from livseg_jax.models.layers import Dtype
-
 Array = jax.Array
+Dtype = Any
 IMPLS = ("conv", "shift")
 
 

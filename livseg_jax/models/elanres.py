@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from livseg_jax.models.layers import ConvBN, Dtype, batch_norm, conv_init, make_conv
+from livseg_jax.models import names
+from livseg_jax.models.layers import ConvBN, Layers, conv_init
 
 Array = jax.Array
 
@@ -23,22 +24,16 @@ class RepConv3d(nn.Module):
     """Structurally re-parameterisable 3x3x3 convolution, channels preserved: (B,D,H,W,C) -> same."""
 
     act: Callable[[Array], Array]
-    dtype: Dtype = jnp.float32
-    deploy: bool = False
-    pointwise_impl: str = "conv"
-    dense_pack_channels: int = 0
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         c = x.shape[-1]
-        if self.deploy:
-            y = make_conv("conv", c, (3, 3, 3), None, True, conv_init, self.dtype, "conv",
-                          dense_pack_channels=self.dense_pack_channels)(x)
-            return self.act(y)
-        dense = ConvBN(c, (3, 3, 3), dtype=self.dtype, dense_pack_channels=self.dense_pack_channels,
-                       name="dense")(x, train)
-        point = ConvBN(c, (1, 1, 1), dtype=self.dtype, pointwise_impl=self.pointwise_impl, name="point")(x, train)
-        identity = batch_norm(train, self.dtype, name="identity")(x)
+        if self.layers.deploy:
+            return self.act(self.layers.conv(c, (3, 3, 3), kernel_init=conv_init, name=names.CONV)(x))
+        dense = ConvBN(c, (3, 3, 3), layers=self.layers, name=names.REP_DENSE)(x, train)
+        point = ConvBN(c, (1, 1, 1), layers=self.layers, name=names.REP_POINT)(x, train)
+        identity = self.layers.batch_norm(train, name=names.REP_IDENTITY)(x)
         return self.act(dense + point + identity)
 
 
@@ -48,34 +43,27 @@ class ELANResBlock(nn.Module):
     features: int
     act: Callable[[Array], Array]
     n_rep: int = 2
-    dtype: Dtype = jnp.float32
-    deploy: bool = False
-    pointwise_impl: str = "conv"
-    dense_pack_channels: int = 0
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         hidden = max(self.features // 2, 1)
-        unit = lambda f, k, act, name: ConvBN(  # noqa: E731
-            f, k, act=act, dtype=self.dtype, deploy=self.deploy, pointwise_impl=self.pointwise_impl, name=name
-        )
-        a = unit(hidden, (1, 1, 1), self.act, "reduce_a")(x, train)
-        b = unit(hidden, (1, 1, 1), self.act, "reduce_b")(x, train)
+
+        def unit(features: int, act: Callable[[Array], Array] | None, name: str) -> ConvBN:
+            return ConvBN(features, (1, 1, 1), act=act, layers=self.layers, name=name)
+
+        a = unit(hidden, self.act, "reduce_a")(x, train)
+        b = unit(hidden, self.act, "reduce_b")(x, train)
         branches = [b]
         for i in range(self.n_rep):
-            branches.append(
-                RepConv3d(self.act, dtype=self.dtype, deploy=self.deploy, pointwise_impl=self.pointwise_impl,
-                          dense_pack_channels=self.dense_pack_channels, name=f"rep{i}")(
-                    branches[-1], train
-                )
-            )
+            branches.append(RepConv3d(self.act, self.layers, name=f"rep{i}")(branches[-1], train))
         # Deepest first, as in SPEC 1.3: concat[r2, r1, b, a].
         fused = jnp.concatenate(branches[::-1] + [a], axis=-1)
-        y = unit(self.features, (1, 1, 1), None, "fuse")(fused, train)
+        y = unit(self.features, None, "fuse")(fused, train)
         if x.shape[-1] == self.features:
             shortcut = x
         else:
-            shortcut = unit(self.features, (1, 1, 1), None, "shortcut")(x, train)
+            shortcut = unit(self.features, None, "shortcut")(x, train)
         return self.act(y + shortcut)
 
 
@@ -84,15 +72,10 @@ class DoubleConv(nn.Module):
 
     features: int
     act: Callable[[Array], Array]
-    dtype: Dtype = jnp.float32
-    deploy: bool = False
-    dense_pack_channels: int = 0
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         for i in range(2):
-            x = ConvBN(
-                self.features, (3, 3, 3), act=self.act, dtype=self.dtype, deploy=self.deploy,
-                dense_pack_channels=self.dense_pack_channels, name=f"conv{i}",
-            )(x, train)
+            x = ConvBN(self.features, (3, 3, 3), act=self.act, layers=self.layers, name=f"conv{i}")(x, train)
         return x

@@ -1,5 +1,8 @@
-"""Building blocks shared by every variant: conv + BatchNorm (+ activation) units and the learned
-2x up-sampling.
+"""The layers every block is built from, and the conv + BatchNorm (+ activation) unit.
+
+`Layers` holds how layers compute (dtype, computation forms, training or deploy form); `build_model`
+makes one and every block takes it as an attribute, so a new computation form is one change here,
+not a flag threaded through every block (as Flax's examples pass `conv = partial(nn.Conv, ...)`).
 
 Every unit has a training form and a deploy form (`deploy=True`) in which each BatchNorm is folded
 into the convolution before it (see `livseg_jax.models.reparam`). Both forms use the same variable
@@ -8,6 +11,7 @@ names for the convolution, so a deploy tree is the training tree with BatchNorm 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from livseg_jax.models import names
+from livseg_jax.models.depthwise import IMPLS as DEPTHWISE_IMPLS
+from livseg_jax.models.depthwise import DepthwiseConv
 from livseg_jax.models.packed_conv import PackedConv3d
 
 Dtype = Any
@@ -26,6 +33,8 @@ BN_EPSILON = 1e-5
 
 # Kaiming-normal (fan-out, as torchvision and nnU-Net initialise convolutions).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# Flax's default, used by the convolutions with a bias (MSCA's 1x1s, the heads).
+default_init = nn.initializers.lecun_normal()
 
 
 def activation_fn(name: str) -> Callable[[Array], Array]:
@@ -40,18 +49,6 @@ def activation_fn(name: str) -> Callable[[Array], Array]:
     if name not in table:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(table)}")
     return table[name]
-
-
-def batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
-    """Returns the project's BatchNorm (running averages in evaluation, float32 statistics)."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
 
 
 POINTWISE_IMPLS = ("conv", "einsum")
@@ -82,23 +79,66 @@ class PointwiseConv(nn.Module):
         return y + bias if bias is not None else y
 
 
-def make_conv(impl: str, features: int, kernel_size: Sequence[int], strides: Sequence[int] | None,
-              use_bias: bool, kernel_init: Callable, dtype: Dtype, name: str,
-              padding: str = "SAME", dense_pack_channels: int = 0) -> nn.Module:
-    """Returns the convolution module for a kernel shape, all with `nn.Conv`'s variables.
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """How the network's layers compute, decided once by `build_model`; blocks ask it for layers.
 
-    `PointwiseConv` for a stride-1 all-ones kernel when `impl == "einsum"`; `PackedConv3d` for a
-    stride-1 SAME 3x3x3 kernel when `dense_pack_channels > 0`; else `nn.Conv`.
+    The constructors below return modules with the same variables whatever the form, so the
+    forms change speed, never the parameter tree. Frozen and made of values: hashable, and two
+    equal configurations give equal models.
     """
-    if impl not in POINTWISE_IMPLS:
-        raise ValueError(f"pointwise_impl must be one of {POINTWISE_IMPLS}, got {impl!r}")
-    stride_one = all(s == 1 for s in (strides or ()))
-    if impl == "einsum" and stride_one and all(k == 1 for k in kernel_size):
-        return PointwiseConv(features, len(kernel_size), use_bias, kernel_init, dtype, jnp.float32, name=name)
-    if dense_pack_channels > 0 and stride_one and tuple(kernel_size) == (3, 3, 3) and padding == "SAME":
-        return PackedConv3d(features, dense_pack_channels, use_bias, kernel_init, dtype, jnp.float32, name=name)
-    return nn.Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias,
-                   kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+    dtype: Dtype = jnp.float32  # compute dtype; parameters and BatchNorm statistics stay float32
+    pointwise_impl: str = "conv"  # 1x1(x1) stride-1 convs: "conv" or "einsum" (matrix product)
+    depthwise_impl: str = "conv"  # depthwise convs: "conv" (grouped) or "shift" (fused sums)
+    dense_pack_channels: int = 0  # > 0: few-channel 3x3x3 convs on a width-packed view
+    deploy: bool = False  # re-parameterised form: BatchNorms folded into the layer before them
+
+    def __post_init__(self):
+        if self.pointwise_impl not in POINTWISE_IMPLS:
+            raise ValueError(f"pointwise_impl must be one of {POINTWISE_IMPLS}, got {self.pointwise_impl!r}")
+        if self.depthwise_impl not in DEPTHWISE_IMPLS:
+            raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}")
+        pack = self.dense_pack_channels
+        if not isinstance(pack, int) or isinstance(pack, bool) or pack < 0:
+            raise ValueError(f"dense_pack_channels must be an integer >= 0 (0: off), got {pack!r}")
+
+    def conv(self, features: int, kernel_size: Sequence[int], *, name: str, use_bias: bool = True,
+             strides: Sequence[int] | None = None, padding: str = "SAME",
+             kernel_init: Callable = default_init) -> nn.Module:
+        """Returns a convolution with `nn.Conv`'s variables, in the fastest form chosen for its shape.
+
+        `PointwiseConv` for a stride-1 all-ones kernel when `pointwise_impl == "einsum"`;
+        `PackedConv3d` for a stride-1 SAME 3x3x3 kernel when `dense_pack_channels > 0`; else `nn.Conv`.
+        """
+        stride_one = all(s == 1 for s in (strides or ()))
+        if self.pointwise_impl == "einsum" and stride_one and all(k == 1 for k in kernel_size):
+            return PointwiseConv(features, len(kernel_size), use_bias, kernel_init, self.dtype, jnp.float32,
+                                 name=name)
+        if self.dense_pack_channels > 0 and stride_one and tuple(kernel_size) == (3, 3, 3) and padding == "SAME":
+            return PackedConv3d(features, self.dense_pack_channels, use_bias, kernel_init, self.dtype,
+                                jnp.float32, name=name)
+        return nn.Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias,
+                       kernel_init=kernel_init, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+
+    def depthwise(self, kernel_size: Sequence[int], *, name: str) -> nn.Module:
+        """Returns a depthwise SAME convolution with bias (channels from its input)."""
+        return DepthwiseConv(tuple(kernel_size), self.depthwise_impl, self.dtype, name=name)
+
+    def batch_norm(self, train: bool, *, name: str) -> nn.BatchNorm:
+        """Returns the project's BatchNorm (running averages in evaluation, float32 statistics)."""
+        return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                            dtype=self.dtype, param_dtype=jnp.float32, name=name)
+
+    def norm(self, train: bool, *, name: str) -> nn.Module:
+        """Returns a BatchNorm with no conv before it; in deploy form its folded per-channel affine."""
+        if self.deploy:
+            return ChannelAffine(dtype=self.dtype, name=name)
+        return self.batch_norm(train, name=name)
+
+    def upsample(self, features: int, *, name: str) -> nn.Module:
+        """Returns the learned 2x up-sampling to `features` channels."""
+        return Upsample2x(features, dtype=self.dtype, name=name)
 
 
 class ConvBN(nn.Module):
@@ -112,17 +152,14 @@ class ConvBN(nn.Module):
     strides: Sequence[int] | None = None
     padding: str = "SAME"
     act: Callable[[Array], Array] | None = None
-    dtype: Dtype = jnp.float32
-    deploy: bool = False
-    pointwise_impl: str = "conv"  # "einsum": 1x1x1 stride-1 kernels as a matrix product
-    dense_pack_channels: int = 0  # > 0: few-channel 3x3x3 kernels on a width-packed view
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        y = make_conv(self.pointwise_impl, self.features, self.kernel_size, self.strides, self.deploy,
-                      conv_init, self.dtype, "conv", self.padding, self.dense_pack_channels)(x)
-        if not self.deploy:
-            y = batch_norm(train, self.dtype, name="bn")(y)
+        y = self.layers.conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
+                             use_bias=self.layers.deploy, kernel_init=conv_init, name=names.CONV)(x)
+        if not self.layers.deploy:
+            y = self.layers.batch_norm(train, name=names.BN)(y)
         return self.act(y) if self.act is not None else y
 
 
@@ -172,10 +209,3 @@ class ChannelAffine(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         return (x * scale.astype(self.dtype) + bias.astype(self.dtype)).astype(self.dtype)
-
-
-def norm_or_affine(train: bool, dtype: Dtype, deploy: bool, name: str) -> Callable[[Array], Array]:
-    """Returns a BatchNorm in training form, or its folded per-channel affine in deploy form."""
-    if deploy:
-        return ChannelAffine(dtype=dtype, name=name)
-    return batch_norm(train, dtype, name=name)

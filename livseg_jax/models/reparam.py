@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from livseg_jax.models import names
 from livseg_jax.models.layers import BN_EPSILON
 
 Tree = Mapping[str, Any]
@@ -32,23 +33,24 @@ def _bn_affine(bn_params: Tree, bn_stats: Tree, eps: float) -> tuple[np.ndarray,
 
 def fold_conv_bn(params: Tree, stats: Tree, eps: float = BN_EPSILON) -> tuple[np.ndarray, np.ndarray]:
     """Returns (kernel, bias) in float64 of a ConvBN's conv with its BatchNorm folded in."""
-    scale, shift = _bn_affine(params["bn"], stats["bn"], eps)
-    kernel = np.asarray(params["conv"]["kernel"], np.float64) * scale
+    scale, shift = _bn_affine(params[names.BN], stats[names.BN], eps)
+    conv = params[names.CONV]
+    kernel = np.asarray(conv["kernel"], np.float64) * scale
     bias = shift
-    if "bias" in params["conv"]:
-        bias = bias + np.asarray(params["conv"]["bias"], np.float64) * scale
+    if "bias" in conv:
+        bias = bias + np.asarray(conv["bias"], np.float64) * scale
     return kernel, bias
 
 
 def fold_repconv(params: Tree, stats: Tree, eps: float = BN_EPSILON) -> tuple[np.ndarray, np.ndarray]:
     """Returns (kernel (3,3,3,C,C), bias (C,)) of a RepConv3d's three branches summed."""
-    k3, b3 = fold_conv_bn(params["dense"], stats["dense"], eps)
-    k1, b1 = fold_conv_bn(params["point"], stats["point"], eps)
+    k3, b3 = fold_conv_bn(params[names.REP_DENSE], stats[names.REP_DENSE], eps)
+    k1, b1 = fold_conv_bn(params[names.REP_POINT], stats[names.REP_POINT], eps)
     kernel = k3.copy()
     kernel[1, 1, 1] += k1[0, 0, 0]
     bias = b3 + b1
-    if "identity" in params:
-        scale, shift = _bn_affine(params["identity"], stats["identity"], eps)
+    if names.REP_IDENTITY in params:
+        scale, shift = _bn_affine(params[names.REP_IDENTITY], stats[names.REP_IDENTITY], eps)
         channels = np.arange(scale.shape[0])
         kernel[1, 1, 1, channels, channels] += scale
         bias = bias + shift
@@ -65,11 +67,11 @@ def _fold_tree(params: Tree, stats: Tree, eps: float) -> dict[str, Any]:
         sub_stats = stats.get(key, {}) if stats else {}
         if not isinstance(value, Mapping):
             out[key] = np.asarray(value)
-        elif {"conv", "bn"} <= value.keys():  # ConvBN
-            out[key] = {"conv": _as_f32(*fold_conv_bn(value, sub_stats, eps))}
-        elif {"dense", "point"} <= value.keys():  # RepConv3d
-            out[key] = {"conv": _as_f32(*fold_repconv(value, sub_stats, eps))}
-        elif "mean" in sub_stats:  # a BatchNorm with no conv before it (MSCA's norms)
+        elif {names.CONV, names.BN} <= value.keys():  # ConvBN
+            out[key] = {names.CONV: _as_f32(*fold_conv_bn(value, sub_stats, eps))}
+        elif {names.REP_DENSE, names.REP_POINT} <= value.keys():  # RepConv3d
+            out[key] = {names.CONV: _as_f32(*fold_repconv(value, sub_stats, eps))}
+        elif "mean" in sub_stats:  # a BatchNorm (Flax's variable name) with no conv before it: MSCA's norms
             scale, shift = _bn_affine(value, sub_stats, eps)
             out[key] = {"scale": scale.astype(np.float32), "bias": shift.astype(np.float32)}
         else:
@@ -85,7 +87,7 @@ def reparameterize(variables: Tree, eps: float = BN_EPSILON) -> dict[str, Any]:
     params = variables["params"]
     stats = variables.get("batch_stats", {})
     folded = _fold_tree(params, stats, eps)
-    heads = sorted(int(m.group(1)) for k in folded if (m := re.fullmatch(r"head(\d+)", k)))
+    heads = sorted(int(m.group(1)) for k in folded if (m := re.fullmatch(rf"{names.HEAD}(\d+)", k)))
     for i in heads[:-1]:
-        del folded[f"head{i}"]
+        del folded[f"{names.HEAD}{i}"]
     return {"params": folded}

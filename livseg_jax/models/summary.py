@@ -3,7 +3,8 @@
     python -m livseg_jax.models.summary --config=configs/liver.py [--patch=48,256,256] [--batch=1]
 
 FLOPs are XLA's cost analysis of the jitted evaluation-mode forward pass (one multiply-add = 2
-FLOPs), so they count what actually runs, including the depthwise and 1x1 convolutions.
+FLOPs) in the reference computation forms, so they count the model's depthwise and 1x1
+convolutions as they run, the same on every backend.
 """
 
 from __future__ import annotations
@@ -15,27 +16,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from livseg_jax.models.unet import VARIANTS, build_model, check_patch_shape
+from livseg_jax.models.forms import REFERENCE_FORMS
+from livseg_jax.models.unet import VARIANTS, build_model, check_patch_shape, variable_shapes
 
 
 def count_params(model_config: ml_collections.ConfigDict, patch: Sequence[int]) -> dict[str, int]:
     """Returns {"params": trainable count, "batch_stats": BatchNorm statistics count}."""
-    model = build_model(model_config)
-    x = jax.ShapeDtypeStruct((1, *patch, 1), jnp.float32)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=True), x)
+    shapes = variable_shapes(build_model(model_config), patch)
     return {k: int(sum(np.prod(a.shape) for a in jax.tree.leaves(v))) for k, v in shapes.items()}
 
 
 def forward_flops(model_config: ml_collections.ConfigDict, patch: Sequence[int], batch: int = 1) -> float:
     """Returns XLA's FLOP count of one evaluation-mode forward pass on a (batch, *patch) input.
 
-    Counted without width packing (`dense_pack_channels`): its extra multiply-adds are by zeros,
-    so they are work of the GPU form, not of the model."""
+    Counted in the reference computation forms on every backend: width packing's extra
+    multiply-adds are by zeros, work of the GPU form, not of the model."""
     model_config = ml_collections.ConfigDict(model_config.to_dict())
-    model_config.dense_pack_channels = 0
+    model_config.update(REFERENCE_FORMS)
     model = build_model(model_config)
     x = jax.ShapeDtypeStruct((batch, *patch, 1), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=True), x)
+    variables = variable_shapes(model, patch, batch)
     lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x)
     cost = lowered.cost_analysis()
     if isinstance(cost, list | tuple):

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from livseg_jax.models import names
 from livseg_jax.models.elanres import DoubleConv, ELANResBlock
-from livseg_jax.models.layers import ConvBN, Dtype, Upsample2x, activation_fn, make_conv
+from livseg_jax.models.forms import resolve_forms
+from livseg_jax.models.layers import ConvBN, Layers, activation_fn
 from livseg_jax.models.msca import MSCABlock
 
 Array = jax.Array
@@ -50,31 +52,29 @@ class UNet3D(nn.Module):
     block: str = "elanres"  # "double" or "elanres"
     msca_stages: Sequence[int] = (1, 2, 3, 4)
     msca_mode: str = "2d"
-    depthwise_impl: str = "conv"
-    pointwise_impl: str = "conv"
-    dense_pack_channels: int = 0
     activation: str = "silu"
     n_rep: int = 2
     dropout: float = 0.0
-    dtype: Dtype = jnp.float32
     deep_supervision: bool = True
-    deploy: bool = False
+    layers: Layers = Layers()  # dtype, computation forms, training or deploy form
+
+    @property
+    def deploy(self) -> bool:
+        """Returns whether this is the re-parameterised (deploy) form."""
+        return self.layers.deploy
 
     def _block(self, features: int, name: str) -> nn.Module:
         act = activation_fn(self.activation)
         if self.block == "elanres":
-            return ELANResBlock(features, act, self.n_rep, self.dtype, self.deploy, self.pointwise_impl,
-                                self.dense_pack_channels, name=name)
+            return ELANResBlock(features, act, self.n_rep, self.layers, name=name)
         if self.block == "double":
-            return DoubleConv(features, act, self.dtype, self.deploy, self.dense_pack_channels, name=name)
+            return DoubleConv(features, act, self.layers, name=name)
         raise ValueError(f"unknown block kind {self.block!r}")
 
     def _msca(self, stage: int, x: Array, train: bool) -> Array:
         if stage not in self.msca_stages:
             return x
-        return MSCABlock(self.msca_mode, dtype=self.dtype, deploy=self.deploy,
-                         depthwise_impl=self.depthwise_impl, pointwise_impl=self.pointwise_impl,
-                         name=f"msca{stage}")(x, train)
+        return MSCABlock(self.msca_mode, layers=self.layers, name=f"msca{stage}")(x, train)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array | tuple[Array, ...]:
@@ -84,15 +84,15 @@ class UNet3D(nn.Module):
         check_patch_shape(x.shape[1:4], levels)
         act = activation_fn(self.activation)
         out_shape = x.shape[:4]
-        x = x.astype(self.dtype)
+        x = x.astype(self.layers.dtype)
 
         skips = []
         for s in range(levels - 1):
             x = self._block(self.features[s], f"enc{s}")(x, train)
             x = self._msca(s, x, train)
             skips.append(x)
-            x = ConvBN(self.features[s + 1], (2, 2, 2), strides=(2, 2, 2), padding="VALID",
-                       act=act, dtype=self.dtype, deploy=self.deploy, name=f"down{s}")(x, train)
+            x = ConvBN(self.features[s + 1], (2, 2, 2), strides=(2, 2, 2), padding="VALID", act=act,
+                       layers=self.layers, name=f"down{s}")(x, train)
         if self.dropout > 0:
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = self._block(self.features[-1], "bottleneck")(x, train)
@@ -100,7 +100,7 @@ class UNet3D(nn.Module):
 
         decoded = []
         for s in reversed(range(levels - 1)):
-            x = Upsample2x(self.features[s], dtype=self.dtype, name=f"up{s}")(x)
+            x = self.layers.upsample(self.features[s], name=f"{names.UP}{s}")(x)
             x = jnp.concatenate([x, skips[s]], axis=-1)
             x = self._block(self.features[s], f"dec{s}")(x, train)
             decoded.append(x)  # coarse to fine
@@ -109,8 +109,7 @@ class UNet3D(nn.Module):
         supervised = range(n) if (train and self.deep_supervision) else [n - 1]
         logits = []
         for i in supervised:
-            head = make_conv(self.pointwise_impl, self.num_classes, (1, 1, 1), None, True,
-                             nn.initializers.lecun_normal(), self.dtype, f"head{i}")
+            head = self.layers.conv(self.num_classes, (1, 1, 1), name=f"{names.HEAD}{i}")
             y = head(decoded[i]).astype(jnp.float32)
             if y.shape[1:4] != tuple(out_shape[1:4]):
                 y = jax.image.resize(y, out_shape + (self.num_classes,), method="trilinear")
@@ -118,38 +117,59 @@ class UNet3D(nn.Module):
         return tuple(logits) if train else logits[-1]
 
 
-def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = None) -> UNet3D:
-    """Returns the UNet3D variant named by `model_config.name` (deploy form if asked)."""
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = None,
+                backend: str | None = None) -> UNet3D:
+    """Returns the UNet3D variant named by `model_config.name` (deploy form if asked).
+
+    Computation forms left to the backend ("auto", the default) are resolved for `backend`
+    (default: JAX's default backend; see `livseg_jax.models.forms`).
+    """
     name = model_config.name
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS)}")
     block, uses_msca = VARIANTS[name]
-    pack = model_config.get("dense_pack_channels", 0)
-    if not isinstance(pack, int) or isinstance(pack, bool) or pack < 0:
-        raise ValueError(f"model.dense_pack_channels must be an integer >= 0 (0: off), got {pack!r}")
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if model_config.dtype not in dtypes:
-        raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {model_config.dtype!r}")
+    if model_config.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_config.dtype!r}")
+    forms = resolve_forms(model_config, jax.default_backend() if backend is None else backend)
+    layers = Layers(dtype=DTYPES[model_config.dtype], deploy=model_config.deploy if deploy is None else deploy,
+                    **forms)
     return UNet3D(
         features=tuple(model_config.features),
         num_classes=model_config.num_classes,
         block=block,
         msca_stages=tuple(model_config.msca_stages) if uses_msca else (),
         msca_mode=model_config.msca_mode,
-        depthwise_impl=model_config.get("depthwise_impl", "conv"),
-        pointwise_impl=model_config.get("pointwise_impl", "conv"),
-        dense_pack_channels=pack,
         activation=model_config.activation,
         n_rep=model_config.n_rep,
         dropout=model_config.dropout,
-        dtype=dtypes[model_config.dtype],
         deep_supervision=model_config.deep_supervision,
-        deploy=model_config.deploy if deploy is None else deploy,
+        layers=layers,
     )
 
 
-def init_variables(model: UNet3D, rng: jax.Array, patch_shape: Sequence[int], in_channels: int = 1):
-    """Returns `{"params", "batch_stats"}` for `model` at a (D, H, W) patch, batch of 1."""
-    x = jnp.zeros((1, *patch_shape, in_channels), jnp.float32)
-    init = jax.jit(model.init, static_argnames="train")
-    return init({"params": rng, "dropout": rng}, x, train=not model.deploy)
+def variable_shapes(model: UNet3D, patch_shape: Sequence[int] | None = None, batch: int = 1,
+                    in_channels: int = 1) -> dict:
+    """Returns the ShapeDtypeStruct tree `{"params"[, "batch_stats"]}` of `model`'s variables.
+
+    Nothing is computed (`jax.eval_shape`). Parameter shapes do not depend on the input size:
+    `patch_shape=None` uses the smallest (D, H, W) the down-samplings allow.
+    """
+    return jax.eval_shape(lambda: init_variables(model, jax.random.key(0), patch_shape, batch, in_channels))
+
+
+def init_variables(model: UNet3D, rng: jax.Array, patch_shape: Sequence[int] | None = None, batch: int = 1,
+                   in_channels: int = 1, dropout_rng: jax.Array | None = None) -> dict:
+    """Returns `{"params"[, "batch_stats"]}` of `model` initialised from `rng` at a (D, H, W) patch.
+
+    The training form is initialised in training mode, the deploy form in evaluation mode.
+    `patch_shape=None` uses the smallest patch the down-samplings allow (shapes do not depend on
+    it); `dropout_rng` defaults to `rng`.
+    """
+    if patch_shape is None:
+        patch_shape = (2 ** (len(model.features) - 1),) * 3
+    x = jnp.zeros((batch, *patch_shape, in_channels), jnp.float32)
+    rngs = {"params": rng, "dropout": rng if dropout_rng is None else dropout_rng}
+    return jax.jit(model.init, static_argnames="train")(rngs, x, train=not model.deploy)

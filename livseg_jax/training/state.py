@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from livseg_jax.models import UNet3D
+from livseg_jax.models import UNet3D, init_variables
 
 
 @flax.struct.dataclass
@@ -33,8 +33,7 @@ def create_train_state(model: UNet3D, optimizer: optax.GradientTransformation, p
     """Returns a fresh TrainState (step 0) with parameters initialised from `seed`."""
     rng = jax.random.PRNGKey(seed)
     init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-    x = jnp.zeros((1, *patch_shape, 1), jnp.float32)
-    variables = model.init({"params": init_rng, "dropout": dropout_rng}, x, train=True)
+    variables = init_variables(model, init_rng, patch_shape, dropout_rng=dropout_rng)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],

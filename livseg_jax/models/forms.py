@@ -1,0 +1,46 @@
+"""Computation forms: how the same parameters are computed, chosen by the backend unless pinned.
+
+Three model settings choose a form without changing the parameters or, beyond float rounding, the
+outputs: `depthwise_impl`, `pointwise_impl` and `dense_pack_channels` (see `models/layers.py`).
+Each may be "auto" (`dense_pack_channels`: None), the default: the backend's fastest exact form
+then applies, the GPU forms on GPUs (measured in docs/benchmarks.md) and the reference forms
+elsewhere, which also compile fastest on a CPU. A value in the config pins the form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+AUTO = "auto"
+# The fastest forms measured on GPUs, and the plain convolutions every other backend gets.
+GPU_FORMS = {"depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_channels": 32}
+REFERENCE_FORMS = {"depthwise_impl": "conv", "pointwise_impl": "conv", "dense_pack_channels": 0}
+FORM_KEYS = tuple(REFERENCE_FORMS)
+
+
+def backend_forms(backend: str) -> dict[str, Any]:
+    """Returns the forms "auto" stands for on `backend` ("gpu", "cpu", "tpu", ...)."""
+    return dict(GPU_FORMS if backend == "gpu" else REFERENCE_FORMS)
+
+
+def is_auto(value: Any) -> bool:
+    """Returns True when a form setting leaves the choice to the backend ("auto" or None)."""
+    return value is None or value == AUTO
+
+
+def resolve_forms(model_config: Mapping[str, Any], backend: str) -> dict[str, Any]:
+    """Returns {depthwise_impl, pointwise_impl, dense_pack_channels} of a model config on `backend`.
+
+    Settings left "auto" (or None, or absent) take the backend's forms; the others are kept as
+    given, and `models.layers.Layers` validates them.
+    """
+    chosen = backend_forms(backend)
+    return {key: chosen[key] if is_auto(model_config.get(key)) else model_config.get(key) for key in FORM_KEYS}
+
+
+def may_run_gpu_forms(model_config: Mapping[str, Any]) -> bool:
+    """Returns True when a model config runs a form other than the reference on a GPU: a form is
+    left "auto" or pinned to a non-reference value."""
+    return any(is_auto(model_config.get(key)) or model_config.get(key) != REFERENCE_FORMS[key]
+               for key in FORM_KEYS)

@@ -1,0 +1,59 @@
+"""Computation forms: chosen by the backend unless the config pins them."""
+
+import pytest
+
+from livseg_jax.config import model_config
+from livseg_jax.models import build_model
+from livseg_jax.models.forms import GPU_FORMS, REFERENCE_FORMS, may_run_gpu_forms, resolve_forms
+from livseg_jax.models.layers import Layers
+
+
+def test_auto_is_the_gpu_forms_on_gpus_and_the_reference_forms_elsewhere():
+    config = model_config()  # the defaults leave every form to the backend
+    assert resolve_forms(config, "gpu") == GPU_FORMS == {
+        "depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_channels": 32}
+    for backend in ("cpu", "tpu"):
+        assert resolve_forms(config, backend) == REFERENCE_FORMS == {
+            "depthwise_impl": "conv", "pointwise_impl": "conv", "dense_pack_channels": 0}
+
+
+def test_a_pinned_form_is_kept_on_every_backend():
+    config = model_config()
+    config.update(depthwise_impl="conv", dense_pack_channels=0)
+    assert resolve_forms(config, "gpu") == {"depthwise_impl": "conv", "pointwise_impl": "einsum",
+                                            "dense_pack_channels": 0}
+    config.update(pointwise_impl="einsum", dense_pack_channels=16)
+    assert resolve_forms(config, "cpu") == {"depthwise_impl": "conv", "pointwise_impl": "einsum",
+                                            "dense_pack_channels": 16}
+    # A config saved before the keys existed (or with "auto" spelled out) leaves them to the backend.
+    assert resolve_forms({"dense_pack_channels": "auto"}, "gpu") == GPU_FORMS
+
+
+@pytest.mark.parametrize("backend,forms", [("gpu", GPU_FORMS), ("cpu", REFERENCE_FORMS)])
+def test_build_model_resolves_auto_for_the_backend(backend, forms):
+    model = build_model(model_config(), backend=backend)
+    assert model.layers == Layers(**forms)
+
+
+def test_build_model_defaults_to_the_running_backend():
+    import jax
+
+    assert build_model(model_config()).layers == build_model(model_config(), backend=jax.default_backend()).layers
+
+
+def test_bad_pinned_values_are_refused_on_every_backend():
+    for backend in ("gpu", "cpu"):
+        for key, value in (("pointwise_impl", "gemm"), ("depthwise_impl", "fft"), ("dense_pack_channels", -8)):
+            config = model_config()
+            config[key] = value
+            with pytest.raises(ValueError, match=key):
+                build_model(config, backend=backend)
+
+
+def test_only_the_reference_forms_pinned_run_no_gpu_form():
+    config = model_config()
+    assert may_run_gpu_forms(config)  # "auto": the GPU forms on a GPU
+    config.update(REFERENCE_FORMS)
+    assert not may_run_gpu_forms(config)
+    config.dense_pack_channels = 16
+    assert may_run_gpu_forms(config)
