@@ -19,16 +19,9 @@ def make_window_predictor(apply_fn: Callable, variables, mirror: bool = False) -
     return lambda x: np.asarray(window_fn(variables, jnp.asarray(x)))
 
 
-def sliding_window_probs(
-    image: np.ndarray,
-    predict: WindowFn,
-    window: Sequence[int],
-    overlap: float = 0.5,
-    batch_size: int = 2,
-    sigma_scale: float = 0.125,
-    pad_value: float = -1.0,
-    progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
+def sliding_window_probs(image: np.ndarray, predict: WindowFn, window: Sequence[int], overlap: float = 0.5,
+                         batch_size: int = 2, sigma_scale: float = 0.125, pad_value: float = -1.0,
+                         progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Returns blended softmax probabilities (D, H, W, K) float32 of a (D, H, W) image."""
     image = np.asarray(image, np.float32)
     window, padded_shape, pads = blending_layout(image.shape, window, "probs")

@@ -236,23 +236,28 @@ def _label_maps_in(folder: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def prediction_files(path: PathLike) -> dict[str, pathlib.Path]:
-    """Returns {case id: label map} for one prediction file or the NIfTI files of a folder."""
-    path = pathlib.Path(path)
+def _single_file(path: pathlib.Path, what: str) -> dict[str, pathlib.Path] | None:
+    """Returns {case id: path} when `path` is a file, None for a folder; raises DataError if neither."""
     if path.is_file():
         return {case_key(path): path}
     if not path.is_dir():
-        raise DataError(f"{path}: prediction file or folder does not exist")
-    return _keyed(_label_maps_in(path), path)
+        raise DataError(f"{path}: {what} file or folder does not exist")
+    return None
+
+
+def prediction_files(path: PathLike) -> dict[str, pathlib.Path]:
+    """Returns {case id: label map} for one prediction file or the NIfTI files of a folder."""
+    path = pathlib.Path(path)
+    single = _single_file(path, "prediction")
+    return single if single is not None else _keyed(_label_maps_in(path), path)
 
 
 def truth_files(path: PathLike) -> dict[str, pathlib.Path]:
     """Returns {case id: label map} of a ground-truth file, LiTS/MSD folder or folder of label files."""
     path = pathlib.Path(path)
-    if path.is_file():
-        return {case_key(path): path}
-    if not path.is_dir():
-        raise DataError(f"{path}: ground-truth file or folder does not exist")
+    single = _single_file(path, "ground-truth")
+    if single is not None:
+        return single
     try:
         layout = detect_layout(path)
     except DataError:
