@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from livseg_jax.models.build import NETWORKS, build_model, variable_shapes
 from livseg_jax.models.forms import REFERENCE_FORMS
-from livseg_jax.models.unet import VARIANTS, build_model, check_patch_shape, variable_shapes
+from livseg_jax.models.unet import check_patch_shape
 
 
 def count_params(model_config: ml_collections.ConfigDict, patch: Sequence[int]) -> dict[str, int]:
@@ -47,7 +48,7 @@ def summary_table(base: ml_collections.ConfigDict, patch: Sequence[int], batch: 
     """Returns a Markdown table of parameters and forward GFLOPs for every variant."""
     check_patch_shape(patch, len(base.model.features))
     rows = ["| variant | parameters | BatchNorm statistics | forward GFLOP |", "|---|---:|---:|---:|"]
-    for name in VARIANTS:
+    for name in NETWORKS:
         cfg = ml_collections.ConfigDict(base.model.to_dict())
         cfg.name = name
         counts = count_params(cfg, patch)

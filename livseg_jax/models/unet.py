@@ -12,7 +12,6 @@ import ml_collections
 
 from livseg_jax.models import names
 from livseg_jax.models.elanres import DoubleConv, ELANResBlock
-from livseg_jax.models.forms import resolve_forms
 from livseg_jax.models.layers import ConvBN, Layers, activation_fn
 from livseg_jax.models.msca import MSCABlock
 
@@ -117,25 +116,9 @@ class UNet3D(nn.Module):
         return tuple(logits) if train else logits[-1]
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = None,
-                backend: str | None = None) -> UNet3D:
-    """Returns the UNet3D variant named by `model_config.name` (deploy form if asked).
-
-    Computation forms left to the backend ("auto", the default) are resolved for `backend`
-    (default: JAX's default backend; see `livseg_jax.models.forms`).
-    """
-    name = model_config.name
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS)}")
-    block, uses_msca = VARIANTS[name]
-    if model_config.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_config.dtype!r}")
-    forms = resolve_forms(model_config, jax.default_backend() if backend is None else backend)
-    layers = Layers(dtype=DTYPES[model_config.dtype], deploy=model_config.deploy if deploy is None else deploy,
-                    **forms)
+def unet_from_config(model_config: ml_collections.ConfigDict, layers: Layers) -> UNet3D:
+    """Returns the `UNet3D` variant named by `model_config.name` (one of `VARIANTS`)."""
+    block, uses_msca = VARIANTS[model_config.name]
     return UNet3D(
         features=tuple(model_config.features),
         num_classes=model_config.num_classes,
@@ -148,28 +131,3 @@ def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = N
         deep_supervision=model_config.deep_supervision,
         layers=layers,
     )
-
-
-def variable_shapes(model: UNet3D, patch_shape: Sequence[int] | None = None, batch: int = 1,
-                    in_channels: int = 1) -> dict:
-    """Returns the ShapeDtypeStruct tree `{"params"[, "batch_stats"]}` of `model`'s variables.
-
-    Nothing is computed (`jax.eval_shape`). Parameter shapes do not depend on the input size:
-    `patch_shape=None` uses the smallest (D, H, W) the down-samplings allow.
-    """
-    return jax.eval_shape(lambda: init_variables(model, jax.random.key(0), patch_shape, batch, in_channels))
-
-
-def init_variables(model: UNet3D, rng: jax.Array, patch_shape: Sequence[int] | None = None, batch: int = 1,
-                   in_channels: int = 1, dropout_rng: jax.Array | None = None) -> dict:
-    """Returns `{"params"[, "batch_stats"]}` of `model` initialised from `rng` at a (D, H, W) patch.
-
-    The training form is initialised in training mode, the deploy form in evaluation mode.
-    `patch_shape=None` uses the smallest patch the down-samplings allow (shapes do not depend on
-    it); `dropout_rng` defaults to `rng`.
-    """
-    if patch_shape is None:
-        patch_shape = (2 ** (len(model.features) - 1),) * 3
-    x = jnp.zeros((batch, *patch_shape, in_channels), jnp.float32)
-    rngs = {"params": rng, "dropout": rng if dropout_rng is None else dropout_rng}
-    return jax.jit(model.init, static_argnames="train")(rngs, x, train=not model.deploy)
