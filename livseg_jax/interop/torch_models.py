@@ -308,12 +308,18 @@ class TorchUNet3D(nn.Module):
 
 
 def torch_model_from_config(model_config: ml_collections.ConfigDict, deploy: bool | None = None,
-                            in_channels: int = 1) -> TorchUNet3D:
-    """Returns the float32 TorchUNet3D twin of `livseg_jax.models.build_model(model_config)`."""
+                            in_channels: int = 1) -> nn.Module:
+    """Returns the float32 PyTorch twin of `livseg_jax.models.build_model(model_config)`."""
     name = model_config.name
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS)}")
-    block, uses_msca = VARIANTS[name]
+    if name not in TORCH_NETWORKS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(TORCH_NETWORKS)}")
+    deploy = model_config.deploy if deploy is None else deploy
+    return TORCH_NETWORKS[name](model_config, deploy, in_channels)
+
+
+def torch_unet_from_config(model_config: ml_collections.ConfigDict, deploy: bool, in_channels: int) -> TorchUNet3D:
+    """Returns the TorchUNet3D twin of one of the paper's variants (`VARIANTS`)."""
+    block, uses_msca = VARIANTS[model_config.name]
     return TorchUNet3D(
         features=tuple(model_config.features),
         num_classes=model_config.num_classes,
@@ -324,9 +330,16 @@ def torch_model_from_config(model_config: ml_collections.ConfigDict, deploy: boo
         n_rep=model_config.n_rep,
         dropout=model_config.dropout,
         deep_supervision=model_config.deep_supervision,
-        deploy=model_config.deploy if deploy is None else deploy,
+        deploy=deploy,
         in_channels=in_channels,
     )
+
+
+# model.name -> constructor(model section, deploy, in_channels) of the twin; the comparison
+# networks' twins (SPEC 1.5) are added below the paper's family.
+TORCH_NETWORKS = {
+    **{name: torch_unet_from_config for name in VARIANTS},
+}
 
 
 # ------------------------------------------------------------------------------------------------
