@@ -51,3 +51,13 @@ def test_variant_argument_selects_the_model(variant):
 def test_unknown_config_argument_is_an_error_naming_the_file():
     with pytest.raises(ValueError, match=r"configs/liver.py: unknown argument\(s\) \['bogus'\]"):
         load("liver")("paper,bogus")
+
+
+def test_every_config_name_is_a_network_with_a_torch_twin():
+    from livseg_jax.models import NETWORKS
+
+    assert set(MODEL_NAMES) == set(NETWORKS)
+    pytest.importorskip("torch")
+    from livseg_jax.interop.torch_models import TORCH_NETWORKS
+
+    assert set(TORCH_NETWORKS) == set(NETWORKS)
