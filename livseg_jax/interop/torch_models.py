@@ -352,6 +352,7 @@ def _twin(module: str, constructor: str):
 TORCH_NETWORKS = {
     **{name: torch_unet_from_config for name in VARIANTS},
     "attention_unet": _twin("torch_attention_unet", "torch_attention_unet_from_config"),
+    "resunet": _twin("torch_resunet", "torch_resunet_from_config"),
 }
 
 
