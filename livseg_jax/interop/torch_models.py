@@ -337,8 +337,12 @@ def torch_unet_from_config(model_config: ml_collections.ConfigDict, deploy: bool
 
 
 def _twin(module: str, constructor: str):
-    """Returns a constructor that imports `livseg_jax.interop.<module>` when called (the twins of the
-    comparison networks import the units above, so they cannot be imported here)."""
+    """Returns a constructor that imports `livseg_jax.interop.<module>` when called.
+
+    The comparison networks' twins import the units above (ConvBN, DoubleConv, ...), so this module
+    cannot import them statically without a cycle. The dynamic import hides that cycle from
+    import-linter; moving the units into a module of their own would remove it.
+    """
 
     def build(model_config: ml_collections.ConfigDict, deploy: bool, in_channels: int) -> nn.Module:
         return getattr(importlib.import_module(f"livseg_jax.interop.{module}"), constructor)(
