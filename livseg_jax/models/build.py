@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from livseg_jax.models.attention_unet import attention_unet_from_config
 from livseg_jax.models.forms import resolve_forms
 from livseg_jax.models.layers import Layers
+from livseg_jax.models.resunet import resunet_from_config
 from livseg_jax.models.unet import VARIANTS, unet_from_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,6 +30,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # comparison networks of SPEC 1.5 are added below it.
 NETWORKS: dict[str, Callable[[ml_collections.ConfigDict, Layers], nn.Module]] = {
     **{name: unet_from_config for name in VARIANTS},
+    "attention_unet": attention_unet_from_config,
+    "resunet": resunet_from_config,
 }
 
 

@@ -25,5 +25,8 @@ MSCA_NORMS = ("norm1", "norm2")
 UP = "up"  # Upsample2x (a ConvTranspose3d in torch: its kernel axes differ from a conv's)
 HEAD = "head"  # head i reads the i-th decoder output, coarse to fine; deploy keeps the finest
 
+# A pre-activation residual unit's first BatchNorm (BN-act-conv; deploy: per-channel affine).
+PREACT = "preact"
+
 # BatchNorm-like leaves (scale/bias; torch weight/bias) end in one of these module names.
-NORM_MODULES = (BN, REP_IDENTITY, *MSCA_NORMS)
+NORM_MODULES = (BN, REP_IDENTITY, *MSCA_NORMS, PREACT)
