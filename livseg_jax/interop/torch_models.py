@@ -12,6 +12,7 @@ imports torch at import time: import it only where torch is installed (the `torc
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -335,10 +336,22 @@ def torch_unet_from_config(model_config: ml_collections.ConfigDict, deploy: bool
     )
 
 
+def _twin(module: str, constructor: str):
+    """Returns a constructor that imports `livseg_jax.interop.<module>` when called (the twins of the
+    comparison networks import the units above, so they cannot be imported here)."""
+
+    def build(model_config: ml_collections.ConfigDict, deploy: bool, in_channels: int) -> nn.Module:
+        return getattr(importlib.import_module(f"livseg_jax.interop.{module}"), constructor)(
+            model_config, deploy, in_channels)
+
+    return build
+
+
 # model.name -> constructor(model section, deploy, in_channels) of the twin; the comparison
 # networks' twins (SPEC 1.5) are added below the paper's family.
 TORCH_NETWORKS = {
     **{name: torch_unet_from_config for name in VARIANTS},
+    "unet3plus": _twin("torch_unet3plus", "torch_unet3plus_from_config"),
 }
 
 
@@ -373,11 +386,14 @@ def fold_repconv_torch(rep: RepConv3d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def reparameterize_torch(model: TorchUNet3D) -> TorchUNet3D:
-    """Returns the deploy-form twin (BN folded, RepConv merged, MSCA norms as affine) of `model`."""
+def reparameterize_torch(model: nn.Module) -> nn.Module:
+    """Returns the deploy-form twin (BN folded, RepConv merged, lone norms as affine) of `model`.
+
+    `model` is any twin with `deploy` and `hparams` (its constructor's arguments).
+    """
     if model.deploy:
         raise ValueError("reparameterize_torch: the model is already in deploy form")
-    deploy = TorchUNet3D(**{**model.hparams, "deploy": True})
+    deploy = type(model)(**{**model.hparams, "deploy": True})
     target = deploy.state_dict()
     folded: dict[str, torch.Tensor] = {}
     done: list[str] = []  # module prefixes whose tensors were folded

@@ -22,12 +22,14 @@ import ml_collections
 from livseg_jax.models.forms import resolve_forms
 from livseg_jax.models.layers import Layers
 from livseg_jax.models.unet import VARIANTS, unet_from_config
+from livseg_jax.models.unet3plus import unet3plus_from_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # model.name -> constructor(model section, layers). The paper's family (SPEC 1.2) first; the
 # comparison networks of SPEC 1.5 are added below it.
 NETWORKS: dict[str, Callable[[ml_collections.ConfigDict, Layers], nn.Module]] = {
     **{name: unet_from_config for name in VARIANTS},
+    "unet3plus": unet3plus_from_config,
 }
 
 
