@@ -11,7 +11,7 @@ import pathlib
 
 import ml_collections
 
-MODEL_NAMES = ("unet", "msca_unet", "elanres_unet", "elanres_msca_unet", "unet3plus")
+MODEL_NAMES = ("unet", "msca_unet", "elanres_unet", "elanres_msca_unet", "unet3plus", "riunet")
 
 
 def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:

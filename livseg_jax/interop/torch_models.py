@@ -352,6 +352,7 @@ def _twin(module: str, constructor: str):
 TORCH_NETWORKS = {
     **{name: torch_unet_from_config for name in VARIANTS},
     "unet3plus": _twin("torch_unet3plus", "torch_unet3plus_from_config"),
+    "riunet": _twin("torch_riunet", "torch_riunet_from_config"),
 }
 
 

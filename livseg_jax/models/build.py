@@ -21,6 +21,7 @@ import ml_collections
 
 from livseg_jax.models.forms import resolve_forms
 from livseg_jax.models.layers import Layers
+from livseg_jax.models.riunet import riunet_from_config
 from livseg_jax.models.unet import VARIANTS, unet_from_config
 from livseg_jax.models.unet3plus import unet3plus_from_config
 
@@ -30,6 +31,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NETWORKS: dict[str, Callable[[ml_collections.ConfigDict, Layers], nn.Module]] = {
     **{name: unet_from_config for name in VARIANTS},
     "unet3plus": unet3plus_from_config,
+    "riunet": riunet_from_config,
 }
 
 
