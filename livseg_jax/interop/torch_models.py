@@ -357,6 +357,8 @@ TORCH_NETWORKS = {
     **{name: torch_unet_from_config for name in VARIANTS},
     "attention_unet": _twin("torch_attention_unet", "torch_attention_unet_from_config"),
     "resunet": _twin("torch_resunet", "torch_resunet_from_config"),
+    "unet3plus": _twin("torch_unet3plus", "torch_unet3plus_from_config"),
+    "riunet": _twin("torch_riunet", "torch_riunet_from_config"),
 }
 
 

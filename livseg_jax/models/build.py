@@ -23,7 +23,9 @@ from livseg_jax.models.attention_unet import attention_unet_from_config
 from livseg_jax.models.forms import resolve_forms
 from livseg_jax.models.layers import Layers
 from livseg_jax.models.resunet import resunet_from_config
+from livseg_jax.models.riunet import riunet_from_config
 from livseg_jax.models.unet import VARIANTS, unet_from_config
+from livseg_jax.models.unet3plus import unet3plus_from_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # model.name -> constructor(model section, layers). The paper's family (SPEC 1.2) first; the
@@ -32,6 +34,8 @@ NETWORKS: dict[str, Callable[[ml_collections.ConfigDict, Layers], nn.Module]] = 
     **{name: unet_from_config for name in VARIANTS},
     "attention_unet": attention_unet_from_config,
     "resunet": resunet_from_config,
+    "unet3plus": unet3plus_from_config,
+    "riunet": riunet_from_config,
 }
 
 

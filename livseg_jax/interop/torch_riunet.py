@@ -1,0 +1,103 @@
+"""PyTorch twin of `livseg_jax.models.riunet.RIUNet` (RIU-Net after Lv, Wang & Wang 2022), NCDHW.
+
+Same child names as the Flax module (`enc<s>`, `bottleneck`, `dec<s>` with `branch1/3/5.conv<i>`,
+`fuse`, `shortcut`; `up<s>` ConvTranspose3d; `head<i>`), so `livseg_jax.interop.mapping`'s rules
+map every tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from livseg_jax.interop.torch_models import ConvBN, activation_module
+from livseg_jax.models import names
+from livseg_jax.models.riunet import ACTIVATION, BRANCH_RATIO, BRANCHES
+
+
+class ConvChain(nn.Sequential):
+    """Conv-BN-act units conv0, conv1, ... (first from c_in, then `width` wide)."""
+
+    def __init__(self, c_in: int, width: int, kernels: Sequence[Sequence[int]], act: str, deploy: bool):
+        super().__init__()
+        for i, kernel in enumerate(kernels):
+            self.add_module(f"conv{i}", ConvBN(c_in if i == 0 else width, width, kernel[0], act=act, deploy=deploy))
+
+
+class ResInceptionBlock(nn.Module):
+    """act(fuse(cat[branch1, branch3, branch5]) + shortcut(x)): (B, C_in, ...) -> (B, c_out, ...)."""
+
+    def __init__(self, c_in: int, c_out: int, act: str = ACTIVATION, deploy: bool = False):
+        super().__init__()
+        width = max(c_out // BRANCH_RATIO, 1)
+        for name, kernels in BRANCHES.items():
+            self.add_module(name, ConvChain(c_in, width, kernels, act, deploy))
+        self.fuse = ConvBN(width * len(BRANCHES), c_out, 1, deploy=deploy)
+        self.shortcut = None if c_in == c_out else ConvBN(c_in, c_out, 1, deploy=deploy)
+        self.act = activation_module(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fuse(torch.cat([getattr(self, name)(x) for name in BRANCHES], dim=1))
+        return self.act(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class TorchRIUNet(nn.Module):
+    """RIU-Net on (B, C_in, D, H, W) -> logits; heads coarse to fine like TorchUNet3D's."""
+
+    def __init__(self, features: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 2,
+                 deep_supervision: bool = True, deploy: bool = False, in_channels: int = 1):
+        super().__init__()
+        self.hparams: dict[str, Any] = dict(features=tuple(features), num_classes=num_classes,
+                                            deep_supervision=deep_supervision, deploy=deploy,
+                                            in_channels=in_channels)
+        self.levels = levels = len(features)
+        self.deep_supervision = deep_supervision
+        self.deploy = deploy
+        c = in_channels
+        for s in range(levels - 1):
+            self.add_module(f"enc{s}", ResInceptionBlock(c, features[s], deploy=deploy))
+            c = features[s]
+        self.bottleneck = ResInceptionBlock(c, features[-1], deploy=deploy)
+        for s in reversed(range(levels - 1)):
+            self.add_module(f"{names.UP}{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
+            self.add_module(f"dec{s}", ResInceptionBlock(2 * features[s], features[s], deploy=deploy))
+        n = levels - 1
+        self.head_ids = [n - 1] if deploy else list(range(n))
+        for i in self.head_ids:
+            self.add_module(f"{names.HEAD}{i}", nn.Conv3d(features[n - 1 - i], num_classes, 1))
+
+    def forward(self, x: torch.Tensor, all_heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        factor = 2 ** (self.levels - 1)
+        if x.ndim != 5 or any(size % factor for size in x.shape[2:]):
+            raise ValueError(f"expected (B, C, D, H, W) divisible by {factor}, got {tuple(x.shape)}")
+        out_size = tuple(x.shape[2:])
+        skips = []
+        for s in range(self.levels - 1):
+            x = getattr(self, f"enc{s}")(x)
+            skips.append(x)
+            x = F.max_pool3d(x, 2, 2)
+        x = self.bottleneck(x)
+        decoded = []
+        for s in reversed(range(self.levels - 1)):
+            x = torch.cat([getattr(self, f"{names.UP}{s}")(x), skips[s]], dim=1)
+            decoded.append(x := getattr(self, f"dec{s}")(x))
+        n = len(decoded)
+        every = all_heads or (self.training and self.deep_supervision)
+        logits = []
+        for i in [h for h in self.head_ids if every or h == n - 1]:
+            y = getattr(self, f"{names.HEAD}{i}")(decoded[i])
+            if tuple(y.shape[2:]) != out_size:
+                y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)
+            logits.append(y)
+        return tuple(logits) if (self.training or all_heads) else logits[-1]
+
+
+def torch_riunet_from_config(model_config: ml_collections.ConfigDict, deploy: bool, in_channels: int) -> TorchRIUNet:
+    """Returns the TorchRIUNet twin of `build_model(model_config)` for `riunet`."""
+    return TorchRIUNet(features=tuple(model_config.features), num_classes=model_config.num_classes,
+                       deep_supervision=model_config.deep_supervision, deploy=deploy, in_channels=in_channels)
