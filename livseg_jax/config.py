@@ -11,7 +11,8 @@ import pathlib
 
 import ml_collections
 
-MODEL_NAMES = ("unet", "msca_unet", "elanres_unet", "elanres_msca_unet")
+MODEL_NAMES = ("unet", "msca_unet", "elanres_unet", "elanres_msca_unet",
+               "r2unet")
 
 
 def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:

@@ -12,6 +12,7 @@ imports torch at import time: import it only where torch is installed (the `torc
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -339,6 +340,7 @@ def torch_unet_from_config(model_config: ml_collections.ConfigDict, deploy: bool
 # networks' twins (SPEC 1.5) are added below the paper's family.
 TORCH_NETWORKS = {
     **{name: torch_unet_from_config for name in VARIANTS},
+    "r2unet": lambda *a: importlib.import_module("livseg_jax.interop.torch_r2unet").torch_r2unet_from_config(*a),
 }
 
 
@@ -373,11 +375,15 @@ def fold_repconv_torch(rep: RepConv3d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def reparameterize_torch(model: TorchUNet3D) -> TorchUNet3D:
-    """Returns the deploy-form twin (BN folded, RepConv merged, MSCA norms as affine) of `model`."""
+def reparameterize_torch(model: nn.Module) -> nn.Module:
+    """Returns the deploy-form twin (BN folded, RepConv merged, lone norms as affine) of `model`.
+
+    Any twin with `hparams` and a `deploy` argument built from `ConvBN`, `RepConv3d` and lone
+    BatchNorm3d modules folds the same way.
+    """
     if model.deploy:
         raise ValueError("reparameterize_torch: the model is already in deploy form")
-    deploy = TorchUNet3D(**{**model.hparams, "deploy": True})
+    deploy = type(model)(**{**model.hparams, "deploy": True})
     target = deploy.state_dict()
     folded: dict[str, torch.Tensor] = {}
     done: list[str] = []  # module prefixes whose tensors were folded

@@ -21,6 +21,7 @@ import ml_collections
 
 from livseg_jax.models.forms import resolve_forms
 from livseg_jax.models.layers import Layers
+from livseg_jax.models.r2unet import r2unet_from_config
 from livseg_jax.models.unet import VARIANTS, unet_from_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,6 +29,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # comparison networks of SPEC 1.5 are added below it.
 NETWORKS: dict[str, Callable[[ml_collections.ConfigDict, Layers], nn.Module]] = {
     **{name: unet_from_config for name in VARIANTS},
+    "r2unet": r2unet_from_config,
 }
 
 
