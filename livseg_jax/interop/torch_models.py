@@ -68,11 +68,11 @@ class ConvBN(nn.Module):
     """Conv3d (no bias) -> BatchNorm3d [-> act]; in deploy form one Conv3d with bias."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1,
-                 act: str | None = None, deploy: bool = False):
+                 act: str | None = None, deploy: bool = False, dilation: int = 1):
         super().__init__()
-        # kernel == stride == 2 is the "VALID" down-sampling; odd kernels are "SAME".
-        padding = 0 if stride > 1 else kernel // 2
-        conv = nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, bias=deploy)
+        # kernel == stride is the "VALID" down-sampling; odd kernels pad dilation * (kernel // 2).
+        padding = 0 if kernel == stride else dilation * (kernel // 2)
+        conv = nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=deploy)
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         self.add_module(names.CONV, conv)
         self.add_module(names.BN, None if deploy else batch_norm3d(c_out))
@@ -341,6 +341,7 @@ def torch_unet_from_config(model_config: ml_collections.ConfigDict, deploy: bool
 TORCH_NETWORKS = {
     **{name: torch_unet_from_config for name in VARIANTS},
     "r2unet": lambda *a: importlib.import_module("livseg_jax.interop.torch_r2unet").torch_r2unet_from_config(*a),
+    "resunet_pp": lambda *a: importlib.import_module("livseg_jax.interop.torch_resunet_pp").from_config(*a),
 }
 
 

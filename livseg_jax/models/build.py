@@ -22,6 +22,7 @@ import ml_collections
 from livseg_jax.models.forms import resolve_forms
 from livseg_jax.models.layers import Layers
 from livseg_jax.models.r2unet import r2unet_from_config
+from livseg_jax.models.resunet_pp import resunet_pp_from_config
 from livseg_jax.models.unet import VARIANTS, unet_from_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -30,6 +31,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NETWORKS: dict[str, Callable[[ml_collections.ConfigDict, Layers], nn.Module]] = {
     **{name: unet_from_config for name in VARIANTS},
     "r2unet": r2unet_from_config,
+    "resunet_pp": resunet_pp_from_config,
 }
 
 
