@@ -87,3 +87,24 @@ def test_rrcnn_block_adds_its_projection_to_the_recurrent_stack():
         y = r.apply({"params": v["params"][f"rec{i}"], "batch_stats": v["batch_stats"][f"rec{i}"]}, y, train=False)
     np.testing.assert_allclose(got, p + y, rtol=1e-6, atol=1e-6)
     assert jnp.all(jnp.isfinite(got))
+
+
+def test_shared_batch_norm_updates_its_running_mean_per_application_as_torch_does():
+    torch = pytest.importorskip("torch")
+    from livseg_jax.interop import mapping
+    from livseg_jax.interop import torch_models as tm
+    from tools import parity
+
+    cfg = CHECKS.cfg
+    torch_model = parity.randomize_torch_(tm.torch_model_from_config(cfg), seed=3).train()
+    variables = mapping.state_dict_to_variables(parity.torch_state_numpy(torch_model), cfg)
+    x = np.array(CHECKS.x)
+    _, stats = parity.flax_train_forward(CHECKS.model)(variables, x)
+    with torch.no_grad():
+        torch_model(torch.from_numpy(np.moveaxis(x, -1, 1).copy()))
+    for block in ("enc0", "dec0"):
+        for rec in ("rec0", "rec1"):
+            want = getattr(getattr(torch_model, block), rec).unit.bn.running_mean.numpy()
+            np.testing.assert_allclose(stats[block][rec]["unit"]["bn"]["mean"], want, rtol=1e-4, atol=1e-5)
+            before = variables["batch_stats"][block][rec]["unit"]["bn"]["mean"]
+            assert float(np.max(np.abs(want - before))) > 1e-3  # the running mean moved
