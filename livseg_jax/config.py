@@ -12,7 +12,7 @@ import pathlib
 import ml_collections
 
 MODEL_NAMES = ("unet", "msca_unet", "elanres_unet", "elanres_msca_unet", "attention_unet", "resunet",
-               "unet3plus", "riunet")
+               "unet3plus", "riunet", "r2unet", "resunet_pp")
 
 
 def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:

@@ -8,15 +8,15 @@ form. The rules are tried in order; the first whose pattern matches the whole to
     <m>.num_batches_tracked             (none)                        drop   (export writes 0)
     <m>.running_mean                    batch_stats/<m>/mean          copy
     <m>.running_var                     batch_stats/<m>/var           copy
-    <m>.weight  (m ends bn|identity|normN) params/<m>/scale           copy   (BatchNorm / affine)
-    <m>.bias    (m ends bn|identity|normN) params/<m>/bias            copy
+    <m>.weight  (m ends bn|identity|normN|pre_bn) params/<m>/scale    copy   (BatchNorm / affine)
+    <m>.bias    (m ends bn|identity|normN|pre_bn) params/<m>/bias     copy
     upN.weight                          params/upN/kernel             conv_transpose
     <m>.weight                          params/<m>/kernel             conv
     <m>.bias                            params/<m>/bias               copy
     <m>.layer_scaleN                    params/<m>/layer_scaleN       copy   (MSCA, shape (C,))
 
 where <m> is the module path, "." in torch and "/" in Flax, and the module names the rules test
-(bn, identity, norm1/norm2, upN) are those of `livseg_jax.models.names`. Kernel transforms:
+(bn, identity, norm1/norm2, pre_bn, upN) are those of `livseg_jax.models.names`. Kernel transforms:
     conv            torch (O, I/groups, *k) -> flax (*k, I/groups, O)   Conv3d, Conv2d, depthwise
     conv_transpose  torch (I, O, 2, 2, 2)   -> flax (2, 2, 2, I, O)     ConvTranspose3d <-> Upsample2x
 `mapping_table(torch_keys)` applies the rules to a model's keys and returns the full table.

@@ -68,11 +68,11 @@ class ConvBN(nn.Module):
     """Conv3d (no bias) -> BatchNorm3d [-> act]; in deploy form one Conv3d with bias."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1,
-                 act: str | None = None, deploy: bool = False):
+                 act: str | None = None, deploy: bool = False, dilation: int = 1):
         super().__init__()
-        # kernel == stride == 2 is the "VALID" down-sampling; odd kernels are "SAME".
-        padding = 0 if stride > 1 else kernel // 2
-        conv = nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, bias=deploy)
+        # kernel == stride is the "VALID" down-sampling; odd kernels pad dilation * (kernel // 2).
+        padding = 0 if kernel == stride else dilation * (kernel // 2)
+        conv = nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=deploy)
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         self.add_module(names.CONV, conv)
         self.add_module(names.BN, None if deploy else batch_norm3d(c_out))
@@ -359,6 +359,8 @@ TORCH_NETWORKS = {
     "resunet": _twin("torch_resunet", "torch_resunet_from_config"),
     "unet3plus": _twin("torch_unet3plus", "torch_unet3plus_from_config"),
     "riunet": _twin("torch_riunet", "torch_riunet_from_config"),
+    "r2unet": _twin("torch_r2unet", "torch_r2unet_from_config"),
+    "resunet_pp": _twin("torch_resunet_pp", "from_config"),
 }
 
 

@@ -22,7 +22,9 @@ import ml_collections
 from livseg_jax.models.attention_unet import attention_unet_from_config
 from livseg_jax.models.forms import resolve_forms
 from livseg_jax.models.layers import Layers
+from livseg_jax.models.r2unet import r2unet_from_config
 from livseg_jax.models.resunet import resunet_from_config
+from livseg_jax.models.resunet_pp import resunet_pp_from_config
 from livseg_jax.models.riunet import riunet_from_config
 from livseg_jax.models.unet import VARIANTS, unet_from_config
 from livseg_jax.models.unet3plus import unet3plus_from_config
@@ -36,6 +38,8 @@ NETWORKS: dict[str, Callable[[ml_collections.ConfigDict, Layers], nn.Module]] = 
     "resunet": resunet_from_config,
     "unet3plus": unet3plus_from_config,
     "riunet": riunet_from_config,
+    "r2unet": r2unet_from_config,
+    "resunet_pp": resunet_pp_from_config,
 }
 
 

@@ -104,22 +104,25 @@ class Layers:
             raise ValueError(f"dense_pack_channels must be an integer >= 0 (0: off), got {pack!r}")
 
     def conv(self, features: int, kernel_size: Sequence[int], *, name: str, use_bias: bool = True,
-             strides: Sequence[int] | None = None, padding: str = "SAME",
-             kernel_init: Callable = default_init) -> nn.Module:
+             strides: Sequence[int] | None = None, padding: str | Sequence[tuple[int, int]] = "SAME",
+             kernel_init: Callable = default_init, dilation: int = 1) -> nn.Module:
         """Returns a convolution with `nn.Conv`'s variables, in the fastest form chosen for its shape.
 
         `PointwiseConv` for a stride-1 all-ones kernel when `pointwise_impl == "einsum"`;
-        `PackedConv3d` for a stride-1 SAME 3x3x3 kernel when `dense_pack_channels > 0`; else `nn.Conv`.
+        `PackedConv3d` for a stride-1 SAME undilated 3x3x3 kernel when `dense_pack_channels > 0`; else
+        `nn.Conv` (`dilation`: its kernel dilation, every axis).
         """
         stride_one = all(s == 1 for s in (strides or ()))
         if self.pointwise_impl == "einsum" and stride_one and all(k == 1 for k in kernel_size):
             return PointwiseConv(features, len(kernel_size), use_bias, kernel_init, self.dtype, jnp.float32,
                                  name=name)
-        if self.dense_pack_channels > 0 and stride_one and tuple(kernel_size) == (3, 3, 3) and padding == "SAME":
+        if (self.dense_pack_channels > 0 and stride_one and dilation == 1 and tuple(kernel_size) == (3, 3, 3)
+                and padding == "SAME"):
             return PackedConv3d(features, self.dense_pack_channels, use_bias, kernel_init, self.dtype,
                                 jnp.float32, name=name)
         return nn.Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias,
-                       kernel_init=kernel_init, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+                       kernel_dilation=dilation, kernel_init=kernel_init, dtype=self.dtype,
+                       param_dtype=jnp.float32, name=name)
 
     def depthwise(self, kernel_size: Sequence[int], *, name: str) -> nn.Module:
         """Returns a depthwise SAME convolution with bias (channels from its input)."""
@@ -150,14 +153,16 @@ class ConvBN(nn.Module):
     features: int
     kernel_size: Sequence[int] = (1, 1, 1)
     strides: Sequence[int] | None = None
-    padding: str = "SAME"
+    padding: str | Sequence[tuple[int, int]] = "SAME"
     act: Callable[[Array], Array] | None = None
     layers: Layers = Layers()
+    dilation: int = 1
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         y = self.layers.conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
-                             use_bias=self.layers.deploy, kernel_init=conv_init, name=names.CONV)(x)
+                             use_bias=self.layers.deploy, kernel_init=conv_init, dilation=self.dilation,
+                             name=names.CONV)(x)
         if not self.layers.deploy:
             y = self.layers.batch_norm(train, name=names.BN)(y)
         return self.act(y) if self.act is not None else y

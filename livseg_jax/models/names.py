@@ -21,6 +21,9 @@ REP_IDENTITY = "identity"  # BatchNorm on the input
 # Inside an MSCABlock: the BatchNorms without a convolution before them (deploy: per-channel affine).
 MSCA_NORMS = ("norm1", "norm2")
 
+# Inside a pre-activation unit (ResUNet++): the BatchNorm on the unit's input (deploy: affine).
+PRE_NORM = "pre_bn"
+
 # Prefixes of numbered modules of the U-Net: up0, up1, ...; head0, head1, ...
 UP = "up"  # Upsample2x (a ConvTranspose3d in torch: its kernel axes differ from a conv's)
 HEAD = "head"  # head i reads the i-th decoder output, coarse to fine; deploy keeps the finest
@@ -29,4 +32,4 @@ HEAD = "head"  # head i reads the i-th decoder output, coarse to fine; deploy ke
 PREACT = "preact"
 
 # BatchNorm-like leaves (scale/bias; torch weight/bias) end in one of these module names.
-NORM_MODULES = (BN, REP_IDENTITY, *MSCA_NORMS, PREACT)
+NORM_MODULES = (BN, REP_IDENTITY, *MSCA_NORMS, PREACT, PRE_NORM)
