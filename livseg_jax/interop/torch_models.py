@@ -1,4 +1,4 @@
-"""PyTorch twins of the model family (SPEC 1) and their re-parameterisation.
+"""PyTorch twins of the model family (SPEC 1), the table of every twin, and re-parameterisation.
 
 Layout is PyTorch's NCDHW. Every module carries the same name as its Flax counterpart in
 `livseg_jax.models` (`enc0.rep1.dense.bn`, `msca2.attention.strip11_0`, `up3`, `head3`, ...), so
@@ -12,7 +12,6 @@ imports torch at import time: import it only where torch is installed (the `torc
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,127 +20,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from livseg_jax.interop import (
+    torch_attention_unet,
+    torch_r2unet,
+    torch_resunet,
+    torch_resunet_pp,
+    torch_riunet,
+    torch_unet3plus,
+)
+from livseg_jax.interop.torch_layers import (  # noqa: F401 (re-exported: the twins' units)
+    BN_MOMENTUM,
+    ChannelAffine,
+    ConvBN,
+    DoubleConv,
+    ELANResBlock,
+    RepConv3d,
+    activation_module,
+    batch_norm3d,
+)
 from livseg_jax.models import names
 
 # One source for the architecture constants: the Flax model family.
-from livseg_jax.models.layers import BN_EPSILON
-from livseg_jax.models.layers import BN_MOMENTUM as FLAX_BN_MOMENTUM
 from livseg_jax.models.msca import LAYER_SCALE_INIT, STRIP_SIZES, strip_kernels  # noqa: F401 (re-exported)
 from livseg_jax.models.unet import VARIANTS  # noqa: F401 (re-exported)
-
-BN_MOMENTUM = round(1.0 - FLAX_BN_MOMENTUM, 12)  # PyTorch weighs the new batch statistic, Flax the old average
-
-
-def activation_module(name: str) -> nn.Module:
-    """Returns the torch activation module matching `livseg_jax.models.layers.activation_fn(name)`."""
-    table = {
-        "relu": nn.ReLU,
-        "silu": nn.SiLU,
-        "gelu": nn.GELU,  # exact (erf), as the Flax side
-        "leaky_relu": lambda: nn.LeakyReLU(0.01),
-        "elu": nn.ELU,
-    }
-    if name not in table:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(table)}")
-    return table[name]()
-
-
-def batch_norm3d(channels: int) -> nn.BatchNorm3d:
-    """Returns the project's BatchNorm3d (momentum 0.1, eps 1e-5)."""
-    return nn.BatchNorm3d(channels, eps=BN_EPSILON, momentum=BN_MOMENTUM)
-
-
-class ChannelAffine(nn.Module):
-    """Per-channel `x * weight + bias` on (B, C, ...): the deploy form of a lone BatchNorm."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        return x * self.weight.view(shape) + self.bias.view(shape)
-
-
-class ConvBN(nn.Module):
-    """Conv3d (no bias) -> BatchNorm3d [-> act]; in deploy form one Conv3d with bias."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1,
-                 act: str | None = None, deploy: bool = False, dilation: int = 1):
-        super().__init__()
-        # kernel == stride is the "VALID" down-sampling; odd kernels pad dilation * (kernel // 2).
-        padding = 0 if kernel == stride else dilation * (kernel // 2)
-        conv = nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=deploy)
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        self.add_module(names.CONV, conv)
-        self.add_module(names.BN, None if deploy else batch_norm3d(c_out))
-        self.act = activation_module(act) if act else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = getattr(self, names.CONV)(x)
-        bn = getattr(self, names.BN)
-        if bn is not None:
-            y = bn(y)
-        return self.act(y)
-
-
-class RepConv3d(nn.Module):
-    """act(BN(conv3x3x3 x) + BN(conv1x1x1 x) + BN(x)); deploy form: act(conv3x3x3 x + b)."""
-
-    def __init__(self, channels: int, act: str, deploy: bool = False):
-        super().__init__()
-        self.act = activation_module(act)
-        if deploy:
-            self.add_module(names.CONV, nn.Conv3d(channels, channels, 3, padding=1, bias=True))
-        else:
-            self.add_module(names.REP_DENSE, ConvBN(channels, channels, 3))
-            self.add_module(names.REP_POINT, ConvBN(channels, channels, 1))
-            self.add_module(names.REP_IDENTITY, batch_norm3d(channels))
-        self.deploy = deploy
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.deploy:
-            return self.act(getattr(self, names.CONV)(x))
-        dense, point, identity = (getattr(self, n) for n in (names.REP_DENSE, names.REP_POINT, names.REP_IDENTITY))
-        return self.act(dense(x) + point(x) + identity(x))
-
-
-class ELANResBlock(nn.Module):
-    """ELAN residual block (SPEC 1.3): (B, C_in, D, H, W) -> (B, c_out, D, H, W)."""
-
-    def __init__(self, c_in: int, c_out: int, act: str, n_rep: int = 2, deploy: bool = False):
-        super().__init__()
-        hidden = max(c_out // 2, 1)
-        self.reduce_a = ConvBN(c_in, hidden, 1, act=act, deploy=deploy)
-        self.reduce_b = ConvBN(c_in, hidden, 1, act=act, deploy=deploy)
-        self.n_rep = n_rep
-        for i in range(n_rep):
-            self.add_module(f"rep{i}", RepConv3d(hidden, act, deploy))
-        self.fuse = ConvBN(hidden * (n_rep + 2), c_out, 1, deploy=deploy)
-        self.shortcut = None if c_in == c_out else ConvBN(c_in, c_out, 1, deploy=deploy)
-        self.act = activation_module(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.reduce_a(x)
-        branches = [self.reduce_b(x)]
-        for i in range(self.n_rep):
-            branches.append(getattr(self, f"rep{i}")(branches[-1]))
-        y = self.fuse(torch.cat(branches[::-1] + [a], dim=1))
-        shortcut = x if self.shortcut is None else self.shortcut(x)
-        return self.act(y + shortcut)
-
-
-class DoubleConv(nn.Module):
-    """Two Conv3x3x3 -> BN -> act: (B, C_in, D, H, W) -> (B, c_out, D, H, W)."""
-
-    def __init__(self, c_in: int, c_out: int, act: str, deploy: bool = False):
-        super().__init__()
-        self.conv0 = ConvBN(c_in, c_out, 3, act=act, deploy=deploy)
-        self.conv1 = ConvBN(c_out, c_out, 3, act=act, deploy=deploy)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv1(self.conv0(x))
 
 
 def _conv(ndim: int, c_in: int, c_out: int, kernel: Sequence[int], groups: int = 1) -> nn.Module:
@@ -336,31 +237,16 @@ def torch_unet_from_config(model_config: ml_collections.ConfigDict, deploy: bool
     )
 
 
-def _twin(module: str, constructor: str):
-    """Returns a constructor that imports `livseg_jax.interop.<module>` when called.
-
-    The comparison networks' twins import the units above (ConvBN, DoubleConv, ...), so this module
-    cannot import them statically without a cycle. The dynamic import hides that cycle from
-    import-linter; moving the units into a module of their own would remove it.
-    """
-
-    def build(model_config: ml_collections.ConfigDict, deploy: bool, in_channels: int) -> nn.Module:
-        return getattr(importlib.import_module(f"livseg_jax.interop.{module}"), constructor)(
-            model_config, deploy, in_channels)
-
-    return build
-
-
 # model.name -> constructor(model section, deploy, in_channels) of the twin; the comparison
 # networks' twins (SPEC 1.5) are added below the paper's family.
 TORCH_NETWORKS = {
     **{name: torch_unet_from_config for name in VARIANTS},
-    "attention_unet": _twin("torch_attention_unet", "torch_attention_unet_from_config"),
-    "resunet": _twin("torch_resunet", "torch_resunet_from_config"),
-    "unet3plus": _twin("torch_unet3plus", "torch_unet3plus_from_config"),
-    "riunet": _twin("torch_riunet", "torch_riunet_from_config"),
-    "r2unet": _twin("torch_r2unet", "torch_r2unet_from_config"),
-    "resunet_pp": _twin("torch_resunet_pp", "from_config"),
+    "attention_unet": torch_attention_unet.torch_attention_unet_from_config,
+    "resunet": torch_resunet.torch_resunet_from_config,
+    "unet3plus": torch_unet3plus.torch_unet3plus_from_config,
+    "riunet": torch_riunet.torch_riunet_from_config,
+    "r2unet": torch_r2unet.torch_r2unet_from_config,
+    "resunet_pp": torch_resunet_pp.from_config,
 }
 
 

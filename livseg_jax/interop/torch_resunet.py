@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from livseg_jax.interop.torch_attention_unet import heads_forward
-from livseg_jax.interop.torch_models import ChannelAffine, ConvBN, activation_module, batch_norm3d
+from livseg_jax.interop.torch_layers import ChannelAffine, ConvBN, activation_module, batch_norm3d
 from livseg_jax.models import names
 from livseg_jax.models.resunet import ACTIVATION
 

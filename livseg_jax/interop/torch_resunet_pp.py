@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_models import ChannelAffine, ConvBN, batch_norm3d
+from livseg_jax.interop.torch_layers import ChannelAffine, ConvBN, batch_norm3d
 from livseg_jax.interop.torch_r2unet import torch_heads
 from livseg_jax.models import names
 from livseg_jax.models.resunet_pp import ASPP_RATES, SE_RATIO

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_models import ConvBN, activation_module
+from livseg_jax.interop.torch_layers import ConvBN, activation_module
 from livseg_jax.models import names
 from livseg_jax.models.riunet import ACTIVATION, BRANCH_RATIO, BRANCHES
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_models import ConvBN, DoubleConv
+from livseg_jax.interop.torch_layers import ConvBN, DoubleConv
 from livseg_jax.models import names
 from livseg_jax.models.unet3plus import ACTIVATION, CAT_CHANNELS, HEAD_KERNEL
 
