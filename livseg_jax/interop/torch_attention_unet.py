@@ -14,23 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ConvBN, DoubleConv
+from livseg_jax.interop.torch_layers import ConvBN, DoubleConv, heads_forward
 from livseg_jax.models import names
 from livseg_jax.models.attention_unet import ACTIVATION, GATE_SUBSAMPLE
-
-
-def heads_forward(model: nn.Module, decoded: Sequence[torch.Tensor], out_size: tuple[int, ...],
-                  all_heads: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Applies the heads `model.head_ids` (coarse to fine) as `TorchUNet3D` does; returns its output."""
-    n = len(decoded)
-    every = all_heads or (model.training and model.deep_supervision)
-    logits = []
-    for i in (i for i in model.head_ids if every or i == n - 1):
-        y = getattr(model, f"{names.HEAD}{i}")(decoded[i])
-        if tuple(y.shape[2:]) != out_size:
-            y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)
-        logits.append(y)
-    return tuple(logits) if (model.training or all_heads) else logits[-1]
 
 
 class AttentionGate(nn.Module):

@@ -9,7 +9,10 @@ the twins, so this module is what keeps that one-way. Imports torch at import ti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from livseg_jax.models import names
@@ -129,3 +132,17 @@ class DoubleConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv1(self.conv0(x))
+
+
+def heads_forward(model: nn.Module, decoded: Sequence[torch.Tensor], out_size: tuple[int, ...],
+                  all_heads: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Returns the output of `model`'s heads `head<i>` (ids `model.head_ids`, coarse to fine): every twin's heads."""
+    n = len(decoded)
+    every = all_heads or (model.training and model.deep_supervision)
+    logits = []
+    for i in (i for i in model.head_ids if every or i == n - 1):
+        y = getattr(model, f"{names.HEAD}{i}")(decoded[i])
+        if tuple(y.shape[2:]) != out_size:
+            y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)
+        logits.append(y)
+    return tuple(logits) if (model.training or all_heads) else logits[-1]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ConvBN
+from livseg_jax.interop.torch_layers import ConvBN, heads_forward
 from livseg_jax.models import names
 from livseg_jax.models.r2unet import ACTIVATION, RECURRENT_STEPS
 
@@ -90,21 +90,7 @@ class TorchR2UNet3D(nn.Module):
             x = torch.cat([getattr(self, f"{names.UP}{s}")(x), skips[s]], dim=1)
             x = getattr(self, f"dec{s}")(x)
             decoded.append(x)
-        return torch_heads(self, decoded, out_size, all_heads)
-
-
-def torch_heads(model: nn.Module, decoded: Sequence[torch.Tensor], out_size: Sequence[int],
-                all_heads: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Applies `model`'s `head<i>` (ids `model.head_ids`) as `TorchUNet3D.forward` does."""
-    n = len(decoded)
-    every = all_heads or (model.training and model.deep_supervision)
-    logits = []
-    for i in [i for i in model.head_ids if every or i == n - 1]:
-        y = getattr(model, f"{names.HEAD}{i}")(decoded[i])
-        if tuple(y.shape[2:]) != tuple(out_size):
-            y = F.interpolate(y, size=tuple(out_size), mode="trilinear", align_corners=False)
-        logits.append(y)
-    return tuple(logits) if (model.training or all_heads) else logits[-1]
+        return heads_forward(self, decoded, out_size, all_heads)
 
 
 def torch_r2unet_from_config(model_config: ml_collections.ConfigDict, deploy: bool,

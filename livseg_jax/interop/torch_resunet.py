@@ -14,8 +14,7 @@ import ml_collections
 import torch
 from torch import nn
 
-from livseg_jax.interop.torch_attention_unet import heads_forward
-from livseg_jax.interop.torch_layers import ChannelAffine, ConvBN, activation_module, batch_norm3d
+from livseg_jax.interop.torch_layers import ChannelAffine, ConvBN, activation_module, batch_norm3d, heads_forward
 from livseg_jax.models import names
 from livseg_jax.models.resunet import ACTIVATION
 

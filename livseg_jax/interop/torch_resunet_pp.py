@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ChannelAffine, ConvBN, batch_norm3d
-from livseg_jax.interop.torch_r2unet import torch_heads
+from livseg_jax.interop.torch_layers import ChannelAffine, ConvBN, batch_norm3d, heads_forward
 from livseg_jax.models import names
 from livseg_jax.models.resunet_pp import ASPP_RATES, SE_RATIO
 
@@ -139,7 +138,7 @@ class TorchResUNetPP3D(nn.Module):
             x = getattr(self, f"dec{k}")(x)
             decoded.append(x)
         decoded[-1] = self.aspp_out(x)
-        return torch_heads(self, decoded, out_size, all_heads)
+        return heads_forward(self, decoded, out_size, all_heads)
 
 
 def from_config(model_config: ml_collections.ConfigDict, deploy: bool, in_channels: int) -> TorchResUNetPP3D:

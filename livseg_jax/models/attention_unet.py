@@ -39,27 +39,12 @@ import ml_collections
 from livseg_jax.models import names
 from livseg_jax.models.elanres import DoubleConv
 from livseg_jax.models.layers import ConvBN, Layers, activation_fn, conv_init
-from livseg_jax.models.unet import check_patch_shape
+from livseg_jax.models.unet import check_patch_shape, deep_supervision_heads
 
 Array = jax.Array
 
 ACTIVATION = "relu"  # the paper's
 GATE_SUBSAMPLE = 2  # W_x's kernel and stride: the skip's grid / the gating grid
-
-
-def resize_heads(decoded: Sequence[Array], heads: Sequence[int], num_classes: int, layers: Layers,
-                 out_shape: tuple[int, ...]) -> list[Array]:
-    """Returns the logits of heads `heads` (indices into `decoded`, coarse to fine) at `out_shape`.
-
-    Must be called from a compact method: the heads are created as `head<i>` in the caller's scope.
-    """
-    logits = []
-    for i in heads:
-        y = layers.conv(num_classes, (1, 1, 1), name=f"{names.HEAD}{i}")(decoded[i]).astype(jnp.float32)
-        if y.shape[1:4] != tuple(out_shape[1:4]):
-            y = jax.image.resize(y, tuple(out_shape[:4]) + (num_classes,), method="trilinear")
-        logits.append(y)
-    return logits
 
 
 class AttentionGate(nn.Module):
@@ -131,10 +116,8 @@ class AttentionUNet3D(nn.Module):
             decoded.append(x)  # coarse to fine
             g = x  # the next (finer) gate is gated by this level
 
-        n = len(decoded)
-        heads = range(n) if (train and self.deep_supervision) else [n - 1]
-        logits = resize_heads(decoded, heads, self.num_classes, self.layers, out_shape)
-        return tuple(logits) if train else logits[-1]
+        return deep_supervision_heads(decoded, out_shape, self.num_classes, self.layers, train,
+                                      self.deep_supervision)
 
 
 def attention_unet_from_config(model_config: ml_collections.ConfigDict, layers: Layers) -> AttentionUNet3D:

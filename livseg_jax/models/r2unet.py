@@ -35,31 +35,12 @@ import ml_collections
 
 from livseg_jax.models import names
 from livseg_jax.models.layers import ConvBN, Layers, activation_fn
-from livseg_jax.models.unet import check_patch_shape
+from livseg_jax.models.unet import check_patch_shape, deep_supervision_heads
 
 Array = jax.Array
 
 RECURRENT_STEPS = 2  # the paper's t
 ACTIVATION = "relu"  # the paper's
-
-
-def apply_heads(decoded: Sequence[Array], out_shape: Sequence[int], num_classes: int, layers: Layers,
-                train: bool, deep_supervision: bool) -> Array | tuple[Array, ...]:
-    """Returns the 1x1x1 `head<i>` logits of decoder outputs (coarse to fine) as `UNet3D` does.
-
-    Training: every head (or the finest alone without deep supervision) as a tuple, each resized
-    (trilinear, half-pixel centres) to `out_shape` (B, D, H, W); evaluation: the finest map.
-    Must be called from inside a compact module (the heads are its children).
-    """
-    n = len(decoded)
-    supervised = range(n) if (train and deep_supervision) else [n - 1]
-    logits = []
-    for i in supervised:
-        y = layers.conv(num_classes, (1, 1, 1), name=f"{names.HEAD}{i}")(decoded[i]).astype(jnp.float32)
-        if y.shape[1:4] != tuple(out_shape[1:4]):
-            y = jax.image.resize(y, tuple(out_shape) + (num_classes,), method="trilinear")
-        logits.append(y)
-    return tuple(logits) if train else logits[-1]
 
 
 class RecurrentConv(nn.Module):
@@ -133,7 +114,7 @@ class R2UNet3D(nn.Module):
             x = jnp.concatenate([x, skips[s]], axis=-1)
             x = RRCNNBlock(self.features[s], act, self.steps, self.layers, name=f"dec{s}")(x, train)
             decoded.append(x)  # coarse to fine
-        return apply_heads(decoded, out_shape, self.num_classes, self.layers, train, self.deep_supervision)
+        return deep_supervision_heads(decoded, out_shape, self.num_classes, self.layers, train, self.deep_supervision)
 
 
 def r2unet_from_config(model_config: ml_collections.ConfigDict, layers: Layers) -> R2UNet3D:
@@ -142,4 +123,4 @@ def r2unet_from_config(model_config: ml_collections.ConfigDict, layers: Layers) 
                     deep_supervision=model_config.deep_supervision, layers=layers)
 
 
-__all__ = ["R2UNet3D", "RRCNNBlock", "RecurrentConv", "apply_heads", "r2unet_from_config"]
+__all__ = ["R2UNet3D", "RRCNNBlock", "RecurrentConv", "r2unet_from_config"]

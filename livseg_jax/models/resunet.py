@@ -38,9 +38,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from livseg_jax.models import names
-from livseg_jax.models.attention_unet import resize_heads
 from livseg_jax.models.layers import ConvBN, Layers, activation_fn, conv_init
-from livseg_jax.models.unet import check_patch_shape
+from livseg_jax.models.unet import check_patch_shape, deep_supervision_heads
 
 Array = jax.Array
 
@@ -115,10 +114,8 @@ class ResUNet3D(nn.Module):
                 jnp.concatenate([x, skips[s]], axis=-1), train)
             decoded.append(x)  # coarse to fine
 
-        n = len(decoded)
-        heads = range(n) if (train and self.deep_supervision) else [n - 1]
-        logits = resize_heads(decoded, heads, self.num_classes, self.layers, out_shape)
-        return tuple(logits) if train else logits[-1]
+        return deep_supervision_heads(decoded, out_shape, self.num_classes, self.layers, train,
+                                      self.deep_supervision)
 
 
 def resunet_from_config(model_config: ml_collections.ConfigDict, layers: Layers) -> ResUNet3D:

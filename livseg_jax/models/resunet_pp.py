@@ -48,8 +48,7 @@ import ml_collections
 
 from livseg_jax.models import names
 from livseg_jax.models.layers import ConvBN, Layers
-from livseg_jax.models.r2unet import apply_heads
-from livseg_jax.models.unet import check_patch_shape
+from livseg_jax.models.unet import check_patch_shape, deep_supervision_heads
 
 Array = jax.Array
 
@@ -176,7 +175,7 @@ class ResUNetPP3D(nn.Module):
             x = ResidualUnit(f[k + 1], layers=self.layers, name=f"dec{k}")(x, train)
             decoded.append(x)  # coarse to fine
         decoded[-1] = ASPP(f[0], layers=self.layers, name="aspp_out")(x, train)
-        return apply_heads(decoded, out_shape, self.num_classes, self.layers, train, self.deep_supervision)
+        return deep_supervision_heads(decoded, out_shape, self.num_classes, self.layers, train, self.deep_supervision)
 
 
 def resunet_pp_from_config(model_config: ml_collections.ConfigDict, layers: Layers) -> ResUNetPP3D:

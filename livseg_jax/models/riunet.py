@@ -37,7 +37,7 @@ import ml_collections
 
 from livseg_jax.models import names
 from livseg_jax.models.layers import ConvBN, Layers, activation_fn
-from livseg_jax.models.unet import check_patch_shape
+from livseg_jax.models.unet import check_patch_shape, deep_supervision_heads
 
 Array = jax.Array
 
@@ -129,16 +129,8 @@ class RIUNet(nn.Module):
             x = ResInceptionBlock(self.features[s], act, self.layers, name=f"dec{s}")(x, train)
             decoded.append(x)  # coarse to fine
 
-        n = len(decoded)
-        supervised = range(n) if (train and self.deep_supervision) else [n - 1]
-        logits = []
-        for i in supervised:
-            y = self.layers.conv(self.num_classes, (1, 1, 1), name=f"{names.HEAD}{i}")(decoded[i])
-            y = y.astype(jnp.float32)
-            if y.shape[1:4] != tuple(out_shape[1:4]):
-                y = jax.image.resize(y, out_shape + (self.num_classes,), method="trilinear")
-            logits.append(y)
-        return tuple(logits) if train else logits[-1]
+        return deep_supervision_heads(decoded, out_shape, self.num_classes, self.layers, train,
+                                      self.deep_supervision)
 
 
 def riunet_from_config(model_config: ml_collections.ConfigDict, layers: Layers) -> RIUNet:

@@ -38,6 +38,25 @@ def check_patch_shape(shape: Sequence[int], num_levels: int) -> None:
             )
 
 
+def deep_supervision_heads(decoded: Sequence[Array], out_shape: Sequence[int], num_classes: int, layers: Layers,
+                           train: bool, deep_supervision: bool) -> Array | tuple[Array, ...]:
+    """Returns the 1x1x1 `head<i>` logits of decoder outputs (coarse to fine), every network's heads.
+
+    Training: every head (or the finest alone without deep supervision) as a tuple, each resized
+    (trilinear, half-pixel centres) to `out_shape` (B, D, H, W); evaluation: the finest map.
+    Must be called from inside a compact module (the heads are its children).
+    """
+    n = len(decoded)
+    supervised = range(n) if (train and deep_supervision) else [n - 1]
+    logits = []
+    for i in supervised:
+        y = layers.conv(num_classes, (1, 1, 1), name=f"{names.HEAD}{i}")(decoded[i]).astype(jnp.float32)
+        if y.shape[1:4] != tuple(out_shape[1:4]):
+            y = jax.image.resize(y, tuple(out_shape) + (num_classes,), method="trilinear")
+        logits.append(y)
+    return tuple(logits) if train else logits[-1]
+
+
 class UNet3D(nn.Module):
     """U-Net on (B, D, H, W, C_in) returning logits (B, D, H, W, num_classes).
 
@@ -104,16 +123,8 @@ class UNet3D(nn.Module):
             x = self._block(self.features[s], f"dec{s}")(x, train)
             decoded.append(x)  # coarse to fine
 
-        n = len(decoded)
-        supervised = range(n) if (train and self.deep_supervision) else [n - 1]
-        logits = []
-        for i in supervised:
-            head = self.layers.conv(self.num_classes, (1, 1, 1), name=f"{names.HEAD}{i}")
-            y = head(decoded[i]).astype(jnp.float32)
-            if y.shape[1:4] != tuple(out_shape[1:4]):
-                y = jax.image.resize(y, out_shape + (self.num_classes,), method="trilinear")
-            logits.append(y)
-        return tuple(logits) if train else logits[-1]
+        return deep_supervision_heads(decoded, out_shape, self.num_classes, self.layers, train,
+                                      self.deep_supervision)
 
 
 def unet_from_config(model_config: ml_collections.ConfigDict, layers: Layers) -> UNet3D:
