@@ -26,7 +26,7 @@ the paper (fields; `model.activation` is not read); widths from `model.features`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -35,7 +35,7 @@ import ml_collections
 
 from livseg_jax.models import names
 from livseg_jax.models.layers import ConvBN, Layers, activation_fn
-from livseg_jax.models.unet import check_patch_shape, deep_supervision_heads
+from livseg_jax.models.unet import SegmentationNetwork, deep_supervision_heads
 
 Array = jax.Array
 
@@ -76,30 +76,17 @@ class RRCNNBlock(nn.Module):
         return p + y
 
 
-class R2UNet3D(nn.Module):
+class R2UNet3D(SegmentationNetwork):
     """R2U-Net on (B, D, H, W, C_in) returning logits (B, D, H, W, num_classes); see the module doc."""
 
-    features: Sequence[int] = (16, 32, 64, 128, 256)
-    num_classes: int = 2
-    deep_supervision: bool = True
     steps: int = RECURRENT_STEPS
     activation: str = ACTIVATION
-    layers: Layers = Layers()
-
-    @property
-    def deploy(self) -> bool:
-        """Returns whether this is the re-parameterised (deploy) form."""
-        return self.layers.deploy
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array | tuple[Array, ...]:
-        if x.ndim != 5:
-            raise ValueError(f"expected input (B, D, H, W, C), got shape {x.shape}")
+        x, out_shape = self.checked_input(x)
         levels = len(self.features)
-        check_patch_shape(x.shape[1:4], levels)
         act = activation_fn(self.activation)
-        out_shape = x.shape[:4]
-        x = x.astype(self.layers.dtype)
 
         skips = []
         for s in range(levels - 1):

@@ -30,7 +30,7 @@ levels + bridge, a sigmoid output):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -39,7 +39,7 @@ import ml_collections
 
 from livseg_jax.models import names
 from livseg_jax.models.layers import ConvBN, Layers, activation_fn, conv_init
-from livseg_jax.models.unet import check_patch_shape, deep_supervision_heads
+from livseg_jax.models.unet import SegmentationNetwork, deep_supervision_heads
 
 Array = jax.Array
 
@@ -72,33 +72,20 @@ class ResidualUnit(nn.Module):
         return h + shortcut
 
 
-class ResUNet3D(nn.Module):
+class ResUNet3D(SegmentationNetwork):
     """Residual U-Net on (B, D, H, W, C_in) returning logits (B, D, H, W, num_classes).
 
     Training returns the per-decoder-level logits coarse to fine at the input size (one with
     `deep_supervision=False`); evaluation returns the finest map alone.
     """
 
-    features: Sequence[int] = (16, 32, 64, 128, 256)
-    num_classes: int = 2
-    deep_supervision: bool = True
     activation: str = ACTIVATION
-    layers: Layers = Layers()
-
-    @property
-    def deploy(self) -> bool:
-        """Returns whether this is the re-parameterised (deploy) form."""
-        return self.layers.deploy
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array | tuple[Array, ...]:
-        if x.ndim != 5:
-            raise ValueError(f"expected input (B, D, H, W, C), got shape {x.shape}")
+        x, out_shape = self.checked_input(x)
         levels = len(self.features)
-        check_patch_shape(x.shape[1:4], levels)
         act = activation_fn(self.activation)
-        out_shape = x.shape[:4]
-        x = x.astype(self.layers.dtype)
 
         skips = []
         for s in range(levels - 1):

@@ -48,7 +48,7 @@ import ml_collections
 
 from livseg_jax.models import names
 from livseg_jax.models.layers import ConvBN, Layers
-from livseg_jax.models.unet import check_patch_shape, deep_supervision_heads
+from livseg_jax.models.unet import SegmentationNetwork, deep_supervision_heads
 
 Array = jax.Array
 
@@ -136,29 +136,16 @@ class Attention(nn.Module):
         return PreActConv(c, 1, self.layers, name="gate")(s, train) * x
 
 
-class ResUNetPP3D(nn.Module):
+class ResUNetPP3D(SegmentationNetwork):
     """ResUNet++ on (B, D, H, W, C_in) returning logits (B, D, H, W, num_classes); see the module doc."""
 
-    features: Sequence[int] = (16, 32, 64, 128, 256)
-    num_classes: int = 2
-    deep_supervision: bool = True
-    layers: Layers = Layers()
-
-    @property
-    def deploy(self) -> bool:
-        """Returns whether this is the re-parameterised (deploy) form."""
-        return self.layers.deploy
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array | tuple[Array, ...]:
-        if x.ndim != 5:
-            raise ValueError(f"expected input (B, D, H, W, C), got shape {x.shape}")
         f = tuple(self.features)
         if len(f) < 3:
             raise ValueError(f"ResUNet++ needs at least 3 widths (stem, one encoder unit, bridge), got {f}")
-        check_patch_shape(x.shape[1:4], len(f) - 1)  # len(f) - 2 down-samplings
-        out_shape = x.shape[:4]
-        x = x.astype(self.layers.dtype)
+        x, out_shape = self.checked_input(x, len(f) - 1)  # len(f) - 2 down-samplings
 
         skips = []
         for s in range(len(f) - 1):

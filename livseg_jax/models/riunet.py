@@ -37,7 +37,7 @@ import ml_collections
 
 from livseg_jax.models import names
 from livseg_jax.models.layers import ConvBN, Layers, activation_fn
-from livseg_jax.models.unet import check_patch_shape, deep_supervision_heads
+from livseg_jax.models.unet import SegmentationNetwork, deep_supervision_heads
 
 Array = jax.Array
 
@@ -91,29 +91,16 @@ class ResInceptionBlock(nn.Module):
         return self.act(y + shortcut)
 
 
-class RIUNet(nn.Module):
+class RIUNet(SegmentationNetwork):
     """RIU-Net on (B, D, H, W, C_in) -> logits (B, D, H, W, num_classes); heads as `UNet3D`'s."""
 
-    features: Sequence[int] = (16, 32, 64, 128, 256)
-    num_classes: int = 2
     activation: str = ACTIVATION
-    deep_supervision: bool = True
-    layers: Layers = Layers()
-
-    @property
-    def deploy(self) -> bool:
-        """Returns whether this is the re-parameterised (deploy) form."""
-        return self.layers.deploy
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array | tuple[Array, ...]:
-        if x.ndim != 5:
-            raise ValueError(f"expected input (B, D, H, W, C), got shape {x.shape}")
+        x, out_shape = self.checked_input(x)
         levels = len(self.features)
-        check_patch_shape(x.shape[1:4], levels)
         act = activation_fn(self.activation)
-        out_shape = x.shape[:4]
-        x = x.astype(self.layers.dtype)
 
         skips = []
         for s in range(levels - 1):

@@ -57,22 +57,12 @@ def deep_supervision_heads(decoded: Sequence[Array], out_shape: Sequence[int], n
     return tuple(logits) if train else logits[-1]
 
 
-class UNet3D(nn.Module):
-    """U-Net on (B, D, H, W, C_in) returning logits (B, D, H, W, num_classes).
-
-    Training (`train=True`) returns a tuple of per-decoder-stage logit maps ordered coarse to
-    fine, each resized (trilinear, half-pixel centres) to the input size; evaluation returns only
-    the finest map. With `deep_supervision=False` training returns a 1-tuple.
-    """
+class SegmentationNetwork(nn.Module):
+    """What every network shares (the protocol in `models/build.py`): its common fields, the deploy
+    flag and the checked input. Networks subclass it and add their own fields."""
 
     features: Sequence[int] = (16, 32, 64, 128, 256)
     num_classes: int = 2
-    block: str = "elanres"  # "double" or "elanres"
-    msca_stages: Sequence[int] = (1, 2, 3, 4)
-    msca_mode: str = "2d"
-    activation: str = "silu"
-    n_rep: int = 2
-    dropout: float = 0.0
     deep_supervision: bool = True
     layers: Layers = Layers()  # dtype, computation forms, training or deploy form
 
@@ -80,6 +70,30 @@ class UNet3D(nn.Module):
     def deploy(self) -> bool:
         """Returns whether this is the re-parameterised (deploy) form."""
         return self.layers.deploy
+
+    def checked_input(self, x: Array, levels: int | None = None) -> tuple[Array, tuple[int, ...]]:
+        """Returns (x in the compute dtype, its (B, D, H, W)) after checking that x is (B, D, H, W, C)
+        and that its patch passes the down-samplings of `levels` levels (default: one per width)."""
+        if x.ndim != 5:
+            raise ValueError(f"expected input (B, D, H, W, C), got shape {x.shape}")
+        check_patch_shape(x.shape[1:4], len(self.features) if levels is None else levels)
+        return x.astype(self.layers.dtype), tuple(x.shape[:4])
+
+
+class UNet3D(SegmentationNetwork):
+    """U-Net on (B, D, H, W, C_in) returning logits (B, D, H, W, num_classes).
+
+    Training (`train=True`) returns a tuple of per-decoder-stage logit maps ordered coarse to
+    fine, each resized (trilinear, half-pixel centres) to the input size; evaluation returns only
+    the finest map. With `deep_supervision=False` training returns a 1-tuple.
+    """
+
+    block: str = "elanres"  # "double" or "elanres"
+    msca_stages: Sequence[int] = (1, 2, 3, 4)
+    msca_mode: str = "2d"
+    activation: str = "silu"
+    n_rep: int = 2
+    dropout: float = 0.0
 
     def _block(self, features: int, name: str) -> nn.Module:
         act = activation_fn(self.activation)
@@ -96,13 +110,9 @@ class UNet3D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array | tuple[Array, ...]:
-        if x.ndim != 5:
-            raise ValueError(f"expected input (B, D, H, W, C), got shape {x.shape}")
+        x, out_shape = self.checked_input(x)
         levels = len(self.features)
-        check_patch_shape(x.shape[1:4], levels)
         act = activation_fn(self.activation)
-        out_shape = x.shape[:4]
-        x = x.astype(self.layers.dtype)
 
         skips = []
         for s in range(levels - 1):

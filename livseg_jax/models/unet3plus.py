@@ -40,7 +40,7 @@ import ml_collections
 from livseg_jax.models import names
 from livseg_jax.models.elanres import DoubleConv
 from livseg_jax.models.layers import ConvBN, Layers, activation_fn
-from livseg_jax.models.unet import check_patch_shape
+from livseg_jax.models.unet import SegmentationNetwork
 
 Array = jax.Array
 
@@ -94,7 +94,7 @@ class FullScaleDecoderLevel(nn.Module):
                       name="fuse")(x, train)
 
 
-class UNet3Plus(nn.Module):
+class UNet3Plus(SegmentationNetwork):
     """UNet 3+ on (B, D, H, W, C_in) -> logits (B, D, H, W, num_classes) (see the module doc).
 
     Training returns the L heads (bottleneck, then decoder levels coarse to fine) at the input
@@ -102,26 +102,14 @@ class UNet3Plus(nn.Module):
     """
 
     features: Sequence[int] = (64, 128, 256, 512, 1024)
-    num_classes: int = 2
     cat_channels: int = CAT_CHANNELS
     activation: str = ACTIVATION
-    deep_supervision: bool = True
-    layers: Layers = Layers()
-
-    @property
-    def deploy(self) -> bool:
-        """Returns whether this is the re-parameterised (deploy) form."""
-        return self.layers.deploy
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array | tuple[Array, ...]:
-        if x.ndim != 5:
-            raise ValueError(f"expected input (B, D, H, W, C), got shape {x.shape}")
+        x, out_shape = self.checked_input(x)
         levels = len(self.features)
-        check_patch_shape(x.shape[1:4], levels)
         act = activation_fn(self.activation)
-        out_shape = x.shape[:4]
-        x = x.astype(self.layers.dtype)
 
         encoded = []
         for s in range(levels):
