@@ -146,3 +146,23 @@ def heads_forward(model: nn.Module, decoded: Sequence[torch.Tensor], out_size: t
             y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)
         logits.append(y)
     return tuple(logits) if (model.training or all_heads) else logits[-1]
+
+
+def add_heads(model: nn.Module, head_widths: Sequence[int], num_classes: int, deploy: bool,
+              kernel: tuple[int, int, int] = (1, 1, 1)) -> None:
+    """Adds the `head<i>` convolutions on decoder outputs of `head_widths` channels (coarse to fine)
+    to `model` and sets `model.head_ids`; the deploy form keeps the finest head alone."""
+    n = len(head_widths)
+    model.head_ids = [n - 1] if deploy else list(range(n))
+    for i in model.head_ids:
+        model.add_module(f"{names.HEAD}{i}", nn.Conv3d(head_widths[i], num_classes, kernel,
+                                                       padding=tuple(k // 2 for k in kernel)))
+
+
+def checked_size(x: torch.Tensor, levels: int) -> tuple[int, ...]:
+    """Returns the (D, H, W) of a (B, C, D, H, W) input, refusing one that cannot pass the
+    down-samplings of `levels` levels."""
+    factor = 2 ** (levels - 1)
+    if x.ndim != 5 or any(size % factor for size in x.shape[2:]):
+        raise ValueError(f"expected (B, C, D, H, W) divisible by {factor}, got {tuple(x.shape)}")
+    return tuple(x.shape[2:])

@@ -36,6 +36,7 @@ from livseg_jax.interop.torch_layers import (  # noqa: F401 (re-exported: the tw
     ELANResBlock,
     RepConv3d,
     activation_module,
+    add_heads,
     batch_norm3d,
 )
 from livseg_jax.models import names
@@ -170,11 +171,8 @@ class TorchUNet3D(nn.Module):
         for s in reversed(range(levels - 1)):
             self.add_module(f"{names.UP}{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
             self.add_module(f"dec{s}", make_block(2 * features[s], features[s]))
-        n = levels - 1
-        # head i sits on the i-th decoder output, coarse to fine: dec{n-1-i}.
-        self.head_ids = [n - 1] if deploy else list(range(n))
-        for i in self.head_ids:
-            self.add_module(f"{names.HEAD}{i}", nn.Conv3d(features[n - 1 - i], num_classes, 1))
+        # head i sits on the i-th decoder output, coarse to fine: dec{levels-2-i}.
+        add_heads(self, features[-2::-1], num_classes, deploy)
 
     def _msca(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, f"msca{stage}")(x) if stage in self.msca_stages else x

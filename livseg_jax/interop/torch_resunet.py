@@ -14,7 +14,15 @@ import ml_collections
 import torch
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ChannelAffine, ConvBN, activation_module, batch_norm3d, heads_forward
+from livseg_jax.interop.torch_layers import (
+    ChannelAffine,
+    ConvBN,
+    activation_module,
+    add_heads,
+    batch_norm3d,
+    checked_size,
+    heads_forward,
+)
 from livseg_jax.models import names
 from livseg_jax.models.resunet import ACTIVATION
 
@@ -61,16 +69,11 @@ class TorchResUNet3D(nn.Module):
         for s in reversed(range(levels - 1)):
             self.add_module(f"{names.UP}{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
             self.add_module(f"dec{s}", ResidualUnit(2 * features[s], features[s], deploy=deploy))
-        n = levels - 1
-        self.head_ids = [n - 1] if deploy else list(range(n))
-        for i in self.head_ids:
-            self.add_module(f"{names.HEAD}{i}", nn.Conv3d(features[n - 1 - i], num_classes, 1))
+        # head i sits on the i-th decoder output, coarse to fine: dec{levels-2-i}.
+        add_heads(self, features[-2::-1], num_classes, deploy)
 
     def forward(self, x: torch.Tensor, all_heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        factor = 2 ** (self.levels - 1)
-        if x.ndim != 5 or any(size % factor for size in x.shape[2:]):
-            raise ValueError(f"expected (B, C, D, H, W) divisible by {factor}, got {tuple(x.shape)}")
-        out_size = tuple(x.shape[2:])
+        out_size = checked_size(x, self.levels)
         skips = []
         for s in range(self.levels - 1):
             x = getattr(self, f"enc{s}")(x)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ChannelAffine, ConvBN, batch_norm3d, heads_forward
+from livseg_jax.interop.torch_layers import ChannelAffine, ConvBN, add_heads, batch_norm3d, checked_size, heads_forward
 from livseg_jax.models import names
 from livseg_jax.models.resunet_pp import ASPP_RATES, SE_RATIO
 
@@ -117,15 +117,10 @@ class TorchResUNetPP3D(nn.Module):
         self.aspp_out = ASPP(c, f[0], deploy=deploy)
         n = len(f) - 2
         widths = [f[k + 1] for k in reversed(range(1, n))] + [f[0]]  # head i's input, coarse to fine
-        self.head_ids = [n - 1] if deploy else list(range(n))
-        for i in self.head_ids:
-            self.add_module(f"{names.HEAD}{i}", nn.Conv3d(widths[i], num_classes, 1))
+        add_heads(self, widths, num_classes, deploy)
 
     def forward(self, x: torch.Tensor, all_heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        factor = 2 ** (len(self.features) - 2)
-        if x.ndim != 5 or any(size % factor for size in x.shape[2:]):
-            raise ValueError(f"expected (B, C, D, H, W) divisible by {factor}, got {tuple(x.shape)}")
-        out_size = tuple(x.shape[2:])
+        out_size = checked_size(x, len(self.features) - 1)
         skips = []
         for s in range(len(self.features) - 1):
             x = getattr(self, f"se{s}")(getattr(self, f"enc{s}")(x))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ConvBN, DoubleConv
+from livseg_jax.interop.torch_layers import ConvBN, DoubleConv, add_heads, checked_size
 from livseg_jax.models import names
 from livseg_jax.models.unet3plus import ACTIVATION, CAT_CHANNELS, HEAD_KERNEL
 
@@ -71,16 +71,10 @@ class TorchUNet3Plus(nn.Module):
             widths = list(features[: i + 1]) + [up] * (levels - 2 - i) + [features[-1]]
             self.add_module(f"dec{i}", FullScaleDecoderLevel(i, widths, cat_channels, ACTIVATION, deploy))
         stage_widths = [features[-1]] + [up] * (levels - 1)  # coarse to fine
-        self.head_ids = [levels - 1] if deploy else list(range(levels))
-        for i in self.head_ids:
-            self.add_module(f"{names.HEAD}{i}", nn.Conv3d(stage_widths[i], num_classes, HEAD_KERNEL,
-                                                          padding=tuple(k // 2 for k in HEAD_KERNEL)))
+        add_heads(self, stage_widths, num_classes, deploy, HEAD_KERNEL)
 
     def forward(self, x: torch.Tensor, all_heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        factor = 2 ** (self.levels - 1)
-        if x.ndim != 5 or any(size % factor for size in x.shape[2:]):
-            raise ValueError(f"expected (B, C, D, H, W) divisible by {factor}, got {tuple(x.shape)}")
-        out_size = tuple(x.shape[2:])
+        out_size = checked_size(x, self.levels)
         encoded = []
         for s in range(self.levels):
             if s > 0:
