@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import network_checks as checks
 import numpy as np
 import pytest
 
@@ -133,23 +134,9 @@ from livseg_jax.interop import torch_models as tm  # noqa: E402
 torch.set_num_threads(2)
 
 
-def _assert_heads_close(torch_heads, flax_heads, n):
-    assert len(torch_heads) == len(flax_heads) == n
-    for i, (t, f) in enumerate(zip(torch_heads, flax_heads, strict=True)):
-        max_abs, rel = parity.errors(t, np.asarray(f))
-        assert rel <= TOL, f"head {i}: max |diff| {max_abs:.3g}, relative {rel:.3g}"
-
-
-def test_eval_heads_agree_both_directions():
-    x = _input(4)
-    flax_eval = parity.flax_eval_all_heads(build_model(tiny()))
-    torch_model = parity.randomize_torch_(tm.torch_model_from_config(tiny()), seed=1).eval()
-    variables = mapping.state_dict_to_variables(parity.torch_state_numpy(torch_model), tiny())
-    _assert_heads_close(parity.torch_forward(torch_model, x), flax_eval(variables, x), HEADS)
-
-    state_dict = mapping.variables_to_state_dict(_variables(5), tiny())
-    torch_model = parity.load_torch_state_numpy(tm.torch_model_from_config(tiny()), state_dict).eval()
-    _assert_heads_close(parity.torch_forward(torch_model, x), flax_eval(_variables(5), x), HEADS)
+def test_eval_heads_and_deploy_folds_agree_with_the_torch_twin():
+    # Every head in both directions, and the torch and Flax deploy folds (tests/network_checks.py).
+    checks.check_torch_parity("riunet")
 
 
 @pytest.mark.parametrize("deploy", [False, True])
@@ -162,22 +149,6 @@ def test_round_trip_torch_flax_torch_is_exact(deploy):
     assert list(back) == list(state_dict)
     for key, value in state_dict.items():
         assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
-
-
-def test_deploy_models_agree_across_frameworks():
-    torch_model = parity.randomize_torch_(tm.torch_model_from_config(tiny()), seed=9).eval()
-    variables = mapping.state_dict_to_variables(parity.torch_state_numpy(torch_model), tiny())
-    torch_deploy = tm.reparameterize_torch(torch_model).eval()
-    flax_deploy = reparameterize(variables)
-    exported = mapping.variables_to_state_dict(flax_deploy, tiny())
-    folded = parity.torch_state_numpy(torch_deploy)
-    assert exported.keys() == folded.keys()
-    for key in folded:
-        np.testing.assert_allclose(exported[key], folded[key], rtol=1e-6, atol=1e-7, err_msg=key)
-    x = _input(6)
-    deploy_f = build_model(tiny(), deploy=True).apply(flax_deploy, x, train=False)
-    _assert_heads_close(parity.torch_forward(torch_deploy, x), (deploy_f,), 1)
-    assert parity.errors(parity.torch_forward(torch_model, x)[-1], deploy_f)[1] <= TOL
 
 
 def test_conversion_lists_missing_unexpected_and_mismatched_keys():
