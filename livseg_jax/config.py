@@ -22,6 +22,9 @@ def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
             name=name,
             features=(16, 32, 64, 128, 256),
             num_classes=2,
+            # 3: volumetric network. 2: the axial form (SPEC 1.5, the LiTS thesis): the network runs
+            # on each axial slice, its kernels and poolings never span the slice (depth) axis.
+            spatial_dims=3,
             activation="silu",
             n_rep=2,  # RepConv3d blocks chained inside each ELANResBlock
             msca_stages=(1, 2, 3, 4),  # encoder stages (0-based) + bottleneck (4) that get MSCA
