@@ -60,11 +60,11 @@ class AttentionGate(nn.Module):
         theta = self.layers.conv(self.inter_features, (s, s, s), strides=(s, s, s), padding="VALID",
                                  use_bias=False, kernel_init=conv_init, name="theta")(x)
         phi = self.layers.conv(self.inter_features, (1, 1, 1), name="phi")(g)
-        if theta.shape[1:4] != phi.shape[1:4]:
-            raise ValueError(f"gating grid {phi.shape[1:4]} is not the skip's {x.shape[1:4]} / {s}")
+        if theta.shape[1:-1] != phi.shape[1:-1]:
+            raise ValueError(f"gating grid {phi.shape[1:-1]} is not the skip's {x.shape[1:-1]} / {s}")
         q = self.layers.conv(1, (1, 1, 1), name="psi")(nn.relu(theta + phi))
         alpha = nn.sigmoid(q)
-        alpha = jax.image.resize(alpha, x.shape[:4] + (1,), method="trilinear").astype(x.dtype)
+        alpha = self.layers.resize(alpha, x.shape[1:-1]).astype(x.dtype)
         self.sow("intermediates", "coefficients", alpha)
         return ConvBN(x.shape[-1], (1, 1, 1), layers=self.layers, name="project")(alpha * x, train)
 
@@ -88,7 +88,7 @@ class AttentionUNet3D(SegmentationNetwork):
         for s in range(levels - 1):
             x = DoubleConv(self.features[s], act, self.layers, name=f"enc{s}")(x, train)
             skips.append(x)
-            x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
+            x = self.layers.max_pool(x, 2)
         x = DoubleConv(self.features[-1], act, self.layers, name="bottleneck")(x, train)
         g = ConvBN(self.features[-1], (1, 1, 1), act=act, layers=self.layers, name="gating")(x, train)
 

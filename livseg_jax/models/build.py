@@ -3,11 +3,12 @@
 A network is a Flax module with the `UNet3D` interface: fields `features` (one width per
 resolution level; a patch must divide by 2 ** (len(features) - 1)), `num_classes`,
 `deep_supervision` and `layers` (a `Layers`, which also says whether it is the deploy form);
-`__call__(x (B, D, H, W, C), train)` returns, in training, a tuple of logit maps at the input size
-ordered coarse to fine (one for networks without deep supervision) and, in evaluation, the finest
-map alone. Heads are named `head<i>` and the re-parameterisation folds every `ConvBN` and
-BatchNorm (`models/names.py`), so training, validation, prediction, conversion and the summary
-work for every network of `NETWORKS` alike.
+`__call__(x (B, D, H, W, C), train)` (in the axial form, `model.spatial_dims = 2`, the network
+folds the slices into the batch and runs 2D layers, `models/layers.py`) returns, in training, a
+tuple of logit maps at the input size ordered coarse to fine (one for networks without deep
+supervision) and, in evaluation, the finest map alone. Heads are named `head<i>` and the
+re-parameterisation folds every `ConvBN` and BatchNorm (`models/names.py`), so training,
+validation, prediction, conversion and the summary work for every network of `NETWORKS` alike.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = N
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_config.dtype!r}")
     forms = resolve_forms(model_config, jax.default_backend() if backend is None else backend)
     layers = Layers(dtype=DTYPES[model_config.dtype], deploy=model_config.deploy if deploy is None else deploy,
-                    **forms)
+                    spatial_dims=model_config.get("spatial_dims", 3), **forms)
     return NETWORKS[name](model_config, layers)
 
 
@@ -81,6 +82,8 @@ def init_variables(model: nn.Module, rng: jax.Array, patch_shape: Sequence[int] 
     """
     if patch_shape is None:
         patch_shape = (2 ** (len(model.features) - 1),) * 3
+        if model.layers.axial:
+            patch_shape = (1, *patch_shape[1:])
     x = jnp.zeros((batch, *patch_shape, in_channels), jnp.float32)
     rngs = {"params": rng, "dropout": rng if dropout_rng is None else dropout_rng}
     return jax.jit(model.init, static_argnames="train")(rngs, x, train=not model.layers.deploy)

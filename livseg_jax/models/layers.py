@@ -4,6 +4,11 @@
 makes one and every block takes it as an attribute, so a new computation form is one change here,
 not a flag threaded through every block (as Flax's examples pass `conv = partial(nn.Conv, ...)`).
 
+`Layers.spatial_dims == 2` is the axial form (SPEC 1.5): a network folds the slice (depth) axis of
+its (B, D, H, W, C) input into the batch (`fold`), and every layer it asks for drops the depth axis
+of its 3D kernel, stride, padding or pooling window, so the same network code is a 2D network on
+each axial slice, with 2D kernels (PyTorch's Conv2d layout) and no computation across slices.
+
 Every unit has a training form and a deploy form (`deploy=True`) in which each BatchNorm is folded
 into the convolution before it (see `livseg_jax.models.reparam`). Both forms use the same variable
 names for the convolution, so a deploy tree is the training tree with BatchNorm entries removed.
@@ -93,6 +98,7 @@ class Layers:
     depthwise_impl: str = "conv"  # depthwise convs: "conv" (grouped) or "shift" (fused sums)
     dense_pack_channels: int = 0  # > 0: few-channel 3x3x3 convs on a width-packed view
     deploy: bool = False  # re-parameterised form: BatchNorms folded into the layer before them
+    spatial_dims: int = 3  # 3: volumetric; 2: axial form (per-slice 2D layers, see the module doc)
 
     def __post_init__(self):
         if self.pointwise_impl not in POINTWISE_IMPLS:
@@ -102,6 +108,45 @@ class Layers:
         pack = self.dense_pack_channels
         if not isinstance(pack, int) or isinstance(pack, bool) or pack < 0:
             raise ValueError(f"dense_pack_channels must be an integer >= 0 (0: off), got {pack!r}")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 3 (volumetric) or 2 (axial slices), got {self.spatial_dims!r}")
+
+    @property
+    def axial(self) -> bool:
+        """Returns whether layers are the axial (per-slice 2D) form."""
+        return self.spatial_dims == 2
+
+    def spatial(self, per_axis: Sequence | None) -> tuple | None:
+        """Returns a (D, H, W) kernel, stride or padding as this form's per-axis setting: the axial
+        form drops the depth entry; other lengths (a 2D kernel asked for explicitly) pass as given."""
+        if per_axis is None or isinstance(per_axis, str):
+            return per_axis
+        per_axis = tuple(per_axis)
+        return per_axis[1:] if self.axial and len(per_axis) == 3 else per_axis
+
+    def fold(self, x: Array) -> Array:
+        """Returns a (B, D, H, W, C) input in the network's layout: itself, or (B*D, H, W, C) axially."""
+        return x.reshape((-1, *x.shape[2:])) if self.axial else x
+
+    def unfold(self, y: Array, volume_shape: Sequence[int]) -> Array:
+        """Returns a network-layout output (N, *S, K) as (B, D, H, W, K) for a (B, D, H, W) input."""
+        return y.reshape((*volume_shape[:4], y.shape[-1])) if self.axial else y
+
+    def network_size(self, volume_shape: Sequence[int]) -> tuple[int, ...]:
+        """Returns the spatial size the network sees for a (B, D, H, W) input: (D, H, W) or (H, W)."""
+        return tuple(volume_shape[2:4] if self.axial else volume_shape[1:4])
+
+    def resize(self, x: Array, size: Sequence[int]) -> Array:
+        """Returns channels-last `x` (N, *S, C) resized to spatial `size`: (bi/tri)linear with
+        half-pixel centres, as PyTorch's `interpolate(..., align_corners=False)` up-sampling."""
+        return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), method="linear")
+
+    def max_pool(self, x: Array, factor: int) -> Array:
+        """Returns `x` max-pooled by `factor` along every axis the form pools (VALID windows)."""
+        if factor == 1:
+            return x
+        window = (factor,) * (x.ndim - 2)
+        return nn.max_pool(x, window, strides=window, padding="VALID")
 
     def conv(self, features: int, kernel_size: Sequence[int], *, name: str, use_bias: bool = True,
              strides: Sequence[int] | None = None, padding: str | Sequence[tuple[int, int]] = "SAME",
@@ -112,6 +157,7 @@ class Layers:
         `PackedConv3d` for a stride-1 SAME undilated 3x3x3 kernel when `dense_pack_channels > 0`; else
         `nn.Conv` (`dilation`: its kernel dilation, every axis).
         """
+        kernel_size, strides, padding = self.spatial(kernel_size), self.spatial(strides), self.spatial(padding)
         stride_one = all(s == 1 for s in (strides or ()))
         if self.pointwise_impl == "einsum" and stride_one and all(k == 1 for k in kernel_size):
             return PointwiseConv(features, len(kernel_size), use_bias, kernel_init, self.dtype, jnp.float32,
@@ -126,7 +172,7 @@ class Layers:
 
     def depthwise(self, kernel_size: Sequence[int], *, name: str) -> nn.Module:
         """Returns a depthwise SAME convolution with bias (channels from its input)."""
-        return DepthwiseConv(tuple(kernel_size), self.depthwise_impl, self.dtype, name=name)
+        return DepthwiseConv(self.spatial(kernel_size), self.depthwise_impl, self.dtype, name=name)
 
     def batch_norm(self, train: bool, *, name: str) -> nn.BatchNorm:
         """Returns the project's BatchNorm (running averages in evaluation, float32 statistics)."""
@@ -140,8 +186,8 @@ class Layers:
         return self.batch_norm(train, name=name)
 
     def upsample(self, features: int, *, name: str) -> nn.Module:
-        """Returns the learned 2x up-sampling to `features` channels."""
-        return Upsample2x(features, dtype=self.dtype, name=name)
+        """Returns the learned 2x up-sampling to `features` channels (of every axis the form pools)."""
+        return Upsample2x(features, ndim=self.spatial_dims, dtype=self.dtype, name=name)
 
 
 class ConvBN(nn.Module):
@@ -169,23 +215,25 @@ class ConvBN(nn.Module):
 
 
 def upsample2x_reference(x: Array, kernel: Array, bias: Array) -> Array:
-    """Returns `ConvTranspose3d(kernel_size=2, stride=2)` of (B, D, H, W, I) as (B, 2D, 2H, 2W, O).
+    """Returns `ConvTranspose{2,3}d(kernel_size=2, stride=2)` of (B, *S, I) as (B, *2S, O).
 
-    `kernel` is (2, 2, 2, I, O): output voxel (2d+i, 2h+j, 2w+k) takes x[d, h, w] @ kernel[i, j, k].
+    `kernel` is (2,) * n + (I, O): output voxel (2d+i, 2h+j, 2w+k) takes x[d, h, w] @ kernel[i, j, k].
     With kernel == stride the windows do not overlap, so the transposed convolution is one matrix
     product per voxel followed by a reshape; this avoids `lax.conv_transpose`, whose strided 3D
     backward pass is very slow on GPUs (SPEC 5.1).
     """
-    b, d, h, w, _ = x.shape
-    out = kernel.shape[-1]
-    y = jnp.einsum("bdhwc,ijkco->bdihjwko", x, kernel)
-    return y.reshape(b, 2 * d, 2 * h, 2 * w, out) + bias
+    n = x.ndim - 2
+    grid, offsets = "dhw"[-n:], "ijk"[-n:]
+    interleaved = "".join(g + o for g, o in zip(grid, offsets, strict=True))
+    y = jnp.einsum(f"b{grid}c,{offsets}co->b{interleaved}o", x, kernel)
+    return y.reshape((x.shape[0], *(2 * size for size in x.shape[1:-1]), kernel.shape[-1])) + bias
 
 
 class Upsample2x(nn.Module):
-    """Learned 2x up-sampling equal to PyTorch's `ConvTranspose3d(k=2, s=2)` with bias."""
+    """Learned 2x up-sampling equal to PyTorch's `ConvTranspose{ndim}d(k=2, s=2)` with bias."""
 
     features: int
+    ndim: int = 3
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -195,7 +243,7 @@ class Upsample2x(nn.Module):
         kernel = self.param(
             "kernel",
             nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2),
-            (2, 2, 2, in_features, self.features),
+            (2,) * self.ndim + (in_features, self.features),
             jnp.float32,
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)

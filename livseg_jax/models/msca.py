@@ -55,7 +55,8 @@ class MSCAttention(nn.Module):
 
 
 class MSCABlock(nn.Module):
-    """MSCA block on (B, D, H, W, C), shape preserved; `mode` is "2d" (per axial slice) or "3d"."""
+    """MSCA block on (B, D, H, W, C) (or axial (B*D, H, W, C)), shape preserved; `mode` is "2d"
+    (per axial slice) or "3d"."""
 
     mode: str = "2d"
     mlp_ratio: int = 4
@@ -65,7 +66,10 @@ class MSCABlock(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         if self.mode not in ("2d", "3d"):
             raise ValueError(f"msca_mode must be '2d' or '3d', got {self.mode!r}")
-        b, d, h, w, c = x.shape
+        if x.ndim == 4 and self.mode == "3d":
+            raise ValueError("msca_mode='3d' needs a volumetric network (model.spatial_dims=3); "
+                             "the axial form runs MSCA on slices ('2d')")
+        c = x.shape[-1]
         ndim = 2 if self.mode == "2d" else 3
         pointwise = (1,) * ndim
         ls1 = self.param("layer_scale1", nn.initializers.constant(LAYER_SCALE_INIT), (c,))
@@ -75,8 +79,10 @@ class MSCABlock(nn.Module):
         # BatchNorm statistics are per channel over (B, D, H, W), so normalising before the fold
         # to 2D is the same as after it.
         y = self.layers.norm(train, name=norm1)(x)
-        fold = (lambda t: t.reshape(b * d, h, w, t.shape[-1])) if ndim == 2 else (lambda t: t)
-        unfold = (lambda t: t.reshape(b, d, h, w, t.shape[-1])) if ndim == 2 else (lambda t: t)
+        # A volume (B, D, H, W, C) in "2d" mode runs on its slices; the axial form is already 2D.
+        folds = x.ndim == 5 and ndim == 2
+        fold = (lambda t: t.reshape(-1, *t.shape[2:])) if folds else (lambda t: t)
+        unfold = (lambda t: t.reshape(x.shape[:-1] + t.shape[-1:])) if folds else (lambda t: t)
 
         y = fold(y)
         z = _gelu(self.layers.conv(c, pointwise, name="proj_in")(y))

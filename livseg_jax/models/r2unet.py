@@ -92,7 +92,7 @@ class R2UNet3D(SegmentationNetwork):
         for s in range(levels - 1):
             x = RRCNNBlock(self.features[s], act, self.steps, self.layers, name=f"enc{s}")(x, train)
             skips.append(x)
-            x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
+            x = self.layers.max_pool(x, 2)
         x = RRCNNBlock(self.features[-1], act, self.steps, self.layers, name="bottleneck")(x, train)
 
         decoded = []

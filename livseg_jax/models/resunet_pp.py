@@ -81,7 +81,7 @@ class SqueezeExcite(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = x.shape[-1]
-        s = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+        s = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=True)
         s = nn.relu(self.layers.conv(max(c // self.ratio, 1), (1, 1, 1), use_bias=False, name="squeeze")(s))
         s = nn.sigmoid(self.layers.conv(c, (1, 1, 1), use_bias=False, name="excite")(s))
         return x * s
@@ -131,7 +131,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, g: Array, x: Array, train: bool) -> Array:
         c = x.shape[-1]
-        gp = nn.max_pool(PreActConv(c, 1, self.layers, name="enc")(g, train), (2, 2, 2), strides=(2, 2, 2))
+        gp = self.layers.max_pool(PreActConv(c, 1, self.layers, name="enc")(g, train), 2)
         s = gp + PreActConv(c, 1, self.layers, name="dec")(x, train)
         return PreActConv(c, 1, self.layers, name="gate")(s, train) * x
 

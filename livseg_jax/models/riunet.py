@@ -106,7 +106,7 @@ class RIUNet(SegmentationNetwork):
         for s in range(levels - 1):
             x = ResInceptionBlock(self.features[s], act, self.layers, name=f"enc{s}")(x, train)
             skips.append(x)
-            x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="VALID")
+            x = self.layers.max_pool(x, 2)
         x = ResInceptionBlock(self.features[-1], act, self.layers, name="bottleneck")(x, train)
 
         decoded = []

@@ -27,10 +27,13 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 AXIS_NAMES = ("depth", "height", "width")
 
 
-def check_patch_shape(shape: Sequence[int], num_levels: int) -> None:
-    """Raises ValueError naming the axis when a (D, H, W) shape cannot pass the down-samplings."""
+def check_patch_shape(shape: Sequence[int], num_levels: int, spatial_dims: int = 3) -> None:
+    """Raises ValueError naming the axis when a (D, H, W) shape cannot pass the down-samplings
+    (the axial form, `spatial_dims=2`, never pools the depth axis: any depth passes)."""
     factor = 2 ** (num_levels - 1)
-    for name, size in zip(AXIS_NAMES, shape, strict=True):
+    for axis, (name, size) in enumerate(zip(AXIS_NAMES, shape, strict=True)):
+        if spatial_dims == 2 and axis == 0:
+            continue
         if size % factor:
             raise ValueError(
                 f"patch {name} = {size} is not divisible by {factor} "
@@ -48,12 +51,22 @@ def deep_supervision_heads(decoded: Sequence[Array], out_shape: Sequence[int], n
     """
     n = len(decoded)
     supervised = range(n) if (train and deep_supervision) else [n - 1]
+    heads = [layers.conv(num_classes, (1, 1, 1), name=f"{names.HEAD}{i}")(decoded[i]) for i in supervised]
+    return network_output(heads, out_shape, layers, train)
+
+
+def network_output(heads: Sequence[Array], out_shape: Sequence[int], layers: Layers,
+                   train: bool) -> Array | tuple[Array, ...]:
+    """Returns a network's output from its head logits in the network layout (coarse to fine):
+    each as float32 (B, D, H, W, K), resized to the input's `out_shape` (B, D, H, W); the tuple in
+    training, the finest map in evaluation."""
+    size = layers.network_size(out_shape)
     logits = []
-    for i in supervised:
-        y = layers.conv(num_classes, (1, 1, 1), name=f"{names.HEAD}{i}")(decoded[i]).astype(jnp.float32)
-        if y.shape[1:4] != tuple(out_shape[1:4]):
-            y = jax.image.resize(y, tuple(out_shape) + (num_classes,), method="trilinear")
-        logits.append(y)
+    for y in heads:
+        y = y.astype(jnp.float32)
+        if tuple(y.shape[1:-1]) != size:
+            y = layers.resize(y, size)
+        logits.append(layers.unfold(y, out_shape))
     return tuple(logits) if train else logits[-1]
 
 
@@ -72,12 +85,13 @@ class SegmentationNetwork(nn.Module):
         return self.layers.deploy
 
     def checked_input(self, x: Array, levels: int | None = None) -> tuple[Array, tuple[int, ...]]:
-        """Returns (x in the compute dtype, its (B, D, H, W)) after checking that x is (B, D, H, W, C)
-        and that its patch passes the down-samplings of `levels` levels (default: one per width)."""
+        """Returns (x in the compute dtype and the network layout (`Layers.fold`), its (B, D, H, W))
+        after checking that x is (B, D, H, W, C) and that its patch passes the down-samplings of
+        `levels` levels (default: one per width)."""
         if x.ndim != 5:
             raise ValueError(f"expected input (B, D, H, W, C), got shape {x.shape}")
-        check_patch_shape(x.shape[1:4], len(self.features) if levels is None else levels)
-        return x.astype(self.layers.dtype), tuple(x.shape[:4])
+        check_patch_shape(x.shape[1:4], len(self.features) if levels is None else levels, self.layers.spatial_dims)
+        return self.layers.fold(x.astype(self.layers.dtype)), tuple(x.shape[:4])
 
 
 class UNet3D(SegmentationNetwork):

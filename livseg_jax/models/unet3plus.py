@@ -40,7 +40,7 @@ import ml_collections
 from livseg_jax.models import names
 from livseg_jax.models.elanres import DoubleConv
 from livseg_jax.models.layers import ConvBN, Layers, activation_fn
-from livseg_jax.models.unet import SegmentationNetwork
+from livseg_jax.models.unet import SegmentationNetwork, network_output
 
 Array = jax.Array
 
@@ -50,18 +50,19 @@ HEAD_KERNEL = (3, 3, 3)  # the paper's deep-supervision heads are plain 3x3 conv
 
 
 def max_pool(x: Array, factor: int) -> Array:
-    """Returns the non-overlapping `factor`^3 max pooling of (B, D, H, W, C) (identity for 1)."""
+    """Returns the non-overlapping max pooling by `factor` of every spatial axis of (B, *S, C)
+    (identity for 1): (B, D, H, W, C) in 3D, (B*D, H, W, C) in the axial form."""
     if factor == 1:
         return x
-    return nn.max_pool(x, (factor,) * 3, strides=(factor,) * 3, padding="VALID")
+    window = (factor,) * (x.ndim - 2)
+    return nn.max_pool(x, window, strides=window, padding="VALID")
 
 
 def upsample(x: Array, factor: int) -> Array:
-    """Returns the trilinear (half-pixel centres) up-sampling of (B, D, H, W, C) by `factor`."""
+    """Returns the (bi/tri)linear (half-pixel centres) up-sampling of (B, *S, C) by `factor`."""
     if factor == 1:
         return x
-    b, d, h, w, c = x.shape
-    return jax.image.resize(x, (b, d * factor, h * factor, w * factor, c), method="trilinear")
+    return jax.image.resize(x, (x.shape[0], *(n * factor for n in x.shape[1:-1]), x.shape[-1]), method="linear")
 
 
 class FullScaleDecoderLevel(nn.Module):
@@ -129,14 +130,9 @@ class UNet3Plus(SegmentationNetwork):
 
         n = len(stages)
         supervised = range(n) if (train and self.deep_supervision) else [n - 1]
-        logits = []
-        for i in supervised:
-            head = self.layers.conv(self.num_classes, HEAD_KERNEL, name=f"{names.HEAD}{i}")
-            y = head(stages[i]).astype(jnp.float32)
-            if y.shape[1:4] != tuple(out_shape[1:4]):
-                y = jax.image.resize(y, out_shape + (self.num_classes,), method="trilinear")
-            logits.append(y)
-        return tuple(logits) if train else logits[-1]
+        heads = [self.layers.conv(self.num_classes, HEAD_KERNEL, name=f"{names.HEAD}{i}")(stages[i])
+                 for i in supervised]
+        return network_output(heads, out_shape, self.layers, train)
 
 
 def unet3plus_from_config(model_config: ml_collections.ConfigDict, layers: Layers) -> UNet3Plus:
