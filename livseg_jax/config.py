@@ -53,7 +53,9 @@ def default_cache_root() -> pathlib.Path:
 def base_config() -> ml_collections.ConfigDict:
     """Returns the full default configuration (stage 1, liver, on the built-in synthetic data)."""
     c = ml_collections.ConfigDict()
-    c.stage = "liver"  # "liver" (stage 1, whole volume) or "tumor" (stage 2, liver crop)
+    # "liver" (stage 1, whole volume), "tumor" (stage 2, liver crop) or "joint" (one stage, whole
+    # volume, 3 classes: needs model.num_classes = 3; data/stages.py)
+    c.stage = "liver"
     c.seed = 0
     c.model = model_config()
 

@@ -1,10 +1,12 @@
-"""Two-stage liver / tumour prediction for NIfTI CT volumes.
+"""Liver / tumour prediction for NIfTI CT volumes: two-stage, or one-stage with a joint model.
 
     python -m livseg_jax.predict --liver RUN_DIR --tumor RUN_DIR -i CT.nii.gz|DIR -o OUT
+    python -m livseg_jax.predict --joint RUN_DIR -i CT.nii.gz|DIR -o OUT
 
 RUN_DIR is a run directory: trained (`--which best|latest`) or written by
 `python -m livseg_jax.convert --from-torch`. Without
-`--tumor` only the liver is predicted (labels 0/1).
+`--tumor` only the liver is predicted (labels 0/1). `--joint` takes a one-stage run
+(`configs/joint.py`, 3 classes) instead of `--liver`/`--tumor`; the outputs are the same.
 
 Inputs: one `.nii`/`.nii.gz` file, or a folder: LiTS layout (`volume-N.nii[.gz]`, searched
 recursively; `segmentation-N` files are ignored) or else every `.nii`/`.nii.gz` file directly in
@@ -43,7 +45,7 @@ from livseg_jax.xla_flags import apply_model_xla_flags
 
 
 class CaseProgress:
-    """One tqdm bar per case, counting the sliding windows of both stages (created at the first)."""
+    """One tqdm bar per case, counting the sliding windows of all its stages (created at the first)."""
 
     def __init__(self, case_id: str, enabled: bool):
         self.case_id = case_id
@@ -98,8 +100,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m livseg_jax.predict", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--liver", required=True, help="stage-1 run directory (trained or converted)")
+    p.add_argument("--liver", help="stage-1 run directory (trained or converted)")
     p.add_argument("--tumor", help="stage-2 run directory (omit: liver only)")
+    p.add_argument("--joint", help="one-stage (3-class) run directory, instead of --liver [--tumor]")
     p.add_argument("-i", "--input", required=True, help="CT .nii/.nii.gz file or folder")
     p.add_argument("-o", "--output", required=True, help="output folder (or .nii.gz file for one input)")
     p.add_argument("--which", choices=("best", "latest"), default="best",
@@ -121,19 +124,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def model_flags_error(args: argparse.Namespace) -> str | None:
+    """Returns what is wrong with the combination of --liver, --tumor and --joint, or None."""
+    if args.joint is not None and args.tumor is not None:
+        return "--tumor cannot be used with --joint: a joint model predicts liver and tumour in one stage"
+    if args.joint is not None and args.liver is not None:
+        return "--liver cannot be used with --joint: give --liver [--tumor] (two-stage) or --joint (one-stage)"
+    if args.joint is None and args.liver is None:
+        return "give --liver RUN [--tumor RUN] (two-stage) or --joint RUN (one-stage)"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0 ok, 1 when any case or the set-up failed)."""
     args = parse_args(argv)
     if args.overlap is not None and not 0 <= args.overlap < 1:
         print(f"error: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
         return 1
+    problem = model_flags_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
-        use_stage_xla_flags([args.liver, args.tumor])
+        use_stage_xla_flags([args.liver, args.tumor, args.joint])
         use_compilation_cache(args.compilation_cache, default_cache_root())
         jobs = plan_outputs(find_inputs(args.input), args.output)
         predictor = Predictor.from_checkpoints(
-            args.liver, args.tumor, connectivity=args.connectivity, which=args.which, deploy=args.deploy,
-            mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size)
+            args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
+            deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size)
     except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

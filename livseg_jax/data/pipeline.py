@@ -5,7 +5,8 @@ step k sees exactly the batches an uninterrupted run sees from step k on, whatev
 worker processes. The global batch of step k is examples [k * B, (k + 1) * B); JAX process p of P
 loads the contiguous slice p * B / P ... (p + 1) * B / P of it, so processes get disjoint shards.
 
-What each stage sees (the whole volume or the liver crop) and learns is `data.stages`.
+What each stage sees (the whole volume or the liver crop) and learns is `data.stages`; where its
+foreground patches are centred is `foreground_sample`.
 """
 
 from __future__ import annotations
@@ -67,11 +68,42 @@ def index_case(case: CachedCase, stage: str, liver_margin_mm: float, seed: int =
             raise ValueError(f"{case.source.label}: {what}, cannot crop for the tumour stage")
         start, stop = tuple(b.start for b in box), tuple(b.stop for b in box)
         label = label[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
-    coords = np.argwhere(stage_target(label, stage) > 0).astype(np.int32)
-    if len(coords) > MAX_FOREGROUND_SAMPLES:
-        rng = np.random.default_rng([seed, len(coords)])
-        coords = coords[rng.choice(len(coords), MAX_FOREGROUND_SAMPLES, replace=False)]
-    return StageCase(case.case_id, str(case.image_path), str(case.label_path), start, stop, coords)
+    return StageCase(case.case_id, str(case.image_path), str(case.label_path), start, stop,
+                     foreground_sample(label, stage, seed))
+
+
+def _subsample(coords: np.ndarray, size: int, seed: int) -> np.ndarray:
+    if len(coords) <= size:
+        return coords
+    rng = np.random.default_rng([seed, len(coords)])
+    return coords[rng.choice(len(coords), size, replace=False)]
+
+
+def foreground_sample(label: np.ndarray, stage: str, seed: int = 0) -> np.ndarray:
+    """Returns (N, 3) int32 voxel coordinates to centre foreground patches on, N <= MAX_FOREGROUND_SAMPLES.
+
+    Binary stages: a uniform subsample of the target's foreground. Stage "joint": liver (label 1)
+    and tumour (label 2) in equal numbers, the tumour's drawn with replacement when it has fewer
+    voxels, so a foreground patch is centred on each class present with equal probability (nnU-Net's
+    rule: a random present foreground class, then a random voxel of it). A uniform draw over the
+    liver would centre on tumour about as often as tumour fills the liver, a few percent.
+    """
+    if stage != "joint":
+        coords = np.argwhere(stage_target(label, stage) > 0).astype(np.int32)
+        return _subsample(coords, MAX_FOREGROUND_SAMPLES, seed)
+    present = [c for c in (np.argwhere(label == k).astype(np.int32) for k in (1, 2)) if len(c)]
+    if not present:
+        return np.zeros((0, 3), np.int32)
+    share = MAX_FOREGROUND_SAMPLES // len(present)
+    size = min(share, max(len(c) for c in present))
+    parts = []
+    for k, coords in enumerate(present):
+        if len(coords) >= size:
+            parts.append(_subsample(coords, size, seed + k))
+        else:
+            rng = np.random.default_rng([seed + k, len(coords)])
+            parts.append(coords[rng.choice(len(coords), size, replace=True)])
+    return np.concatenate(parts)
 
 
 def crop_patch(volume: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:

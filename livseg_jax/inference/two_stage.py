@@ -12,6 +12,10 @@ For one CT volume in internal (D, H, W) order and HU:
 4. `restore` maps the 0/1/2 map back onto the original grid (shape, and with the input's geometry
    when written by `Predictor.predict_file`).
 
+One-stage (`stage = "joint"`, `predict_joint_case`): steps 1 and 4 as above; in between one 3-class
+sliding window over the whole preprocessed volume, argmax, and the same liver rule as stage 1:
+only the largest connected component of label >= 1 is kept, with its 1/2 labels as predicted.
+
 `StageModel` bundles one stage's compiled window predictor with its sliding-window settings;
 `load_stage_model` builds it from a run directory (trained: best or latest checkpoint; or written
 by `convert --from-torch`), re-parameterised (deploy form) by default.
@@ -34,12 +38,12 @@ import numpy as np
 from livseg_jax.data import nifti
 from livseg_jax.data.preprocess import PreprocessSettings, preprocess, restore
 from livseg_jax.data.regions import largest_component, paste_into
-from livseg_jax.data.stages import liver_crop_box
+from livseg_jax.data.stages import check_stage, liver_crop_box
 from livseg_jax.inference.sliding_window import num_windows, sliding_window, window_predict_fn
 from livseg_jax.models import build_model, check_patch_shape, reparameterize
 from livseg_jax.run_dir import load_variables
 
-# progress(phase, number of windows) -> callback(windows done); phase is "liver" or "tumor".
+# progress(phase, number of windows) -> callback(windows done); phase is "liver", "tumor" or "joint".
 ProgressFn = Callable[[str, int], Callable[[int], None]]
 # png_writer(path, image (D, H, W) HU, spacing, labels (D, H, W), title): renders an overlay.
 PngWriter = Callable[[pathlib.Path, np.ndarray, Any, np.ndarray, str], Any]
@@ -49,7 +53,7 @@ PngWriter = Callable[[pathlib.Path, np.ndarray, Any, np.ndarray, str], Any]
 class StageModel:
     """One stage's network, its variables on the device, and its sliding-window and preprocessing settings."""
 
-    stage: str  # "liver" or "tumor"
+    stage: str  # "liver", "tumor" or "joint"
     # Jittable (variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K), and its variables.
     window_fn: Callable
     variables: Any
@@ -97,15 +101,19 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
-    """Returns the stage's foreground mask (D, H, W) bool: argmax of blended window probabilities."""
+def stage_labels(model: StageModel, image: np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
+    """Returns the stage's labels (D, H, W) uint8: argmax of blended window probabilities."""
     callback = None
     if progress is not None:
         callback = progress(model.stage, num_windows(image.shape, model.window, model.overlap))
-    labels = sliding_window(image, model.window_fn, model.variables, model.window, model.overlap,
-                            model.batch_size, model.sigma_scale, model.preprocessing.air_value, callback,
-                            output="labels", num_classes=model.num_classes)
-    return labels > 0
+    return sliding_window(image, model.window_fn, model.variables, model.window, model.overlap,
+                          model.batch_size, model.sigma_scale, model.preprocessing.air_value, callback,
+                          output="labels", num_classes=model.num_classes)
+
+
+def stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
+    """Returns the stage's foreground mask (D, H, W) bool: argmax of blended window probabilities > 0."""
+    return stage_labels(model, image, progress) > 0
 
 
 def _box_list(box) -> list[list[int]]:
@@ -124,7 +132,12 @@ def predict_case(
 
     `tumor=None` predicts the liver only (labels 0/1). `connectivity` (1, 2 or 3, as in
     `scipy.ndimage.generate_binary_structure`) defines the liver's largest connected component.
+    A one-stage ("joint") model is refused: `predict_joint_case` predicts with it.
     """
+    for model, role in ((liver, "liver"), (tumor, "tumor")):
+        if model is not None and model.stage == "joint":
+            raise ValueError(f"a one-stage 'joint' model was given as the {role} model; "
+                             "predict with it alone (predict_joint_case, or predict --joint)")
     image_dhw = np.asarray(image_dhw)
     timer, notes = PhaseTimer(), []
     info: dict[str, Any] = {"input_shape": list(image_dhw.shape),
@@ -186,6 +199,48 @@ def predict_case(
     return CaseResult(labels, True, timer.seconds, info, notes)
 
 
+def predict_joint_case(
+    image_dhw: np.ndarray,
+    spacing,
+    joint: StageModel,
+    progress: ProgressFn | None = None,
+    connectivity: int = 1,
+) -> CaseResult:
+    """Returns the one-stage `CaseResult` of a (D, H, W) HU volume: the 3-class argmax of `joint`.
+
+    Only the largest connected component of liver (label >= 1, `connectivity` as in `predict_case`)
+    is kept, with the 1/2 labels predicted inside it: the rule stage 1 applies to the liver and
+    stage 2 to the tumour (kept inside the liver), so one- and two-stage predictions differ by their
+    networks, not their post-processing.
+    """
+    if joint.stage != "joint" or joint.num_classes != 3:
+        raise ValueError(f"predict_joint_case needs a 3-class 'joint' model, got stage {joint.stage!r} "
+                         f"with {joint.num_classes} classes")
+    image_dhw = np.asarray(image_dhw)
+    timer, notes = PhaseTimer(), []
+    info: dict[str, Any] = {"input_shape": list(image_dhw.shape),
+                            "input_spacing": [float(s) for s in spacing]}
+    with timer("preprocess"):
+        image, _, record = preprocess(image_dhw, spacing, joint.preprocessing)
+    info.update(preprocessed_shape=list(record.shape), preprocessed_spacing=list(record.spacing),
+                body_found=record.body_found,
+                joint_windows=num_windows(image.shape, joint.window, joint.overlap))
+    with timer("joint_inference"):
+        raw = stage_labels(joint, image, progress)
+    with timer("joint_postprocess"):
+        liver = largest_component(raw >= 1, connectivity)
+        labels = np.where(liver, raw, 0).astype(np.uint8)
+    info.update(liver_voxels_raw=int(np.count_nonzero(raw >= 1)), liver_voxels=int(liver.sum()),
+                tumor_voxels_raw=int(np.count_nonzero(raw == 2)), tumor_voxels=int(np.count_nonzero(labels == 2)))
+    del raw
+    if not liver.any():
+        notes.append("the joint model found no liver: the label map is all background")
+        return CaseResult(np.zeros(image_dhw.shape, np.uint8), False, timer.seconds, info, notes)
+    with timer("restore"):
+        labels = restore(labels, record)
+    return CaseResult(labels, True, timer.seconds, info, notes)
+
+
 # ------------------------------------------------------------------------------- checkpoints
 
 
@@ -207,8 +262,14 @@ def load_stage_model(
     variables, config = load_variables(path, which)
     stage = str(config.get("stage", ""))
     if expected_stage is not None and stage != expected_stage:
+        hint = "; a one-stage model predicts alone (predict --joint)" if stage == "joint" else ""
         raise ValueError(f"{path}: is a {stage!r} model (config.json stage), but it was given as the "
-                         f"{expected_stage!r} model")
+                         f"{expected_stage!r} model{hint}")
+    if stage:
+        try:
+            check_stage(stage, config.model.num_classes)
+        except ValueError as e:
+            raise ValueError(f"{path}: config.json: {e}") from e
     inf = config.inference
     deploy = bool(inf.deploy) if deploy is None else bool(deploy)
     mirror = bool(inf.mirror_tta) if mirror is None else bool(mirror)
@@ -250,26 +311,46 @@ def load_stage_model(
     )
 
 
-class Predictor:
-    """The two loaded stage models and file-level prediction of one case (read, predict, write)."""
+def _check_roles(liver: Any, tumor: Any, joint: Any) -> None:
+    if (liver is None) == (joint is None):
+        raise ValueError("give a liver model (two-stage) or a joint model (one-stage), exactly one of them")
+    if joint is not None and tumor is not None:
+        raise ValueError("a joint (one-stage) model predicts liver and tumour itself: give no tumour model with it")
 
-    def __init__(self, liver: StageModel, tumor: StageModel | None = None, connectivity: int = 1):
+
+class Predictor:
+    """The loaded models (liver [+ tumour], or one joint model) and file-level prediction of one case."""
+
+    def __init__(self, liver: StageModel | None = None, tumor: StageModel | None = None, connectivity: int = 1,
+                 joint: StageModel | None = None):
+        _check_roles(liver, tumor, joint)
         self.liver = liver
         self.tumor = tumor
+        self.joint = joint
         self.connectivity = connectivity
         self.compile_seconds: dict[str, float] = {}
 
     @classmethod
-    def from_checkpoints(cls, liver_path: str | os.PathLike, tumor_path: str | os.PathLike | None = None,
-                         connectivity: int = 1, **options: Any) -> Predictor:
-        """Returns a Predictor loading both stages (`options` as for `load_stage_model`)."""
+    def from_checkpoints(cls, liver_path: str | os.PathLike | None = None,
+                         tumor_path: str | os.PathLike | None = None, connectivity: int = 1,
+                         joint_path: str | os.PathLike | None = None, **options: Any) -> Predictor:
+        """Returns a Predictor loading the two stages or the joint model (`options` as for `load_stage_model`)."""
+        _check_roles(liver_path, tumor_path, joint_path)
+        if joint_path is not None:
+            return cls(connectivity=connectivity, joint=load_stage_model(joint_path, "joint", **options))
         liver = load_stage_model(liver_path, "liver", **options)
         tumor = load_stage_model(tumor_path, "tumor", **options) if tumor_path is not None else None
         return cls(liver, tumor, connectivity)
 
+    def predict_array(self, image_dhw: np.ndarray, spacing, progress: ProgressFn | None = None) -> CaseResult:
+        """Returns the `CaseResult` of a (D, H, W) HU volume: two-stage, or one-stage with a joint model."""
+        if self.joint is not None:
+            return predict_joint_case(image_dhw, spacing, self.joint, progress, self.connectivity)
+        return predict_case(image_dhw, spacing, self.liver, self.tumor, progress, self.connectivity)
+
     def warmup(self) -> dict[str, float]:
         """Returns seconds spent compiling each stage's window program (one batch of air windows)."""
-        for model in (self.liver, self.tumor):
+        for model in (self.liver, self.tumor, self.joint):
             if model is None or model.stage in self.compile_seconds:
                 continue
             start = time.perf_counter()
@@ -278,8 +359,9 @@ class Predictor:
         return dict(self.compile_seconds)
 
     def settings(self) -> dict[str, Any]:
-        """Returns the JSON-serialisable settings of both stages."""
-        return {"liver": self.liver.settings(), "tumor": self.tumor.settings() if self.tumor else None,
+        """Returns the JSON-serialisable settings of the models ({"liver", "tumor", "joint"}, None if absent)."""
+        return {**{role: model.settings() if model is not None else None
+                   for role, model in (("liver", self.liver), ("tumor", self.tumor), ("joint", self.joint))},
                 "largest_component_connectivity": self.connectivity}
 
     def predict_file(self, image_path: str | os.PathLike, output_path: str | os.PathLike,
@@ -298,8 +380,7 @@ class Predictor:
             read_start = time.perf_counter()
             image, geometry = nifti.read_image(image_path)
             read_s = time.perf_counter() - read_start
-            result = predict_case(image, geometry.spacing, self.liver, self.tumor, progress,
-                                  self.connectivity)
+            result = self.predict_array(image, geometry.spacing, progress)
         for w in caught:  # show them as usual, and keep them in the record
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         write_start = time.perf_counter()

@@ -22,7 +22,7 @@ from livseg_jax.data.cache import build_cache
 from livseg_jax.data.layouts import discover
 from livseg_jax.data.preprocess import PreprocessSettings
 from livseg_jax.data.regions import largest_component
-from livseg_jax.data.stages import stage_target
+from livseg_jax.data.stages import check_stage, stage_target
 from livseg_jax.data.synthetic import write_synthetic_dataset
 from livseg_jax.inference.sliding_window import sliding_window, window_predict_fn
 from livseg_jax.metrics import overlap_metrics
@@ -96,7 +96,13 @@ def stage1_liver_masks(config: ml_collections.ConfigDict, cached) -> list[np.nda
 
 
 def validate(model, variables, cases: Sequence[pipeline.StageCase], config, predict_fn) -> dict[str, float]:
-    """Returns {"dice", "dice_<case>"...}: foreground Dice of full-volume sliding-window predictions."""
+    """Returns the validation scores of full-volume sliding-window predictions, "dice" the criterion.
+
+    Binary stages: {"dice", "dice_<case>"...}, the foreground Dice. Stage "joint": liver (label >= 1)
+    and tumour (label 2) Dice per case ("dice_liver_<case>", "dice_tumor_<case>"), their means over
+    cases ("dice_liver", "dice_tumor"), and "dice" = the mean of those two, so the best checkpoint
+    weighs both structures equally (the two-stage pair is judged on each structure separately).
+    """
     scores = {}
     window = tuple(config.inference.window) or tuple(config.data.patch_size)
     for case in cases:
@@ -107,8 +113,17 @@ def validate(model, variables, cases: Sequence[pipeline.StageCase], config, pred
                                 PreprocessSettings.from_config(config.preprocess).air_value,
                                 num_classes=config.model.num_classes)
         # Both masks empty counts as Dice 1 (docs/metrics.md).
-        scores[f"dice_{case.case_id}"] = overlap_metrics(labels > 0, target > 0)["dice"]
-    scores["dice"] = float(np.mean(list(scores.values())))
+        if config.stage == "joint":
+            scores[f"dice_liver_{case.case_id}"] = overlap_metrics(labels >= 1, target >= 1)["dice"]
+            scores[f"dice_tumor_{case.case_id}"] = overlap_metrics(labels == 2, target == 2)["dice"]
+        else:
+            scores[f"dice_{case.case_id}"] = overlap_metrics(labels > 0, target > 0)["dice"]
+    if config.stage == "joint":
+        for structure in ("liver", "tumor"):
+            scores[f"dice_{structure}"] = float(np.mean([scores[f"dice_{structure}_{c.case_id}"] for c in cases]))
+        scores["dice"] = (scores["dice_liver"] + scores["dice_tumor"]) / 2
+    else:
+        scores["dice"] = float(np.mean(list(scores.values())))
     return scores
 
 
@@ -157,6 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
     """Trains (resuming from `workdir` if it holds checkpoints) and returns a summary dict."""
     workdir = pathlib.Path(workdir)
+    check_stage(config.stage, config.model.num_classes)
     check_patch_shape(tuple(config.data.patch_size), len(config.model.features))
     mesh = make_mesh(devices)
     check_global_batch(config.data.batch_size, mesh)
@@ -229,7 +245,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 scores = validate(model, state.variables, val_cases, config, predict_fn)
                 writer.write(done, "val", {**scores, "epoch": epoch})
                 summary["last_dice"] = scores["dice"]
-                bar.write(f"epoch {epoch}: validation Dice {scores['dice']:.4f}")
+                per_class = ""
+                if config.stage == "joint":
+                    per_class = f" (liver {scores['dice_liver']:.4f}, tumour {scores['dice_tumor']:.4f})"
+                bar.write(f"epoch {epoch}: validation Dice {scores['dice']:.4f}{per_class}")
                 if scores["dice"] > summary["best_dice"]:
                     summary["best_dice"] = scores["dice"]
                     ckpt.save_best(done, state, scores["dice"])
