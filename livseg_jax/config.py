@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
             synthetic=ml_collections.ConfigDict(
                 dict(num_cases=10, shape=(160, 160, 64), spacing=(1.5, 1.5, 3.0), seed=1234)
             ),
-            patch_size=(32, 96, 96),  # (D, H, W): each must divide by 16
+            patch_size=(32, 96, 96),  # (D, H, W): each must divide by 16 (axial form: D any, e.g. 1)
             batch_size=2,  # global batch, split over all devices
             foreground_fraction=0.5,  # patches centred on a foreground voxel
             num_workers=0,  # grain worker processes (0: in the main process)

@@ -279,7 +279,7 @@ def load_stage_model(
     if len(window) != 3:
         raise ValueError(f"{path}: window must be 3 sizes (D, H, W), got {window}")
     try:
-        check_patch_shape(window, len(config.model.features))
+        check_patch_shape(window, len(config.model.features), config.model.get("spatial_dims", 3))
     except ValueError as e:
         raise ValueError(f"{path}: inference window {window}: {e}") from e
     if batch_size < 1:

@@ -43,16 +43,18 @@ def fold_conv_bn(params: Tree, stats: Tree, eps: float = BN_EPSILON) -> tuple[np
 
 
 def fold_repconv(params: Tree, stats: Tree, eps: float = BN_EPSILON) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (kernel (3,3,3,C,C), bias (C,)) of a RepConv3d's three branches summed."""
+    """Returns (kernel (3,3,3,C,C), or (3,3,C,C) in the axial form, bias (C,)) of a RepConv3d's
+    three branches summed."""
     k3, b3 = fold_conv_bn(params[names.REP_DENSE], stats[names.REP_DENSE], eps)
     k1, b1 = fold_conv_bn(params[names.REP_POINT], stats[names.REP_POINT], eps)
     kernel = k3.copy()
-    kernel[1, 1, 1] += k1[0, 0, 0]
+    centre = (1,) * (kernel.ndim - 2)
+    kernel[centre] += k1.reshape(k1.shape[-2:])
     bias = b3 + b1
     if names.REP_IDENTITY in params:
         scale, shift = _bn_affine(params[names.REP_IDENTITY], stats[names.REP_IDENTITY], eps)
         channels = np.arange(scale.shape[0])
-        kernel[1, 1, 1, channels, channels] += scale
+        kernel[(*centre, channels, channels)] += scale
         bias = bias + shift
     return kernel, bias
 

@@ -173,7 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Trains (resuming from `workdir` if it holds checkpoints) and returns a summary dict."""
     workdir = pathlib.Path(workdir)
     check_stage(config.stage, config.model.num_classes)
-    check_patch_shape(tuple(config.data.patch_size), len(config.model.features))
+    check_patch_shape(tuple(config.data.patch_size), len(config.model.features),
+                      config.model.get("spatial_dims", 3))
     mesh = make_mesh(devices)
     check_global_batch(config.data.batch_size, mesh)
     is_chief = jax.process_index() == 0
