@@ -54,6 +54,7 @@ RECORD_VERSION = 1  # records gained fields with defaults since: older ones stil
 
 
 SPACING_MODES = ("fixed_factor", "target", "median")
+NUMBER_KEYS = ("body_threshold_hu", "inplane_factor", "target_slice_spacing", "hu_min", "hu_max", "hu_scale")
 # Settings added with spacing-aware preprocessing. With "fixed_factor" they can only hold their
 # defaults, and the cache key leaves them out: caches made before them keep their folders.
 SPACING_KEYS = ("spacing_mode", "target_spacing", "image_interpolation", "label_interpolation")
@@ -85,16 +86,17 @@ class PreprocessSettings:
         factor = self.inplane_factor
         if isinstance(factor, bool) or not float(factor).is_integer() or factor < 1:
             raise ValueError(f"inplane_factor must be >= 1, got {factor}")
-        for field in dataclasses.fields(self)[:6]:  # plain Python numbers: equal settings hash equally
-            kind = int if field.name == "inplane_factor" else float
-            object.__setattr__(self, field.name, kind(getattr(self, field.name)))
+        for name in NUMBER_KEYS:  # plain Python numbers: equal settings hash equally
+            kind = int if name == "inplane_factor" else float
+            object.__setattr__(self, name, kind(getattr(self, name)))
         self._check_spacing_settings()
 
     def _check_spacing_settings(self) -> None:
         mode = self.spacing_mode
         if mode not in SPACING_MODES:
             raise ValueError(f"preprocess.spacing_mode must be one of {SPACING_MODES}, got {mode!r}")
-        target = tuple(self.target_spacing)
+        given = self.target_spacing
+        target = tuple(given) if isinstance(given, Sequence) and not isinstance(given, str) else (given,)
         valid = [isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
                  for t in target]
         if len(target) != 3 or not all(valid):
@@ -139,7 +141,7 @@ class PreprocessSettings:
     def from_config(cls, section: Mapping[str, Any]) -> PreprocessSettings:
         """Returns the settings of a `preprocess` config section (other keys are ignored).
 
-        Keys added after the first six may be missing (a run saved before them): their defaults apply.
+        The `SPACING_KEYS` may be missing (a run saved before them): their defaults apply.
         """
         return cls(**{f.name: section[f.name] if f.default is dataclasses.MISSING else section.get(f.name, f.default)
                       for f in dataclasses.fields(cls)})
