@@ -86,8 +86,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.preprocess = ml_collections.ConfigDict(
         dict(
             body_threshold_hu=-500.0,
-            inplane_factor=2,  # paper: x and y halved
-            target_slice_spacing=0.0,  # mm; 0 keeps the slice axis as it is
+            # The grid the network sees (docs/data.md, "Spacing"): "fixed_factor" (the paper's:
+            # in-plane pooled by inplane_factor, slices optionally resampled to target_slice_spacing),
+            # "target" (every case resampled to target_spacing) or "median" (target_spacing set by
+            # training to nnU-Net's median rule over its training cases, written into config.json).
+            spacing_mode="fixed_factor",
+            inplane_factor=2,  # fixed_factor; paper: x and y halved
+            target_slice_spacing=0.0,  # fixed_factor; mm; 0 keeps the slice axis as it is
+            target_spacing=(0.0, 0.0, 0.0),  # target/median: (z, y, x) mm; 0 keeps that axis
+            image_interpolation="linear",  # target/median: "linear" or "cubic"
+            label_interpolation="nearest",  # target/median: "nearest" or "linear_onehot"
             hu_min=-200.0,
             hu_max=200.0,
             hu_scale=200.0,

@@ -6,7 +6,8 @@ scaled), `<case_id>.label.npy` (uint8, when the case has a label) and `<case_id>
 files' path/size/mtime, `PreprocessRecord`, `Geometry`). The JSON is written last, each file via a
 temporary file and a rename, so an entry either is complete or does not exist. An entry is reused
 when its JSON names the same source files with the same size and modification time; new
-preprocessing settings give a new folder, so changing them rebuilds everything.
+preprocessing settings (any of them: grid rule, target spacing, interpolation, window ...) give a
+new folder, so changing them rebuilds everything.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def build_cache(
     if len(set(map(_safe_name, ids))) != len(ids):
         raise ValueError(f"case ids are not unique: {ids}")
     settings = pp.as_settings(settings)
+    settings.check_resolved()  # a "median" spacing is computed by training before the cache is built
     entry_dir = entry_folder(cache_dir, settings)
     entry_dir.mkdir(parents=True, exist_ok=True)
     settings_path = entry_dir / "settings.json"

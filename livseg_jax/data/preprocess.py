@@ -1,27 +1,37 @@
-"""Invertible CT preprocessing (SPEC §4): body crop, slice resampling, in-plane down-sampling, window.
+"""Invertible CT preprocessing (SPEC §4): body crop, resampling to the network's grid, window.
 
-All arrays are internal (D, H, W) = (slice, row, column); spacing is (sz, sy, sx) in mm. The six
+All arrays are internal (D, H, W) = (slice, row, column); spacing is (sz, sy, sx) in mm. The
 settings are owned by the frozen `PreprocessSettings` (equality, air value, cache key). The steps,
 in order, each recorded in a `PreprocessRecord`:
 
 1. Body mask: HU > `body_threshold_hu`, an in-plane opening (detaches thin contacts such as the
    table), the largest 3D connected component, holes filled slice by slice. The volume is cropped
    to the mask's bounding box (the whole volume when nothing is above the threshold).
-2. Slice axis (optional, `target_slice_spacing > 0`): new slice k lies at original slice position
-   k * target / sz (the first slice is kept); image by linear interpolation, labels by nearest.
-3. In-plane down-sampling by `inplane_factor` (the paper halves x and y): rows and columns are
-   padded at the end by edge replication to a multiple of the factor, then the image is
-   average-pooled over factor x factor blocks (so output voxel i covers input voxels
-   [f*i, f*(i+1)) and the spacing is exactly f times larger) and labels take the nested majority
-   (a block is foreground when at least half of it is >= 1, tumour when at least half is 2: ties
-   go to the foreground so small tumours survive).
+2-3. The grid, by `spacing_mode`:
+   - "fixed_factor" (the paper's preset and the default):
+     2. Slice axis (optional, `target_slice_spacing > 0`): new slice k lies at original slice
+        position k * target / sz (the first slice is kept); image by linear interpolation, labels
+        by nearest.
+     3. In-plane down-sampling by `inplane_factor` (the paper halves x and y): rows and columns are
+        padded at the end by edge replication to a multiple of the factor, then the image is
+        average-pooled over factor x factor blocks (so output voxel i covers input voxels
+        [f*i, f*(i+1)) and the spacing is exactly f times larger) and labels take the nested
+        majority (a block is foreground when at least half of it is >= 1, tumour when at least
+        half is 2: ties go to the foreground so small tumours survive).
+   - "target": the crop is resampled to `target_spacing` (z, y, x) mm (0 keeps that axis) over
+     the same field of view (`resample.py`: round(n * s / t) voxels per axis, as nnU-Net; the
+     spacing reached, s * n / round(n * s / t), is recorded); image by `image_interpolation`
+     (linear or cubic), labels by `label_interpolation` (nearest or one-hot linear).
+   - "median": as "target", with `target_spacing` computed by training from its training cases
+     (nnU-Net's median rule, `spacing.py`) and stored in the run's config.json.
 4. Intensities: clip to [hu_min, hu_max], divide by hu_scale.
 
-`restore` inverts the geometry for a label map: each block's label is repeated over its
-f x f voxels (the padding is cut off), the slice axis is mapped back by linear interpolation of the
-nested masks (>= 1, == 2) thresholded at 0.5, and the crop is pasted into a zero volume of the
-original shape. Shapes are restored exactly; labels are restored up to the resolution lost in
-steps 2 and 3 (liver Dice about 0.992 on 3D-IRCADb 1.17 with the default settings).
+`restore` inverts the geometry for a label map. fixed_factor: each block's label is repeated over
+its f x f voxels (the padding is cut off), the slice axis is mapped back by linear interpolation of
+the nested masks (>= 1, == 2) thresholded at 0.5. target / median: the labels are resampled back to
+the crop's shape with the recorded `label_interpolation`. Then the crop is pasted into a zero volume
+of the original shape. Shapes are restored exactly; labels are restored up to the resolution lost
+in steps 2-3 (liver Dice about 0.992 on 3D-IRCADb 1.17 with the default settings).
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,37 +48,103 @@ import numpy as np
 from scipy import ndimage
 
 from livseg_jax.data.regions import Bbox, crop_to_bbox, largest_component_box, paste_into
+from livseg_jax.data.resample import IMAGE_ORDERS, LABEL_METHODS, resample_image, resample_labels, target_shape
 
-RECORD_VERSION = 1
+RECORD_VERSION = 1  # records gained fields with defaults since: older ones still read
+
+
+SPACING_MODES = ("fixed_factor", "target", "median")
+NUMBER_KEYS = ("body_threshold_hu", "inplane_factor", "target_slice_spacing", "hu_min", "hu_max", "hu_scale")
+# Settings added with spacing-aware preprocessing. With "fixed_factor" they can only hold their
+# defaults, and the cache key leaves them out: caches made before them keep their folders.
+SPACING_KEYS = ("spacing_mode", "target_spacing", "image_interpolation", "label_interpolation")
 
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessSettings:
-    """The six settings that define the preprocessed grid and intensities (the `preprocess` section).
+    """The settings that define the preprocessed grid and intensities (the `preprocess` section).
 
     Two stages, a cache and a validation run agree on preprocessing exactly when their settings
-    compare equal; `cache_key` names the cache folder of those settings.
+    compare equal; `cache_key` names the cache folder of those settings. In the "target" and
+    "median" modes the fixed-factor settings are stored neutral (inplane_factor 1,
+    target_slice_spacing 0), so settings that preprocess alike compare equal.
     """
 
     body_threshold_hu: float  # step 1: HU above which a voxel may be body
-    inplane_factor: int  # step 3: rows and columns are pooled over factor x factor blocks
-    target_slice_spacing: float  # step 2: mm; 0 keeps the slices
+    inplane_factor: int  # fixed_factor, step 3: rows and columns are pooled over factor x factor blocks
+    target_slice_spacing: float  # fixed_factor, step 2: mm; 0 keeps the slices
     hu_min: float  # step 4: window [hu_min, hu_max], then divided by hu_scale
     hu_max: float
     hu_scale: float
+    # Keys added with spacing-aware preprocessing; a run saved before them had these values.
+    spacing_mode: str = "fixed_factor"  # "fixed_factor" (paper), "target" or "median"
+    target_spacing: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (z, y, x) mm; 0 keeps that axis
+    image_interpolation: str = "linear"  # target/median: "linear" or "cubic"
+    label_interpolation: str = "nearest"  # target/median: "nearest" or "linear_onehot"
 
     def __post_init__(self) -> None:
         factor = self.inplane_factor
         if isinstance(factor, bool) or not float(factor).is_integer() or factor < 1:
             raise ValueError(f"inplane_factor must be >= 1, got {factor}")
-        for field in dataclasses.fields(self):  # plain Python numbers: equal settings hash equally
-            kind = int if field.name == "inplane_factor" else float
-            object.__setattr__(self, field.name, kind(getattr(self, field.name)))
+        for name in NUMBER_KEYS:  # plain Python numbers: equal settings hash equally
+            kind = int if name == "inplane_factor" else float
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        self._check_spacing_settings()
+
+    def _check_spacing_settings(self) -> None:
+        mode = self.spacing_mode
+        if mode not in SPACING_MODES:
+            raise ValueError(f"preprocess.spacing_mode must be one of {SPACING_MODES}, got {mode!r}")
+        given = self.target_spacing
+        target = tuple(given) if isinstance(given, Sequence) and not isinstance(given, str) else (given,)
+        valid = [isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
+                 for t in target]
+        if len(target) != 3 or not all(valid):
+            raise ValueError(f"preprocess.target_spacing must be 3 numbers (z, y, x) in mm, >= 0, got {target!r}")
+        object.__setattr__(self, "target_spacing", tuple(float(t) for t in target))
+        if self.image_interpolation not in IMAGE_ORDERS:
+            raise ValueError(f"preprocess.image_interpolation must be one of {tuple(IMAGE_ORDERS)}, "
+                             f"got {self.image_interpolation!r}")
+        if self.label_interpolation not in LABEL_METHODS:
+            raise ValueError(f"preprocess.label_interpolation must be one of {LABEL_METHODS}, "
+                             f"got {self.label_interpolation!r}")
+        if mode == "fixed_factor":
+            if any(self.target_spacing):
+                raise ValueError("preprocess.target_spacing is used by spacing_mode 'target' or 'median'; with "
+                                 "spacing_mode 'fixed_factor' leave it (0, 0, 0)")
+            if (self.image_interpolation, self.label_interpolation) != ("linear", "nearest"):
+                raise ValueError("preprocess.image_interpolation / label_interpolation other than 'linear' / "
+                                 "'nearest' need spacing_mode 'target' or 'median' (fixed_factor pools in-plane "
+                                 "and interpolates slices linearly / nearest)")
+            return
+        if self.target_slice_spacing > 0:
+            raise ValueError(f"preprocess.target_slice_spacing belongs to spacing_mode 'fixed_factor'; with "
+                             f"{mode!r} set the slice spacing as target_spacing[0] and leave it 0")
+        object.__setattr__(self, "inplane_factor", 1)
+        if mode == "median" and any(self.target_spacing) and not all(self.target_spacing):
+            raise ValueError(f"preprocess.target_spacing {self.target_spacing}: with spacing_mode 'median' it is "
+                             "(0, 0, 0) until training computes it, then all three spacings")
+
+    @property
+    def resolved(self) -> bool:
+        """Returns whether the grid is defined: always, except "median" before training set target_spacing."""
+        return self.spacing_mode != "median" or all(self.target_spacing)
+
+    def check_resolved(self) -> None:
+        """Raises ValueError when the "median" target spacing has not been computed yet."""
+        if not self.resolved:
+            raise ValueError("preprocess.spacing_mode 'median' has no target_spacing yet: training computes it from "
+                             "its training cases (livseg_jax.data.spacing.resolve_median_spacing) and writes it into "
+                             "the run's config.json; elsewhere set preprocess.target_spacing")
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> PreprocessSettings:
-        """Returns the settings of a `preprocess` config section (other keys are ignored)."""
-        return cls(**{f.name: section[f.name] for f in dataclasses.fields(cls)})
+        """Returns the settings of a `preprocess` config section (other keys are ignored).
+
+        The `SPACING_KEYS` may be missing (a run saved before them): their defaults apply.
+        """
+        return cls(**{f.name: section[f.name] if f.default is dataclasses.MISSING else section.get(f.name, f.default)
+                      for f in dataclasses.fields(cls)})
 
     @property
     def air_value(self) -> float:
@@ -78,8 +156,14 @@ class PreprocessSettings:
         return dataclasses.asdict(self)
 
     def cache_fields(self, cache_version: int) -> dict[str, Any]:
-        """Returns what a cache of these settings is keyed by: the settings and both format versions."""
-        return {**self.to_dict(), "record_version": RECORD_VERSION, "cache_version": cache_version}
+        """Returns what a cache of these settings is keyed by: the settings and both format versions.
+
+        With "fixed_factor" the `SPACING_KEYS` are left out (they hold their defaults there).
+        """
+        fields = self.to_dict()
+        if self.spacing_mode == "fixed_factor":
+            fields = {k: v for k, v in fields.items() if k not in SPACING_KEYS}
+        return {**fields, "record_version": RECORD_VERSION, "cache_version": cache_version}
 
     def cache_key(self, cache_version: int) -> str:
         """Returns a 16-hex-digit hash of `cache_fields` (the cache folder's suffix)."""
@@ -102,15 +186,17 @@ class PreprocessRecord:
     body_found: bool  # False: nothing above the threshold, no crop
     crop_start: tuple[int, int, int]  # bounding box in the original grid, [start, stop)
     crop_stop: tuple[int, int, int]
-    slice_step: float  # 1.0: slices kept; else new slice k sits at original position k * slice_step
+    slice_step: float  # fixed_factor: 1.0 keeps the slices; else new slice k is at original position k * slice_step
     resampled_depth: int  # depth after step 2
-    inplane_factor: int
+    inplane_factor: int  # 1 in the "target" and "median" modes
     inplane_pad: tuple[int, int]  # rows, columns added at the end before pooling
     shape: tuple[int, int, int]  # (D, H, W) after preprocessing
     spacing: tuple[float, float, float]  # (sz, sy, sx) mm after preprocessing
     hu_min: float
     hu_max: float
     hu_scale: float
+    spacing_mode: str = "fixed_factor"  # "fixed_factor": steps 2-3 as above; else the crop resampled to `shape`
+    label_interpolation: str = "nearest"  # how `restore` resamples labels in the "target" and "median" modes
     version: int = RECORD_VERSION
 
     @property
@@ -307,6 +393,35 @@ def window(image: np.ndarray, hu_min: float, hu_max: float, hu_scale: float) -> 
 # ----------------------------------------------------------------------------------- main API
 
 
+def _fixed_factor_grid(image: np.ndarray, label: np.ndarray | None, spacing: tuple[float, ...],
+                       settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Returns (image, label, record fields) after steps 2-3 of the paper preset on the body crop."""
+    target, factor = settings.target_slice_spacing, settings.inplane_factor
+    step = target / spacing[0] if target > 0 and abs(target - spacing[0]) > 1e-3 * spacing[0] else 1.0
+    if step != 1.0:
+        image = resample_slices_image(image, step)
+        label = None if label is None else resample_slices_labels(label, step)
+    resampled_depth = image.shape[0]
+    image, pad = downsample_image_inplane(image, factor)
+    label = None if label is None else downsample_labels_inplane(label, factor)
+    fields = dict(slice_step=float(step), resampled_depth=int(resampled_depth), inplane_factor=factor,
+                  inplane_pad=tuple(int(p) for p in pad),
+                  spacing=(spacing[0] * step, spacing[1] * factor, spacing[2] * factor))
+    return image, label, fields
+
+
+def _target_grid(image: np.ndarray, label: np.ndarray | None, spacing: tuple[float, ...],
+                 settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Returns (image, label, record fields) with the body crop resampled to the target spacing."""
+    crop_shape = image.shape
+    shape = target_shape(crop_shape, spacing, settings.target_spacing)
+    image = resample_image(image, shape, settings.image_interpolation)
+    label = None if label is None else resample_labels(label, shape, settings.label_interpolation)
+    fields = dict(slice_step=1.0, resampled_depth=int(shape[0]), inplane_factor=1, inplane_pad=(0, 0),
+                  spacing=tuple(s * n / m for s, n, m in zip(spacing, crop_shape, shape, strict=True)))
+    return image, label, fields
+
+
 def preprocess(
     image_dhw: np.ndarray,
     spacing: Sequence[float],
@@ -318,13 +433,13 @@ def preprocess(
     `settings` may also be a `preprocess` config section.
     """
     settings = as_settings(settings)
+    settings.check_resolved()
     image_dhw = np.asarray(image_dhw)
     if image_dhw.ndim != 3:
         raise ValueError(f"expected a (D, H, W) image, got shape {image_dhw.shape}")
     if label is not None and label.shape != image_dhw.shape:
         raise ValueError(f"label shape {label.shape} != image shape {image_dhw.shape}")
     spacing = tuple(float(s) for s in spacing)
-    factor = settings.inplane_factor
 
     bbox = body_bbox(image_dhw, settings.body_threshold_hu)
     body_found = bbox is not None
@@ -333,15 +448,8 @@ def preprocess(
     image = crop_to_bbox(image_dhw, bbox)
     lab = None if label is None else crop_to_bbox(label, bbox)
 
-    target = settings.target_slice_spacing
-    step = target / spacing[0] if target > 0 and abs(target - spacing[0]) > 1e-3 * spacing[0] else 1.0
-    if step != 1.0:
-        image = resample_slices_image(image, step)
-        lab = None if lab is None else resample_slices_labels(lab, step)
-    resampled_depth = image.shape[0]
-
-    image, pad = downsample_image_inplane(image, factor)
-    lab = None if lab is None else downsample_labels_inplane(lab, factor)
+    grid = _fixed_factor_grid if settings.spacing_mode == "fixed_factor" else _target_grid
+    image, lab, fields = grid(image, lab, spacing, settings)
     image = window(image, settings.hu_min, settings.hu_max, settings.hu_scale)
 
     record = PreprocessRecord(
@@ -351,15 +459,13 @@ def preprocess(
         body_found=body_found,
         crop_start=tuple(int(b.start) for b in bbox),
         crop_stop=tuple(int(b.stop) for b in bbox),
-        slice_step=float(step),
-        resampled_depth=int(resampled_depth),
-        inplane_factor=factor,
-        inplane_pad=tuple(int(p) for p in pad),
         shape=tuple(int(s) for s in image.shape),
-        spacing=(spacing[0] * step, spacing[1] * factor, spacing[2] * factor),
         hu_min=settings.hu_min,
         hu_max=settings.hu_max,
         hu_scale=settings.hu_scale,
+        spacing_mode=settings.spacing_mode,
+        label_interpolation=settings.label_interpolation,
+        **fields,
     )
     return np.ascontiguousarray(image), None if lab is None else np.ascontiguousarray(lab), record
 
@@ -372,7 +478,10 @@ def restore(labels_dhw: np.ndarray, record: PreprocessRecord | Mapping[str, Any]
         raise ValueError(f"labels shape {labels.shape} != preprocessed shape {tuple(rec.shape)}")
     labels = labels.astype(np.uint8, copy=False)
     depth, height, width = rec.crop_shape
-    labels = upsample_labels_inplane(labels, rec.inplane_factor, (height, width))
-    if rec.slice_step != 1.0:
-        labels = unresample_slices_labels(labels, rec.slice_step, depth)
+    if rec.spacing_mode != "fixed_factor":
+        labels = resample_labels(labels, rec.crop_shape, rec.label_interpolation)
+    else:
+        labels = upsample_labels_inplane(labels, rec.inplane_factor, (height, width))
+        if rec.slice_step != 1.0:
+            labels = unresample_slices_labels(labels, rec.slice_step, depth)
     return paste_into(np.ascontiguousarray(labels), rec.crop_bbox, rec.original_shape, fill=0)

@@ -22,6 +22,7 @@ from livseg_jax.data.cache import build_cache
 from livseg_jax.data.layouts import discover
 from livseg_jax.data.preprocess import PreprocessSettings
 from livseg_jax.data.regions import largest_component
+from livseg_jax.data.spacing import resolve_median_spacing
 from livseg_jax.data.stages import check_stage, stage_target
 from livseg_jax.data.synthetic import write_synthetic_dataset
 from livseg_jax.inference.sliding_window import sliding_window, window_predict_fn
@@ -70,6 +71,10 @@ def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
     if len(cases) <= n_val:
         raise ValueError(
             f"{len(cases)} cases found but data.num_val_cases = {n_val}: nothing left to train on")
+    if config.preprocess.get("spacing_mode") == "median":  # stored in config.json by train_and_evaluate
+        train_images = [c.image for c in cases[: len(cases) - n_val]]
+        config.preprocess.target_spacing = resolve_median_spacing(config.preprocess, train_images)
+        print(f"preprocess.target_spacing = {tuple(config.preprocess.target_spacing)} mm (median rule)")
     cached = build_cache(cases, config.preprocess, cache_root(config) / "preprocessed",
                          num_workers=config.data.num_workers)
     liver_masks = [None] * len(cached)
