@@ -117,16 +117,19 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
 def _latest_step(directory: pathlib.Path) -> int | None:
     if not directory.is_dir():
         return None
-    with ocp.CheckpointManager(directory.absolute()) as mngr:
+    with ocp.CheckpointManager(directory.absolute(), item_handlers=ocp.StandardCheckpointHandler()) as mngr:
         return mngr.latest_step()
 
 
 def _restore_variables(directory: pathlib.Path, step: int) -> dict[str, Any]:
     """Returns the model collections of the checkpoint at `step`, restored onto the host."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.CheckpointManager(directory.absolute()) as mngr:
-        # Restore onto one local device whatever mesh the run was trained on (the saved shardings
-        # name devices that a prediction machine may not have).
+    # The handler must be named for `item_metadata` to describe the arrays (without it orbax returns
+    # no metadata, and the restore falls back to the saved shardings: a "topology mismatch" on any
+    # machine with other devices than the training run's).
+    with ocp.CheckpointManager(directory.absolute(), item_handlers=ocp.StandardCheckpointHandler()) as mngr:
+        # Restore onto one local device whatever mesh, device or process count the run was trained
+        # on (the saved shardings name devices that a prediction machine may not have).
         metadata = mngr.item_metadata(step)
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
         restored = mngr.restore(step, args=ocp.args.StandardRestore(target))

@@ -7,8 +7,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from livseg_jax.compilation_cache import use_compilation_cache
-from livseg_jax.training.distributed import maybe_initialize_distributed
+from livseg_jax.compilation_cache import OFF, use_compilation_cache
+from livseg_jax.training.distributed import maybe_initialize_distributed, process_label
 from livseg_jax.training.loop import cache_root, train_and_evaluate
 from livseg_jax.xla_flags import apply_model_xla_flags
 
@@ -23,13 +23,21 @@ def main(argv) -> None:
     config = _CONFIG.value
     # Before anything starts a backend: the flags the model's forms need, and the user's own.
     apply_model_xla_flags([config.model], config.train.get("xla_flags", ""))
-    use_compilation_cache(config.train.get("compilation_cache", "auto"), cache_root(config))
-    maybe_initialize_distributed()
+    multi_process = maybe_initialize_distributed()
+    cache_setting = config.train.get("compilation_cache", "auto")
+    if multi_process and cache_setting not in OFF:
+        # JAX writes persistent-cache entries from process 0 only, so after a restart process 0
+        # loads its compiled step while the others compile theirs, and the first collective times
+        # out waiting for them (gloo: 30 s). All processes compiling together is the safe choice.
+        print(f"{process_label()}note: the persistent compilation cache is off in multi-process runs "
+              "(docs/training.md, Multi-host)")
+    else:
+        use_compilation_cache(cache_setting, cache_root(config))
     workdir = _WORKDIR.value or os.path.join("runs", config.stage)
     summary = train_and_evaluate(config, workdir)
     best = summary["best_dice"]  # -1 when no validation ran
     dice = f"best validation Dice {best:.4f}" if best >= 0 else "no validation run"
-    print(f"done: step {summary['final_step']}, {dice}; run directory {workdir}")
+    print(f"{process_label()}done: step {summary['final_step']}, {dice}; run directory {workdir}")
 
 
 if __name__ == "__main__":

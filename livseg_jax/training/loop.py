@@ -29,6 +29,7 @@ from livseg_jax.inference.sliding_window import sliding_window, window_predict_f
 from livseg_jax.metrics import overlap_metrics
 from livseg_jax.models import build_model, check_patch_shape
 from livseg_jax.run_dir import METRICS_FILE, PERIODIC, RunCheckpoints, load_config, save_config
+from livseg_jax.training.distributed import chief_first, process_label
 from livseg_jax.training.logging import MetricWriter, plot_curves
 from livseg_jax.training.schedules import make_optimizer
 from livseg_jax.training.state import TrainState, create_train_state
@@ -66,7 +67,7 @@ def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
         raise ValueError(f"data.tumor_crop_source must be 'ground_truth' or 'stage1', got {source!r}")
     if config.stage == "tumor" and source == "stage1" and not config.data.stage1_run:
         raise ValueError("data.tumor_crop_source='stage1' needs data.stage1_run (a liver run or checkpoint)")
-    cases = dataset_cases(config)
+    cases = chief_first("dataset", lambda: dataset_cases(config))
     n_val = int(config.data.num_val_cases)
     if len(cases) <= n_val:
         raise ValueError(
@@ -75,8 +76,8 @@ def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
         train_images = [c.image for c in cases[: len(cases) - n_val]]
         config.preprocess.target_spacing = resolve_median_spacing(config.preprocess, train_images)
         print(f"preprocess.target_spacing = {tuple(config.preprocess.target_spacing)} mm (median rule)")
-    cached = build_cache(cases, config.preprocess, cache_root(config) / "preprocessed",
-                         num_workers=config.data.num_workers)
+    cached = chief_first("cache", lambda: build_cache(cases, config.preprocess, cache_root(config) / "preprocessed",
+                                                      num_workers=config.data.num_workers))
     liver_masks = [None] * len(cached)
     if config.stage == "tumor" and source == "stage1":
         liver_masks = stage1_liver_masks(config, cached)
@@ -200,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                               state_sharding)
         state: TrainState = ckpt.restore(start, target)
-        print(f"resuming from step {start} ({workdir / PERIODIC})")
+        print(f"{process_label()}resuming from step {start} ({workdir / PERIODIC})")
     else:
         state = jax.jit(init, out_shardings=state_sharding)()
 
