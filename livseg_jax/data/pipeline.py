@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from livseg_jax.data.augment_device import device_augment_settings
 from livseg_jax.data.cache import CachedCase
 from livseg_jax.data.stages import liver_crop_box, stage_target
 
@@ -128,6 +129,10 @@ class PatchSampler:
         self.patch = tuple(int(p) for p in data_config.patch_size)
         self.foreground_fraction = float(data_config.foreground_fraction)
         self.augment_config = ml_collections.ConfigDict(data_config.augment.to_dict())
+        # With the device augmentation on, examples are regions larger than the patch, centred on
+        # the patch; the train step transforms and crops them (livseg_jax/data/augment_device.py).
+        device = device_augment_settings(data_config)
+        self.margin = device.margin if device is not None else (0, 0, 0)
         self.seed = int(seed)
         self.background_value = float(background_value)
 
@@ -140,9 +145,11 @@ class PatchSampler:
         else:
             center = np.array([rng.integers(n) for n in shape])
         start = _patch_start(center, self.patch, shape)
+        start = [s - m // 2 for s, m in zip(start, self.margin, strict=True)]
+        size = [p + m for p, m in zip(self.patch, self.margin, strict=True)]
         image, label = case.load()
-        image = crop_patch(image, start, self.patch, self.background_value)
-        target = stage_target(crop_patch(label, start, self.patch, 0), self.stage)
+        image = crop_patch(image, start, size, self.background_value)
+        target = stage_target(crop_patch(label, start, size, 0), self.stage)
         image, target = augment(image, target, rng, self.augment_config)
         return {"image": image[..., None], "label": target.astype(np.int32)}
 
