@@ -341,6 +341,17 @@ def intensity_transforms(image: jax.Array, params: AugmentParams, key: jax.Array
     return jnp.where(params.gamma, adjust_gamma(image, params.gamma_value, False), image)
 
 
+def spatial_transform(image: jax.Array, label: jax.Array, params: AugmentParams, settings: DeviceAugment,
+                      displacement: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Returns the patch (D, H, W, C) image (linear) and (D, H, W) label (nearest) read from a
+    region through the composed grid of `params` (and an elastic `displacement` in voxels)."""
+    coords = list(sampling_grid(params, settings, displacement))
+    # Coordinates past the region read its edge voxel; the derived margin keeps them inside.
+    label = map_coordinates(label, coords, order=0, mode="nearest")
+    channels = [map_coordinates(image[..., c], coords, order=1, mode="nearest") for c in range(image.shape[-1])]
+    return jnp.stack(channels, axis=-1), label
+
+
 def augment_example(key: jax.Array, image: jax.Array, label: jax.Array,
                     settings: DeviceAugment) -> tuple[jax.Array, jax.Array]:
     """Returns one augmented (patch image (D, H, W, C), patch label (D, H, W)) from a region."""
@@ -350,10 +361,8 @@ def augment_example(key: jax.Array, image: jax.Array, label: jax.Array,
     if settings.p_elastic > 0:  # static: no field is computed when elastic deformation is off
         field = elastic_displacement(k_elastic, settings.patch, params.elastic_sigma, params.elastic_magnitude)
         displacement = jnp.where(params.elastic, field, 0.0)
-    coords = list(sampling_grid(params, settings, displacement))
-    # Coordinates past the region read its edge voxel; the derived margin keeps them inside.
-    label = map_coordinates(label, coords, order=0, mode="nearest")
-    channels = [map_coordinates(image[..., c], coords, order=1, mode="nearest") for c in range(image.shape[-1])]
+    image, label = spatial_transform(image, label, params, settings, displacement)
+    channels = [image[..., c] for c in range(image.shape[-1])]
     radius = max(int(math.ceil(BLUR_TRUNCATE * settings.blur_sigma[1])), 1)
     channels = [intensity_transforms(x, params, k_noise, radius, settings.low_res_axes) for x in channels]
     return jnp.stack(channels, axis=-1), label
