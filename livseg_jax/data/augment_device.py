@@ -137,14 +137,12 @@ class DeviceAugment:
 def derived_margin(settings: DeviceAugment) -> tuple[int, int, int]:
     """Returns the even per-axis margin that lets the largest rotation, scaling and elastic
     displacement read only voxels of the region (the patch's corners, transformed, stay inside)."""
-    patch = np.asarray(settings.patch, float)
-    half = (patch - 1) / 2
+    half = (np.asarray(settings.patch, float) - 1) / 2
+    if settings.p_elastic > 0:  # displacements up to magnitude x half the patch on each axis
+        half = half * (1 + settings.elastic_magnitude[1])
     corners = np.array(list(itertools.product(*[(-h, h) for h in half])))  # (8, 3)
     scale = max(settings.scaling[1], 1.0) if settings.p_scaling > 0 else 1.0
     scales = np.where(settings.scaling_axes, scale, 1.0)
-    displacement = 0.0
-    if settings.p_elastic > 0:  # fraction of the half patch, as batchgeneratorsv2 measures it
-        displacement = float(np.linalg.norm(settings.elastic_magnitude[1] * half))
     grids = []
     for limit in settings.rotation_deg if settings.p_rotation > 0 else (0.0, 0.0, 0.0):
         steps = max(int(math.ceil(min(limit, 180.0) / 5.0)), 0)  # extents are smooth: 5-degree steps
@@ -155,7 +153,7 @@ def derived_margin(settings: DeviceAugment) -> tuple[int, int, int]:
         extent = np.maximum(extent, np.abs(points).max(axis=0))
     # Reads clamp to the edge voxel (mode "nearest"), so a coordinate within [0, region - 1] needs
     # no room for the upper neighbour of linear interpolation. 1e-6: float noise of exact extents.
-    extent = extent + displacement * scale - 1e-6
+    extent = extent - 1e-6
     margin = []
     for p, e in zip(settings.patch, extent, strict=True):
         need = int(math.ceil(2 * e + 1)) - p  # region - 1 >= 2 * extent around the centre
