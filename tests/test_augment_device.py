@@ -290,3 +290,10 @@ def test_train_step_augments_with_the_step_key():
     _, later = step(state.replace(step=state.step + 1), batch)
     assert float(first["loss"]) == float(again["loss"])  # same (rng, step): same augmentation
     assert float(first["loss"]) != float(later["loss"])  # another step: another augmentation
+
+
+@pytest.mark.parametrize("bounds", [(0.5, 0.8), (1.2, 1.5)])
+def test_bg_contrast_draws_from_a_one_sided_range_stay_in_it(bounds):
+    draws = jax.vmap(lambda k: aug._bg_contrast(k, bounds))(jax.random.split(jax.random.key(0), 2000))
+    assert bounds[0] <= float(draws.min()) and float(draws.max()) <= bounds[1]
+    assert abs(float(draws.mean()) - np.mean(bounds)) < 0.02

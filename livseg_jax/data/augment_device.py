@@ -151,6 +151,10 @@ def derived_margin(settings: DeviceAugment) -> tuple[int, int, int]:
     for angles in itertools.product(*grids):
         points = (corners * scales) @ rotation_matrix(np.asarray(angles), np).T
         extent = np.maximum(extent, np.abs(points).max(axis=0))
+    # Between samples 5 degrees apart, a coordinate (a cos + b sin) exceeds them by at most
+    # 1 / cos(2.5 degrees); a rotation about one axis moves the other two.
+    turned = [any(len(g) > 1 for a, g in enumerate(grids) if a != d) for d in range(3)]
+    extent = np.where(turned, extent / math.cos(math.radians(2.5)), extent)
     # Reads clamp to the edge voxel (mode "nearest"), so a coordinate within [0, region - 1] needs
     # no room for the upper neighbour of linear interpolation. 1e-6: float noise of exact extents.
     extent = extent - 1e-6
@@ -197,12 +201,13 @@ class AugmentParams(NamedTuple):
 
 
 def _bg_contrast(key, bounds: tuple[float, float]) -> jax.Array:
-    """Returns batchgeneratorsv2's BGContrast draw: half the time U(low, 1), else U(max(low, 1), high)."""
+    """Returns batchgeneratorsv2's BGContrast draw: half the time U(low, 1), else U(max(low, 1), high)
+    (a range on one side of 1 is drawn from uniformly)."""
     low, high = bounds
     k_side, k_value = jax.random.split(key)
     below = jax.random.uniform(k_side) < 0.5
-    if low >= 1:  # no range below 1: always the upper draw
-        below = jnp.array(False)
+    if low >= 1 or high <= 1:  # the range lies on one side of 1
+        below = jnp.array(high <= 1)
     lo = jnp.where(below, low, max(low, 1.0))
     hi = jnp.where(below, min(1.0, high), high)
     return lo + (hi - lo) * jax.random.uniform(k_value)
