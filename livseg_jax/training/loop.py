@@ -159,6 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Trains (resuming from `workdir` if it holds checkpoints) and returns a summary dict."""
     workdir = pathlib.Path(workdir)
     check_patch_shape(tuple(config.data.patch_size), len(config.model.features))
+    augment = device_augment_settings(config.data)  # checked before any work
     mesh = make_mesh(devices)
     check_global_batch(config.data.batch_size, mesh)
     is_chief = jax.process_index() == 0
@@ -193,8 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     dataset = pipeline.make_dataset(sampler, config.data.batch_size, total_steps, start,
                                     jax.process_index(), jax.process_count())
     batches = pipeline.batch_iterator(dataset, config.data.num_workers, config.data.prefetch)
-    step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe,
-                                             device_augment_settings(config.data)), mesh,
+    step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe, augment), mesh,
                              bool(config.train.get("donate_state", True)))
     predict_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), config.inference.mirror_tta)
     in_sharding = batch_sharding(mesh)
