@@ -3,7 +3,9 @@
     python -m experiments.bench_augment [--patch 48,256,256 --batch 2 --steps 20 --tag h200]
     python -m experiments.bench_augment --smoke      # CPU check: tiny network and patch, 2 steps
 
-Modes, each in its own process (so that peak memory is its own):
+The network and its computation forms are the training run's (the paper's elanres_msca_unet,
+float32, forms "auto" with the XLA flags `livseg_jax.train` adds). Modes, each in its own
+process (so that peak memory is its own):
 - `off`: the plain step on patches (what `data.augment.device=False` runs);
 - `device`: the step on regions (patch + the margin derived from nnU-Net's default ranges) with
   the default set (elastic deformation off, as nnU-Net v2);
@@ -66,6 +68,11 @@ def make_batch(batch: int, shape, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 
 def run_case(mode: str, patch, batch: int, steps: int, smoke: bool) -> dict:
     """Times one mode in this process; returns its row."""
+    from livseg_jax.xla_flags import apply_model_xla_flags
+
+    config = make_config(mode, patch, smoke)
+    apply_model_xla_flags([config.model])  # as `livseg_jax.train` does, before JAX starts
+
     import jax
 
     from livseg_jax.data.augment_device import augment_batch, device_augment_settings
@@ -75,7 +82,6 @@ def run_case(mode: str, patch, batch: int, steps: int, smoke: bool) -> dict:
     from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
 
     enable_compilation_cache()
-    config = make_config(mode, patch, smoke)
     settings = device_augment_settings(config.data)
     if mode == "host_crop":
         return host_crop(tuple(patch), device_augment_settings(make_config("device", patch, smoke).data).region,

@@ -100,7 +100,8 @@ def _patch_start(center: np.ndarray, patch: Sequence[int], shape: Sequence[int])
 def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, cfg) -> tuple:
     """Returns (image, target) flipped / rotated in-plane / intensity-jittered at random."""
     if cfg.affine:
-        raise ValueError("data.augment.affine=True is not implemented; set it to False")
+        raise ValueError("data.augment.affine=True is not implemented; set it to False (random rotations "
+                         "and scaling are in the device set: data.augment.device=True)")
     if cfg.flips:
         for axis in range(3):
             if rng.random() < 0.5:
