@@ -45,6 +45,36 @@ def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
     )
 
 
+def device_augment_config() -> ml_collections.ConfigDict:
+    """Returns `data.augment.transforms`: nnU-Net v2's default training augmentation.
+
+    Probabilities and ranges from nnU-Net v2's nnUNetTrainer.get_training_transforms and
+    batchgeneratorsv2 (livseg_jax/data/augment_device.py says where each comes from). A
+    probability `p_*` is per example (nnU-Net's apply_probability x p_per_channel).
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            margin=(),  # voxels added to the patch per axis (even); () derives it from the ranges
+            p_mirror=0.5, mirror_axes=(True, True, True),  # each allowed axis flipped with p_mirror
+            # nnU-Net's rule for anisotropic patches (longest / shortest edge > 3, e.g. 48x256x256):
+            # rotation in-plane only, up to 180 degrees, and scaling in-plane only ("dummy 2D");
+            # for near-isotropic patches it rotates up to 30 degrees about every axis.
+            p_rotation=0.2, rotation_deg=(180.0, 0.0, 0.0),  # max |angle| about the D, H, W axes
+            p_scaling=0.2, scaling=(0.7, 1.4), scaling_axes=(False, True, True),  # > 1: zoom out
+            # nnU-Net v2 turns elastic deformation off (p 0); ranges are batchgeneratorsv2's
+            # defaults, as fractions of the patch (smoothing sigma) and of half the patch (peak).
+            p_elastic=0.0, elastic_scale=(0.0, 0.2), elastic_magnitude=(0.0, 0.2),
+            p_noise=0.1, noise_std=(0.0, 0.1),
+            p_blur=0.1, blur_sigma=(0.5, 1.0),  # 0.2 x p_per_channel 0.5; sigma per axis, voxels
+            p_brightness=0.15, brightness=(0.75, 1.25),  # multiplicative
+            p_contrast=0.15, contrast=(0.75, 1.25),
+            # 0.25 x p_per_channel 0.5; one factor for all axes, the slice axis left as it is
+            p_low_res=0.125, low_res_scale=(0.5, 1.0), low_res_axes=(False, True, True),
+            p_gamma_inverted=0.1, p_gamma=0.3, gamma=(0.7, 1.5),  # statistics kept
+        )
+    )
+
+
 def default_cache_root() -> pathlib.Path:
     """Where caches go when `data.cache_dir` is empty: $LIVSEG_CACHE, else ~/.cache/livseg_jax."""
     return pathlib.Path(os.environ.get("LIVSEG_CACHE", "~/.cache/livseg_jax")).expanduser()
@@ -78,7 +108,15 @@ def base_config() -> ml_collections.ConfigDict:
             tumor_crop_source="ground_truth",  # "ground_truth" or "stage1" predictions
             stage1_run="",  # liver run / checkpoint directory used when tumor_crop_source="stage1"
             augment=ml_collections.ConfigDict(
-                dict(flips=True, rot90=True, intensity_scale=0.1, intensity_shift=0.1, affine=False)
+                dict(
+                    # On the host (NumPy, the paper's set): flips, in-plane 90-degree rotations,
+                    # intensity scale and shift.
+                    flips=True, rot90=True, intensity_scale=0.1, intensity_shift=0.1, affine=False,
+                    # True: nnU-Net's set below, on the accelerator inside the jitted step; the
+                    # host then delivers patch + margin regions (docs/training.md).
+                    device=False,
+                    transforms=device_augment_config(),
+                )
             ),
         )
     )

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from livseg_jax.data.augment_device import device_augment_settings
 from livseg_jax.data.cache import CachedCase
 from livseg_jax.data.stages import liver_crop_box, stage_target
 
@@ -131,7 +132,8 @@ def _patch_start(center: np.ndarray, patch: Sequence[int], shape: Sequence[int])
 def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, cfg) -> tuple:
     """Returns (image, target) flipped / rotated in-plane / intensity-jittered at random."""
     if cfg.affine:
-        raise ValueError("data.augment.affine=True is not implemented; set it to False")
+        raise ValueError("data.augment.affine=True is not implemented; set it to False (random rotations "
+                         "and scaling are in the device set: data.augment.device=True)")
     if cfg.flips:
         for axis in range(3):
             if rng.random() < 0.5:
@@ -160,6 +162,10 @@ class PatchSampler:
         self.patch = tuple(int(p) for p in data_config.patch_size)
         self.foreground_fraction = float(data_config.foreground_fraction)
         self.augment_config = ml_collections.ConfigDict(data_config.augment.to_dict())
+        # With the device augmentation on, examples are regions larger than the patch, centred on
+        # the patch; the train step transforms and crops them (livseg_jax/data/augment_device.py).
+        device = device_augment_settings(data_config)
+        self.margin = device.margin if device is not None else (0, 0, 0)
         self.seed = int(seed)
         self.background_value = float(background_value)
 
@@ -172,9 +178,11 @@ class PatchSampler:
         else:
             center = np.array([rng.integers(n) for n in shape])
         start = _patch_start(center, self.patch, shape)
+        start = [s - m // 2 for s, m in zip(start, self.margin, strict=True)]
+        size = [p + m for p, m in zip(self.patch, self.margin, strict=True)]
         image, label = case.load()
-        image = crop_patch(image, start, self.patch, self.background_value)
-        target = stage_target(crop_patch(label, start, self.patch, 0), self.stage)
+        image = crop_patch(image, start, size, self.background_value)
+        target = stage_target(crop_patch(label, start, size, 0), self.stage)
         image, target = augment(image, target, rng, self.augment_config)
         return {"image": image[..., None], "label": target.astype(np.int32)}
 

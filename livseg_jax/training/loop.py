@@ -18,6 +18,7 @@ import tqdm
 
 from livseg_jax.config import default_cache_root, model_config
 from livseg_jax.data import pipeline
+from livseg_jax.data.augment_device import device_augment_settings
 from livseg_jax.data.cache import build_cache
 from livseg_jax.data.layouts import discover
 from livseg_jax.data.preprocess import PreprocessSettings
@@ -181,6 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     check_stage(config.stage, config.model.num_classes)
     check_patch_shape(tuple(config.data.patch_size), len(config.model.features),
                       config.model.get("spatial_dims", 3))
+    augment = device_augment_settings(config.data)  # checked before any work
     mesh = make_mesh(devices)
     check_global_batch(config.data.batch_size, mesh)
     is_chief = jax.process_index() == 0
@@ -215,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     dataset = pipeline.make_dataset(sampler, config.data.batch_size, total_steps, start,
                                     jax.process_index(), jax.process_count())
     batches = pipeline.batch_iterator(dataset, config.data.num_workers, config.data.prefetch)
-    step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe), mesh,
+    step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe, augment), mesh,
                              bool(config.train.get("donate_state", True)))
     predict_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), config.inference.mirror_tta)
     in_sharding = batch_sharding(mesh)

@@ -18,11 +18,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from livseg_jax import losses
+from livseg_jax.data.augment_device import DeviceAugment, augment_batch
 from livseg_jax.models import UNet3D
 from livseg_jax.training.schedules import current_learning_rate, ds_alpha_schedule
 from livseg_jax.training.state import TrainState
 
 DATA_AXIS = "data"
+# fold_in constant separating the augmentation's stream from dropout's (both from the step's key).
+AUGMENT_STREAM = 0x61756721
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -52,13 +55,22 @@ def check_global_batch(global_batch: int, mesh: Mesh) -> None:
 
 
 def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
-                    loss_config: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
-    """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
+                    loss_config: ml_collections.ConfigDict, steps_per_epoch: int,
+                    augment: DeviceAugment | None = None) -> Callable:
+    """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+
+    With `augment`, the batch holds regions (patch + margin) that the step augments and crops to
+    the patch first, with a key that depends only on (state.rng, state.step): resumes are exact.
+    """
     ds_alpha = ds_alpha_schedule(loss_config, steps_per_epoch)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
         alpha = ds_alpha(state.step)
+        if augment is not None:
+            image, label = augment_batch(jax.random.fold_in(dropout_rng, AUGMENT_STREAM), batch["image"],
+                                         batch["label"], augment)
+            batch = {**batch, "image": image, "label": label}
 
         def loss_fn(params):
             outs, updates = model.apply(
