@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import nibabel as nib
 import numpy as np
 
+from livseg_jax import atomic_write
 from livseg_jax.data.layouts import CaseFiles
 from livseg_jax.data.nifti import PathLike, save_nifti
 
@@ -390,7 +391,5 @@ def write_synthetic_dataset(
     for i, case in enumerate(cases):
         hu, labels = make_phantom(shape, spacing, seed=[int(seed), i])
         write_phantom(hu, labels, spacing, case.image, case.label)
-    tmp = manifest.with_name(".synthetic.json.tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    tmp.replace(manifest)
+    atomic_write.write_json(manifest, settings)
     return cases
