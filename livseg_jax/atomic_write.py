@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 PathLike = str | os.PathLike
-_STARTED = time.time()  # temporaries modified after this may belong to a live writer: never swept
+_STARTED = time.time()  # about this process's start: temporaries modified since are never swept
 # Ours: `.<name>.<origin>-<pid>-<random>.tmp<endings>`; older versions wrote no origin.
 _TEMP_NAME = re.compile(r"^\..+\.(?:(?P<origin>[0-9a-f]{6})-)?(?P<pid>\d+)-[0-9a-f]{8}\.tmp(?:\..*)?$")
 

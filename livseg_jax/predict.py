@@ -106,7 +106,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("-i", "--input", required=True, help="CT .nii/.nii.gz file or folder")
     p.add_argument("-o", "--output", required=True, help="output folder (or .nii.gz file for one input)")
     p.add_argument("--which", choices=("best", "latest"), default="best",
-                   help="checkpoint of a run directory (default: best, else the latest)")
+                   help="checkpoint of a run directory (default: best; the latest when the run has no best)")
     p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: from the config)")
     p.add_argument("--batch-size", type=int, help="windows per network call (default: from the config)")
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
