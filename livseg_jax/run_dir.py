@@ -179,8 +179,10 @@ def meaning_changes(saved: ml_collections.ConfigDict, config: ml_collections.Con
         for part in key.split("."):
             old, new, default = (c.get(part) if c is not None else None for c in (old, new, default))
         old, new, default = _plain(old), _plain(new), _plain(default)
+        # A key added after the run was saved had its default value in that run.
+        if old is None:
+            old = default
         if isinstance(old, dict) and isinstance(new, dict):
-            # A key added after the run was saved had its default value in that run.
             old = {**{k: v for k, v in (default or {}).items() if k in new}, **old}
             if key == "model":
                 old, new = ({k: v for k, v in d.items() if k not in COMPUTE_ONLY_MODEL_KEYS} for d in (old, new))

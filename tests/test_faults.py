@@ -352,3 +352,14 @@ def test_train_refuses_changed_preprocessing_keeping_config_json_and_resumes_aft
     summary = train_and_evaluate(compute, run, devices=devices)
     assert summary["start_step"] == 1 and summary["final_step"] == 2
     assert run_dir.load_config(run).data.batch_size == 1
+
+
+def test_resume_takes_keys_missing_from_an_older_config_json_as_their_defaults(tmp_path):
+    config = _tiny_config()
+    saved = config.to_dict()
+    del saved["preprocess"]["spacing_mode"], saved["data"]["liver_margin_mm"]  # as older versions wrote
+    (tmp_path / run_dir.CONFIG_FILE).write_text(json.dumps(saved, default=list))
+    run_dir.check_resumable(config, tmp_path)
+    config.data.liver_margin_mm = 4.0
+    with pytest.raises(ValueError, match=r"data.liver_margin_mm \(10.0 -> 4.0\)"):
+        run_dir.check_resumable(config, tmp_path)

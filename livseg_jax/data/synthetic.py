@@ -379,6 +379,7 @@ def write_synthetic_dataset(
         CaseFiles(f"volume-{i}", root / f"volume-{i}.nii.gz", root / f"segmentation-{i}.nii.gz")
         for i in range(num_cases)
     ]
+    atomic_write.sweep_stale_temps(root)  # phantoms of a generation that was killed
     manifest = root / "synthetic.json"
     try:
         current = json.loads(manifest.read_text())
