@@ -363,3 +363,33 @@ def test_resume_takes_keys_missing_from_an_older_config_json_as_their_defaults(t
     config.data.liver_margin_mm = 4.0
     with pytest.raises(ValueError, match=r"data.liver_margin_mm \(10.0 -> 4.0\)"):
         run_dir.check_resumable(config, tmp_path)
+
+
+IMPORTER_STALLING_AFTER_THE_LABELS = """
+import pathlib, sys, time
+from livseg_jax.data import ircadb
+real_save = ircadb.save_nifti
+def stall_after_first(img, path, calls=[]):
+    real_save(img, path)
+    calls.append(path)
+    if len(calls) == 1:
+        print(path, flush=True)
+        time.sleep(60)
+ircadb.save_nifti = stall_after_first
+sys.exit(ircadb.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_the_importer_cli_with_no_half_case_and_no_temporary(tmp_path):
+    pytest.importorskip("pydicom")
+    from test_ircadb import _make_patient
+
+    patient = _make_patient(tmp_path / "3Dircadb1.5", zipped=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", IMPORTER_STALLING_AFTER_THE_LABELS, str(patient), str(out)],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    written = pathlib.Path(proc.stdout.readline().strip())
+    assert written.is_file() and written.name.startswith(".segmentation-5.nii.gz."), proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert _listing(out) == []
