@@ -106,7 +106,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("-i", "--input", required=True, help="CT .nii/.nii.gz file or folder")
     p.add_argument("-o", "--output", required=True, help="output folder (or .nii.gz file for one input)")
     p.add_argument("--which", choices=("best", "latest"), default="best",
-                   help="checkpoint of a run directory (default: best, else the latest)")
+                   help="checkpoint of a run directory (default: best; the latest when the run has no best)")
     p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: from the config)")
     p.add_argument("--batch-size", type=int, help="windows per network call (default: from the config)")
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
@@ -138,6 +138,7 @@ def model_flags_error(args: argparse.Namespace) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0 ok, 1 when any case or the set-up failed)."""
     args = parse_args(argv)
+    atomic_write.exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: no temporary files left
     if args.overlap is not None and not 0 <= args.overlap < 1:
         print(f"error: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
         return 1
@@ -149,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_stage_xla_flags([args.liver, args.tumor, args.joint])
         use_compilation_cache(args.compilation_cache, default_cache_root())
         jobs = plan_outputs(find_inputs(args.input), args.output)
+        for folder in sorted({out.parent for _, out in jobs}):
+            atomic_write.sweep_stale_temps(folder)
         predictor = Predictor.from_checkpoints(
             args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
             deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size)
@@ -173,11 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                png_writer=_save_overlay)
             record = {"case_id": case.case_id, **record, "run": run}
             atomic_write.write_json(timings_path, record)
-        except Exception as e:  # noqa: BLE001 - one bad case must not stop the others
+        except BaseException as e:  # noqa: BLE001 - one bad case must not stop the others
             bar.close()
             for partial in (out, png, timings_path):  # leave nothing half-done behind
                 if partial is not None:
                     pathlib.Path(partial).unlink(missing_ok=True)
+            if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: stop after cleaning up
+                raise
             print(f"error: {case.case_id}: {type(e).__name__}: {e}", file=sys.stderr)
             failed += 1
             continue

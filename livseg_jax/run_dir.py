@@ -6,12 +6,14 @@ Every model this package writes or reads is a run directory:
     checkpoints/<step>/  periodic orbax checkpoints: a TrainState for trained runs; for runs
                          written by `convert --from-torch`, step 0 holds {"params"[, "batch_stats"]}
     best/<step>/         the state with the best validation Dice so far (one kept; trained runs)
-    best.json            {"step", "dice"} of that state
+    best.json            {"step", "dice"} of that state: the record of which best/<step> counts
     metrics.jsonl        one JSON object per logged step / validation (trained runs)
 
 orbax writes each checkpoint into a temporary folder and renames it when complete, so a run killed
-during a save keeps its previous checkpoints; `write_variables` builds a whole run directory in a
-temporary folder and renames it into place.
+during a save keeps its previous checkpoints; temporary folders of killed saves are removed when
+training opens the run again. A new best checkpoint is complete, then recorded in best.json,
+before the old one is deleted, so a kill at any moment leaves the recorded best intact.
+`write_variables` builds a whole run directory in a temporary folder and renames it into place.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from livseg_jax import atomic_write
+from livseg_jax.config import base_config
 
 CONFIG_FILE = "config.json"
 PERIODIC = "checkpoints"
@@ -38,10 +41,39 @@ WHICH = ("best", "latest")
 # The variable collections a model needs; a TrainState holds them beside optimiser state.
 VARIABLE_COLLECTIONS = ("params", "batch_stats")
 
+# The config keys (dotted; a section stands for every key in it) that say what a run directory's
+# checkpoints are: the task (stage), the network (its parameter tree, classes, blocks), the grid and
+# intensities it was trained on (preprocess), the patch and stage-2 crop margin prediction takes from
+# config.json, and what continuing the same state needs (the schedule's epoch length, the data
+# order's seed). Resuming under another value would make config.json describe checkpoints it did not
+# produce, so it is refused. Everything else (batch size, workers, epochs, logging and checkpoint
+# frequency, learning rate, loss, XLA flags, inference settings, data location) may change.
+MEANING_KEYS = ("stage", "model", "preprocess", "data.patch_size", "data.liver_margin_mm",
+                "train.steps_per_epoch", "seed")
+# Model keys that choose how the same parameters are computed or regularised, not what they are: a
+# run may resume under another value (e.g. float32 after a bf16 run stopped on a NaN, einsum 1x1s).
+COMPUTE_ONLY_MODEL_KEYS = ("dtype", "depthwise_impl", "pointwise_impl", "dense_pack_channels", "dropout")
+
 
 def _manager(directory: pathlib.Path, keep: int | None = None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    # orbax prunes beyond max_to_keep only after the new checkpoint is complete; the temporary
+    # folders of saves that were killed are removed when a manager opens the folder for writing.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def read_best_record(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """Returns best.json ({"step", "dice"}) of a run directory, or None when there is none."""
+    path = pathlib.Path(workdir) / BEST_RECORD
+    try:
+        record = json.loads(path.read_text())
+        return {"step": int(record["step"]), "dice": float(record["dice"])}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable best-checkpoint record ({type(e).__name__}: {e}); "
+                         "use --which latest, or delete it and best/ to forget the best checkpoint") from e
 
 
 class RunCheckpoints:
@@ -49,8 +81,10 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str | os.PathLike, keep: int):
         self.workdir = pathlib.Path(workdir)
+        atomic_write.sweep_stale_temps(self.workdir)  # config.json, best.json ... of killed runs
         self.periodic = _manager(self.workdir / PERIODIC, keep)
-        self.best = _manager(self.workdir / BEST, 1)
+        # No max_to_keep: save_best deletes the previous best itself, after recording the new one.
+        self.best = _manager(self.workdir / BEST)
 
     def latest_step(self) -> int | None:
         """Returns the newest complete periodic checkpoint's step, or None."""
@@ -62,25 +96,36 @@ class RunCheckpoints:
         self.periodic.wait_until_finished()
 
     def save_best(self, step: int, state: Any, dice: float) -> None:
-        """Replaces the best checkpoint with `state` and records its Dice in best.json."""
-        for old in self.best.all_steps():
-            self.best.delete(old)
+        """Replaces the best checkpoint with `state` and records its Dice in best.json.
+
+        Order: the new checkpoint complete, then best.json naming it, then the old one deleted;
+        a kill in between leaves best.json naming a complete checkpoint.
+        """
+        for stale in (s for s in self.best.all_steps() if s >= step):  # unrecorded, from a killed run
+            self.best.delete(stale)
         self.best.save(step, args=ocp.args.StandardSave(state), force=True)
         self.best.wait_until_finished()
-        atomic_write.write_json(self.workdir / BEST_RECORD, {"step": int(step), "dice": float(dice)})
+        if jax.process_index() == 0:  # every process saves its shards; one writes the shared record
+            atomic_write.write_json(self.workdir / BEST_RECORD, {"step": int(step), "dice": float(dice)})
+        for old in self.best.all_steps():
+            if old != step:
+                self.best.delete(old)
 
     def forget_after(self, step: int) -> None:
-        """Drops a best checkpoint newer than `step` (a resumed run recomputes those epochs)."""
-        path = self.workdir / BEST_RECORD
-        if path.exists() and json.loads(path.read_text())["step"] > step:
-            for old in self.best.all_steps():
+        """Drops best checkpoints newer than `step` (a resumed run recomputes those epochs) and
+        any that best.json does not name (left by a run killed during save_best)."""
+        record = read_best_record(self.workdir)
+        if record is not None and record["step"] > step:
+            (self.workdir / BEST_RECORD).unlink()
+            record = None
+        for old in self.best.all_steps():
+            if record is None or old != record["step"]:
                 self.best.delete(old)
-            path.unlink()
 
     def best_dice(self) -> float:
         """Returns the best validation Dice recorded so far (-1 when none)."""
-        path = self.workdir / BEST_RECORD
-        return float(json.loads(path.read_text())["dice"]) if path.exists() else -1.0
+        record = read_best_record(self.workdir)
+        return -1.0 if record is None else record["dice"]
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """Returns the periodic checkpoint at `step`, laid out like `abstract_state`."""
@@ -114,6 +159,52 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
         raise ValueError(f"{config_path}: invalid JSON ({e})") from e
 
 
+def _plain(value: Any) -> Any:
+    value = value.to_dict() if hasattr(value, "to_dict") else value
+    return json.loads(json.dumps(value, sort_keys=True, default=list))  # tuples -> lists, as in config.json
+
+
+def _differences(key: str, old: Any, new: Any) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new))
+                for d in _differences(f"{key}.{k}", old.get(k, "<absent>"), new.get(k, "<absent>"))]
+    return [] if old == new else [f"{key} ({json.dumps(old)} -> {json.dumps(new)})"]
+
+
+def meaning_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+    """Returns "key (old -> new)" for every MEANING_KEYS value that differs between two configs."""
+    defaults = base_config()
+    changes = []
+    for key in MEANING_KEYS:
+        old, new, default = saved, config, defaults
+        for part in key.split("."):
+            old, new, default = (c.get(part) if c is not None else None for c in (old, new, default))
+        old, new, default = _plain(old), _plain(new), _plain(default)
+        # A key added after the run was saved had its default value in that run.
+        if old is None:
+            old = default
+        if isinstance(old, dict) and isinstance(new, dict):
+            old = {**{k: v for k, v in (default or {}).items() if k in new}, **old}
+            if key == "model":
+                old, new = ({k: v for k, v in d.items() if k not in COMPUTE_ONLY_MODEL_KEYS} for d in (old, new))
+        changes += _differences(key, old, new)
+    return changes
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+    """Raises ValueError naming every MEANING_KEYS change against the run's config.json (none: ok)."""
+    try:
+        saved = load_config(workdir)
+    except FileNotFoundError:
+        return
+    changes = meaning_changes(saved, config)
+    if changes:
+        raise ValueError(
+            f"{workdir}: holds checkpoints of a run with other settings; these differ from its "
+            f"{CONFIG_FILE}: {'; '.join(changes)}. They change what its checkpoints mean: use a new "
+            "--workdir, or the run's own values (compute-only settings may change)")
+
+
 def _latest_step(directory: pathlib.Path) -> int | None:
     if not directory.is_dir():
         return None
@@ -136,21 +227,37 @@ def _restore_variables(directory: pathlib.Path, step: int) -> dict[str, Any]:
     return {k: restored[k] for k in VARIABLE_COLLECTIONS if restored.get(k)}
 
 
+def _complete_steps(directory: pathlib.Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    with ocp.CheckpointManager(directory.absolute()) as mngr:
+        return list(mngr.all_steps())
+
+
 def checkpoint_step(path: str | os.PathLike, which: str = "best") -> tuple[str, int]:
     """Returns (sub-folder, step) of the checkpoint `which` names in a run directory.
 
-    "best" is the best-validation checkpoint, falling back to the newest periodic one when no
-    validation has run (and for converted runs); "latest" is the newest periodic checkpoint.
+    "best" is the checkpoint best.json names, which must be complete (else ValueError: never
+    another one in its place); with no best.json and no best checkpoint (no validation has run,
+    converted runs) the newest periodic one. "latest" is the newest periodic checkpoint.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     path = pathlib.Path(path)
-    candidates = (BEST, PERIODIC) if which == "best" else (PERIODIC,)
-    for sub in candidates:
-        step = _latest_step(path / sub)
-        if step is not None:
-            return sub, step
-    raise FileNotFoundError(f"{path}: no complete checkpoint under {' or '.join(c + '/' for c in candidates)}")
+    if which == "best":
+        record, steps = read_best_record(path), _complete_steps(path / BEST)
+        if record is not None:
+            if record["step"] not in steps:
+                raise ValueError(f"{path / BEST / str(record['step'])}: the best checkpoint that "
+                                 f"{path / BEST_RECORD} names is missing or incomplete; use --which latest")
+            return BEST, record["step"]
+        if steps:
+            raise ValueError(f"{path / BEST}: holds step(s) {steps} but {path / BEST_RECORD} is missing, so "
+                             "which one is best is unknown; use --which latest (resuming training cleans it up)")
+    step = _latest_step(path / PERIODIC)
+    if step is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint under {PERIODIC}/")
+    return PERIODIC, step
 
 
 def load_variables(path: str | os.PathLike, which: str = "best") -> tuple[dict, ml_collections.ConfigDict]:

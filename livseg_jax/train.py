@@ -7,6 +7,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from livseg_jax.atomic_write import exit_on_sigterm
 from livseg_jax.compilation_cache import OFF, use_compilation_cache
 from livseg_jax.training.distributed import maybe_initialize_distributed, process_label
 from livseg_jax.training.loop import cache_root, train_and_evaluate
@@ -20,6 +21,7 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: no temporary files left (atomic_write)
     config = _CONFIG.value
     # Before anything starts a backend: the flags the model's forms need, and the user's own.
     apply_model_xla_flags([config.model], config.train.get("xla_flags", ""))

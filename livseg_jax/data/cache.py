@@ -7,7 +7,8 @@ files' path/size/mtime, `PreprocessRecord`, `Geometry`). The JSON is written las
 temporary file and a rename, so an entry either is complete or does not exist. An entry is reused
 when its JSON names the same source files with the same size and modification time; new
 preprocessing settings (any of them: grid rule, target spacing, interpolation, window ...) give a
-new folder, so changing them rebuilds everything.
+new folder, so changing them rebuilds everything. Temporary files of a build that was killed are
+removed when the next build starts (`atomic_write.sweep_stale_temps`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import tqdm
 
-from livseg_jax.atomic_write import atomic_path
+from livseg_jax.atomic_write import atomic_path, sweep_stale_temps
 from livseg_jax.data import preprocess as pp
 from livseg_jax.data.layouts import CaseFiles
 from livseg_jax.data.nifti import Geometry, PathLike, read_case
@@ -159,6 +160,7 @@ def build_cache(
     settings.check_resolved()  # a "median" spacing is computed by training before the cache is built
     entry_dir = entry_folder(cache_dir, settings)
     entry_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(entry_dir)
     settings_path = entry_dir / "settings.json"
     if not settings_path.exists():
         fields = settings.cache_fields(CACHE_VERSION)

@@ -14,6 +14,10 @@ end of the patient folder's name. Zips are read in place, nothing is extracted.
   case-insensitive; default `livertumor*`, which leaves out cysts and 1.7's `tumor` outside the
   liver). Tumour voxels outside the liver are dropped and counted. What was merged is printed.
 
+Each case is written whole or not at all: both files go to temporary names and are renamed into
+place only when both are complete (segmentation first: a volume never appears without its labels).
+Temporary files of an earlier importer that was killed are removed from DST at start.
+
 pydicom is an optional dependency: `pip install 'livseg_jax[dicom]'`.
 """
 
@@ -33,6 +37,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from livseg_jax import atomic_write
 from livseg_jax.data.cases import natural_key
 from livseg_jax.data.nifti import DataError, PathLike, save_nifti
 
@@ -245,16 +250,16 @@ def import_patient(
 
     affine = image.affine()
     image_path, label_path = dst / f"volume-{case_number}.nii.gz", dst / f"segmentation-{case_number}.nii.gz"
-    for data, path in (
-        (hu.astype(np.int16), image_path),
-        (labels, label_path),
-    ):
-        arr = np.ascontiguousarray(data.transpose(2, 1, 0))  # (slices, rows, cols) -> (cols, rows, slices)
-        img = nib.Nifti1Image(arr, affine)
-        img.header.set_qform(affine, code=1)  # scanner coordinates
-        img.header.set_sform(affine, code=1)
-        img.header.set_xyzt_units("mm")
-        save_nifti(img, path)
+    # Labels renamed first: a kill between the two renames leaves a lone segmentation, which
+    # discovery refuses loudly, never a volume that training would take as unlabelled.
+    with atomic_write.atomic_paths([label_path, image_path]) as temps:
+        for data, tmp in zip((labels, hu.astype(np.int16)), temps, strict=True):
+            arr = np.ascontiguousarray(data.transpose(2, 1, 0))  # (slices, rows, cols) -> (cols, rows, slices)
+            img = nib.Nifti1Image(arr, affine)
+            img.header.set_qform(affine, code=1)  # scanner coordinates
+            img.header.set_sform(affine, code=1)
+            img.header.set_xyzt_units("mm")
+            save_nifti(img, tmp)
     return ImportReport(
         patient=patient,
         image_path=image_path,
@@ -307,6 +312,7 @@ def import_ircadb(
     log: Callable[[str], None] | None = print,
 ) -> list[ImportReport]:
     """Returns one report per patient after converting SRC into the LiTS layout under DST."""
+    atomic_write.sweep_stale_temps(dst)
     reports = []
     for folder, number in find_patients(src):
         report = import_patient(folder, dst, number, tumor_masks, liver_mask)
@@ -336,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--liver-mask", default="liver", help="MASKS_DICOM folder of the liver (default: liver)"
     )
     args = parser.parse_args(argv)
+    atomic_write.exit_on_sigterm()
     try:
         import_ircadb(args.src, args.dst, args.tumor_masks, args.liver_mask)
     except (DataError, ImportError) as e:

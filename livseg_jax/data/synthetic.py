@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import nibabel as nib
 import numpy as np
 
+from livseg_jax import atomic_write
 from livseg_jax.data.layouts import CaseFiles
 from livseg_jax.data.nifti import PathLike, save_nifti
 
@@ -378,6 +379,7 @@ def write_synthetic_dataset(
         CaseFiles(f"volume-{i}", root / f"volume-{i}.nii.gz", root / f"segmentation-{i}.nii.gz")
         for i in range(num_cases)
     ]
+    atomic_write.sweep_stale_temps(root)  # phantoms of a generation that was killed
     manifest = root / "synthetic.json"
     try:
         current = json.loads(manifest.read_text())
@@ -390,7 +392,5 @@ def write_synthetic_dataset(
     for i, case in enumerate(cases):
         hu, labels = make_phantom(shape, spacing, seed=[int(seed), i])
         write_phantom(hu, labels, spacing, case.image, case.label)
-    tmp = manifest.with_name(".synthetic.json.tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    tmp.replace(manifest)
+    atomic_write.write_json(manifest, settings)
     return cases

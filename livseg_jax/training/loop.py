@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from livseg_jax.config import default_cache_root, model_config
+from livseg_jax.config import default_cache_root
 from livseg_jax.data import pipeline
 from livseg_jax.data.augment_device import device_augment_settings
 from livseg_jax.data.cache import build_cache
@@ -29,7 +29,7 @@ from livseg_jax.data.synthetic import write_synthetic_dataset
 from livseg_jax.inference.sliding_window import sliding_window, window_predict_fn
 from livseg_jax.metrics import overlap_metrics
 from livseg_jax.models import build_model, check_patch_shape
-from livseg_jax.run_dir import METRICS_FILE, PERIODIC, RunCheckpoints, load_config, save_config
+from livseg_jax.run_dir import METRICS_FILE, PERIODIC, RunCheckpoints, check_resumable, save_config
 from livseg_jax.training.distributed import chief_first, process_label
 from livseg_jax.training.logging import MetricWriter, plot_curves
 from livseg_jax.training.schedules import make_optimizer
@@ -132,36 +132,6 @@ def validate(model, variables, cases: Sequence[pipeline.StageCase], config, pred
     else:
         scores["dice"] = float(np.mean(list(scores.values())))
     return scores
-
-
-RESUME_KEYS = ("stage", "model", "data.patch_size", "train.steps_per_epoch", "seed")
-# Model keys that choose how the same parameters are computed, not what they are: a run may
-# resume under another value (e.g. float32 after a bf16 run stopped on a NaN, or einsum 1x1 convs).
-IMPLEMENTATION_KEYS = ("dtype", "depthwise_impl", "pointwise_impl", "dense_pack_channels")
-
-
-def check_resumable(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Raises ValueError when a workdir's checkpoints were made with settings that change the state."""
-    try:
-        saved = load_config(workdir)
-    except FileNotFoundError:
-        return
-    differ = []
-    for key in RESUME_KEYS:
-        a, b = saved, config
-        for part in key.split("."):
-            a, b = a.get(part), b.get(part)
-        a = a.to_dict() if hasattr(a, "to_dict") else a
-        b = b.to_dict() if hasattr(b, "to_dict") else b
-        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
-            # A model key added after the run was saved had its default value in that run.
-            a = {**{k: v for k, v in model_config().to_dict().items() if k in b and k not in a}, **a}
-            a, b = ({k: v for k, v in d.items() if k not in IMPLEMENTATION_KEYS} for d in (a, b))
-        if json.dumps(a, sort_keys=True, default=list) != json.dumps(b, sort_keys=True, default=list):
-            differ.append(key)
-    if differ:
-        raise ValueError(f"{workdir}: holds checkpoints of a run with other settings ({', '.join(differ)} "
-                         "differ from its config.json); use a new --workdir or the same config")
 
 
 def _check_finite(pending: list[tuple[int, dict]], ckpt: RunCheckpoints, workdir: pathlib.Path) -> list:
