@@ -9,12 +9,15 @@ RUN_DIR is a run directory: trained (`--which best|latest`) or written by
 (`configs/joint.py`, 3 classes) instead of `--liver`/`--tumor`; the outputs are the same.
 
 Inputs: one `.nii`/`.nii.gz` file, or a folder: LiTS layout (`volume-N.nii[.gz]`, searched
-recursively; `segmentation-N` files are ignored) or else every `.nii`/`.nii.gz` file directly in
-it. Outputs, per case, next to each other in OUT (a folder; for a single input OUT may also be a
+recursively; `segmentation-N` files are ignored) or else every `.nii`/`.nii.gz` file directly in it.
+Outputs, per case, next to each other in OUT (a folder; for a single input OUT may also be a
 `.nii.gz` file name): the label map `segmentation-N.nii.gz` for `volume-N`, else `<name>_seg.nii.gz`
-(uint8 0/1/2, the input's affine and header); `<label map name>_timings.json` with the seconds
-spent in each phase; with `--png`, `<label map name>.png` overlays. Files are written atomically:
-a failed or interrupted case leaves nothing behind. Exit status 1 when any case failed.
+(uint8 0/1/2, the input's affine and header); `<label map name>_timings.json` with the seconds spent
+in each phase and the input's anomalies (`input_warnings`: zero pixdim, qform/sform disagreement,
+... each naming the file, also printed); with `--png`, `<label map name>.png` overlays. Files are
+written atomically: a failed or interrupted case leaves nothing behind. Exit status 1 when any case
+failed; the output location is checked before the models load. Bad inputs end in one `error:` line
+naming the file (`livseg_jax.cli_errors`; `--debug` keeps the traceback).
 
 XLA flags: those the stages' computation forms need (`livseg_jax.xla_flags`; on GPUs
 `--xla_gpu_force_conv_nhwc=true`) are added to `XLA_FLAGS` before JAX starts; a flag already set
@@ -28,17 +31,19 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import jax
 import tqdm
 
 from livseg_jax import atomic_write
+from livseg_jax.cli_errors import CliError, check_output_dir, check_output_file, expected_errors, report, run_main
 from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
-from livseg_jax.data.cases import sidecar_path
+from livseg_jax.data.cases import NIFTI_ENDINGS, sidecar_path
 from livseg_jax.data.layouts import find_inputs, plan_outputs
-from livseg_jax.data.nifti import DataError
+from livseg_jax.data.nifti import HUWarning, InputWarning
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
 from livseg_jax.xla_flags import apply_model_xla_flags
@@ -135,26 +140,46 @@ def model_flags_error(args: argparse.Namespace) -> str | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0 ok, 1 when any case or the set-up failed)."""
+def check_outputs(jobs: Sequence[tuple[object, pathlib.Path]], output: str | os.PathLike) -> None:
+    """Raises CliError naming the output when a label map's folder cannot be written (nothing is created)."""
+    output = pathlib.Path(output)
+    if output.name.endswith(NIFTI_ENDINGS):
+        check_output_file(output)
+    for folder in sorted({out.parent for _, out in jobs}):
+        check_output_dir(folder)
+
+
+def predict_case(predictor: Predictor, image: pathlib.Path, out: pathlib.Path, **kwargs) -> tuple[dict, list[str]]:
+    """Returns (record, input warnings) of one case; input warnings (`nifti.InputWarning`, each
+    naming the file) are printed and returned, other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, record = predictor.predict_file(image, out, **kwargs)
+    notes = []
+    for w in caught:
+        if issubclass(w.category, InputWarning | HUWarning):
+            notes.append(str(w.message))
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return record, notes
+
+
+def _run(argv: list[str]) -> int:
+    """Runs the CLI; returns the exit status (0 ok, 1 when any case failed)."""
     args = parse_args(argv)
     if args.overlap is not None and not 0 <= args.overlap < 1:
-        print(f"error: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
-        return 1
+        raise CliError("--overlap", f"must be in [0, 1), got {args.overlap}")
     problem = model_flags_error(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    try:
-        use_stage_xla_flags([args.liver, args.tumor, args.joint])
-        use_compilation_cache(args.compilation_cache, default_cache_root())
-        jobs = plan_outputs(find_inputs(args.input), args.output)
-        predictor = Predictor.from_checkpoints(
-            args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
-            deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size)
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CliError(None, problem)
+    jobs = plan_outputs(find_inputs(args.input), args.output)
+    check_outputs(jobs, args.output)  # before the models are loaded and compiled
+    use_stage_xla_flags([args.liver, args.tumor, args.joint])
+    use_compilation_cache(args.compilation_cache, default_cache_root())
+    predictor = Predictor.from_checkpoints(
+        args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
+        deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size)
     compile_s = predictor.warmup()
     run = {"compile_s": {k: round(v, 3) for k, v in compile_s.items()}, "settings": predictor.settings(),
            "platform": jax.devices()[0].platform, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -169,16 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         png = sidecar_path(out, ".png") if args.png else None
         bar = CaseProgress(case.case_id, not args.no_progress)
         try:
-            _, record = predictor.predict_file(case.image, out, progress=bar, png_path=png,
-                                               png_writer=_save_overlay)
-            record = {"case_id": case.case_id, **record, "run": run}
+            record, notes = predict_case(predictor, case.image, out, progress=bar, png_path=png,
+                                         png_writer=_save_overlay)
+            record = {"case_id": case.case_id, **record, "input_warnings": notes, "run": run}
             atomic_write.write_json(timings_path, record)
         except Exception as e:  # noqa: BLE001 - one bad case must not stop the others
             bar.close()
             for partial in (out, png, timings_path):  # leave nothing half-done behind
                 if partial is not None:
                     pathlib.Path(partial).unlink(missing_ok=True)
-            print(f"error: {case.case_id}: {type(e).__name__}: {e}", file=sys.stderr)
+            if isinstance(e, expected_errors()):
+                report(e)
+            else:  # a bug: its type helps
+                print(f"error: {case.case_id}: {type(e).__name__}: {e}", file=sys.stderr)
             failed += 1
             continue
         bar.close()
@@ -189,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"{failed} of {len(jobs)} case(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (0 ok, 1 when any case or the set-up failed)."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":
