@@ -71,8 +71,9 @@ def _run(argv: list[str]) -> int:
     from ml_collections import config_flags
 
     fv = flags.FlagValues()  # not absl's global FLAGS: main() can run more than once in a process
+    full_argv = ["convert", *argv]  # config_flags reads its overrides from here, not from sys.argv
     config_flag = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/liver.py[:variant]",
-                                                  flag_values=fv)
+                                                  flag_values=fv, sys_argv=full_argv)
     from_flag = flags.DEFINE_string("from-torch", None, "PyTorch weights (.pt, .pth, .safetensors)",
                                     flag_values=fv)
     to_flag = flags.DEFINE_string("to-torch", None, "run directory to export (trained or converted)",
@@ -87,7 +88,7 @@ def _run(argv: list[str]) -> int:
     if {"-h", "--help", "--helpfull"} & set(argv):
         print(__doc__ + "\n" + fv.get_help())
         return 0
-    extra = parse_absl_flags(fv, ["convert", *argv])[1:]
+    extra = parse_absl_flags(fv, full_argv)[1:]
     if extra:
         raise CliError(None, f"unexpected arguments {extra}", "see --help")
     if bool(from_flag.value) == bool(to_flag.value):

@@ -78,13 +78,15 @@ def _run(argv: list[str]) -> int:
     from ml_collections import config_flags
 
     fv = flags.FlagValues()  # not absl's global FLAGS: main() can run more than once in a process
-    config_flag = config_flags.DEFINE_config_file("config", "configs/liver.py", "config file", flag_values=fv)
+    full_argv = ["summary", *argv]  # config_flags reads its overrides from here, not from sys.argv
+    config_flag = config_flags.DEFINE_config_file("config", "configs/liver.py", "config file",
+                                                  flag_values=fv, sys_argv=full_argv)
     patch_flag = flags.DEFINE_string("patch", "", "D,H,W (default: the config's patch_size)", flag_values=fv)
     batch_flag = flags.DEFINE_integer("batch", 1, "batch size", lower_bound=1, flag_values=fv)
     if {"-h", "--help", "--helpfull"} & set(argv):
         print(__doc__ + "\n" + fv.get_help())
         return 0
-    extra = parse_absl_flags(fv, ["summary", *argv])[1:]
+    extra = parse_absl_flags(fv, full_argv)[1:]
     if extra:
         raise CliError(None, f"unexpected arguments {extra}", "see --help")
     config = config_flag.value
