@@ -90,7 +90,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "preprocess.label_interpolation": _choice(LABEL_METHODS),
     "loss.name": _choice(LOSS_NAMES),
     "optim.learning_rate": _positive_number,
-    "train.num_epochs": _int_at_least(1),
+    "train.num_epochs": _int_at_least(0),  # 0: set up the run directory only
     "train.steps_per_epoch": _int_at_least(1),
     "train.keep_checkpoints": _int_at_least(1),
     "inference.overlap": _number_in(0.0, 1.0, high_open=True),
