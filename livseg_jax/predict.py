@@ -13,11 +13,12 @@ recursively; `segmentation-N` files are ignored) or else every `.nii`/`.nii.gz` 
 Outputs, per case, next to each other in OUT (a folder; for a single input OUT may also be a
 `.nii.gz` file name): the label map `segmentation-N.nii.gz` for `volume-N`, else `<name>_seg.nii.gz`
 (uint8 0/1/2, the input's affine and header); `<label map name>_timings.json` with the seconds spent
-in each phase and the input's anomalies (`input_warnings`: zero pixdim, qform/sform disagreement,
-... each naming the file, also printed); with `--png`, `<label map name>.png` overlays. Files are
-written atomically: a failed or interrupted case leaves nothing behind. Exit status 1 when any case
-failed; the output location is checked before the models load. Bad inputs end in one `error:` line
-naming the file (`livseg_jax.cli_errors`; `--debug` keeps the traceback).
+in each phase and the warnings of reading the input (`warnings`: HU range, header anomalies such as
+a qform/sform disagreement, each naming the file, also printed); with `--png`, `<label map
+name>.png` overlays. Files are written atomically: a failed or interrupted case leaves nothing
+behind. Exit status 1 when any case failed; the output location is checked before the models load.
+Bad inputs end in one `error:` line naming the file (`livseg_jax.cli_errors`; `--debug` keeps the
+traceback).
 
 XLA flags: those the stages' computation forms need (`livseg_jax.xla_flags`; on GPUs
 `--xla_gpu_force_conv_nhwc=true`) are added to `XLA_FLAGS` before JAX starts; a flag already set
@@ -31,7 +32,6 @@ import os
 import pathlib
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 
 import jax
@@ -43,7 +43,6 @@ from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
 from livseg_jax.data.cases import NIFTI_ENDINGS, sidecar_path
 from livseg_jax.data.layouts import find_inputs, plan_outputs
-from livseg_jax.data.nifti import HUWarning, InputWarning
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
 from livseg_jax.xla_flags import apply_model_xla_flags
@@ -149,22 +148,6 @@ def check_outputs(jobs: Sequence[tuple[object, pathlib.Path]], output: str | os.
         check_output_dir(folder)
 
 
-def predict_case(predictor: Predictor, image: pathlib.Path, out: pathlib.Path, **kwargs) -> tuple[dict, list[str]]:
-    """Returns (record, input warnings) of one case; input warnings (`nifti.InputWarning`, each
-    naming the file) are printed and returned, other warnings pass through."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _, record = predictor.predict_file(image, out, **kwargs)
-    notes = []
-    for w in caught:
-        if issubclass(w.category, InputWarning | HUWarning):
-            notes.append(str(w.message))
-            print(f"warning: {w.message}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return record, notes
-
-
 def _run(argv: list[str]) -> int:
     """Runs the CLI; returns the exit status (0 ok, 1 when any case failed)."""
     args = parse_args(argv)
@@ -194,9 +177,9 @@ def _run(argv: list[str]) -> int:
         png = sidecar_path(out, ".png") if args.png else None
         bar = CaseProgress(case.case_id, not args.no_progress)
         try:
-            record, notes = predict_case(predictor, case.image, out, progress=bar, png_path=png,
-                                         png_writer=_save_overlay)
-            record = {"case_id": case.case_id, **record, "input_warnings": notes, "run": run}
+            _, record = predictor.predict_file(case.image, out, progress=bar, png_path=png,
+                                               png_writer=_save_overlay)
+            record = {"case_id": case.case_id, **record, "run": run}
             atomic_write.write_json(timings_path, record)
         except Exception as e:  # noqa: BLE001 - one bad case must not stop the others
             bar.close()

@@ -826,5 +826,5 @@ def test_predict_records_anomalies_and_isolates_a_refused_case(shared, tmp_path,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["segmentation-1.nii.gz",
                                                                     "segmentation-1_timings.json"]
     record = json.loads((tmp_path / "out" / "segmentation-1_timings.json").read_text())
-    assert any("volume-1.nii.gz" in n and "qform and sform disagree" in n for n in record["input_warnings"])
+    assert any("volume-1.nii.gz" in n and "qform and sform disagree" in n for n in record["warnings"])
     assert "warning:" in err and "qform" in err

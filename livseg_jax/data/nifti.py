@@ -287,7 +287,8 @@ def read_voxels(img: nib.spatialimages.SpatialImage, path: PathLike, dtype: Any)
     """Returns the voxel array (scaled, cast to `dtype`) or raises DataError for truncated data."""
     try:
         if dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
-            data = img.get_fdata(dtype=dtype, caching="unchanged")
+            with np.errstate(over="ignore"):  # check_float32_range names the file instead
+                data = img.get_fdata(dtype=dtype, caching="unchanged")
         else:
             data = np.asanyarray(img.dataobj)
     except Exception as e:  # EOFError, zlib.error, OSError, ValueError from short reads
