@@ -140,6 +140,10 @@ def _override_of(argv: Sequence[str], leaf: str) -> str | None:
 
 def flag_error(e: BaseException, argv: Sequence[str]) -> CliError:
     """Returns the CliError for a failure while parsing absl / ml_collections config flags."""
+    from absl import flags
+
+    if isinstance(e, flags.UnrecognizedFlagError):
+        return CliError(f"--{e.flagname}", "unknown flag", "see --help")
     if isinstance(e, AttributeError | KeyError):  # config_flags: an override names no existing key
         inner = e.args[0] if e.args else e
         leaf = str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner).strip("'\"")
@@ -226,8 +230,12 @@ def _existing_ancestor(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: float) -> str:
+    """Returns a byte count for people: 512 bytes, 3.1 MiB, 2.0 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def _check_writable_folder(folder: pathlib.Path, shown: pathlib.Path, need_bytes: int) -> None:
@@ -242,7 +250,7 @@ def _check_writable_folder(folder: pathlib.Path, shown: pathlib.Path, need_bytes
     if need_bytes > 0:
         free = shutil.disk_usage(folder).free
         if free < need_bytes:
-            raise CliError(shown, f"needs about {_mib(need_bytes)} but only {_mib(free)} is free",
+            raise CliError(shown, f"needs about {_size(need_bytes)} but only {_size(free)} is free",
                            _ERRNO_HINTS[errno.ENOSPC])
 
 

@@ -575,7 +575,8 @@ def config_file_missing(w):
 
 @case("convert")
 def unknown_flag(w):
-    return Spec(_from_torch(w.good["weights"], w.tmp / "run", "--frobnicate"), ["frobnicate"], w.tmp / "run")
+    return Spec(_from_torch(w.good["weights"], w.tmp / "run", "--frobnicate"), ["--frobnicate", "unknown flag"],
+                w.tmp / "run")
 
 
 @case("convert")
@@ -765,6 +766,16 @@ def test_os_errors_name_the_file_and_hint():
                      "hint: free some space or choose an output on another disk"]
     lines = cli_errors.error_lines(ValueError("/a/b: first\n  detail one\n  detail two"))
     assert lines == ["error: /a/b: first", "  detail one", "  detail two"]
+    lines = cli_errors.error_lines(cli_errors.CliError("--x", "bad", "do y"))
+    assert lines == ["error: --x: bad", "hint: do y"]
+
+
+def test_free_space_is_checked_against_the_size_needed(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1500, 1500))
+    cli_errors.check_output_dir(tmp_path / "new", need_bytes=1000)
+    with pytest.raises(cli_errors.CliError, match=r"new: needs about 2.0 KiB but only 1.5 KiB is free"):
+        cli_errors.check_output_dir(tmp_path / "new", need_bytes=2048)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
