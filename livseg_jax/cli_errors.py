@@ -87,6 +87,8 @@ def error_lines(e: BaseException) -> list[str]:
     hint = getattr(e, "hint", None)
     if hint is None and isinstance(e, OSError):
         hint = _ERRNO_HINTS.get(e.errno)
+    if hint is None and isinstance(e, ModuleNotFoundError) and e.name:
+        hint = f"an optional dependency is missing: pip install {e.name.split('.')[0]}"
     if hint:
         lines.append(f"hint: {hint}")
     return lines

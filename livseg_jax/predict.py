@@ -9,16 +9,17 @@ RUN_DIR is a run directory: trained (`--which best|latest`) or written by
 (`configs/joint.py`, 3 classes) instead of `--liver`/`--tumor`; the outputs are the same.
 
 Inputs: one `.nii`/`.nii.gz` file, or a folder: LiTS layout (`volume-N.nii[.gz]`, searched
-recursively; `segmentation-N` files are ignored) or else every `.nii`/`.nii.gz` file directly in it.
-Outputs, per case, next to each other in OUT (a folder; for a single input OUT may also be a
+recursively; `segmentation-N` files are ignored) or else every `.nii`/`.nii.gz` file directly in
+it. Outputs, per case, next to each other in OUT (a folder; for a single input OUT may also be a
 `.nii.gz` file name): the label map `segmentation-N.nii.gz` for `volume-N`, else `<name>_seg.nii.gz`
-(uint8 0/1/2, the input's affine and header); `<label map name>_timings.json` with the seconds spent
-in each phase and the warnings of reading the input (`warnings`: HU range, header anomalies such as
-a qform/sform disagreement, each naming the file, also printed); with `--png`, `<label map
-name>.png` overlays. Files are written atomically: a failed or interrupted case leaves nothing
-behind. Exit status 1 when any case failed; the output location is checked before the models load.
-Bad inputs end in one `error:` line naming the file (`livseg_jax.cli_errors`; `--debug` keeps the
-traceback).
+(uint8 0/1/2, the input's affine and header); `<label map name>_timings.json` with the seconds
+spent in each phase; with `--png`, `<label map name>.png` overlays. Files are written atomically:
+a failed or interrupted case leaves nothing behind. Exit status 1 when any case failed.
+
+Errors: a bad input, flag or run directory ends in one `error: <file>: <problem>` line
+(`livseg_jax.cli_errors`; `--debug` keeps the traceback); the output location is checked before
+the models load. The timings JSON's `warnings` holds the warnings of reading the input (HU range,
+header anomalies such as a qform/sform disagreement), each naming the file.
 
 XLA flags: those the stages' computation forms need (`livseg_jax.xla_flags`; on GPUs
 `--xla_gpu_force_conv_nhwc=true`) are added to `XLA_FLAGS` before JAX starts; a flag already set

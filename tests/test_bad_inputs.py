@@ -766,6 +766,8 @@ def test_os_errors_name_the_file_and_hint():
                      "hint: free some space or choose an output on another disk"]
     lines = cli_errors.error_lines(ValueError("/a/b: first\n  detail one\n  detail two"))
     assert lines == ["error: /a/b: first", "  detail one", "  detail two"]
+    lines = cli_errors.error_lines(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert lines == ["error: No module named 'torch'", "hint: an optional dependency is missing: pip install torch"]
     lines = cli_errors.error_lines(cli_errors.CliError("--x", "bad", "do y"))
     assert lines == ["error: --x: bad", "hint: do y"]
 
