@@ -11,15 +11,21 @@ checkpoint) that `predict`, `evaluate` and `--to-torch` read like a trained one.
 --to-torch reads any run directory, trained (best checkpoint, else the latest; `--which`) or
 converted; its config.json names the model unless --config is given. It writes the twin's state
 dict; --deploy re-parameterises first.
+
+A bad flag, file or weight ends in one `error:` line naming it (`livseg_jax.cli_errors`; `--debug`
+keeps the traceback); the output is checked (writable, free space) before anything is read.
 """
 
 from __future__ import annotations
 
 import pathlib
+import sys
+from collections.abc import Sequence
 
 import ml_collections
 
 from livseg_jax import run_dir
+from livseg_jax.cli_errors import CliError, check_output_dir, check_output_file, parse_absl_flags, run_main, total_size
 from livseg_jax.interop import io, mapping
 
 
@@ -59,39 +65,58 @@ def convert_to_torch(ckpt_dir: str | pathlib.Path, out_path: str | pathlib.Path,
     return io.save_state_dict(out_path, state_dict, force=force)
 
 
-def main() -> None:
-    """Command-line entry point (flags in the module docstring)."""
-    from absl import app, flags
+def _run(argv: list[str]) -> int:
+    """Parses the flags (module docstring) and converts; returns the exit status."""
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", None,
-                                                  "config file, e.g. configs/liver.py[:variant]")
-    from_flag = flags.DEFINE_string("from-torch", None, "PyTorch weights (.pt, .pth, .safetensors)")
-    to_flag = flags.DEFINE_string("to-torch", None, "run directory to export (trained or converted)")
-    out_flag = flags.DEFINE_string("out", None, "a run directory (--from-torch) or a weight file (--to-torch)")
+    fv = flags.FlagValues()  # not absl's global FLAGS: main() can run more than once in a process
+    full_argv = ["convert", *argv]  # config_flags reads its overrides from here, not from sys.argv
+    config_flag = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/liver.py[:variant]",
+                                                  flag_values=fv, sys_argv=full_argv)
+    from_flag = flags.DEFINE_string("from-torch", None, "PyTorch weights (.pt, .pth, .safetensors)",
+                                    flag_values=fv)
+    to_flag = flags.DEFINE_string("to-torch", None, "run directory to export (trained or converted)",
+                                  flag_values=fv)
+    out_flag = flags.DEFINE_string("out", None, "a run directory (--from-torch) or a weight file (--to-torch)",
+                                   flag_values=fv)
     which_flag = flags.DEFINE_enum("which", "best", list(run_dir.WHICH),
-                                   "--to-torch: checkpoint of a trained run (best falls back to latest)")
-    deploy_flag = flags.DEFINE_boolean("deploy", False, "--to-torch: re-parameterise first")
-    force_flag = flags.DEFINE_boolean("force", False, "overwrite an existing output")
+                                   "--to-torch: checkpoint of a trained run (best falls back to latest)",
+                                   flag_values=fv)
+    deploy_flag = flags.DEFINE_boolean("deploy", False, "--to-torch: re-parameterise first", flag_values=fv)
+    force_flag = flags.DEFINE_boolean("force", False, "overwrite an existing output", flag_values=fv)
+    if {"-h", "--help", "--helpfull"} & set(argv):
+        print(__doc__ + "\n" + fv.get_help())
+        return 0
+    extra = parse_absl_flags(fv, full_argv)[1:]
+    if extra:
+        raise CliError(None, f"unexpected arguments {extra}", "see --help")
+    if bool(from_flag.value) == bool(to_flag.value):
+        raise CliError(None, "give exactly one of --from-torch FILE or --to-torch DIR")
+    if not out_flag.value:
+        raise CliError(None, "--out is required")
+    out = pathlib.Path(out_flag.value)
+    if from_flag.value:
+        if config_flag.value is None:
+            raise CliError(None, "--from-torch needs --config (it names the model)")
+        if out.is_dir() and any(out.iterdir()) and not force_flag.value:
+            raise CliError(out, "folder exists and is not empty", "pass --force to replace it")
+        check_output_dir(out, need_bytes=total_size([from_flag.value]))
+        written = convert_from_torch(from_flag.value, out, config_flag.value, force=force_flag.value)
+    else:
+        if out.exists() and not force_flag.value:
+            raise CliError(out, "exists", "pass --force to overwrite")
+        check_output_file(out, need_bytes=total_size([to_flag.value]) // 2)  # optimiser state is not exported
+        written = convert_to_torch(to_flag.value, out, config_flag.value, deploy=deploy_flag.value,
+                                   force=force_flag.value, which=which_flag.value)
+    print(f"wrote {written}")
+    return 0
 
-    def run(argv) -> None:
-        del argv
-        if bool(from_flag.value) == bool(to_flag.value):
-            raise app.UsageError("give exactly one of --from-torch FILE or --to-torch DIR")
-        if not out_flag.value:
-            raise app.UsageError("--out is required")
-        if from_flag.value:
-            if config_flag.value is None:
-                raise app.UsageError("--from-torch needs --config (it names the model)")
-            out = convert_from_torch(from_flag.value, out_flag.value, config_flag.value,
-                                     force=force_flag.value)
-        else:
-            out = convert_to_torch(to_flag.value, out_flag.value, config_flag.value,
-                                   deploy=deploy_flag.value, force=force_flag.value, which=which_flag.value)
-        print(f"wrote {out}")
 
-    app.run(run)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (flags in the module docstring); returns the exit status."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,7 +12,8 @@ Liver = label >= 1, tumour = label == 2; the voxel spacing comes from the ground
 the prediction must lie on the same grid (shape and affine). Metrics are those of SPEC §3
 (`livseg_jax.metrics`, edge cases in docs/metrics.md). Writes `evaluation.csv` (one row per case)
 and `evaluation.json` (rows, summary, lesion detection, tumour-size study) to `--out` (default:
-the prediction folder) atomically, and prints the tables as Markdown.
+the prediction folder) atomically, and prints the tables as Markdown. The output folder is checked
+before any metric is computed; bad inputs end in one `error:` line naming the file.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 import tqdm
 
 from livseg_jax import atomic_write, metrics
+from livseg_jax.cli_errors import check_output_dir, run_main
 from livseg_jax.data import nifti
 from livseg_jax.data.layouts import prediction_files, truth_files
 from livseg_jax.data.nifti import DataError
@@ -220,18 +222,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0 ok, 1 for bad inputs)."""
+def _run(argv: list[str]) -> int:
+    """Runs the CLI; returns the exit status (0 ok)."""
     args = parse_args(argv)
     pred = pathlib.Path(args.pred)
     out_dir = pathlib.Path(args.out) if args.out else (pred if pred.is_dir() else pred.parent)
-    try:
-        pairs, unmatched = pair_cases(args.pred, args.gt)
-        progress = tqdm.tqdm(pairs, desc="evaluate", unit="case", disable=None, file=sys.stderr)
-        cases = [evaluate_case(k, p, g, args.connectivity, args.min_overlap) for k, p, g in progress]
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_output_dir(out_dir)  # before any metric is computed
+    pairs, unmatched = pair_cases(args.pred, args.gt)
+    progress = tqdm.tqdm(pairs, desc="evaluate", unit="case", disable=None, file=sys.stderr)
+    cases = [evaluate_case(k, p, g, args.connectivity, args.min_overlap) for k, p, g in progress]
     for key in unmatched:
         print(f"warning: case {key} has ground truth but no prediction; left out", file=sys.stderr)
     summary = summarize_cases(cases, args.size_threshold)
@@ -239,6 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_report(cases, summary))
     print(f"\nwrote {csv_path} and {json_path}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (0 ok, 1 for bad inputs, one `error:` line)."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ it. Outputs, per case, next to each other in OUT (a folder; for a single input O
 spent in each phase; with `--png`, `<label map name>.png` overlays. Files are written atomically:
 a failed or interrupted case leaves nothing behind. Exit status 1 when any case failed.
 
+Errors: a bad input, flag or run directory ends in one `error: <file>: <problem>` line
+(`livseg_jax.cli_errors`; `--debug` keeps the traceback); the output location is checked before
+the models load. The timings JSON's `warnings` holds the warnings of reading the input (HU range,
+header anomalies such as a qform/sform disagreement), each naming the file.
+
 XLA flags: those the stages' computation forms need (`livseg_jax.xla_flags`; on GPUs
 `--xla_gpu_force_conv_nhwc=true`) are added to `XLA_FLAGS` before JAX starts; a flag already set
 in the environment wins.
@@ -34,11 +39,11 @@ import jax
 import tqdm
 
 from livseg_jax import atomic_write
+from livseg_jax.cli_errors import CliError, check_output_dir, check_output_file, expected_errors, report, run_main
 from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
-from livseg_jax.data.cases import sidecar_path
+from livseg_jax.data.cases import NIFTI_ENDINGS, sidecar_path
 from livseg_jax.data.layouts import find_inputs, plan_outputs
-from livseg_jax.data.nifti import DataError
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
 from livseg_jax.xla_flags import apply_model_xla_flags
@@ -135,29 +140,33 @@ def model_flags_error(args: argparse.Namespace) -> str | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0 ok, 1 when any case or the set-up failed)."""
+def check_outputs(jobs: Sequence[tuple[object, pathlib.Path]], output: str | os.PathLike) -> None:
+    """Raises CliError naming the output when a label map's folder cannot be written (nothing is created)."""
+    output = pathlib.Path(output)
+    if output.name.endswith(NIFTI_ENDINGS):
+        check_output_file(output)
+    for folder in sorted({out.parent for _, out in jobs}):
+        check_output_dir(folder)
+
+
+def _run(argv: list[str]) -> int:
+    """Runs the CLI; returns the exit status (0 ok, 1 when any case failed)."""
     args = parse_args(argv)
     atomic_write.exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: no temporary files left
     if args.overlap is not None and not 0 <= args.overlap < 1:
-        print(f"error: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
-        return 1
+        raise CliError("--overlap", f"must be in [0, 1), got {args.overlap}")
     problem = model_flags_error(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    try:
-        use_stage_xla_flags([args.liver, args.tumor, args.joint])
-        use_compilation_cache(args.compilation_cache, default_cache_root())
-        jobs = plan_outputs(find_inputs(args.input), args.output)
-        for folder in sorted({out.parent for _, out in jobs}):
-            atomic_write.sweep_stale_temps(folder)
-        predictor = Predictor.from_checkpoints(
-            args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
-            deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size)
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CliError(None, problem)
+    jobs = plan_outputs(find_inputs(args.input), args.output)
+    check_outputs(jobs, args.output)  # before the models are loaded and compiled
+    for folder in sorted({out.parent for _, out in jobs}):
+        atomic_write.sweep_stale_temps(folder)
+    use_stage_xla_flags([args.liver, args.tumor, args.joint])
+    use_compilation_cache(args.compilation_cache, default_cache_root())
+    predictor = Predictor.from_checkpoints(
+        args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
+        deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size)
     compile_s = predictor.warmup()
     run = {"compile_s": {k: round(v, 3) for k, v in compile_s.items()}, "settings": predictor.settings(),
            "platform": jax.devices()[0].platform, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -183,7 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     pathlib.Path(partial).unlink(missing_ok=True)
             if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: stop after cleaning up
                 raise
-            print(f"error: {case.case_id}: {type(e).__name__}: {e}", file=sys.stderr)
+            if isinstance(e, expected_errors()):
+                report(e)
+            else:  # a bug: its type helps
+                print(f"error: {case.case_id}: {type(e).__name__}: {e}", file=sys.stderr)
             failed += 1
             continue
         bar.close()
@@ -194,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"{failed} of {len(jobs)} case(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (0 ok, 1 when any case or the set-up failed)."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

@@ -154,9 +154,13 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
             path / "variables.msgpack").is_file() else ""
         raise FileNotFoundError(f"{config_path}: missing; is {path} a livseg_jax run directory?{hint}")
     try:
-        return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+        data = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path}: invalid JSON ({e})") from e
+        raise ValueError(f"{config_path}: invalid JSON ({e}); the run directory's config is damaged") from e
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"{config_path}: not a livseg_jax run config (expected a JSON object with a "
+                         f"'model' section, got {type(data).__name__})")
+    return ml_collections.ConfigDict(data)
 
 
 def _plain(value: Any) -> Any:
@@ -264,7 +268,12 @@ def load_variables(path: str | os.PathLike, which: str = "best") -> tuple[dict, 
     """Returns (variables {"params"[, "batch_stats"]} as numpy arrays, config) of a run directory."""
     config = load_config(path)
     sub, step = checkpoint_step(path, which)
-    variables = _restore_variables(pathlib.Path(path) / sub, step)
+    try:
+        variables = _restore_variables(pathlib.Path(path) / sub, step)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # orbax names no path in its errors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{pathlib.Path(path) / sub / str(step)}: cannot restore the checkpoint "
+                         f"(damaged?): {type(e).__name__}: {first}") from e
     if "params" not in variables:
         raise ValueError(f"{pathlib.Path(path) / sub / str(step)}: checkpoint has no 'params'")
     return jax.device_get(variables), config

@@ -1,4 +1,8 @@
-"""Train one stage: `python -m livseg_jax.train --config=configs/tumor.py [--workdir=DIR] [--config.x=y]`."""
+"""Train one stage: `python -m livseg_jax.train --config=configs/tumor.py [--workdir=DIR] [--config.x=y]`.
+
+Bad flags, config values and inputs end in one `error:` line (`livseg_jax.cli_errors`; `--debug`
+keeps the traceback); the config is validated and the run directory checked before any work.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from livseg_jax.atomic_write import exit_on_sigterm
+from livseg_jax.cli_errors import check_output_dir, run_absl_app
 from livseg_jax.compilation_cache import OFF, use_compilation_cache
+from livseg_jax.config_checks import validate_config
 from livseg_jax.training.distributed import maybe_initialize_distributed, process_label
 from livseg_jax.training.loop import cache_root, train_and_evaluate
 from livseg_jax.xla_flags import apply_model_xla_flags
@@ -22,7 +28,8 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: no temporary files left (atomic_write)
-    config = _CONFIG.value
+    config = validate_config(_CONFIG.value)
+    workdir = check_output_dir(_WORKDIR.value or os.path.join("runs", config.stage))
     # Before anything starts a backend: the flags the model's forms need, and the user's own.
     apply_model_xla_flags([config.model], config.train.get("xla_flags", ""))
     multi_process = maybe_initialize_distributed()
@@ -35,7 +42,6 @@ def main(argv) -> None:
               "(docs/training.md, Multi-host)")
     else:
         use_compilation_cache(cache_setting, cache_root(config))
-    workdir = _WORKDIR.value or os.path.join("runs", config.stage)
     summary = train_and_evaluate(config, workdir)
     best = summary["best_dice"]  # -1 when no validation ran
     dice = f"best validation Dice {best:.4f}" if best >= 0 else "no validation run"
@@ -43,4 +49,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl_app(main)

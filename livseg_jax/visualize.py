@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from livseg_jax import atomic_write
+from livseg_jax.cli_errors import check_output_dir, report, run_main
 from livseg_jax.data import nifti
 from livseg_jax.data.cases import case_key
 from livseg_jax.data.layouts import find_inputs, prediction_files, truth_files
@@ -135,9 +136,8 @@ Job = tuple[str, pathlib.Path, pathlib.Path, pathlib.Path | None, pathlib.Path] 
 def _jobs(args: argparse.Namespace) -> list[Job]:
     image, pred, out = pathlib.Path(args.image), pathlib.Path(args.pred), pathlib.Path(args.output)
     if image.is_file() and pred.is_file():
-        if out.suffix.lower() != ".png" and not out.is_dir():
-            out.mkdir(parents=True, exist_ok=True)
-        target = out / f"{case_key(pred)}.png" if out.is_dir() else out
+        # A folder is created by the first write (atomic_path): a failed case leaves none behind.
+        target = out if out.suffix.lower() == ".png" and not out.is_dir() else out / f"{case_key(pred)}.png"
         return [(case_key(pred), image, pred, pathlib.Path(args.gt) if args.gt else None, target)]
     images = {case_key(c.image): c.image for c in find_inputs(image)}
     preds = prediction_files(pred)
@@ -150,8 +150,8 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0 ok, 1 for bad inputs)."""
+def _run(argv: list[str]) -> int:
+    """Runs the CLI; returns the exit status (0 ok, 1 when a case failed)."""
     p = argparse.ArgumentParser(prog="python -m livseg_jax.visualize", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
@@ -160,19 +160,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--gt", help="ground-truth label map or folder (optional)")
     p.add_argument("-o", "--output", required=True, help="PNG file (one case) or output folder")
     args = p.parse_args(argv)
-    try:
-        jobs = _jobs(args)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    jobs = _jobs(args)
+    for folder in sorted({out.parent for *_, out in jobs}):
+        check_output_dir(folder)
     failed = 0
     for key, image, pred, gt, out in jobs:
         try:
             print(f"{key}: {overlay_files(image, pred, gt, out)}")
-        except (DataError, ValueError, OSError) as e:
-            print(f"error: {key}: {e}", file=sys.stderr)
+        except (DataError, ValueError, OSError) as e:  # one bad case must not stop the others
+            report(e)
             failed += 1
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (0 ok, 1 for bad inputs, one `error:` line each)."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import nibabel as nib
 import numpy as np
 
 from livseg_jax import atomic_write
+from livseg_jax.cli_errors import check_output_dir, run_main, total_size
 from livseg_jax.data.cases import natural_key
 from livseg_jax.data.nifti import DataError, PathLike, save_nifti
 
@@ -322,8 +323,8 @@ def import_ircadb(
     return reports
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the process exit status."""
+def _run(argv: list[str]) -> int:
+    """Parses the command line and imports; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m livseg_jax.data.ircadb",
         description="Convert 3D-IRCADb DICOM patient folders (zipped or not) to LiTS-layout NIfTI.",
@@ -343,12 +344,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     atomic_write.exit_on_sigterm()
-    try:
-        import_ircadb(args.src, args.dst, args.tumor_masks, args.liver_mask)
-    except (DataError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    patients = find_patients(args.src)
+    _pydicom()  # a missing optional dependency is reported before any work
+    # Each case is about the size of its DICOM input (int16 voxels, compressed).
+    check_output_dir(args.dst, need_bytes=total_size([folder for folder, _ in patients]))
+    import_ircadb(args.src, args.dst, args.tumor_masks, args.liver_mask)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the process exit status (1 with one `error:` line on bad input)."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

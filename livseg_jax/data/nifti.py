@@ -8,7 +8,12 @@ affine, header, shape and orientation, so a label map in internal order is writt
 the input's grid (`write_label_map`).
 
 Every problem with an input raises `DataError` (a `ValueError`) whose message starts with the
-file's path; intensities that do not look like Hounsfield units raise a `HUWarning`.
+file's path; intensities that do not look like Hounsfield units raise a `HUWarning`. Header
+anomalies that nibabel would repair without naming the file are checked on the raw header
+(`header_anomalies`): a zero or non-finite pixdim the affine depends on is refused (nibabel would
+read it as 1 mm); a negative pixdim, a qform that disagrees with the sform and a NaN/inf scale
+factor raise an `InputWarning` naming the file and the repair (`predict` records them in the
+timings JSON). Float64 voxels beyond float32's range are refused as such, not as non-finite.
 
 A `.nii.gz` file is inflated completely when it is loaded, with ISA-L (python-isal's `igzip`:
 every member's CRC and length are checked, so a damaged file is reported there, not half-read),
@@ -45,6 +50,9 @@ _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=np.float64)
 # Affines of image and label are "the same" within this tolerance (mm); files written by different
 # tools round the affine to float32, so exact equality is too strict.
 AFFINE_ATOL_MM = 1e-3
+# qform and sform "agree" within this (mm): the qform's float32 quaternion cannot hold an oblique
+# affine's shear or full precision (0.03 mm seen on a writer's oblique test volume).
+QFORM_SFORM_ATOL_MM = 0.1
 
 
 class DataError(ValueError):
@@ -53,6 +61,10 @@ class DataError(ValueError):
 
 class HUWarning(UserWarning):
     """An image's intensities do not look like Hounsfield units."""
+
+
+class InputWarning(UserWarning):
+    """An input file has an anomaly that reading repairs; the message names the file and the repair."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +157,9 @@ def _gzip_damage(error: Exception) -> str | None:
     return None
 
 
-def _load_nifti_gz(path: pathlib.Path) -> nib.Nifti1Image:
-    """Returns the image of a `.nii.gz` inflated in memory, or raises DataError naming the file."""
+def _load_nifti_gz(path: pathlib.Path) -> tuple[nib.Nifti1Image, bytes]:
+    """Returns (image, decompressed bytes) of a `.nii.gz` inflated in memory, or raises DataError
+    naming the file."""
     try:
         raw = igzip.decompress(path.read_bytes())  # every member's CRC and length are checked
     except (OSError, EOFError, zlib.error, isal_zlib.error) as e:
@@ -162,7 +175,7 @@ def _load_nifti_gz(path: pathlib.Path) -> nib.Nifti1Image:
             f"in the {len(raw)} decompressed bytes"
         )
     try:
-        return klass.from_stream(io.BytesIO(raw))
+        return klass.from_stream(io.BytesIO(raw)), raw
     except Exception as e:  # nibabel raises many types for bad bytes
         raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
 
@@ -175,6 +188,55 @@ def _partial_header(path: pathlib.Path) -> bytes:
             return d.decompress(f.read(1 << 16), nib.Nifti2Header.sizeof_hdr)
     except (OSError, zlib.error):
         return b""
+
+
+def _raw_header(path: pathlib.Path, raw: bytes | None) -> nib.Nifti1Header | None:
+    """Returns the NIfTI header exactly as stored (nibabel's repairs not applied), or None."""
+    if raw is None:
+        try:
+            with path.open("rb") as f:
+                raw = f.read(nib.Nifti2Header.sizeof_hdr)
+        except OSError:
+            return None
+    klass = _nifti_class_of(raw)
+    if klass is None:
+        return None
+    try:
+        return klass.header_class(raw[: klass.header_class.sizeof_hdr], check=False)
+    except Exception:  # noqa: BLE001 - nibabel then reports the file itself
+        return None
+
+
+def header_anomalies(header: nib.Nifti1Header, path: PathLike) -> list[str]:
+    """Returns the anomalies of a raw NIfTI header that nibabel repairs silently, each naming the file;
+    raises DataError for a voxel size that is unknown (zero or non-finite pixdim and no sform)."""
+    notes = []
+    ndim = max(1, min(3, int(header["dim"][0])))
+    pixdim = np.asarray(header["pixdim"][1 : 1 + ndim], dtype=np.float64)
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    shown = "(" + ", ".join(f"{v:g}" for v in pixdim) + ")"
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim == 0):
+        if sform_code <= 0:
+            raise DataError(f"{path}: pixdim {shown} holds a zero or non-finite voxel size and there is no "
+                            "sform, so the spacing is unknown (nibabel would assume 1 mm)")
+        notes.append(f"{path}: pixdim {shown} holds a zero or non-finite voxel size; the spacing is "
+                     "taken from the sform")
+    elif np.any(pixdim < 0) and sform_code <= 0:
+        notes.append(f"{path}: negative pixdim {shown}; their absolute values are used")
+    if sform_code > 0 and qform_code > 0 and np.all(np.isfinite(pixdim)) and np.all(pixdim != 0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qform, sform = header.get_qform(), header.get_sform()
+        difference = float(np.abs(qform - sform).max())
+        if not np.isfinite(difference) or difference > QFORM_SFORM_ATOL_MM:
+            notes.append(f"{path}: qform and sform disagree (by up to {difference:.3g} mm); the sform is used")
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if not np.isfinite(slope):
+        notes.append(f"{path}: scale factor scl_slope is {slope:g}; voxels are read unscaled "
+                     f"(slope 1, intercept 0)")
+    elif slope != 0 and not np.isfinite(inter):
+        raise DataError(f"{path}: scale factor scl_inter is {inter:g} (scl_slope {slope:g}); voxel values unknown")
+    return notes
 
 
 def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
@@ -190,15 +252,21 @@ def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
         raise DataError(f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise DataError(f"{path}: file is not readable (permission denied)")
-    if is_nifti_gz(path):
-        img = _load_nifti_gz(path)
-    else:
-        try:
-            img = nib.load(path)
-        except Exception as e:  # nibabel raises many types for bad bytes
-            raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
+    raw = None
+    # nibabel logs its header repairs without the file name: our own checks below name it.
+    with nib.imageglobals.LoggingOutputSuppressor():
+        if is_nifti_gz(path):
+            img, raw = _load_nifti_gz(path)
+        else:
+            try:
+                img = nib.load(path)
+            except Exception as e:  # nibabel raises many types for bad bytes
+                raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
     if not isinstance(img, nib.spatialimages.SpatialImage):
         raise DataError(f"{path}: not a spatial image ({type(img).__name__})")
+    header = _raw_header(path, raw) if isinstance(img, nib.Nifti1Image) else None
+    for note in header_anomalies(header, path) if header is not None else ():
+        warnings.warn(note, InputWarning, stacklevel=2)
     return img
 
 
@@ -219,7 +287,8 @@ def read_voxels(img: nib.spatialimages.SpatialImage, path: PathLike, dtype: Any)
     """Returns the voxel array (scaled, cast to `dtype`) or raises DataError for truncated data."""
     try:
         if dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
-            data = img.get_fdata(dtype=dtype, caching="unchanged")
+            with np.errstate(over="ignore"):  # check_float32_range names the file instead
+                data = img.get_fdata(dtype=dtype, caching="unchanged")
         else:
             data = np.asanyarray(img.dataobj)
     except Exception as e:  # EOFError, zlib.error, OSError, ValueError from short reads
@@ -238,6 +307,21 @@ def check_finite(data: np.ndarray, path: PathLike) -> None:
         if n:
             n_nan = int(np.isnan(data).sum())
             raise DataError(f"{path}: {n} non-finite voxels ({n_nan} NaN, {n - n_nan} inf)")
+
+
+def check_float32_range(img: nib.spatialimages.SpatialImage, data: np.ndarray, path: PathLike) -> None:
+    """Raises DataError when finite stored values overflowed to inf in the float32 `data`."""
+    if np.all(np.isfinite(data)):
+        return
+    stored = np.asanyarray(img.dataobj)  # float64 when scaled or stored as float64
+    if not np.issubdtype(stored.dtype, np.floating) or stored.dtype.itemsize <= 4:
+        return
+    overflow = np.isfinite(stored) & ~np.isfinite(data)
+    n = int(overflow.sum())
+    if n:
+        largest = float(np.abs(stored[overflow]).max())
+        raise DataError(f"{path}: {n} voxels beyond float32's range (|value| up to {largest:.4g}); "
+                        "not Hounsfield units")
 
 
 def check_labels(data: np.ndarray, path: PathLike) -> np.ndarray:
@@ -312,6 +396,7 @@ def read_image(path: PathLike) -> tuple[np.ndarray, Geometry]:
     check_spatial_shape(img.shape, path)
     geometry = geometry_of(img, path)
     data = read_voxels(img, path, np.float32)
+    check_float32_range(img, data, path)
     check_finite(data, path)
     image = to_internal(data, geometry)
     warn_if_not_hu(image, path)

@@ -40,7 +40,7 @@ from livseg_jax.data.preprocess import PreprocessSettings, preprocess, restore
 from livseg_jax.data.regions import largest_component, paste_into
 from livseg_jax.data.stages import check_stage, liver_crop_box
 from livseg_jax.inference.sliding_window import num_windows, sliding_window, window_predict_fn
-from livseg_jax.models import build_model, check_patch_shape, reparameterize
+from livseg_jax.models import build_model, check_patch_shape, reparameterize, variable_shapes
 from livseg_jax.run_dir import load_variables
 
 # progress(phase, number of windows) -> callback(windows done); phase is "liver", "tumor" or "joint".
@@ -244,6 +244,23 @@ def predict_joint_case(
 # ------------------------------------------------------------------------------- checkpoints
 
 
+def check_variables_fit(variables: dict, model_config: Any, deploy: bool, where: str) -> None:
+    """Raises ValueError naming `where` and the parameters whose shapes do not fit the model."""
+    from flax.traverse_util import flatten_dict
+
+    want = {"/".join(k): tuple(v.shape) for k, v in
+            flatten_dict(variable_shapes(build_model(model_config, deploy=deploy))).items()}
+    have = {"/".join(k): tuple(np.shape(v)) for k, v in flatten_dict(variables).items()}
+    problems = [f"{k}: missing" for k in want if k not in have]
+    problems += [f"{k}: not in the model" for k in have if k not in want]
+    problems += [f"{k}: shape {have[k]}, the model expects {want[k]}" for k in want
+                 if k in have and have[k] != want[k]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"{where}: the checkpoint does not fit the model of config.json: "
+                         f"{'; '.join(problems[:3])}{more}")
+
+
 def load_stage_model(
     path: str | os.PathLike,
     expected_stage: str | None = None,
@@ -286,6 +303,7 @@ def load_stage_model(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
 
     stored_deploy = bool(config.model.get("deploy", False)) or not variables.get("batch_stats")
+    check_variables_fit(variables, config.model, stored_deploy, f"{path} ({which} checkpoint)")
     if stored_deploy:  # converted deploy weights: nothing to fold, no training form to go back to
         deploy = True
     elif deploy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,8 @@ from livseg_jax.atomic_write import atomic_path
 
 TORCH_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
+# Integer tensors the model never reads (BatchNorm's step counter); every other tensor must be float.
+INTEGER_KEYS = ("num_batches_tracked",)
 # Keys under which training scripts commonly nest the model's state dict.
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -33,14 +36,50 @@ def _suffix(path: pathlib.Path) -> str:
 
 
 def _to_numpy(path: pathlib.Path, name: str, value: Any) -> np.ndarray:
+    """Returns a torch tensor as numpy; bfloat16 (which numpy lacks) as ml_dtypes.bfloat16."""
     import torch
 
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
     value = value.detach().cpu()
     if value.dtype == torch.bfloat16:
-        value = value.float()
+        import ml_dtypes
+
+        return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return value.numpy()
+
+
+def _is_counter(name: str) -> bool:
+    """Returns whether a tensor is BatchNorm's step counter, an integer the model never reads."""
+    return name.endswith(INTEGER_KEYS)
+
+
+def check_dtypes(path: str | os.PathLike, state_dict: dict[str, np.ndarray],
+                 log=print) -> dict[str, np.ndarray]:
+    """Returns `state_dict` with float16 / bfloat16 tensors cast to float32 (noted through `log`).
+
+    The model's weights are floating point: an integer, boolean or complex tensor (other than
+    BatchNorm's `num_batches_tracked` counter) raises ValueError naming the file and the tensor,
+    instead of being cast into a model that then predicts nothing."""
+    halves = []
+    out = {}
+    for name, value in state_dict.items():
+        kind = np.dtype(value.dtype)
+        if _is_counter(name):
+            out[name] = value
+            continue
+        if kind.name == "bfloat16" or kind == np.float16:
+            halves.append(name)
+            out[name] = np.asarray(value, dtype=np.float32)
+        elif kind.kind == "f":
+            out[name] = value
+        else:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {kind.name}; the model's weights are "
+                             "floating point (is this the right file?)")
+    if halves:
+        log(f"note: {path}: {len(halves)} half-precision tensor(s) (e.g. {halves[0]!r}) cast to float32",
+            file=sys.stderr)
+    return out
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -54,12 +93,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weight file")
     if suffix == SAFETENSORS_SUFFIX:
-        from safetensors.numpy import load_file
-
-        try:
-            return dict(load_file(str(path)))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        return check_dtypes(path, _load_safetensors(path))
 
     import torch
 
@@ -78,7 +112,26 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     out = {str(k): _to_numpy(path, str(k), v) for k, v in obj.items()}
     if all(k.startswith("module.") for k in out):
         out = {k[len("module."):]: v for k, v in out.items()}
-    return out
+    return check_dtypes(path, out)
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Returns the tensors of a .safetensors file; bfloat16 ones (numpy has none) through torch."""
+    from safetensors.numpy import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except TypeError as e:  # "data type 'bfloat16' not understood"
+        if "bfloat16" not in str(e):
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        try:
+            from safetensors.torch import load_file as load_torch
+        except ImportError:
+            raise ValueError(f"{path}: holds bfloat16 tensors, which need torch to read "
+                             "(pip install torch)") from e
+        return {k: _to_numpy(path, k, v) for k, v in load_torch(str(path)).items()}
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray],

@@ -9,6 +9,7 @@ convolutions as they run, the same on every backend.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from livseg_jax.cli_errors import CliError, parse_absl_flags, run_main
 from livseg_jax.models.build import NETWORKS, build_model, variable_shapes
 from livseg_jax.models.forms import REFERENCE_FORMS
 from livseg_jax.models.unet import check_patch_shape
@@ -59,24 +61,53 @@ def summary_table(base: ml_collections.ConfigDict, patch: Sequence[int], batch: 
     return "\n".join(rows) + f"\n\nPatch {shape}, batch {batch}, features {tuple(base.model.features)}."
 
 
-def main() -> None:
-    """Command-line entry point: prints the table for the config's (or --patch) patch size."""
-    from absl import app, flags
+def parse_patch(text: str) -> tuple[int, ...]:
+    """Returns the (D, H, W) patch of a "D,H,W" --patch value; CliError naming the flag otherwise."""
+    try:
+        patch = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        patch = ()
+    if len(patch) != 3 or min(patch) < 1:
+        raise CliError("--patch", f"expected three positive integers D,H,W, got {text!r}")
+    return patch
+
+
+def _run(argv: list[str]) -> int:
+    """Parses the flags and prints the table; returns the exit status."""
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", "configs/liver.py", "config file")
-    patch_flag = flags.DEFINE_string("patch", "", "D,H,W (default: the config's patch_size)")
-    batch_flag = flags.DEFINE_integer("batch", 1, "batch size")
+    fv = flags.FlagValues()  # not absl's global FLAGS: main() can run more than once in a process
+    full_argv = ["summary", *argv]  # config_flags reads its overrides from here, not from sys.argv
+    config_flag = config_flags.DEFINE_config_file("config", "configs/liver.py", "config file",
+                                                  flag_values=fv, sys_argv=full_argv)
+    patch_flag = flags.DEFINE_string("patch", "", "D,H,W (default: the config's patch_size)", flag_values=fv)
+    batch_flag = flags.DEFINE_integer("batch", 1, "batch size", lower_bound=1, flag_values=fv)
+    if {"-h", "--help", "--helpfull"} & set(argv):
+        print(__doc__ + "\n" + fv.get_help())
+        return 0
+    extra = parse_absl_flags(fv, full_argv)[1:]
+    if extra:
+        raise CliError(None, f"unexpected arguments {extra}", "see --help")
+    config = config_flag.value
+    if patch_flag.value:
+        patch = parse_patch(patch_flag.value)
+    else:
+        patch = tuple(config.data.patch_size)
+        if len(patch) != 3:
+            raise CliError("data.patch_size", f"expected (D, H, W), got {patch}")
+    try:
+        check_patch_shape(patch, len(config.model.features), config.model.get("spatial_dims", 3))
+    except ValueError as e:
+        raise CliError("--patch" if patch_flag.value else "data.patch_size", str(e)) from None
+    print(summary_table(config, patch, batch_flag.value))
+    return 0
 
-    def run(argv: Sequence[str]) -> None:
-        del argv
-        config = config_flag.value
-        patch = (tuple(int(v) for v in patch_flag.value.split(",")) if patch_flag.value
-                 else tuple(config.data.patch_size))
-        print(summary_table(config, patch, batch_flag.value))
 
-    app.run(run)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: prints the table for the config's (or --patch) patch size."""
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
