@@ -354,7 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--liver-steps", type=int, default=300)
     p.add_argument("--tumor-steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--model", default="elanres_msca_unet", help="model.name of both stages")
+    p.add_argument("--model", help="model.name of both stages (default: elanres_msca_unet; --smoke: unet)")
     p.add_argument("--target-spacing", default="1.6,1.5,1.5",
                    help="arms b-d: (z, y, x) mm (default: %(default)s, the paper's grid for a 0.75 mm scan)")
     p.add_argument("--augment-override", default=DEFAULT_AUGMENT_OVERRIDE,
@@ -373,6 +373,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     args.target_spacing = tuple(float(s) for s in args.target_spacing.split(","))
+    args.model = args.model or ("unet" if args.smoke else "elanres_msca_unet")
     if args.smoke:
         args.liver_steps, args.tumor_steps = 4, 4
         args.set = ["data.patch_size=(16,64,64)", "data.batch_size=1", "model.features=(4,8,8,8,8)",
@@ -417,13 +418,13 @@ def main(argv=None) -> int:
 
     if args.jobs > 1 and len(args.folds) > 1:
         return run_parallel(args, argv if argv is not None else sys.argv[1:], log)
-    if not args.smoke:
-        from livseg_jax.compilation_cache import use_compilation_cache
-        from livseg_jax.config import default_cache_root
-        from livseg_jax.xla_flags import apply_model_xla_flags
+    from livseg_jax.compilation_cache import use_compilation_cache
+    from livseg_jax.config import default_cache_root
+    from livseg_jax.xla_flags import apply_model_xla_flags
 
-        apply_model_xla_flags([arm_config("liver", "a", args.workdir / "check.txt", args).model])
-        use_compilation_cache("auto", default_cache_root())
+    apply_model_xla_flags([arm_config("liver", "a", args.workdir / "check.txt", args).model])
+    # The arms' trainings share their train-step and window programs: compiled once, then read back.
+    use_compilation_cache(str(args.workdir / "jax_cache") if args.smoke else "auto", default_cache_root())
     for i, held in enumerate(args.folds):
         run_fold(held, cases, args.arms, args, log)
         left = args.folds[i + 1:]
