@@ -36,6 +36,7 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -216,7 +217,9 @@ def run_fold(held: str, cases: dict, arms: list[str], args: argparse.Namespace, 
     fold_dir = args.workdir / "folds" / held
     train_ids = [c for c in cases if c != held]
     list_file = fold_dir / "train.txt"
-    write_text(list_file, "".join(f"{cases[c][0]} {cases[c][1]}\n" for c in train_ids))
+    # Absolute paths: a list file's relative paths are read relative to its own folder.
+    write_text(list_file, "".join(" ".join(shlex.quote(str(f.resolve())) for f in cases[c]) + "\n"
+                                  for c in train_ids))
     trained: dict[str, dict] = {}
     for arm in arms:
         part = part_path(args, arm, held)
