@@ -243,3 +243,35 @@ def test_the_command_chooses_on_a_validation_case_with_the_ground_truth_liver():
     assert settings == pp.PostprocessSettings(0.4, 50.0)
     with pytest.raises(ValueError, match="tumour or joint"):
         cli.validation_case("c", phantom(), label, SPACING, stage("liver", liver_fn))
+
+
+def test_the_command_writes_postprocess_json_that_predict_then_loads(tmp_path, capsys):
+    from livseg_jax.data.synthetic import write_phantom
+
+    config = base_config()
+    config.stage = "tumor"
+    config.model.name = "unet"
+    config.model.features = (2, 4, 4, 4, 4)
+    config.data.patch_size = (16, 16, 16)
+    config.preprocess.update(EXACT)
+    variables = random_unet_variables(build_model(config.model, deploy=False), (16, 16, 16), 1)
+    run = write_variables(tmp_path / "tumor", variables, config)
+    label = np.zeros(SHAPE, np.uint8)
+    label[LIVER] = 1
+    label[TUMOUR] = 2
+    cases = tmp_path / "val"
+    cases.mkdir()
+    # (D, H, W) -> the RAS (x, y, z) arrays write_phantom takes
+    write_phantom(phantom().transpose(2, 1, 0)[::-1, ::-1], label.transpose(2, 1, 0)[::-1, ::-1],
+                  SPACING[::-1], cases / "volume-1.nii.gz", cases / "segmentation-1.nii.gz")
+    argv = ["--run", str(run), "--cases", str(cases), "--thresholds", "none,0.5,0.9", "--min-volumes", "0,50",
+            "--no-progress"]
+    assert cli.main([*argv, "--dry-run"]) == 0 and pp.read_settings(run) is None
+    assert cli.main(argv) == 0
+    record = json.loads((run / pp.POSTPROCESS_FILE).read_text())
+    assert record["cases"] == ["volume-1"] and record["liver_source"] == "ground truth"
+    assert len(record["grid"]) == 6 and record["chosen"]["objective"] == max(r["objective"] for r in record["grid"])
+    assert load_stage_model(run, "tumor").postprocess == pp.PostprocessSettings.from_dict(record["settings"])
+    assert "chosen on 1 case(s)" in capsys.readouterr().out
+    assert cli.main(["--run", str(run), "--cases", str(cases), "--thresholds", "none,x"]) == 1
+    assert "--thresholds: 'x' is not a number" in capsys.readouterr().err
