@@ -275,8 +275,9 @@ def predict_joint_case(
     with timer("joint_postprocess"):
         liver = largest_component(raw >= 1, connectivity)
         labels = np.where(liver, raw, 0).astype(np.uint8)
-        tumour = labels == 2
-        labels[tumour & ~_postprocess_tumor(tumour, record.spacing, joint, info)] = 1
+        if joint.postprocess is not None:  # removed tumour components become liver again
+            tumour = labels == 2
+            labels[tumour & ~_postprocess_tumor(tumour, record.spacing, joint, info)] = 1
     info.update(liver_voxels_raw=int(np.count_nonzero(raw >= 1)), liver_voxels=int(liver.sum()),
                 tumor_voxels_raw=int(np.count_nonzero(raw == 2)), tumor_voxels=int(np.count_nonzero(labels == 2)))
     del raw
