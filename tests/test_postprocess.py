@@ -202,6 +202,21 @@ def test_predict_applies_the_tumour_runs_threshold_and_minimum_volume():
     assert full.info["postprocess"]["tumor_min_volume_mm3"] == 50.0
 
 
+def test_the_threshold_costs_no_second_sliding_window():
+    calls = {None: [], 0.4: []}
+
+    def counted(threshold):
+        def window_fn(variables, x):
+            calls[threshold].append(x.shape)
+            return tumour_fn(variables, x)
+        return window_fn
+
+    for threshold in calls:
+        settings = None if threshold is None else pp.PostprocessSettings(threshold)
+        predict_case(phantom(), SPACING, stage("liver", liver_fn), stage("tumor", counted(threshold), settings))
+    assert len(calls[0.4]) == len(calls[None]) > 0
+
+
 def test_predict_joint_applies_the_stored_values():
     def joint_fn(variables, x):
         liver = (x > 0.5).astype(jnp.float32)
