@@ -290,3 +290,21 @@ def test_the_command_writes_postprocess_json_that_predict_then_loads(tmp_path, c
     assert "chosen on 1 case(s)" in capsys.readouterr().out
     assert cli.main(["--run", str(run), "--cases", str(cases), "--thresholds", "none,x"]) == 1
     assert "--thresholds: 'x' is not a number" in capsys.readouterr().err
+
+
+def test_default_cases_are_the_runs_validation_split(tmp_path):
+    from livseg_jax.run_dir import save_config
+
+    for i in (1, 2, 3):
+        (tmp_path / f"ct{i}.nii.gz").touch()
+        (tmp_path / f"ct{i}_label.nii.gz").touch()
+    (tmp_path / "cases.txt").write_text("".join(f"ct{i}.nii.gz ct{i}_label.nii.gz\n" for i in (1, 2, 3)))
+    config = base_config()
+    config.data.layout, config.data.list_file, config.data.num_val_cases = "list", str(tmp_path / "cases.txt"), 2
+    save_config(tmp_path / "run", config)
+    assert [c.case_id for c in cli.validation_files(tmp_path / "run", None)] == ["ct2", "ct3"]
+    assert [c.case_id for c in cli.validation_files(tmp_path / "run", tmp_path / "cases.txt")] == ["ct1", "ct2", "ct3"]
+    config.data.num_val_cases = 0
+    save_config(tmp_path / "run", config)
+    with pytest.raises(ValueError, match=r"no validation cases.*give --cases"):
+        cli.validation_files(tmp_path / "run", None)
