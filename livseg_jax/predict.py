@@ -21,6 +21,10 @@ Errors: a bad input, flag or run directory ends in one `error: <file>: <problem>
 the models load. The timings JSON's `warnings` holds the warnings of reading the input (HU range,
 header anomalies such as a qform/sform disagreement), each naming the file.
 
+Post-processing: a tumour (or joint) run holding `postprocess.json` (written by
+`python -m livseg_jax.postprocess`) has its tumour threshold and minimum lesion volume applied; the
+run's settings and the timings JSON say so (`--no-postprocess` turns it off).
+
 XLA flags: those the stages' computation forms need (`livseg_jax.xla_flags`; on GPUs
 `--xla_gpu_force_conv_nhwc=true`) are added to `XLA_FLAGS` before JAX starts; a flag already set
 in the environment wins.
@@ -120,6 +124,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="re-parameterised model (default: inference.deploy, normally on)")
     p.add_argument("--connectivity", type=int, choices=(1, 2, 3), default=1,
                    help="liver largest-component neighbourhood: 1 faces (default), 2 +edges, 3 +corners")
+    p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the tumour/joint run's stored postprocess.json, if any (default: on)")
     p.add_argument("--png", action="store_true", help="also write PNG overlays of the prediction")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose label map exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -166,11 +172,15 @@ def _run(argv: list[str]) -> int:
     use_compilation_cache(args.compilation_cache, default_cache_root())
     predictor = Predictor.from_checkpoints(
         args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
-        deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size)
+        deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size,
+        postprocess=args.postprocess)
     compile_s = predictor.warmup()
     run = {"compile_s": {k: round(v, 3) for k, v in compile_s.items()}, "settings": predictor.settings(),
            "platform": jax.devices()[0].platform, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     print(f"{len(jobs)} case(s); compiled in " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
+    for model in (predictor.tumor, predictor.joint):
+        if model is not None and model.postprocess is not None:
+            print(f"post-processing from {model.description['source']}/postprocess.json: {model.postprocess.to_dict()}")
     failed = 0
     for case, out in jobs:
         timings_path = sidecar_path(out, "_timings.json")

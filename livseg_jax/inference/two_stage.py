@@ -6,7 +6,10 @@ For one CT volume in internal (D, H, W) order and HU:
    No liver: the case's label map is all background and a warning says so.
 3. Stage 2: the preprocessed volume cropped to the liver's bounding box grown by the tumour
    model's `data.liver_margin_mm` (`stages.liver_crop_box`, exactly as the training crops were
-   made); tumour voxels outside the stage-1 liver are removed.
+   made); tumour voxels outside the stage-1 liver are removed. With the tumour run's stored
+   post-processing (`postprocess.json`, `inference/postprocess.py`), the tumour is p(tumour) > its
+   threshold (from the same sliding window's probabilities) and components below its minimum
+   volume are removed, on the tumour model's grid.
    When the tumour model was trained with other preprocessing settings, the volume is preprocessed
    again with them and the liver mask is carried over through the original grid.
 4. `restore` maps the 0/1/2 map back onto the original grid (shape, and with the input's geometry
@@ -39,6 +42,7 @@ from livseg_jax.data import nifti
 from livseg_jax.data.preprocess import PreprocessSettings, preprocess, restore
 from livseg_jax.data.regions import largest_component, paste_into
 from livseg_jax.data.stages import check_stage, liver_crop_box
+from livseg_jax.inference import postprocess as pp
 from livseg_jax.inference.sliding_window import num_windows, sliding_window, window_predict_fn
 from livseg_jax.models import build_model, check_patch_shape, reparameterize, variable_shapes
 from livseg_jax.run_dir import load_variables
@@ -65,11 +69,13 @@ class StageModel:
     sigma_scale: float = 0.125
     liver_margin_mm: float = 10.0  # stage-2 crop margin (used from the tumour model)
     description: dict[str, Any] = dataclasses.field(default_factory=dict)  # provenance, for the JSON
+    postprocess: pp.PostprocessSettings | None = None  # tumour / joint runs: their postprocess.json
 
     def settings(self) -> dict[str, Any]:
-        """Returns the JSON-serialisable settings of this stage (window, overlap, source ...)."""
+        """Returns the JSON-serialisable settings of this stage (window, overlap, source, post-processing ...)."""
         return {"window": list(self.window), "overlap": self.overlap, "batch_size": self.batch_size,
-                "sigma_scale": self.sigma_scale, **self.description}
+                "sigma_scale": self.sigma_scale, **self.description,
+                "postprocess": None if self.postprocess is None else self.postprocess.to_dict()}
 
 
 @dataclasses.dataclass
@@ -114,6 +120,38 @@ def stage_labels(model: StageModel, image: np.ndarray, progress: ProgressFn | No
 def stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
     """Returns the stage's foreground mask (D, H, W) bool: argmax of blended window probabilities > 0."""
     return stage_labels(model, image, progress) > 0
+
+
+def stage_probabilities(model: StageModel, image: np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
+    """Returns the stage's blended window probabilities (D, H, W, K) float32."""
+    callback = None
+    if progress is not None:
+        callback = progress(model.stage, num_windows(image.shape, model.window, model.overlap))
+    return sliding_window(image, model.window_fn, model.variables, model.window, model.overlap,
+                          model.batch_size, model.sigma_scale, model.preprocessing.air_value, callback,
+                          output="probs", num_classes=model.num_classes)
+
+
+def _threshold(model: StageModel) -> float | None:
+    return None if model.postprocess is None else model.postprocess.tumor_threshold
+
+
+def tumor_stage_mask(model: StageModel, image: np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
+    """Returns the tumour stage's mask (D, H, W) bool: p(tumour) > the stored threshold, else the argmax."""
+    threshold = _threshold(model)
+    if threshold is None:  # only the argmax leaves the device
+        return stage_mask(model, image, progress)
+    return pp.threshold_tumor(stage_probabilities(model, image, progress), threshold)
+
+
+def _postprocess_tumor(tumour: np.ndarray, spacing, model: StageModel, info: dict[str, Any]) -> np.ndarray:
+    """Returns the tumour mask after the model's minimum lesion volume; records what it did in `info`."""
+    if model.postprocess is None:
+        return tumour
+    kept = pp.postprocess_tumor(tumour, spacing, model.postprocess)
+    info["postprocess"] = {**model.postprocess.to_dict(), "tumor_voxels_before": int(np.count_nonzero(tumour)),
+                           "tumor_voxels_removed": int(np.count_nonzero(tumour & ~kept))}
+    return kept
 
 
 def _box_list(box) -> list[list[int]]:
@@ -184,9 +222,10 @@ def predict_case(
     info.update(tumor_crop=_box_list(box), tumor_crop_shape=list(crop.shape),
                 tumor_windows=num_windows(crop.shape, tumor.window, tumor.overlap))
     with timer("tumor_inference"):
-        tumour = stage_mask(tumor, crop, progress)
+        tumour = tumor_stage_mask(tumor, crop, progress)
     with timer("tumor_postprocess"):
         tumour &= t_liver[box]
+        tumour = _postprocess_tumor(tumour, t_record.spacing, tumor, info)
         tumour_full = paste_into(tumour, box, t_record.shape, False)
     info["tumor_voxels"] = int(tumour.sum())
 
@@ -226,10 +265,19 @@ def predict_joint_case(
                 body_found=record.body_found,
                 joint_windows=num_windows(image.shape, joint.window, joint.overlap))
     with timer("joint_inference"):
-        raw = stage_labels(joint, image, progress)
+        if _threshold(joint) is None:
+            raw = stage_labels(joint, image, progress)
+        else:  # liver where the argmax is liver or tumour; tumour inside it where p(tumour) > threshold
+            probs = stage_probabilities(joint, image, progress)
+            raw = (np.argmax(probs, axis=-1) >= 1).astype(np.uint8)
+            raw[(raw == 1) & pp.threshold_tumor(probs, _threshold(joint))] = 2
+            del probs
     with timer("joint_postprocess"):
         liver = largest_component(raw >= 1, connectivity)
         labels = np.where(liver, raw, 0).astype(np.uint8)
+        if joint.postprocess is not None:  # removed tumour components become liver again
+            tumour = labels == 2
+            labels[tumour & ~_postprocess_tumor(tumour, record.spacing, joint, info)] = 1
     info.update(liver_voxels_raw=int(np.count_nonzero(raw >= 1)), liver_voxels=int(liver.sum()),
                 tumor_voxels_raw=int(np.count_nonzero(raw == 2)), tumor_voxels=int(np.count_nonzero(labels == 2)))
     del raw
@@ -270,11 +318,13 @@ def load_stage_model(
     overlap: float | None = None,
     batch_size: int | None = None,
     window: tuple[int, int, int] | None = None,
+    postprocess: bool = True,
 ) -> StageModel:
     """Returns a `StageModel` from a run directory (trained or converted); None options use the config.
 
     `deploy` (default `inference.deploy`) folds BatchNorm and the RepConv branches into single
     convolutions first; `expected_stage` raises ValueError when the checkpoint's `stage` differs.
+    `postprocess` loads a tumour or joint run's stored post-processing (`postprocess.json`), if any.
     """
     variables, config = load_variables(path, which)
     stage = str(config.get("stage", ""))
@@ -326,6 +376,7 @@ def load_stage_model(
         sigma_scale=float(inf.gaussian_sigma_scale),
         liver_margin_mm=float(config.data.liver_margin_mm),
         description=description,
+        postprocess=pp.read_settings(path) if postprocess and stage in ("tumor", "joint") else None,
     )
 
 
