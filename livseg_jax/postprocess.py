@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from livseg_jax.cli_errors import run_main
 from livseg_jax.data import nifti
 from livseg_jax.data.layouts import CaseFiles, discover
 from livseg_jax.data.nifti import DataError
@@ -157,17 +158,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0 ok, 1 on bad input)."""
+    """Runs the CLI; returns the exit status (0 ok, 1 for bad inputs, one `error:` line)."""
+    return run_main(_run, argv)
+
+
+def _run(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    try:
-        thresholds = _grid(args.thresholds, "--thresholds", allow_none=True)
-        min_volumes = _grid(args.min_volumes, "--min-volumes", allow_none=False)
-        files = validation_files(args.run, args.cases)
-        settings, record = choose_for_run(args.run, files, args.liver, args.which, thresholds, min_volumes,
-                                          args.fp_penalty, progress=not args.no_progress)
-    except (DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    thresholds = _grid(args.thresholds, "--thresholds", allow_none=True)
+    min_volumes = _grid(args.min_volumes, "--min-volumes", allow_none=False)
+    files = validation_files(args.run, args.cases)
+    settings, record = choose_for_run(args.run, files, args.liver, args.which, thresholds, min_volumes,
+                                      args.fp_penalty, progress=not args.no_progress)
     base, chosen = record["without_postprocessing"], record["chosen"]
     if base is not None:
         print(f"without post-processing: tumour Dice {base['dice']:.4f}, "
