@@ -227,3 +227,35 @@ def test_converter_reports_missing_unexpected_and_mismatched_keys(name):
         mapping.variables_to_state_dict(v, cfg, deploy=False)
     assert err.value.unexpected == ["params/extra/kernel"]
     assert err.value.missing and all(m.startswith(f"batch_stats/{stats_key}/") for m in err.value.missing)
+
+
+def test_summary_lists_every_network():
+    from livseg_jax.models.summary import summary_table
+
+    config = base_config()
+    config.model = tiny("unet")
+    table = summary_table(config, PATCH)
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(NETWORKS)
+    assert all(int(row.split("|")[2].replace(",", "")) > 0 for row in rows)
+
+
+def test_parity_report_covers_a_comparison_network_head_by_head(capsys):
+    """R2U-Net: three heads' rows per mode, its shared (thrice applied) BatchNorms' statistics within
+    1e-4 after the variance rule, and an empty key report in both forms and directions."""
+    torch_models()
+    from tools import parity_report
+
+    parity_report.main(["--networks", "r2unet", "--features", "4,8,8,8,8", "--patch", "16,16,16", "--no-step"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| r2unet | ")]
+    for mode in ("eval torch->flax", "eval flax->torch", "train torch->flax"):
+        assert [r[2] for r in rows if r[1] == mode] == [f"head{i}" for i in range(SPECS["r2unet"].n_heads)]
+        assert all(float(r[-1].rstrip(" |")) <= TOL for r in rows if r[1] == mode)
+    (stats,) = [r for r in rows if r[1] == "train: running mean / var"]
+    assert all(float(v) <= TOL for v in stats[-1].rstrip(" |").split(" / "))
+    (deploy,) = [r for r in rows if r[1] == "deploy (each re-parameterised)"]
+    assert deploy[2] == f"head{SPECS['r2unet'].n_heads - 1}" and float(deploy[-1].rstrip(" |")) <= TOL
+    forms = [r for r in rows if r[1] in ("training", "deploy")]
+    assert [r[1] for r in forms] == ["training", "deploy"]
+    assert all(r[-2] == "0 / 0 / 0" and r[-1].rstrip(" |") == "0 / 0 / 0" for r in forms)
