@@ -1,154 +1,114 @@
-"""Checks every comparison network must pass (issue 16), shared by tests/test_<network>.py.
+"""The tiny set-up every comparison network (SPEC 1.5) is tested at, and what differs between them.
 
-Tiny widths and a 16^3 patch; each function is one test's body, called with the network's name.
+tests/test_networks.py runs the checks every network must pass (shapes, heads, gradients, bf16,
+patch errors, computation forms, deploy form, PyTorch parity, converter) over `SPECS`;
+tests/test_<network>.py test each network's own mechanism with the helpers below.
+Tiny widths (`FEATURES`), a 16^3 patch, batch 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from livseg_jax.config import model_config
 from livseg_jax.interop import mapping
-from livseg_jax.models import build_model, reparameterize
+from livseg_jax.models import build_model
 from livseg_jax.models.forms import REFERENCE_FORMS
 from tools import parity
 
 FEATURES = (4, 8, 8, 8, 8)
+LEVELS = len(FEATURES)
 PATCH = (16, 16, 16)
 BATCH = 2
+CAT = 4  # UNet 3+ decoder fusion width (the paper's 64) at the tiny scale
 TOL = 1e-4  # PyTorch parity: max |difference| / max |reference|
 
+DECODER_HEADS = FEATURES[-2::-1]  # one head per decoder level, coarse to fine: its input width
 
-def tiny(name: str, **overrides) -> object:
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+    """What the shared checks must know of one network at the tiny widths."""
+
+    head_widths: tuple[int, ...]  # channels each head reads, coarse to fine (one entry per head)
+    grad_probe: str  # a first-level kernel (under params) the training loss's gradient must reach
+    missing: tuple[str, str]  # a torch key of the network and its Flax path (converter report)
+    overrides: Mapping = dataclasses.field(default_factory=dict)  # config keys besides the widths
+    divisor: int = 2 ** (LEVELS - 1)  # every patch side must divide by it
+    # Configs with other shapes: the converter reports mismatched keys and nothing missing.
+    wider: tuple[Mapping, ...] = ({"features": (*FEATURES[:-1], 2 * FEATURES[-1])},)
+
+    @property
+    def n_heads(self) -> int:
+        """Returns the number of deep-supervision heads."""
+        return len(self.head_widths)
+
+
+SPECS: dict[str, NetworkSpec] = {
+    "attention_unet": NetworkSpec(DECODER_HEADS, "enc0/conv0/conv/kernel",
+                                  ("gate1.theta.weight", "params/gate1/theta/kernel")),
+    "resunet": NetworkSpec(DECODER_HEADS, "enc0/conv1/conv/kernel",
+                           ("enc2.preact.running_var", "batch_stats/enc2/preact/var")),
+    # Five widths: stem, three stride-2 encoder units, the bridge: 3 decoder levels, patches by 8.
+    "resunet_pp": NetworkSpec(DECODER_HEADS[1:], "enc0/conv0/kernel",
+                              ("dec1.pre0.pre_bn.weight", "params/dec1/pre0/pre_bn/scale"), divisor=8),
+    "r2unet": NetworkSpec(DECODER_HEADS, "enc0/rec0/unit/conv/kernel",
+                          ("enc0.rec1.unit.conv.weight", "params/enc0/rec1/unit/conv/kernel")),
+    "riunet": NetworkSpec(DECODER_HEADS, "enc0/branch5/conv2/conv/kernel",
+                          ("enc1.branch5.conv2.conv.weight", "params/enc1/branch5/conv2/conv/kernel")),
+    # Full-scale deep supervision (as the paper): a head on the bottleneck, then one on every
+    # decoder level, each of which fuses LEVELS maps of CAT channels.
+    "unet3plus": NetworkSpec((FEATURES[-1],) + (LEVELS * CAT,) * (LEVELS - 1), "enc0/conv0/conv/kernel",
+                             ("dec1.scale3.conv.weight", "params/dec1/scale3/conv/kernel"),
+                             overrides={"cat_channels": CAT},
+                             wider=({"features": (*FEATURES[:-1], 2 * FEATURES[-1])}, {"cat_channels": CAT + 1})),
+}
+
+
+def tiny(name: str, **overrides) -> ml_collections.ConfigDict:
+    """Returns the model section of network `name` at the tiny widths, reference forms, `overrides`."""
     cfg = model_config(name)
     cfg.features = FEATURES
     cfg.update(REFERENCE_FORMS)
+    cfg.update(SPECS[name].overrides if name in SPECS else {})
     cfg.update(overrides)
     return cfg
 
 
-def inputs(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(BATCH, *PATCH, 1)).astype(np.float32)
+def inputs(seed: int = 0, patch=PATCH, channels: int = 1, batch: int = BATCH) -> np.ndarray:
+    """Returns a float32 N(0, 1) input (batch, *patch, channels) drawn from `seed`."""
+    return np.random.default_rng(seed).normal(size=(batch, *patch, channels)).astype(np.float32)
 
 
 @functools.cache
 def variables(name: str, seed: int = 0) -> dict:
-    """Random variables with non-trivial BatchNorm statistics (numpy)."""
+    """Returns random numpy variables of the tiny `name` with non-trivial BatchNorm statistics."""
     return parity.random_flax_variables(mapping.flax_variable_shapes(tiny(name)), seed)
 
 
-def check_training_heads_and_gradients(name: str) -> None:
+@functools.cache
+def eval_output(name: str) -> np.ndarray:
+    """Returns the tiny `name`'s evaluation output for `variables(name)` on `inputs()`."""
     model = build_model(tiny(name))
-    v = variables(name)
-    x = jnp.asarray(inputs())
-    labels = (x[..., 0] > 0).astype(jnp.int32)
-
-    def loss_fn(params):
-        outs, _ = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                              mutable=["batch_stats"])
-        loss = sum(jnp.mean(-jnp.take_along_axis(nn.log_softmax(o), labels[..., None], -1)) for o in outs)
-        return loss, outs
-
-    grads, outs = jax.jit(jax.grad(loss_fn, has_aux=True))(v["params"])
-    assert len(outs) == len(FEATURES) - 1
-    assert all(o.shape == (BATCH, *PATCH, 2) and o.dtype == jnp.float32 for o in outs)
-    # Coarse to fine: head i reads decoder level len - 2 - i.
-    widths = [v["params"][f"head{i}"]["kernel"].shape[-2] for i in range(len(outs))]
-    assert widths == list(FEATURES[-2::-1])
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-    assert all(float(jnp.abs(grads[f"head{i}"]["kernel"]).sum()) > 0 for i in range(len(outs)))
-    single = build_model(tiny(name, deep_supervision=False))
-    outs1, _ = jax.jit(lambda v, x: single.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
-    assert len(outs1) == 1 and outs1[0].shape == (BATCH, *PATCH, 2)
-    evaluated = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
-    assert evaluated.shape == (BATCH, *PATCH, 2)
-    np.testing.assert_allclose(evaluated, parity.flax_eval_all_heads(model)(v, x)[-1], rtol=1e-5, atol=1e-5)
+    return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables(name), inputs()))
 
 
-def check_bfloat16_close_to_float32(name: str) -> None:
-    v, x = variables(name), inputs()
-    f32 = jax.jit(lambda v, x: build_model(tiny(name)).apply(v, x, train=False))(v, x)
-    bf16 = jax.jit(lambda v, x: build_model(tiny(name, dtype="bfloat16")).apply(v, x, train=False))(v, x)
-    assert bf16.dtype == jnp.float32
-    rel = float(jnp.max(jnp.abs(bf16 - f32)) / jnp.max(jnp.abs(f32)))
-    assert rel < 5e-2, rel
+def rel_error(reference, other) -> float:
+    """Returns max |reference - other| / max |reference| (float64)."""
+    return parity.errors(np.asarray(reference), np.asarray(other))[1]
 
 
-def check_bad_patch_names_axis_and_divisor(name: str) -> None:
-    model = build_model(tiny(name))
-    with pytest.raises(ValueError, match=r"height = 24 is not divisible by 16"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 24, 16, 1)), train=False))
+def torch_models():
+    """Returns `livseg_jax.interop.torch_models` (skips the test without torch), torch on 2 threads."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(2)
+    from livseg_jax.interop import torch_models as tm
 
-
-def check_deploy_form_reproduces_evaluation(name: str) -> None:
-    v, x = variables(name), inputs(1)
-    expected = jax.jit(lambda v, x: build_model(tiny(name)).apply(v, x, train=False))(v, x)
-    deploy = build_model(tiny(name), deploy=True)
-    folded = reparameterize(v)
-    got = jax.jit(lambda v, x: deploy.apply(v, x, train=False))(folded, x)
-    rel = float(jnp.max(jnp.abs(got - expected)) / jnp.max(jnp.abs(expected)))
-    assert rel <= 1e-5, rel
-    shapes = mapping.flax_variable_shapes(tiny(name), deploy=True)
-    assert jax.tree.structure(shapes) == jax.tree.structure(jax.tree.map(jnp.asarray, folded))
-
-
-def check_torch_parity(name: str) -> None:
-    """Evaluation mode, every head, both directions; and the torch deploy fold."""
-    tm = pytest.importorskip("livseg_jax.interop.torch_models")
-    cfg = tiny(name)
-    x = inputs(2)
-    all_heads = parity.flax_eval_all_heads(build_model(cfg))
-    torch_model = parity.randomize_torch_(tm.torch_model_from_config(cfg), seed=1).eval()
-    imported = mapping.state_dict_to_variables(parity.torch_state_numpy(torch_model), cfg)
-    exported = mapping.variables_to_state_dict(variables(name), cfg)
-    other = parity.load_torch_state_numpy(tm.torch_model_from_config(cfg), exported).eval()
-    for t_model, flax_vars in ((torch_model, imported), (other, variables(name))):
-        t_heads, f_heads = parity.torch_forward(t_model, x), all_heads(flax_vars, x)
-        assert len(t_heads) == len(f_heads) == len(FEATURES) - 1
-        for i, (t, f) in enumerate(zip(t_heads, f_heads, strict=True)):
-            assert t.shape == (BATCH, *PATCH, 2)
-            max_abs, rel = parity.errors(t, np.asarray(f))
-            assert rel <= TOL, f"head {i}: max |diff| {max_abs:.3g}, relative {rel:.3g}"
-    # Deploy: the torch fold and the Flax fold give the same weights and outputs.
-    torch_deploy = tm.reparameterize_torch(torch_model).eval()
-    flax_deploy = reparameterize(imported)
-    folded = parity.torch_state_numpy(torch_deploy)
-    from_flax = mapping.variables_to_state_dict(flax_deploy, cfg)
-    assert folded.keys() == from_flax.keys()
-    for key in folded:
-        np.testing.assert_allclose(from_flax[key], folded[key], rtol=1e-6, atol=1e-7, err_msg=key)
-    deploy_out = parity.torch_forward(torch_deploy, x)[-1]
-    assert parity.errors(parity.torch_forward(torch_model, x)[-1], deploy_out)[1] <= TOL
-
-
-def check_converter_round_trip_and_report(name: str, drop_key: str, drop_path: str) -> None:
-    """Exact torch -> flax -> torch in both forms; missing / unexpected / mismatched keys reported.
-
-    `drop_key` is a torch key of the network, `drop_path` its Flax path.
-    """
-    tm = pytest.importorskip("livseg_jax.interop.torch_models")
-    cfg = tiny(name)
-    for deploy in (False, True):
-        state = parity.torch_state_numpy(parity.randomize_torch_(tm.torch_model_from_config(cfg, deploy), seed=3))
-        v = mapping.state_dict_to_variables(state, cfg)
-        assert ("batch_stats" in v) == (not deploy)
-        back = mapping.variables_to_state_dict(v, cfg)
-        assert list(back) == list(state)
-        assert all(back[k].dtype == state[k].dtype and np.array_equal(back[k], state[k]) for k in state)
-    state = parity.torch_state_numpy(tm.torch_model_from_config(cfg))
-    del state[drop_key]
-    state["stray9.conv.weight"] = np.ones((1, 1, 1, 1, 1), np.float32)
-    state["head0.bias"] = np.zeros(5, np.float32)
-    with pytest.raises(mapping.ConversionError) as err:
-        mapping.state_dict_to_variables(state, cfg)
-    e = err.value
-    assert e.missing == [drop_path]
-    assert e.unexpected == ["stray9.conv.weight -> params/stray9/conv/kernel"]
-    assert len(e.mismatched) == 1 and e.mismatched[0].startswith("head0.bias (5,)")
-    assert "missing (1)" in str(e) and "stray9" in str(e)
+    return tm

@@ -1,5 +1,5 @@
-"""3D Attention U-Net (Oktay et al. 2018): shapes, gradients, bf16, deploy form, PyTorch twin, and
-its attention gates (coefficients in [0, 1]; a gate whose psi outputs zeros blocks its skip)."""
+"""3D Attention U-Net (Oktay et al. 2018): its attention gates (coefficients in [0, 1]; a gate whose psi
+outputs zeros blocks its skip). The checks every network passes: tests/test_networks.py."""
 
 from __future__ import annotations
 
@@ -13,30 +13,6 @@ from livseg_jax.models.attention_unet import AttentionGate
 from livseg_jax.models.layers import Layers
 
 NAME = "attention_unet"
-
-
-def test_training_heads_coarse_to_fine_with_finite_gradients():
-    checks.check_training_heads_and_gradients(NAME)
-
-
-def test_bfloat16_close_to_float32():
-    checks.check_bfloat16_close_to_float32(NAME)
-
-
-def test_bad_patch_names_the_axis_and_divisor():
-    checks.check_bad_patch_names_axis_and_divisor(NAME)
-
-
-def test_deploy_form_reproduces_evaluation():
-    checks.check_deploy_form_reproduces_evaluation(NAME)
-
-
-def test_torch_twin_agrees_in_evaluation_mode_and_deploy_form():
-    checks.check_torch_parity(NAME)
-
-
-def test_converter_round_trip_and_key_report():
-    checks.check_converter_round_trip_and_report(NAME, "gate1.theta.weight", "params/gate1/theta/kernel")
 
 
 def test_every_skip_is_gated_with_coefficients_in_unit_interval():

@@ -59,7 +59,7 @@ def inputs():
 
 
 # The paper's family (SPEC 1.2); the comparison networks (SPEC 1.5) run the same checks, with
-# max-normalised tolerances for their depth, in tests/network_checks.py via tests/test_<name>.py.
+# max-normalised tolerances for their depth, in tests/test_networks.py (set-up: tests/network_checks.py).
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request):
     cfg = tiny_config(request.param)

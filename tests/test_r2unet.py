@@ -1,50 +1,27 @@
-"""R2U-Net (Alom et al. 2018) in 3D: the shared network checks and its recurrent residual units."""
+"""R2U-Net (Alom et al. 2018) in 3D: its recurrent residual units and their shared BatchNorm. The
+checks every network passes: tests/test_networks.py."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import network_checks as checks
 import numpy as np
 import pytest
-from network_class_checks import NetworkChecks, rel_error
 
+from livseg_jax.interop import mapping
+from livseg_jax.models import build_model
 from livseg_jax.models.layers import ConvBN, Layers
 from livseg_jax.models.r2unet import RecurrentConv, RRCNNBlock
+from tools import parity
 
-CHECKS = NetworkChecks("r2unet")
-
-
-def test_training_heads_coarse_to_fine_with_finite_gradients():
-    CHECKS.check_shapes_and_gradients()
+NAME = "r2unet"
 
 
-def test_bfloat16_forward_agrees_with_float32():
-    CHECKS.check_bf16()
-
-
-def test_patch_not_divisible_names_the_axis_and_divisor():
-    CHECKS.check_bad_patch()
-
-
-def test_gpu_computation_forms_match_the_reference_forms():
-    CHECKS.check_forms()
-
-
-def test_deploy_form_reproduces_evaluation_and_norms_are_named_for_the_table():
-    CHECKS.check_deploy()
+def test_layout_one_shared_conv_bn_per_recurrent_layer():
     # One shared ConvBN per recurrent layer: one conv and one BatchNorm, whatever t.
-    enc0 = CHECKS.variables["params"]["enc0"]
+    enc0 = checks.variables(NAME)["params"]["enc0"]
     assert set(enc0) == {"proj", "rec0", "rec1"} and set(enc0["rec0"]) == {"unit"}
     assert set(enc0["rec0"]["unit"]) == {"conv", "bn"}
-
-
-def test_torch_twin_agrees_in_evaluation_and_deploy_forms():
-    pytest.importorskip("torch")
-    CHECKS.check_torch_parity()
-
-
-def test_converter_round_trip_and_key_report():
-    pytest.importorskip("torch")
-    CHECKS.check_converter("enc0.rec1.unit.conv.weight")
 
 
 def _unit_apply(unit_vars, z, train):
@@ -72,7 +49,7 @@ def test_recurrent_layer_with_t2_equals_the_hand_unrolled_recurrence(train):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), upd["batch_stats"]["unit"],
                  stats)
     once, _ = _unit_apply(unit_vars, x, train)
-    assert rel_error(got, once) > 1e-2  # t = 2 is not a single pass
+    assert checks.rel_error(got, once) > 1e-2  # t = 2 is not a single pass
 
 
 def test_rrcnn_block_adds_its_projection_to_the_recurrent_stack():
@@ -90,18 +67,13 @@ def test_rrcnn_block_adds_its_projection_to_the_recurrent_stack():
 
 
 def test_shared_batch_norm_updates_its_running_mean_per_application_as_torch_does():
-    torch = pytest.importorskip("torch")
-    from livseg_jax.interop import mapping
-    from livseg_jax.interop import torch_models as tm
-    from tools import parity
-
-    cfg = CHECKS.cfg
+    tm = checks.torch_models()
+    cfg = checks.tiny(NAME)
     torch_model = parity.randomize_torch_(tm.torch_model_from_config(cfg), seed=3).train()
     variables = mapping.state_dict_to_variables(parity.torch_state_numpy(torch_model), cfg)
-    x = np.array(CHECKS.x)
-    _, stats = parity.flax_train_forward(CHECKS.model)(variables, x)
-    with torch.no_grad():
-        torch_model(torch.from_numpy(np.moveaxis(x, -1, 1).copy()))
+    x = checks.inputs()
+    _, stats = parity.flax_train_forward(build_model(cfg))(variables, x)
+    parity.torch_forward(torch_model, x)  # one training-mode pass updates the running statistics
     for block in ("enc0", "dec0"):
         for rec in ("rec0", "rec1"):
             want = getattr(getattr(torch_model, block), rec).unit.bn.running_mean.numpy()

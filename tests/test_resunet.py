@@ -1,5 +1,5 @@
-"""Residual 3D U-Net (Zhang, Liu & Wang 2018): shapes, gradients, bf16, deploy form, PyTorch twin,
-and its residual units (output = branch + shortcut; stride-2 units halve the grid)."""
+"""Residual 3D U-Net (Zhang, Liu & Wang 2018): its layout and residual units (output = branch +
+shortcut; stride-2 units halve the grid). The checks every network passes: tests/test_networks.py."""
 
 from __future__ import annotations
 
@@ -14,30 +14,6 @@ from livseg_jax.models.resunet import ResidualUnit
 from tools import parity
 
 NAME = "resunet"
-
-
-def test_training_heads_coarse_to_fine_with_finite_gradients():
-    checks.check_training_heads_and_gradients(NAME)
-
-
-def test_bfloat16_close_to_float32():
-    checks.check_bfloat16_close_to_float32(NAME)
-
-
-def test_bad_patch_names_the_axis_and_divisor():
-    checks.check_bad_patch_names_axis_and_divisor(NAME)
-
-
-def test_deploy_form_reproduces_evaluation():
-    checks.check_deploy_form_reproduces_evaluation(NAME)
-
-
-def test_torch_twin_agrees_in_evaluation_mode_and_deploy_form():
-    checks.check_torch_parity(NAME)
-
-
-def test_converter_round_trip_and_key_report():
-    checks.check_converter_round_trip_and_report(NAME, "enc2.preact.running_var", "batch_stats/enc2/preact/var")
 
 
 def test_layout_pre_activation_units_strided_down_sampling():

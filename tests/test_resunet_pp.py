@@ -1,51 +1,23 @@
-"""ResUNet++ (Jha et al. 2019) in 3D: the shared network checks, SE, ASPP and decoder attention."""
+"""ResUNet++ (Jha et al. 2019) in 3D: its layout, SE, ASPP and decoder attention. The checks every
+network passes: tests/test_networks.py."""
 
 import jax
 import jax.numpy as jnp
+import network_checks as checks
 import numpy as np
-import pytest
 from jax import lax
-from network_class_checks import FEATURES, NetworkChecks
 
 from livseg_jax.models.layers import BN_EPSILON
 from livseg_jax.models.resunet_pp import ASPP, ASPP_RATES, Attention, SqueezeExcite
 
-# Five widths: stem, three stride-2 encoder units, the bridge: 3 decoder levels, patches by 8.
-CHECKS = NetworkChecks("resunet_pp", n_heads=len(FEATURES) - 2, divisor=2 ** (len(FEATURES) - 2))
+NAME = "resunet_pp"
 
 
-def test_training_heads_coarse_to_fine_with_finite_gradients():
-    CHECKS.check_shapes_and_gradients()
-
-
-def test_bfloat16_forward_agrees_with_float32():
-    CHECKS.check_bf16()
-
-
-def test_patch_not_divisible_names_the_axis_and_divisor():
-    CHECKS.check_bad_patch()
-
-
-def test_gpu_computation_forms_match_the_reference_forms():
-    CHECKS.check_forms()
-
-
-def test_deploy_form_reproduces_evaluation_and_norms_are_named_for_the_table():
-    CHECKS.check_deploy()
-    params = CHECKS.variables["params"]
+def test_layout_encoder_se_aspp_bridge_decoder_attention():
+    params = checks.variables(NAME)["params"]
     assert {"enc0", "enc1", "enc3", "se0", "se3", "bridge", "att2", "att0", "up2", "dec0", "aspp_out"} <= set(params)
     assert "se4" not in params and "att3" not in params and "se" not in str(sorted(params["dec0"]))
     assert set(params["bridge"]) == {f"rate{r}" for r in ASPP_RATES} | {"fuse"}
-
-
-def test_torch_twin_agrees_in_evaluation_and_deploy_forms():
-    pytest.importorskip("torch")
-    CHECKS.check_torch_parity()
-
-
-def test_converter_round_trip_and_key_report():
-    pytest.importorskip("torch")
-    CHECKS.check_converter("dec1.pre0.pre_bn.weight")
 
 
 def test_squeeze_excite_rescales_each_channel_by_its_pooled_statistics():

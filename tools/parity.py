@@ -1,7 +1,8 @@
 """Helpers that put the two frameworks side by side: random non-trivial weights, forward passes
 that return every deep-supervision head, error measures, and the BatchNorm running-variance rule.
 
-Used by tests/test_interop.py and `python -m tools.parity_report`. Imports torch lazily.
+Used by tests/test_interop.py, tests/network_checks.py and `python -m tools.parity_report`.
+Imports torch lazily.
 """
 
 from __future__ import annotations

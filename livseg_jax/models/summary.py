@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts of the model variants.
+"""Parameter and FLOP counts of every network of `models.build.NETWORKS`.
 
     python -m livseg_jax.models.summary --config=configs/liver.py [--patch=48,256,256] [--batch=1]
 
@@ -47,7 +47,7 @@ def forward_flops(model_config: ml_collections.ConfigDict, patch: Sequence[int],
 
 
 def summary_table(base: ml_collections.ConfigDict, patch: Sequence[int], batch: int = 1) -> str:
-    """Returns a Markdown table of parameters and forward GFLOPs for every variant."""
+    """Returns a Markdown table of parameters and forward GFLOPs for every network of NETWORKS."""
     check_patch_shape(patch, len(base.model.features))
     rows = ["| variant | parameters | BatchNorm statistics | forward GFLOP |", "|---|---:|---:|---:|"]
     for name in NETWORKS:
