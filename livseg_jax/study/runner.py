@@ -43,7 +43,8 @@ from livseg_jax.training.loop import dataset_cases, train_and_evaluate
 DONE_FILE = "study_done.json"
 PREDICTIONS_DONE = "predictions.json"
 RESULT_FILE = "result.json"
-TrainFn = Callable[[ml_collections.ConfigDict, pathlib.Path], Mapping[str, Any]]
+# train_fn(config, run directory, devices) -> summary, as `train_and_evaluate`.
+TrainFn = Callable[[ml_collections.ConfigDict, pathlib.Path, Sequence[Any]], Mapping[str, Any]]
 
 
 def _canonical(config: ml_collections.ConfigDict) -> Any:
@@ -70,7 +71,7 @@ def stage_configs(study: ml_collections.ConfigDict, entry: Mapping[str, Any], tr
     return {stage: spec.stage_run_config(study, entry, stage, train_list, num_val) for stage in spec.run_stages(entry)}
 
 
-def train_stage(config: ml_collections.ConfigDict, stage_dir: pathlib.Path,
+def train_stage(config: ml_collections.ConfigDict, stage_dir: pathlib.Path, devices: Sequence[Any],
                 train_fn: TrainFn = train_and_evaluate) -> dict[str, Any]:
     """Returns the stage's completion record, training it first unless `study_done.json` says it is done.
 
@@ -86,7 +87,7 @@ def train_stage(config: ml_collections.ConfigDict, stage_dir: pathlib.Path,
                              "declares for it; use a new --workdir, or delete the run's folder to retrain it")
         return done
     start = time.perf_counter()
-    summary = train_fn(config, stage_dir)
+    summary = train_fn(config, stage_dir, devices)
     record = {"config": requested, "final_step": int(summary["final_step"]),
               "start_step": int(summary["start_step"]), "best_dice": float(summary["best_dice"]),
               "train_s": time.perf_counter() - start, "finished": _now()}
@@ -147,7 +148,8 @@ def run_one(study: ml_collections.ConfigDict, entry: Mapping[str, Any], run_dir:
     """Returns (table metrics, per-case evaluation records) of one run after training, predicting, evaluating."""
     configs = stage_configs(study, entry, train_list, len(split["val"]))
     stage_dirs = {stage: run_dir / stage for stage in configs}
-    done = {stage: train_stage(config, stage_dirs[stage], train_fn) for stage, config in configs.items()}
+    devices = study_devices(study)
+    done = {stage: train_stage(config, stage_dirs[stage], devices, train_fn) for stage, config in configs.items()}
     test = [cases[cid] for cid in split["test"]]
     records = predict_test_split(run_dir, stage_dirs, {s: d["finished"] for s, d in done.items()}, test, study)
     per_case, summary = evaluate_test_split(run_dir, test, study)
@@ -156,6 +158,15 @@ def run_one(study: ml_collections.ConfigDict, entry: Mapping[str, Any], run_dir:
                                 float(np.mean([r["timings_s"]["total"] for r in records])))
     atomic_write.write_json(run_dir / RESULT_FILE, evaluate.jsonable(result))
     return result, per_case
+
+
+def study_devices(study: ml_collections.ConfigDict) -> list[Any]:
+    """Returns the devices each run trains on: the first `study.devices` (0: all) visible ones."""
+    available = jax.devices()
+    n = int(study.devices) or len(available)
+    if not 1 <= n <= len(available):
+        raise ValueError(f"study.devices = {study.devices}: {len(available)} device(s) visible")
+    return available[:n]
 
 
 def git_commit() -> str:
@@ -187,8 +198,9 @@ def describe(study: ml_collections.ConfigDict, split: Mapping[str, Any]) -> dict
     overrides = ", ".join(f"{k}={v}" for k, v in study.scale_overrides)
     arg = f":{study.stage_arg}" if study.stage_arg else ""
     scale = f"{study.scale}: stage configs{arg}" + (f" with {overrides}" if overrides else "")
-    dev = jax.devices()
-    device = f"{len(dev)} x {dev[0].device_kind} ({dev[0].platform}); runs one after another, data parallel"
+    dev = study_devices(study)
+    device = (f"{len(dev)} x {dev[0].device_kind} ({dev[0].platform}) of {jax.device_count()} visible; runs one "
+              "after another, each data parallel over these")
     return {"study": study.name, "scale": study.scale, "description": study.description, "data": data,
             "split": split_text, "scale_settings": scale, "device": device, "commit": git_commit(),
             "written": _now()}

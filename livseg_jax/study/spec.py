@@ -10,6 +10,7 @@ A study config (`configs/studies/NAME.py`, `get_config(arg)` with `arg` the scal
     scale_overrides  (("dotted.key", value), ...) applied to every stage of every run (the smoke widths ...)
     runs        ({name, pipeline: "two_stage" | "one_stage", overrides, liver, tumor, joint}, ...)
     tables      ({id, title, note, rows, columns: ({label, key, digits, published}, ...)}, ...)
+    devices     how many devices each run trains on, data parallel (0: all)
     predict     which checkpoint ("best" | "latest") and the liver component connectivity
     evaluate    lesion connectivity, min_overlap, size_threshold (as `livseg_jax.evaluate`'s flags)
 
@@ -34,10 +35,12 @@ PIPELINES = {"two_stage": ("liver", "tumor"), "one_stage": ("joint",)}
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
-# Every stage of a smoke-scale run: a network a few thousand parameters wide, two training steps,
-# no validation, small synthetic volumes. Minutes for a whole study on a CPU.
+# Every stage of a smoke-scale run: a three-level network a few thousand parameters wide without
+# deep supervision (XLA's compile time dominates at this size), two training steps, no validation,
+# small synthetic volumes. About half a minute of CPU per run: minutes for a whole study.
 SMOKE_OVERRIDES = {
-    "model.features": (4, 8, 8, 8, 8),
+    "model.features": (4, 8, 8),
+    "model.deep_supervision": False,
     "data.patch_size": (16, 32, 32),
     "data.batch_size": 2,
     "train.num_epochs": 1,
@@ -47,7 +50,7 @@ SMOKE_OVERRIDES = {
     "train.checkpoint_every_epochs": 1,
     "inference.batch_size": 4,
 }
-SMOKE_SYNTHETIC = {"num_cases": 6, "shape": (96, 96, 32), "spacing": (2.0, 2.0, 4.0), "seed": 1234}
+SMOKE_SYNTHETIC = {"num_cases": 6, "shape": (64, 64, 32), "spacing": (2.0, 2.0, 4.0), "seed": 1234}
 # The paper's LiTS protocol: 131 cases, 20 for testing, the other 111 split 3:1 train:validation.
 PAPER_SYNTHETIC = {"num_cases": 131, "shape": (160, 160, 64), "spacing": (1.5, 1.5, 3.0), "seed": 1234}
 
@@ -100,6 +103,8 @@ def study_config(name: str, arg: str, source: str, description: str = "") -> ml_
     c.scale_overrides = tuple(SMOKE_OVERRIDES.items()) if smoke else ()
     c.runs = ()
     c.tables = ()
+    # Devices each run trains on, data parallel (0: all visible ones; the global batch must divide by it).
+    c.devices = 1 if smoke else 0
     c.predict = ml_collections.ConfigDict(dict(which="best", connectivity=1))
     c.evaluate = ml_collections.ConfigDict(dict(connectivity=3, min_overlap=0.0, size_threshold=0.6))
     return c
