@@ -55,7 +55,7 @@ def test_saved_split_is_reused_and_a_changed_one_refused(tmp_path):
 
 
 @pytest.mark.parametrize("name", STUDIES)
-@pytest.mark.parametrize("scale", ["", "paper"])
+@pytest.mark.parametrize("scale", ["", "demo", "paper"])
 def test_shipped_studies_are_valid_and_build_every_stage_config(name, scale):
     study = spec.load_config_file(REPO / "configs" / "studies" / f"{name}.py", scale)
     spec.check_study(study, tables.METRIC_KEYS)

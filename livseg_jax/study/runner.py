@@ -178,7 +178,8 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain"],
                                capture_output=True, text=True, check=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown (not a git checkout)"
+        given = os.environ.get("LIVSEG_STUDY_COMMIT")  # a copy of the tree without .git (a remote machine)
+        return f"{given} (given by LIVSEG_STUDY_COMMIT)" if given else "unknown (not a git checkout)"
     return head + (" + uncommitted changes" if dirty else "")
 
 

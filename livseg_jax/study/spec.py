@@ -2,7 +2,7 @@
 
 A study config (`configs/studies/NAME.py`, `get_config(arg)` with `arg` the scale) is plain data:
 
-    name, scale ("smoke" | "paper"), description
+    name, scale ("smoke" | "demo" | "paper"), description
     data        root / layout / list_file / cache_dir / synthetic: replaces every run's `data` keys
     split       test_cases, val_fraction, folds, fold, seed (`study.splits`)
     stage_configs  {"liver", "tumor", "joint"}: the config files each stage starts from
@@ -30,7 +30,7 @@ import ml_collections
 
 from livseg_jax.config import MODEL_NAMES
 
-SCALES = ("smoke", "paper")
+SCALES = ("smoke", "demo", "paper")
 PIPELINES = {"two_stage": ("liver", "tumor"), "one_stage": ("joint",)}
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -50,6 +50,10 @@ SMOKE_OVERRIDES = {
     "train.checkpoint_every_epochs": 1,
     "inference.batch_size": 4,
 }
+# demo: the stage configs' own demo presets (narrow networks, patches of 16 x 64 x 64 / 16 x 48 x 48)
+# for 4 epochs of 50 steps, on 16 synthetic cases of the default size: about a minute per stage on a GPU.
+DEMO_OVERRIDES = {"train.num_epochs": 4, "train.eval_every_epochs": 2}
+DEMO_SYNTHETIC = {"num_cases": 16, "shape": (160, 160, 64), "spacing": (1.5, 1.5, 3.0), "seed": 1234}
 SMOKE_SYNTHETIC = {"num_cases": 6, "shape": (64, 64, 32), "spacing": (2.0, 2.0, 4.0), "seed": 1234}
 # The paper's LiTS protocol: 131 cases, 20 for testing, the other 111 split 3:1 train:validation.
 PAPER_SYNTHETIC = {"num_cases": 131, "shape": (160, 160, 64), "spacing": (1.5, 1.5, 3.0), "seed": 1234}
@@ -94,13 +98,14 @@ def study_config(name: str, arg: str, source: str, description: str = "") -> ml_
     c.description = description
     c.data = ml_collections.ConfigDict(dict(
         root="", layout="auto", list_file="", cache_dir="",
-        synthetic=dict(SMOKE_SYNTHETIC if smoke else PAPER_SYNTHETIC)))
+        synthetic=dict({"smoke": SMOKE_SYNTHETIC, "demo": DEMO_SYNTHETIC, "paper": PAPER_SYNTHETIC}[scale])))
     c.split = ml_collections.ConfigDict(dict(
-        test_cases=2 if smoke else 20, val_fraction=0.25, folds=0, fold=0, seed=0))
+        test_cases={"smoke": 2, "demo": 4, "paper": 20}[scale], val_fraction=0.25, folds=0, fold=0, seed=0))
     c.stage_configs = ml_collections.ConfigDict(
         {stage: str(CONFIGS_DIR / f"{stage}.py") for stage in ("liver", "tumor", "joint")})
-    c.stage_arg = "" if smoke else "paper"
-    c.scale_overrides = tuple(SMOKE_OVERRIDES.items()) if smoke else ()
+    c.stage_arg = "paper" if scale == "paper" else ""
+    c.scale_overrides = {"smoke": tuple(SMOKE_OVERRIDES.items()), "demo": tuple(DEMO_OVERRIDES.items()),
+                         "paper": ()}[scale]
     c.runs = ()
     c.tables = ()
     # Devices each run trains on, data parallel (0: all visible ones; the global batch must divide by it).
