@@ -3,7 +3,7 @@
     python -m experiments.smoke_studies losses stages [--workdir /tmp/studies]
 
 Each study runs as `python -m livseg_jax.study --config=configs/studies/NAME.py` would (resuming
-in WORKDIR/NAME-smoke); its tables.md / .csv / .json, dice.png and split.json are then copied to
+in WORKDIR/NAME-smoke); its tables.md / .csv / .json, dice.png, qualitative.png and split.json are then copied to
 experiments/results/studies/NAME-smoke/.
 """
 
@@ -17,7 +17,7 @@ from livseg_jax.study.runner import run_study
 from livseg_jax.study.spec import CONFIGS_DIR, load_config_file
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "studies"
-KEPT = ("tables.md", "tables.csv", "tables.json", "dice.png", "split.json")
+KEPT = ("tables.md", "tables.csv", "tables.json", "dice.png", "qualitative.png", "split.json")
 
 
 def main() -> None:

@@ -139,7 +139,7 @@ def test_ablation_smoke_study_matches_evaluate_and_resumes_without_retraining(tm
     out = runner.run_study(study, workdir, train_fn=record)
     assert trained[2:] == [(n, s) for n in ("MSCA-UNet", "ELANRes-UNet", "ELANRes-MSCA-UNet")
                            for s in ("liver", "tumor")]  # UNet was not trained again
-    assert out["figure"].is_file()
+    assert out["figure"].is_file() and out["qualitative"].is_file()
     header = (workdir / "tables.md").read_text()
     assert "synthetic" in header and "smoke" in header and "commit:" in header and "device:" in header
 

@@ -1,4 +1,4 @@
-"""A study's figure: per-case liver and tumour Dice of every run as box plots (matplotlib)."""
+"""A study's figures: per-case Dice box plots per run, and one test slice with every run's contours."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from livseg_jax import atomic_write
+from livseg_jax.data import nifti
+from livseg_jax.visualize import DISPLAY_HU, GT_STYLE, PRED_STYLE, pick_slices, plane_slice
 
 
 def dice_values(cases: Sequence[Mapping[str, Any]], structure: str) -> list[float]:
@@ -39,4 +43,42 @@ def dice_box_plot(path: str | os.PathLike, per_case: Mapping[str, Sequence[Mappi
     path = pathlib.Path(path)
     with atomic_write.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+    return path
+
+
+def qualitative_panel(path: str | os.PathLike, image_path: str | os.PathLike, truth_path: str | os.PathLike,
+                      predictions: Mapping[str, str | os.PathLike], title: str) -> pathlib.Path:
+    """Returns `path` after writing a PNG: one axial slice (most tumour, else most liver) per run,
+    ground truth solid and that run's prediction dashed (as the paper's Figures 5-6)."""
+    image, geometry = nifti.read_image(image_path)
+    truth, _ = nifti.read_label(truth_path, expected=geometry)
+    axial = [(label, index) for label, plane, index in pick_slices(truth) if plane == "axial"]
+    label, index = axial[-1]  # the tumour slice when there is a tumour
+    sy, sx = (float(s) for s in geometry.spacing[1:])
+    names = list(predictions)
+    fig = Figure(figsize=(3.2 * len(names), 3.9), dpi=110, facecolor="black")
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    for ax, name in zip(axes, names, strict=True):
+        pred, _ = nifti.read_label(predictions[name], expected=geometry)
+        ax.imshow(plane_slice(image, "axial", index), cmap="gray", vmin=DISPLAY_HU[0], vmax=DISPLAY_HU[1],
+                  origin="lower", aspect=sy / sx, interpolation="nearest")
+        for labels, style in ((truth, GT_STYLE), (pred, PRED_STYLE)):
+            slab = plane_slice(labels, "axial", index)
+            for structure, mask in (("liver", slab >= 1), ("tumor", slab == 2)):
+                if mask.any():
+                    ax.contour(mask.astype(np.float32), levels=[0.5], colors=[style[structure]],
+                               linestyles=style["linestyle"], linewidths=1.0)
+        ax.invert_xaxis()  # radiological convention, as visualize.py
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(name, color="white", fontsize=9)
+    handles = [Line2D([], [], color=style[key], linestyle=style["linestyle"], label=f"{who}: {name}")
+               for who, style in (("truth", GT_STYLE), ("prediction", PRED_STYLE))
+               for key, name in (("liver", "liver"), ("tumor", "tumour"))]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False, labelcolor="white")
+    fig.suptitle(f"{title}: axial slice {index} ({label})", color="white", fontsize=10)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.1, top=0.85, wspace=0.03)
+    path = pathlib.Path(path)
+    with atomic_write.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
     return path

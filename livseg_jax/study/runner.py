@@ -11,7 +11,7 @@ Layout of a study directory (`--workdir`):
     runs/<run>/predictions.json  written when every test case is predicted
     runs/<run>/evaluation/     `evaluate`'s evaluation.csv / .json on the test split
     runs/<run>/result.json     the run's table metrics
-    tables.md, tables.csv, tables.json, dice.png
+    tables.md, tables.csv, tables.json, dice.png (per-case Dice), qualitative.png (one test slice)
 
 With `split.folds` >= 2 the runs, tables and figure of fold k go to `fold-k/` (split.json stays at the top).
 Runs go one after another, each using every visible device (data parallel); an interrupted study
@@ -214,9 +214,9 @@ def results_dir(study: ml_collections.ConfigDict, workdir: pathlib.Path) -> path
 
 def run_study(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only: Sequence[str] = (),
               train_fn: TrainFn = train_and_evaluate) -> dict[str, Any]:
-    """Returns {"results", "tables", "figure"} after running the study's runs (`only`: these) in `workdir`.
+    """Returns {"results", "tables", "figure", "qualitative"} after running the study's runs in `workdir`.
 
-    Tables cover every run with results in the directory, also those left out by `only`.
+    `only`: just these runs; the tables cover every run with results in the directory, also the others.
     """
     spec.check_study(study, tables.METRIC_KEYS)
     names = [r["name"] for r in study.runs]
@@ -242,8 +242,13 @@ def run_study(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only
         results[entry["name"]], per_case[entry["name"]] = run_one(study, entry, run_dir, str(train_list), split,
                                                                   cases, train_fn)
     paths = tables.write_tables(out, describe(study, split), study.tables, results)
-    figure = None
+    figure = panel = None
     if per_case:
         figure = figures.dice_box_plot(out / "dice.png", per_case,
                                        f"{study.name} ({study.scale}): per-case Dice on the test split")
-    return {"results": results, "tables": paths, "figure": figure}
+        first = cases[split["test"][0]]
+        panel = figures.qualitative_panel(
+            out / "qualitative.png", first.image, first.label,
+            {name: out / "runs" / name / "predictions" / output_name(first.case_id) for name in per_case},
+            f"{study.name} ({study.scale}), {first.case_id}")
+    return {"results": results, "tables": paths, "figure": figure, "qualitative": panel}
