@@ -90,7 +90,7 @@ def train_stage(config: ml_collections.ConfigDict, stage_dir: pathlib.Path, devi
     summary = train_fn(config, stage_dir, devices)
     record = {"config": requested, "final_step": int(summary["final_step"]),
               "start_step": int(summary["start_step"]), "best_dice": float(summary["best_dice"]),
-              "train_s": time.perf_counter() - start, "finished": _now()}
+              "train_s": time.perf_counter() - start, "finished": _now(), "commit": git_commit()}
     atomic_write.write_json(marker, record)  # last: its presence marks the stage complete
     return record
 
@@ -156,6 +156,7 @@ def run_one(study: ml_collections.ConfigDict, entry: Mapping[str, Any], run_dir:
     params = sum(count_params(c.model, tuple(c.data.patch_size))["params"] for c in configs.values())
     result = tables.run_metrics(summary, params, sum(d["train_s"] for d in done.values()),
                                 float(np.mean([r["timings_s"]["total"] for r in records])))
+    result["trained_at_commits"] = sorted({d.get("commit", "unrecorded") for d in done.values()})
     atomic_write.write_json(run_dir / RESULT_FILE, evaluate.jsonable(result))
     return result, per_case
 
@@ -183,8 +184,9 @@ def git_commit() -> str:
     return head + (" + uncommitted changes" if dirty else "")
 
 
-def describe(study: ml_collections.ConfigDict, split: Mapping[str, Any]) -> dict[str, Any]:
-    """Returns the tables' header: study, data, split, scale settings, device, commit, time."""
+def describe(study: ml_collections.ConfigDict, split: Mapping[str, Any],
+             results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Returns the tables' header: study, data, split, scale settings, device, commit(s), time."""
     d = study.data
     if d.root or d.list_file:
         data = f"{d.root or d.list_file} (layout {d.layout}), {len(split['cases'])} labelled cases"
@@ -202,8 +204,12 @@ def describe(study: ml_collections.ConfigDict, split: Mapping[str, Any]) -> dict
     dev = study_devices(study)
     device = (f"{len(dev)} x {dev[0].device_kind} ({dev[0].platform}) of {jax.device_count()} visible; runs one "
               "after another, each data parallel over these")
+    commit = git_commit()
+    trained = {name: c for name, r in results.items() for c in r.get("trained_at_commits", ()) if c != commit}
+    if trained:  # runs trained by other code than the one writing the tables
+        commit += "; runs trained at other commits: " + ", ".join(f"{n} {c}" for n, c in trained.items())
     return {"study": study.name, "scale": study.scale, "description": study.description, "data": data,
-            "split": split_text, "scale_settings": scale, "device": device, "commit": git_commit(),
+            "split": split_text, "scale_settings": scale, "device": device, "commit": commit,
             "written": _now()}
 
 
@@ -241,7 +247,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only
         print(f"study {study.name}: run {entry['name']} ({entry['pipeline']})", flush=True)
         results[entry["name"]], per_case[entry["name"]] = run_one(study, entry, run_dir, str(train_list), split,
                                                                   cases, train_fn)
-    paths = tables.write_tables(out, describe(study, split), study.tables, results)
+    paths = tables.write_tables(out, describe(study, split, results), study.tables, results)
     figure = panel = None
     if per_case:
         figure = figures.dice_box_plot(out / "dice.png", per_case,
