@@ -103,7 +103,11 @@ def test_markdown_keeps_published_values_as_given_and_leaves_missing_cells_empty
     spec_table = spec.table("t", "T", ("A", "B"), (spec.column("liver Dice", "liver.dice", 3, {"B": 0.97}),))
     text = tables.markdown_table(spec_table, {"A": {"liver.dice": 0.5}})
     assert "| A | 0.500 |  |" in text
-    assert "| B (not run) |  | 0.97 |" in text
+    assert "| B (not run) |  | 0.970 |" in text  # as published, at the column's digits
+    study = spec.load_config_file(REPO / "configs" / "studies" / "losses.py")
+    too_fine = spec.table("t", "T", ("Dice",), (spec.column("liver Dice", "liver.dice", 2, {"Dice": 0.951}),))
+    with pytest.raises(ValueError, match="more than the column's 2 digits"):
+        spec.check_study(_with(study, tables=(too_fine,)), tables.METRIC_KEYS)
 
 
 # ------------------------------------------------------------------------------ end to end (slow)

@@ -171,12 +171,12 @@ def study_devices(study: ml_collections.ConfigDict) -> list[Any]:
 
 
 def git_commit() -> str:
-    """Returns the checkout's commit (with "+uncommitted changes" when dirty), or why it is unknown."""
+    """Returns the checkout's commit (+ "uncommitted changes" when tracked files differ), or why it is unknown."""
     here = pathlib.Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain"],
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         given = os.environ.get("LIVSEG_STUDY_COMMIT")  # a copy of the tree without .git (a remote machine)
@@ -205,9 +205,12 @@ def describe(study: ml_collections.ConfigDict, split: Mapping[str, Any],
     device = (f"{len(dev)} x {dev[0].device_kind} ({dev[0].platform}) of {jax.device_count()} visible; runs one "
               "after another, each data parallel over these")
     commit = git_commit()
-    trained = {name: c for name, r in results.items() for c in r.get("trained_at_commits", ()) if c != commit}
-    if trained:  # runs trained by other code than the one writing the tables
-        commit += "; runs trained at other commits: " + ", ".join(f"{n} {c}" for n, c in trained.items())
+    other = [(n, c) for n, r in results.items() for c in r.get("trained_at_commits", ()) if c != commit]
+    if any(c != "unrecorded" for _, c in other):  # runs trained by other code than the one writing the tables
+        commit += "; runs trained at other commits: " + ", ".join(f"{n} {c}" for n, c in other if c != "unrecorded")
+    if any(c == "unrecorded" for _, c in other):
+        commit += "; trained before stages recorded their commit: " + ", ".join(
+            dict.fromkeys(n for n, c in other if c == "unrecorded"))
     return {"study": study.name, "scale": study.scale, "description": study.description, "data": data,
             "split": split_text, "scale_settings": scale, "device": device, "commit": commit,
             "written": _now()}

@@ -149,6 +149,10 @@ def check_study(study: ml_collections.ConfigDict, metric_keys: Sequence[str]) ->
             if col["key"] not in metric_keys:
                 raise ValueError(f"{where}: table {t['id']!r} column {col['label']!r}: unknown metric "
                                  f"{col['key']!r}; known: {', '.join(metric_keys)}")
+            for run_name, value in col["published"].items():
+                if round(float(value), col["digits"]) != float(value):
+                    raise ValueError(f"{where}: table {t['id']!r} column {col['label']!r}: published {value} for "
+                                     f"{run_name!r} has more than the column's {col['digits']} digits")
             stray = set(col["published"]) - set(t["rows"])
             if stray:
                 raise ValueError(f"{where}: table {t['id']!r} column {col['label']!r} has published values "

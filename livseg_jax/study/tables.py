@@ -65,9 +65,9 @@ def _cell(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def _published(value: Any) -> str:
-    # As given by the publication: no rounding, no padding.
-    return "" if value is None else f"{value:g}"
+def _published(value: Any, digits: int) -> str:
+    # `check_study` made sure the column's digits show the value exactly as published.
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def table_rows(spec: Mapping[str, Any], results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -92,7 +92,8 @@ def markdown_table(spec: Mapping[str, Any], results: Mapping[str, Mapping[str, A
     for row in table_rows(spec, results):
         cells = [row["run"] + ("" if row["run"] in results else " (not run)")]
         for col in spec["columns"]:
-            cells += [_cell(row[col["label"]], col["digits"]), _published(row[f"{col['label']} (published)"])]
+            published = row[f"{col['label']} (published)"]
+            cells += [_cell(row[col["label"]], col["digits"]), _published(published, col["digits"])]
         lines.append("| " + " | ".join(cells) + " |")
     if spec.get("note"):
         lines += ["", spec["note"]]
