@@ -1,0 +1,263 @@
+"""Running a study: train every run (skipping finished ones), predict the test split, evaluate, tabulate.
+
+Layout of a study directory (`--workdir`):
+
+    study.json                 the study config as run
+    split.json                 the train / validation / test split (`study.splits`), reused on rerun
+    train_list.txt, train_list/  the training list (links ordering validation cases last)
+    runs/<run>/<stage>/        each stage's run directory (`livseg_jax.run_dir`); `study_done.json`
+                               in it, written atomically when its training finished, marks it complete
+    runs/<run>/predictions/    the test split's label maps and `_timings.json` (as `predict` writes)
+    runs/<run>/predictions.json  written when every test case is predicted
+    runs/<run>/evaluation/     `evaluate`'s evaluation.csv / .json on the test split
+    runs/<run>/result.json     the run's table metrics
+    tables.md, tables.csv, tables.json, dice.png (per-case Dice), qualitative.png (one test slice)
+
+With `split.folds` >= 2 the runs, tables and figure of fold k go to `fold-k/` (split.json stays at the top).
+Runs go one after another, each using every visible device (data parallel); an interrupted study
+resumes at its first unfinished stage (`train_and_evaluate` resumes from the stage's checkpoints).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from livseg_jax import atomic_write, evaluate
+from livseg_jax.data.cases import output_name, sidecar_path
+from livseg_jax.inference.two_stage import Predictor
+from livseg_jax.models.summary import count_params
+from livseg_jax.study import figures, spec, splits, tables
+from livseg_jax.training.loop import dataset_cases, train_and_evaluate
+
+DONE_FILE = "study_done.json"
+PREDICTIONS_DONE = "predictions.json"
+RESULT_FILE = "result.json"
+# train_fn(config, run directory, devices) -> summary, as `train_and_evaluate`.
+TrainFn = Callable[[ml_collections.ConfigDict, pathlib.Path, Sequence[Any]], Mapping[str, Any]]
+
+
+def _canonical(config: ml_collections.ConfigDict) -> Any:
+    return json.loads(config.to_json_best_effort())
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def study_cases(study: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Returns {case id: CaseFiles} of the study's data (its root, or the built-in synthetic set)."""
+    cases = dataset_cases(ml_collections.ConfigDict({"data": study.data.to_dict()}))
+    unlabelled = [c.case_id for c in cases if c.label is None]
+    if unlabelled:
+        raise ValueError(f"study data: case(s) without labels: {', '.join(unlabelled[:5])}; a study needs "
+                         "ground truth for every case")
+    return {c.case_id: c for c in cases}
+
+
+def stage_configs(study: ml_collections.ConfigDict, entry: Mapping[str, Any], train_list: str,
+                  num_val: int) -> dict[str, ml_collections.ConfigDict]:
+    """Returns {stage: training config} of one run."""
+    return {stage: spec.stage_run_config(study, entry, stage, train_list, num_val) for stage in spec.run_stages(entry)}
+
+
+def train_stage(config: ml_collections.ConfigDict, stage_dir: pathlib.Path, devices: Sequence[Any],
+                train_fn: TrainFn = train_and_evaluate) -> dict[str, Any]:
+    """Returns the stage's completion record, training it first unless `study_done.json` says it is done.
+
+    A finished stage trained with another config is refused (ValueError): its checkpoints would
+    not be the run the study declares.
+    """
+    marker = stage_dir / DONE_FILE
+    requested = _canonical(config)
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done["config"] != requested:
+            raise ValueError(f"{marker}: this stage finished training with another config than the study now "
+                             "declares for it; use a new --workdir, or delete the run's folder to retrain it")
+        return done
+    start = time.perf_counter()
+    summary = train_fn(config, stage_dir, devices)
+    record = {"config": requested, "final_step": int(summary["final_step"]),
+              "start_step": int(summary["start_step"]), "best_dice": float(summary["best_dice"]),
+              "train_s": time.perf_counter() - start, "finished": _now(), "commit": git_commit()}
+    atomic_write.write_json(marker, record)  # last: its presence marks the stage complete
+    return record
+
+
+def predict_test_split(run_dir: pathlib.Path, stage_dirs: Mapping[str, pathlib.Path], trained: Mapping[str, str],
+                       test: Sequence[Any], study: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """Returns the per-case prediction records of the test split, predicting the cases not yet done."""
+    pred_dir = run_dir / "predictions"
+    marker = run_dir / PREDICTIONS_DONE
+    ids = [c.case_id for c in test]
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done["cases"] == ids and done["trained"] == dict(trained):
+            return [json.loads(sidecar_path(pred_dir / output_name(cid), "_timings.json").read_text()) for cid in ids]
+        marker.unlink()  # other cases or retrained stages: predict again
+        for old in pred_dir.glob("*"):
+            old.unlink()
+    predictor = Predictor.from_checkpoints(
+        stage_dirs.get("liver"), stage_dirs.get("tumor"), connectivity=int(study.predict.connectivity),
+        joint_path=stage_dirs.get("joint"), which=study.predict.which)
+    predictor.warmup()  # compilation is not test time
+    records = []
+    for case in test:
+        out = pred_dir / output_name(case.case_id)
+        timings = sidecar_path(out, "_timings.json")
+        if out.exists() and timings.exists():  # the timings file is written last (as predict does)
+            records.append(json.loads(timings.read_text()))
+            continue
+        _, record = predictor.predict_file(case.image, out)
+        record = {"case_id": case.case_id, **record}
+        atomic_write.write_json(timings, record)
+        records.append(record)
+    atomic_write.write_json(marker, {"cases": ids, "trained": dict(trained), "finished": _now()})
+    return records
+
+
+def evaluate_test_split(run_dir: pathlib.Path, test: Sequence[Any],
+                        study: ml_collections.ConfigDict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Returns (`evaluate_case` records, `summarize_cases` summary) of the run's test predictions.
+
+    The same functions and settings as `python -m livseg_jax.evaluate`; its evaluation.csv / .json
+    are written to runs/<run>/evaluation/.
+    """
+    ev = study.evaluate
+    cases = [evaluate.evaluate_case(c.case_id, run_dir / "predictions" / output_name(c.case_id), c.label,
+                                    int(ev.connectivity), float(ev.min_overlap)) for c in test]
+    summary = evaluate.summarize_cases(cases, float(ev.size_threshold))
+    evaluate.write_outputs(run_dir / "evaluation", cases, summary)
+    return cases, summary
+
+
+def run_one(study: ml_collections.ConfigDict, entry: Mapping[str, Any], run_dir: pathlib.Path, train_list: str,
+            split: Mapping[str, Any], cases: Mapping[str, Any],
+            train_fn: TrainFn = train_and_evaluate) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Returns (table metrics, per-case evaluation records) of one run after training, predicting, evaluating."""
+    configs = stage_configs(study, entry, train_list, len(split["val"]))
+    stage_dirs = {stage: run_dir / stage for stage in configs}
+    devices = study_devices(study)
+    done = {stage: train_stage(config, stage_dirs[stage], devices, train_fn) for stage, config in configs.items()}
+    test = [cases[cid] for cid in split["test"]]
+    records = predict_test_split(run_dir, stage_dirs, {s: d["finished"] for s, d in done.items()}, test, study)
+    per_case, summary = evaluate_test_split(run_dir, test, study)
+    params = sum(count_params(c.model, tuple(c.data.patch_size))["params"] for c in configs.values())
+    result = tables.run_metrics(summary, params, sum(d["train_s"] for d in done.values()),
+                                float(np.mean([r["timings_s"]["total"] for r in records])))
+    result["trained_at_commits"] = sorted({d.get("commit", "unrecorded") for d in done.values()})
+    atomic_write.write_json(run_dir / RESULT_FILE, evaluate.jsonable(result))
+    return result, per_case
+
+
+def study_devices(study: ml_collections.ConfigDict) -> list[Any]:
+    """Returns the devices each run trains on: the first `study.devices` (0: all) visible ones."""
+    available = jax.devices()
+    n = int(study.devices) or len(available)
+    if not 1 <= n <= len(available):
+        raise ValueError(f"study.devices = {study.devices}: {len(available)} device(s) visible")
+    return available[:n]
+
+
+def git_commit() -> str:
+    """Returns the checkout's commit (+ "uncommitted changes" when tracked files differ), or why it is unknown."""
+    here = pathlib.Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        given = os.environ.get("LIVSEG_STUDY_COMMIT")  # a copy of the tree without .git (a remote machine)
+        return f"{given} (given by LIVSEG_STUDY_COMMIT)" if given else "unknown (not a git checkout)"
+    return head + (" + uncommitted changes" if dirty else "")
+
+
+def describe(study: ml_collections.ConfigDict, split: Mapping[str, Any],
+             results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Returns the tables' header: study, data, split, scale settings, device, commit(s), time."""
+    d = study.data
+    if d.root or d.list_file:
+        data = f"{d.root or d.list_file} (layout {d.layout}), {len(split['cases'])} labelled cases"
+    else:
+        s = d.synthetic
+        data = (f"built-in synthetic phantoms: {s.num_cases} cases of {tuple(s.shape)} voxels (x, y, z) at "
+                f"{tuple(s.spacing)} mm, seed {s.seed}")
+    st = split["settings"]
+    fold = f", fold {st['fold']} of {st['folds']}" if st["folds"] else ""
+    split_text = (f"{len(split['train'])} training, {len(split['val'])} validation, {len(split['test'])} test "
+                  f"cases (split.json, seed {st['seed']}{fold})")
+    overrides = ", ".join(f"{k}={v}" for k, v in study.scale_overrides)
+    arg = f":{study.stage_arg}" if study.stage_arg else ""
+    scale = f"{study.scale}: stage configs{arg}" + (f" with {overrides}" if overrides else "")
+    dev = study_devices(study)
+    device = (f"{len(dev)} x {dev[0].device_kind} ({dev[0].platform}) of {jax.device_count()} visible; runs one "
+              "after another, each data parallel over these")
+    commit = git_commit()
+    other = [(n, c) for n, r in results.items() for c in r.get("trained_at_commits", ()) if c != commit]
+    if any(c != "unrecorded" for _, c in other):  # runs trained by other code than the one writing the tables
+        commit += "; runs trained at other commits: " + ", ".join(f"{n} {c}" for n, c in other if c != "unrecorded")
+    if any(c == "unrecorded" for _, c in other):
+        commit += "; trained before stages recorded their commit: " + ", ".join(
+            dict.fromkeys(n for n, c in other if c == "unrecorded"))
+    return {"study": study.name, "scale": study.scale, "description": study.description, "data": data,
+            "split": split_text, "scale_settings": scale, "device": device, "commit": commit,
+            "written": _now()}
+
+
+def results_dir(study: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    """Returns where the runs and tables go: the study directory, or its fold-k/ with k-fold splits."""
+    return workdir / f"fold-{int(study.split.fold)}" if int(study.split.folds) else workdir
+
+
+def run_study(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only: Sequence[str] = (),
+              train_fn: TrainFn = train_and_evaluate) -> dict[str, Any]:
+    """Returns {"results", "tables", "figure", "qualitative"} after running the study's runs in `workdir`.
+
+    `only`: just these runs; the tables cover every run with results in the directory, also the others.
+    """
+    spec.check_study(study, tables.METRIC_KEYS)
+    names = [r["name"] for r in study.runs]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise ValueError(f"--runs: unknown run(s) {unknown}; study {study.name!r} has {names}")
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write.write_text(workdir / "study.json", study.to_json_best_effort(indent=1) + "\n")
+    cases = study_cases(study)
+    split = splits.load_or_create(workdir, list(cases), study.split.to_dict())
+    out = results_dir(study, workdir)
+    train_list = splits.write_training_list(out / "train_list.txt", split, cases)
+    results, per_case = {}, {}
+    for entry in study.runs:
+        run_dir = out / "runs" / entry["name"]
+        if only and entry["name"] not in only:
+            if (run_dir / RESULT_FILE).exists() and (run_dir / "evaluation" / "evaluation.json").exists():
+                results[entry["name"]] = json.loads((run_dir / RESULT_FILE).read_text())
+                per_case[entry["name"]] = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())["cases"]
+            continue
+        print(f"study {study.name}: run {entry['name']} ({entry['pipeline']})", flush=True)
+        results[entry["name"]], per_case[entry["name"]] = run_one(study, entry, run_dir, str(train_list), split,
+                                                                  cases, train_fn)
+    paths = tables.write_tables(out, describe(study, split, results), study.tables, results)
+    figure = panel = None
+    if per_case:
+        figure = figures.dice_box_plot(out / "dice.png", per_case,
+                                       f"{study.name} ({study.scale}): per-case Dice on the test split")
+        first = cases[split["test"][0]]
+        panel = figures.qualitative_panel(
+            out / "qualitative.png", first.image, first.label,
+            {name: out / "runs" / name / "predictions" / output_name(first.case_id) for name in per_case},
+            f"{study.name} ({study.scale}), {first.case_id}")
+    return {"results": results, "tables": paths, "figure": figure, "qualitative": panel}

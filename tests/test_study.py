@@ -1,0 +1,186 @@
+"""Studies: splits, configs, tables, and the ablation study end to end at smoke scale (resumed after a crash)."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from livseg_jax import evaluate
+from livseg_jax.study import runner, spec, splits, tables
+from livseg_jax.training.loop import train_and_evaluate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STUDIES = ("ablation", "losses", "tumor_size", "comparison", "stages")
+
+
+# ---------------------------------------------------------------------------------------- splits
+
+
+def test_split_is_deterministic_three_to_one_and_disjoint():
+    ids = [f"volume-{i}" for i in range(131)]
+    a = splits.make_split(ids, test_cases=20, val_fraction=0.25, seed=3)
+    b = splits.make_split(list(reversed(ids)), test_cases=20, val_fraction=0.25, seed=3)
+    assert a == b  # the order the cases were found in does not matter
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (83, 28, 20)
+    assert sorted(a["train"] + a["val"] + a["test"]) == sorted(ids)
+    assert splits.make_split(ids, 20, 0.25, seed=4)["test"] != a["test"]
+
+
+def test_k_fold_validation_folds_cover_train_and_validation_once_with_a_fixed_test_split():
+    ids = [f"c{i}" for i in range(23)]
+    folds = [splits.make_split(ids, 3, folds=4, fold=k, seed=1) for k in range(4)]
+    assert all(f["test"] == folds[0]["test"] for f in folds)
+    vals = [v for f in folds for v in f["val"]]
+    assert sorted(vals) == sorted(folds[0]["train"] + folds[0]["val"])
+    assert {len(f["val"]) for f in folds} == {5}
+    with pytest.raises(ValueError, match="split.folds"):
+        splits.make_split(ids, 3, folds=4, fold=4)
+
+
+def test_saved_split_is_reused_and_a_changed_one_refused(tmp_path):
+    settings = {"test_cases": 2, "val_fraction": 0.25, "folds": 0, "fold": 0, "seed": 0}
+    ids = [f"volume-{i}" for i in range(8)]
+    first = splits.load_or_create(tmp_path, ids, settings)
+    assert splits.load_or_create(tmp_path, ids, settings) == first
+    with pytest.raises(ValueError, match="split.json.*settings.*new --workdir"):
+        splits.load_or_create(tmp_path, ids, {**settings, "seed": 1})
+    with pytest.raises(ValueError, match="cases"):
+        splits.load_or_create(tmp_path, ids[:-1], settings)
+
+
+# ---------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name", STUDIES)
+@pytest.mark.parametrize("scale", ["", "demo", "paper"])
+def test_shipped_studies_are_valid_and_build_every_stage_config(name, scale):
+    study = spec.load_config_file(REPO / "configs" / "studies" / f"{name}.py", scale)
+    spec.check_study(study, tables.METRIC_KEYS)
+    for entry in study.runs:
+        configs = runner.stage_configs(study, entry, "list.txt", 3)
+        assert set(configs) == set(spec.run_stages(entry))
+        for stage, config in configs.items():
+            assert config.stage == stage and config.data.list_file == "list.txt"
+            assert config.data.num_val_cases == 3
+            if stage == "joint":
+                assert config.model.num_classes == 3
+    assert study.scale == (scale or "smoke")
+
+
+def test_published_numbers_are_those_of_the_issue():
+    ablation = spec.load_config_file(REPO / "configs" / "studies" / "ablation.py")
+    published = {(t["id"], c["key"]): c["published"] for t in ablation.tables for c in t["columns"]}
+    assert published[("table3", "liver.dice")] == {"UNet": 0.937, "MSCA-UNet": 0.946, "ELANRes-MSCA-UNet": 0.972}
+    assert published[("table4", "tumor.rvd")] == {}
+
+
+def test_bad_study_declarations_name_the_setting():
+    study = spec.load_config_file(REPO / "configs" / "studies" / "losses.py")
+    with pytest.raises(ValueError, match="unknown scale"):
+        spec.parse_scale("huge", "configs/studies/losses.py")
+    entry = spec.run("x", "two_stage", {"model.nmae": "unet"})
+    with pytest.raises(ValueError, match="run 'x'.*model.nmae"):
+        spec.stage_run_config(study, entry, "liver", "l.txt", 1)
+    with pytest.raises(ValueError, match="no 'joint' stage"):
+        spec.check_study(_with(study, runs=(spec.run("x", "two_stage", joint={"seed": 1}),), tables=()),
+                         tables.METRIC_KEYS)
+    bad_table = spec.table("t", "T", ("Dice",), (spec.column("c", "liver.dcie"),))
+    with pytest.raises(ValueError, match="unknown metric 'liver.dcie'"):
+        spec.check_study(_with(study, tables=(bad_table,)), tables.METRIC_KEYS)
+
+
+def _with(study, **fields):
+    study = study.copy_and_resolve_references()
+    for k, v in fields.items():
+        study[k] = v
+    return study
+
+
+def test_markdown_keeps_published_values_as_given_and_leaves_missing_cells_empty():
+    spec_table = spec.table("t", "T", ("A", "B"), (spec.column("liver Dice", "liver.dice", 3, {"B": 0.97}),))
+    text = tables.markdown_table(spec_table, {"A": {"liver.dice": 0.5}})
+    assert "| A | 0.500 |  |" in text
+    assert "| B (not run) |  | 0.970 |" in text  # as published, at the column's digits
+    study = spec.load_config_file(REPO / "configs" / "studies" / "losses.py")
+    too_fine = spec.table("t", "T", ("Dice",), (spec.column("liver Dice", "liver.dice", 2, {"Dice": 0.951}),))
+    with pytest.raises(ValueError, match="more than the column's 2 digits"):
+        spec.check_study(_with(study, tables=(too_fine,)), tables.METRIC_KEYS)
+
+
+# ------------------------------------------------------------------------------ end to end (slow)
+
+
+class SimulatedKill(RuntimeError):
+    pass
+
+
+@pytest.mark.slow
+def test_ablation_smoke_study_matches_evaluate_and_resumes_without_retraining(tmp_path, monkeypatch):
+    study = spec.load_config_file(REPO / "configs" / "studies" / "ablation.py")
+    study.data.cache_dir = str(tmp_path / "cache")
+    workdir = tmp_path / "study"
+    trained = []
+
+    def crash_at_second_run(config, stage_dir, devices):
+        if stage_dir.parent.name == "MSCA-UNet":
+            raise SimulatedKill("killed")
+        trained.append((stage_dir.parent.name, stage_dir.name))
+        return train_and_evaluate(config, stage_dir, devices)
+
+    with pytest.raises(SimulatedKill):
+        runner.run_study(study, workdir, train_fn=crash_at_second_run)
+    assert trained == [("UNet", "liver"), ("UNet", "tumor")]
+    assert (workdir / "runs" / "UNet" / "tumor" / runner.DONE_FILE).exists()
+    assert not (workdir / "tables.md").exists()
+
+    def record(config, stage_dir, devices):
+        trained.append((stage_dir.parent.name, stage_dir.name))
+        return train_and_evaluate(config, stage_dir, devices)
+
+    out = runner.run_study(study, workdir, train_fn=record)
+    assert trained[2:] == [(n, s) for n in ("MSCA-UNet", "ELANRes-UNet", "ELANRes-MSCA-UNet")
+                           for s in ("liver", "tumor")]  # UNet was not trained again
+    assert out["figure"].is_file() and out["qualitative"].is_file()
+    header = (workdir / "tables.md").read_text()
+    assert "synthetic" in header and "smoke" in header and "commit:" in header and "device:" in header
+
+    # The table's numbers are evaluate's on the same predictions (the command line, its own pairing).
+    report = json.loads(out["tables"]["json"].read_text())
+    cells = {t["id"]: {row["run"]: row for row in t["cells"]} for t in report["tables"]}
+    split = json.loads((workdir / "split.json").read_text())
+    gt_dir = pathlib.Path(runner.study_cases(study)[split["test"][0]].label).parent
+    for name in ("UNet", "ELANRes-MSCA-UNet"):
+        ev_dir = tmp_path / f"evaluate-{name}"
+        assert evaluate.main(["--pred", str(workdir / "runs" / name / "predictions"), "--gt", str(gt_dir),
+                              "--out", str(ev_dir)]) == 0
+        ev = json.loads((ev_dir / "evaluation.json").read_text())
+        assert [c["case_id"] for c in ev["cases"]] == split["test"]
+        s = ev["summary"]
+        for table_id, label, value in (("table3", "liver Dice", s["liver"]["dice"]["mean"]),
+                                       ("table3", "liver ASD (mm)", s["liver"]["asd"]["mean"]),
+                                       ("table4", "tumour Dice", s["tumor"]["dice"]["mean"]),
+                                       ("table4", "tumour RVD", s["tumor"]["rvd"]["mean"]),
+                                       ("table4", "tumour precision", s["tumor"]["precision"]["mean"])):
+            ours = cells[table_id][name][label]
+            assert (ours is None and value is None) or math.isclose(ours, value, rel_tol=0, abs_tol=0), \
+                (name, label, ours, value)
+    assert cells["table3"]["UNet"]["liver Dice (published)"] == 0.937
+    assert cells["table3"]["ELANRes-UNet"]["liver Dice (published)"] is None
+    assert cells["table5"]["UNet"]["parameters (both stages)"] > 0
+
+    # A third run trains nothing and predicts nothing: the tables come from the finished runs.
+    trained.clear()
+    mtime = (workdir / "runs" / "UNet" / "predictions.json").stat().st_mtime_ns
+    runner.run_study(study, workdir, train_fn=record)
+    assert trained == []
+    assert (workdir / "runs" / "UNet" / "predictions.json").stat().st_mtime_ns == mtime
+
+
+def test_command_line_refuses_an_unknown_scale():
+    proc = subprocess.run([sys.executable, "-m", "livseg_jax.study", "--config=configs/studies/ablation.py:huge",
+                           "--workdir=/nonexistent"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "unknown scale 'huge'" in proc.stderr
