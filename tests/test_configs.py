@@ -61,3 +61,21 @@ def test_every_config_name_is_a_network_with_a_torch_twin():
     from livseg_jax.interop.torch_models import TORCH_NETWORKS
 
     assert set(TORCH_NETWORKS) == set(NETWORKS)
+
+
+@pytest.mark.parametrize("stage", ["liver", "tumor"])
+def test_fewshot_preset_is_the_paper_run_with_the_real_ct_benchmarks_recipe(stage):
+    """`:fewshot` = `:paper` + target spacing + device augmentation + the benchmark's rate, and it
+    passes the start-up config checks."""
+    from livseg_jax.config_checks import validate_config
+
+    get_config = load(stage)
+    paper, fewshot = get_config("paper"), get_config("fewshot,unet")
+    assert tuple(fewshot.data.patch_size) == tuple(paper.data.patch_size)
+    assert tuple(fewshot.model.features) == tuple(paper.model.features)
+    assert fewshot.model.name == "unet"
+    assert (fewshot.preprocess.spacing_mode, tuple(fewshot.preprocess.target_spacing)) == ("target", (1.6, 1.5, 1.5))
+    assert fewshot.data.augment.device and not paper.data.augment.device
+    assert fewshot.optim.learning_rate == pytest.approx(1e-3)
+    assert paper.preprocess.spacing_mode == "fixed_factor"
+    validate_config(fewshot)
