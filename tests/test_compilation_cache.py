@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from livseg_jax.compilation_cache import enable_compilation_cache, resolve_cache_dir
@@ -48,11 +50,14 @@ def test_a_second_process_loads_the_first_ones_program(tmp_path):
 
 
 def test_predict_cli_uses_the_cache_unless_told_off(tmp_path):
-    # The set-up fails (no such checkpoint) after the cache is configured: no GPU, no model needed.
-    script = """
+    # The set-up fails (no such checkpoint) after the input and output are checked and the cache
+    # is configured: no GPU, no model needed.
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), ct)
+    script = f"""
         import jax
         from livseg_jax import predict
-        assert predict.main(["--liver", "/nonexistent", "-i", "/nonexistent", "-o", "/tmp/x"]) == 1
+        assert predict.main(["--liver", "/nonexistent", "-i", "{ct}", "-o", "{tmp_path / 'out'}"]) == 1
         print("CACHE", jax.config.jax_compilation_cache_dir)
     """
     for setting, expected in (("auto", str(tmp_path / "jax_compilation")), ("off", "None")):
