@@ -227,8 +227,16 @@ def test_bfloat16_forward_agrees_with_float32(variant, inputs, eval_outputs):
     assert rel < 5e-2, f"{name}: bf16 relative error {rel:.3f}"
 
 
+# The computation forms replace units, not networks: `unet` holds the double-conv blocks and
+# `elanres_msca_unet` every other unit (RepConv3d, ELAN, MSCA), so the two cover every form; the
+# two variants in between are combinations of the same units (and cost CI two minutes).
+FORM_VARIANTS = ("unet", "elanres_msca_unet")
+
+
 def test_einsum_pointwise_convs_match_convolutions_in_every_form(variant, inputs, eval_outputs):
     name, cfg, model, variables = variant
+    if name not in FORM_VARIANTS:
+        pytest.skip(f"{name}'s units are covered by {FORM_VARIANTS}")
     conv_cfg, einsum_cfg = cfg.copy_and_resolve_references(), cfg.copy_and_resolve_references()
     einsum_cfg.pointwise_impl = "einsum"
     conv_model, einsum_model = build_model(conv_cfg), build_model(einsum_cfg)
@@ -261,6 +269,8 @@ def test_einsum_pointwise_convs_match_convolutions_in_every_form(variant, inputs
 
 def test_width_packed_dense_convs_match_convolutions_in_every_form(variant, inputs, eval_outputs):
     name, cfg, model, variables = variant
+    if name not in FORM_VARIANTS:
+        pytest.skip(f"{name}'s units are covered by {FORM_VARIANTS}")
     packed_cfg = cfg.copy_and_resolve_references()
     packed_cfg.dense_pack_channels = 32  # packs by 8, 4 and 2 at this tiny network's widths
     packed = build_model(packed_cfg)
