@@ -193,6 +193,18 @@ def parse_absl_flags(flag_values: Any, argv: Sequence[str]) -> list[str]:
     return remaining
 
 
+def parse_command_flags(flag_values: Any, argv: Sequence[str], doc: str) -> bool:
+    """Returns False after printing `doc` and the flags' help when `argv` asks for help; else True
+    after parsing `argv` (program name first) into `flag_values`, positional arguments refused."""
+    if {"-h", "--help", "--helpfull"} & set(argv[1:]):
+        print(doc + "\n" + flag_values.get_help())
+        return False
+    extra = parse_absl_flags(flag_values, argv)[1:]
+    if extra:
+        raise CliError(None, f"unexpected arguments {extra}", "see --help")
+    return True
+
+
 def run_absl_app(main: Callable[[list[str]], Any]) -> None:
     """Runs `main` with absl's app.run (global FLAGS), reporting flag and expected failures in one line."""
     from absl import app, flags

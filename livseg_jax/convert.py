@@ -25,7 +25,14 @@ from collections.abc import Sequence
 import ml_collections
 
 from livseg_jax import run_dir
-from livseg_jax.cli_errors import CliError, check_output_dir, check_output_file, parse_absl_flags, run_main, total_size
+from livseg_jax.cli_errors import (
+    CliError,
+    check_output_dir,
+    check_output_file,
+    parse_command_flags,
+    run_main,
+    total_size,
+)
 from livseg_jax.interop import io, mapping
 
 
@@ -85,12 +92,8 @@ def _run(argv: list[str]) -> int:
                                    flag_values=fv)
     deploy_flag = flags.DEFINE_boolean("deploy", False, "--to-torch: re-parameterise first", flag_values=fv)
     force_flag = flags.DEFINE_boolean("force", False, "overwrite an existing output", flag_values=fv)
-    if {"-h", "--help", "--helpfull"} & set(argv):
-        print(__doc__ + "\n" + fv.get_help())
+    if not parse_command_flags(fv, full_argv, __doc__):
         return 0
-    extra = parse_absl_flags(fv, full_argv)[1:]
-    if extra:
-        raise CliError(None, f"unexpected arguments {extra}", "see --help")
     if bool(from_flag.value) == bool(to_flag.value):
         raise CliError(None, "give exactly one of --from-torch FILE or --to-torch DIR")
     if not out_flag.value:

@@ -32,7 +32,7 @@ import os
 import pathlib
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -158,6 +158,20 @@ def _box_list(box) -> list[list[int]]:
     return [[int(s.start), int(s.stop)] for s in box]
 
 
+def _preprocessed(image_dhw: np.ndarray, spacing: Sequence[float], first: StageModel, role: str,
+                  timer: PhaseTimer) -> tuple[np.ndarray, np.ndarray, Any, dict[str, Any]]:
+    """Returns (input as an array, the first stage's preprocessed image, its record, the case's
+    info so far) with the preprocessing timed: what every prediction starts with."""
+    image_dhw = np.asarray(image_dhw)
+    info: dict[str, Any] = {"input_shape": list(image_dhw.shape), "input_spacing": [float(s) for s in spacing]}
+    with timer("preprocess"):
+        image, _, record = preprocess(image_dhw, spacing, first.preprocessing)
+    info.update(preprocessed_shape=list(record.shape), preprocessed_spacing=list(record.spacing),
+                body_found=record.body_found)
+    info[f"{role}_windows"] = num_windows(image.shape, first.window, first.overlap)
+    return image_dhw, image, record, info
+
+
 def predict_case(
     image_dhw: np.ndarray,
     spacing,
@@ -176,15 +190,8 @@ def predict_case(
         if model is not None and model.stage == "joint":
             raise ValueError(f"a one-stage 'joint' model was given as the {role} model; "
                              "predict with it alone (predict_joint_case, or predict --joint)")
-    image_dhw = np.asarray(image_dhw)
     timer, notes = PhaseTimer(), []
-    info: dict[str, Any] = {"input_shape": list(image_dhw.shape),
-                            "input_spacing": [float(s) for s in spacing]}
-    with timer("preprocess"):
-        image, _, record = preprocess(image_dhw, spacing, liver.preprocessing)
-    info.update(preprocessed_shape=list(record.shape), preprocessed_spacing=list(record.spacing),
-                body_found=record.body_found,
-                liver_windows=num_windows(image.shape, liver.window, liver.overlap))
+    image_dhw, image, record, info = _preprocessed(image_dhw, spacing, liver, "liver", timer)
     with timer("liver_inference"):
         raw = stage_mask(liver, image, progress)
     with timer("liver_postprocess"):
@@ -255,15 +262,8 @@ def predict_joint_case(
     if joint.stage != "joint" or joint.num_classes != 3:
         raise ValueError(f"predict_joint_case needs a 3-class 'joint' model, got stage {joint.stage!r} "
                          f"with {joint.num_classes} classes")
-    image_dhw = np.asarray(image_dhw)
     timer, notes = PhaseTimer(), []
-    info: dict[str, Any] = {"input_shape": list(image_dhw.shape),
-                            "input_spacing": [float(s) for s in spacing]}
-    with timer("preprocess"):
-        image, _, record = preprocess(image_dhw, spacing, joint.preprocessing)
-    info.update(preprocessed_shape=list(record.shape), preprocessed_spacing=list(record.spacing),
-                body_found=record.body_found,
-                joint_windows=num_windows(image.shape, joint.window, joint.overlap))
+    image_dhw, image, record, info = _preprocessed(image_dhw, spacing, joint, "joint", timer)
     with timer("joint_inference"):
         if _threshold(joint) is None:
             raw = stage_labels(joint, image, progress)

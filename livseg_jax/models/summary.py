@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from livseg_jax.cli_errors import CliError, parse_absl_flags, run_main
+from livseg_jax.cli_errors import CliError, parse_command_flags, run_main
 from livseg_jax.models.build import NETWORKS, build_model, variable_shapes
 from livseg_jax.models.forms import REFERENCE_FORMS
 from livseg_jax.models.unet import check_patch_shape
@@ -83,12 +83,8 @@ def _run(argv: list[str]) -> int:
                                                   flag_values=fv, sys_argv=full_argv)
     patch_flag = flags.DEFINE_string("patch", "", "D,H,W (default: the config's patch_size)", flag_values=fv)
     batch_flag = flags.DEFINE_integer("batch", 1, "batch size", lower_bound=1, flag_values=fv)
-    if {"-h", "--help", "--helpfull"} & set(argv):
-        print(__doc__ + "\n" + fv.get_help())
+    if not parse_command_flags(fv, full_argv, __doc__):
         return 0
-    extra = parse_absl_flags(fv, full_argv)[1:]
-    if extra:
-        raise CliError(None, f"unexpected arguments {extra}", "see --help")
     config = config_flag.value
     if patch_flag.value:
         patch = parse_patch(patch_flag.value)
