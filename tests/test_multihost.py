@@ -162,3 +162,35 @@ def test_launchers_jax_detects_and_single_process():
     assert cluster_arguments({"LIVSEG_DISTRIBUTED": "0", "SLURM_NTASKS": "8"}) is None
     for env in ({"SLURM_NTASKS": "8"}, {"OMPI_COMM_WORLD_SIZE": "2"}, {"TPU_WORKER_HOSTNAMES": "a,b"}):
         assert set(cluster_arguments(env)) == {"heartbeat_timeout_seconds", "initialization_timeout"}
+
+
+def test_a_dead_worker_stops_the_others_within_seconds(tmp_path):
+    """SIGKILL process 1 mid-training: process 0 stops with an error within the heartbeat timeout
+    (10 s, livseg_jax.training.distributed) plus its reaction time, not JAX's default 100 s."""
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    args = [sys.executable, "-m", "livseg_jax.train", *TRAIN_ARGS, "--config.train.num_epochs=100",
+            f"--workdir={workdir}"]
+    port = free_port()
+    procs = []
+    for i in range(2):
+        env = base_env(2, cache)
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    try:
+        deadline = time.monotonic() + 240
+        metrics = workdir / "metrics.jsonl"
+        while not (metrics.exists() and '"train"' in metrics.read_text()):  # training has started
+            assert time.monotonic() < deadline and procs[0].poll() is None, "training did not start"
+            time.sleep(0.5)
+        procs[1].kill()
+        killed = time.monotonic()
+        out, _ = procs[0].communicate(timeout=90)
+        stopped_after = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode != 0, out[-2000:]
+    assert stopped_after < 30, f"process 0 took {stopped_after:.1f} s to stop"
+    print(f"process 0 stopped {stopped_after:.1f} s after process 1 was killed")
