@@ -1,8 +1,8 @@
 """Stage 2 (tumour) on liver bounding-box crops (ground-truth liver + `data.liver_margin_mm`).
 
-`--config=configs/tumor.py` is the CPU demo (small widths, about 15 minutes on 2 CPU cores with
-the built-in synthetic data); `--config=configs/tumor.py:paper` uses the paper-scale network
-(SPEC 1.1) and schedule. Add a variant name to switch the model, e.g. `:paper,msca_unet`.
+`--config=configs/tumor.py` is the CPU demo (small widths, 500 steps on the built-in synthetic
+data; the README's "Quick start" gives its measured time); `--config=configs/tumor.py:paper` uses
+the paper-scale network (SPEC 1.1) and schedule, `:fewshot` the real-CT recipe (docs/real_data.md). Add a variant name to switch the model, e.g. `:paper,msca_unet`.
 """
 
 from livseg_jax.config import stage_config
