@@ -62,9 +62,10 @@ class CaseProgress:
         self.bar: tqdm.tqdm | None = None
 
     def __call__(self, phase: str, total: int):
-        if self.bar is None:
-            self.bar = tqdm.tqdm(total=0, unit="win", disable=not self.enabled, dynamic_ncols=True)
-        self.bar.total += total
+        if self.bar is None:  # created with its first total: a bar made with total=0 draws an empty "0win"
+            self.bar = tqdm.tqdm(total=total, unit="win", disable=not self.enabled, dynamic_ncols=True)
+        else:
+            self.bar.total += total
         self.bar.set_description(f"{self.case_id} [{phase}]")
         self.bar.refresh()
         return self.bar.update
@@ -174,6 +175,8 @@ def _run(argv: list[str]) -> int:
         args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
         deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size,
         postprocess=args.postprocess)
+    print("compiling the prediction stages (first run only, this can take minutes on a CPU; cached afterwards)",
+          flush=True)
     compile_s = predictor.warmup()
     run = {"compile_s": {k: round(v, 3) for k, v in compile_s.items()}, "settings": predictor.settings(),
            "platform": jax.devices()[0].platform, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -239,3 +239,14 @@ def test_predict_applies_the_forms_xla_flags_before_jax_starts(tmp_path, capsys)
     assert predict.main(["--liver", str(run), "-i", str(ct), "-o", str(tmp_path / "out2"), "--no-progress"]) == 0
     assert "computation forms are not applied" in capsys.readouterr().err
     assert (tmp_path / "out2" / "ct_seg.nii.gz").exists()
+
+
+def test_case_bar_starts_with_the_first_stages_windows_not_empty(capsys):
+    progress = predict.CaseProgress("volume-0", enabled=True)
+    progress("liver", 5)(5)
+    progress("tumour", 3)(3)
+    progress.close()
+    err = capsys.readouterr().err
+    frames = [f.strip() for f in err.split("\r") if f.strip()]
+    assert not frames[0].startswith("0win"), frames  # what a bar made with total=0 draws first
+    assert "8/8" in err and progress.bar.total == 8
