@@ -206,6 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if bar is None:  # made once the first call compiled the step: its rate and ETA exclude compilation
                 bar = tqdm.tqdm(total=total_steps, initial=step, desc=f"train {config.stage}", unit="step",
                                 disable=not is_chief, dynamic_ncols=True)
+                tick = time.perf_counter()  # and steps_per_sec too (the step runs on after its call returns)
             done = step + 1
             pending.append((done, metrics))
             epoch_end = done % spe == 0
