@@ -62,11 +62,12 @@ class CaseProgress:
         self.bar: tqdm.tqdm | None = None
 
     def __call__(self, phase: str, total: int):
-        if self.bar is None:
-            self.bar = tqdm.tqdm(total=0, unit="win", disable=not self.enabled, dynamic_ncols=True)
-        self.bar.total += total
-        self.bar.set_description(f"{self.case_id} [{phase}]")
-        self.bar.refresh()
+        desc = f"{self.case_id} [{phase}]"
+        if self.bar is None:  # made with its first stage's windows: made empty, it would draw a bare "0win"
+            self.bar = tqdm.tqdm(total=total, desc=desc, unit="win", disable=not self.enabled, dynamic_ncols=True)
+        else:
+            self.bar.total += total
+            self.bar.set_description(desc)  # redraws the bar with its new total
         return self.bar.update
 
     def close(self) -> None:
@@ -174,6 +175,8 @@ def _run(argv: list[str]) -> int:
         args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
         deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size,
         postprocess=args.postprocess)
+    print("compiling the prediction stages (first run only with the compilation cache; this can take "
+          "minutes on a CPU)", flush=True)
     compile_s = predictor.warmup()
     run = {"compile_s": {k: round(v, 3) for k, v in compile_s.items()}, "settings": predictor.settings(),
            "platform": jax.devices()[0].platform, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

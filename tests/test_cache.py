@@ -148,3 +148,14 @@ def test_unlabelled_case_is_cached_without_label(dataset, tmp_path):
     )
     assert entry.label is None and entry.label_path is None
     assert entry.image.shape == entry.shape
+
+
+def test_progress_prints_the_path_once_and_labels_the_bar_shortly(dataset, tmp_path, capsys):
+    cases = discover(dataset)[:1]
+    cache.build_cache(cases, base_config().preprocess, tmp_path, progress=True)
+    out, err = capsys.readouterr()
+    (entry_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert f"preprocessing 1 case(s) into {entry_dir}" in out
+    assert "preprocess: 100%" in err and str(tmp_path) not in err  # the path would squeeze the bar
+    cache.build_cache(cases, base_config().preprocess, tmp_path, progress=True)
+    assert capsys.readouterr() == ("", "")  # all cached: no line, no bar

@@ -239,3 +239,15 @@ def test_predict_applies_the_forms_xla_flags_before_jax_starts(tmp_path, capsys)
     assert predict.main(["--liver", str(run), "-i", str(ct), "-o", str(tmp_path / "out2"), "--no-progress"]) == 0
     assert "computation forms are not applied" in capsys.readouterr().err
     assert (tmp_path / "out2" / "ct_seg.nii.gz").exists()
+
+
+def test_case_bar_starts_with_the_first_stages_windows_not_empty(capsys):
+    progress = predict.CaseProgress("volume-0", enabled=True)
+    progress("liver", 5)(5)
+    progress("tumour", 3)(3)
+    progress.close()
+    err = capsys.readouterr().err
+    frames = [f.strip() for f in err.split("\r") if f.strip()]
+    assert frames[0].startswith("volume-0 [liver]:") and "0/5" in frames[0], frames  # not an empty "0win"
+    assert any(f.startswith("volume-0 [tumour]:") for f in frames), frames
+    assert "8/8" in err and progress.bar.total == 8

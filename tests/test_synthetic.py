@@ -105,3 +105,11 @@ def test_dataset_is_reused_when_settings_match_and_rewritten_otherwise(tmp_path)
     before = nib.load(case.label).get_fdata()
     write_synthetic_dataset(tmp_path, seed=2, **args)
     assert not np.array_equal(nib.load(case.label).get_fdata(), before)
+
+
+def test_generation_announces_itself_once(tmp_path, capsys):
+    args = dict(num_cases=1, shape=(32, 32, 8), spacing=(2.0, 2.0, 4.0), seed=1)
+    write_synthetic_dataset(tmp_path, **args)
+    assert f"generating 1 synthetic CT phantoms into {tmp_path} (first run only)" in capsys.readouterr().out
+    write_synthetic_dataset(tmp_path, **args)  # reused: nothing to wait for, nothing printed
+    assert capsys.readouterr().out == ""

@@ -15,6 +15,7 @@ from livseg_jax import losses
 from livseg_jax.config import base_config
 from livseg_jax.run_dir import load_variables, write_variables
 from livseg_jax.training import logging as run_logging
+from livseg_jax.training import loop
 from livseg_jax.training.loop import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -267,3 +268,32 @@ def test_resume_accepts_another_implementation_of_the_same_parameters(tmp_path):
     config.model.features = (8, 16, 32, 64, 128)
     with pytest.raises(ValueError, match="model"):
         check_resumable(config, tmp_path)
+
+
+def test_compilation_is_announced_and_the_bar_starts_after_the_first_step(cache_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    events = []
+    make_step = loop.jit_train_step
+
+    def recording_jit(*args, **kwargs):
+        step_fn = make_step(*args, **kwargs)
+
+        def step(*a):
+            events.append("step")
+            return step_fn(*a)
+
+        return step
+
+    real_bar = loop.tqdm.tqdm
+
+    def recording_bar(*args, **kwargs):
+        if kwargs.get("desc", "").startswith("train"):  # tqdm is one module: preprocessing's bar too
+            events.append(f"bar from {kwargs['initial']}")
+        return real_bar(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "jit_train_step", recording_jit)
+    monkeypatch.setattr(loop.tqdm, "tqdm", recording_bar)
+    train_and_evaluate(tiny_config(cache_dir, num_epochs=1), tmp_path, devices=jax.devices()[:1])
+    # The first call compiles the step; a bar made before it would count compilation in its rate and ETA.
+    assert events == ["step", "bar from 0", "step"]
+    assert "compiling the train step" in capsys.readouterr().out

@@ -167,9 +167,9 @@ def build_cache(
         _write_atomic(settings_path, lambda f: f.write(json.dumps(fields, indent=1).encode()))
 
     todo = [c for c in cases if _load_entry(c, entry_dir) is None]
-    bar = tqdm.tqdm(
-        total=len(todo), desc=f"preprocessing into {entry_dir}", unit="case", disable=not progress or not todo
-    )
+    if progress and todo:  # the path on its own line: as the bar's label it squeezes the bar away
+        print(f"preprocessing {len(todo)} case(s) into {entry_dir}", flush=True)
+    bar = tqdm.tqdm(total=len(todo), desc="preprocess", unit="case", disable=not progress or not todo)
     try:
         if num_workers <= 1 or len(todo) <= 1:
             for case in todo:

@@ -389,6 +389,7 @@ def write_synthetic_dataset(
         return cases
     root.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)
+    print(f"generating {num_cases} synthetic CT phantoms into {root} (first run only)", flush=True)
     for i, case in enumerate(cases):
         hu, labels = make_phantom(shape, spacing, seed=[int(seed), i])
         write_phantom(hu, labels, spacing, case.image, case.label)

@@ -194,13 +194,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     summary: dict[str, Any] = {"start_step": start, "best_dice": ckpt.best_dice()}
     pending: list[tuple[int, dict]] = []
-    bar = tqdm.tqdm(total=total_steps, initial=start, desc=f"train {config.stage}", unit="step",
-                    disable=not is_chief, dynamic_ncols=True)
+    bar: tqdm.tqdm | None = None
+    if is_chief and start < total_steps:
+        print("compiling the train step (first run only with the compilation cache; this can take "
+              "minutes on a CPU)", flush=True)
     tick, tick_step = time.perf_counter(), start
     try:
         for step in range(start, total_steps):
             batch = pipeline.to_global_batch(next(batches), in_sharding)
             state, metrics = step_fn(state, batch)
+            if bar is None:  # made once the first call compiled the step: its rate and ETA exclude compilation
+                bar = tqdm.tqdm(total=total_steps, initial=step, desc=f"train {config.stage}", unit="step",
+                                disable=not is_chief, dynamic_ncols=True)
+                tick = time.perf_counter()  # and steps_per_sec too (the step runs on after its call returns)
             done = step + 1
             pending.append((done, metrics))
             epoch_end = done % spe == 0
@@ -235,7 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if epoch % config.train.checkpoint_every_epochs == 0 or last_epoch:
                 ckpt.save(done, state)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         writer.close()
         ckpt.close()
     if is_chief and (workdir / METRICS_FILE).exists():
