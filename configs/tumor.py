@@ -2,7 +2,8 @@
 
 `--config=configs/tumor.py` is the CPU demo (small widths, 500 steps on the built-in synthetic
 data; the README's "Quick start" gives its measured time); `--config=configs/tumor.py:paper` uses
-the paper-scale network (SPEC 1.1) and schedule, `:fewshot` the real-CT recipe (docs/real_data.md). Add a variant name to switch the model, e.g. `:paper,msca_unet`.
+the paper-scale network (SPEC 1.1) and schedule, `:fewshot` the real-CT recipe (docs/real_data.md).
+Add a variant name to switch the model, e.g. `:paper,msca_unet`.
 """
 
 from livseg_jax.config import stage_config
