@@ -7,14 +7,13 @@ Module names are those of the Flax model (`enc0.conv1.bn`, `gate2.theta`, `up1`,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import ml_collections
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ConvBN, DoubleConv, add_heads, checked_size, heads_forward
+from livseg_jax.interop.torch_layers import ConvBN, DoubleConv, TwinNetwork, add_heads, checked_size, heads_forward
 from livseg_jax.models import names
 from livseg_jax.models.attention_unet import ACTIVATION, GATE_SUBSAMPLE
 
@@ -38,17 +37,13 @@ class AttentionGate(nn.Module):
         return self.project(self.coefficients(x, g) * x)
 
 
-class TorchAttentionUNet3D(nn.Module):
+class TorchAttentionUNet3D(TwinNetwork):
     """Attention U-Net on (B, C_in, D, H, W) -> logits; heads as `TorchUNet3D` (`all_heads`)."""
 
     def __init__(self, features: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 2,
                  deep_supervision: bool = True, deploy: bool = False, in_channels: int = 1):
-        super().__init__()
-        self.hparams: dict[str, Any] = dict(features=tuple(features), num_classes=num_classes,
-                                            deep_supervision=deep_supervision, deploy=deploy,
-                                            in_channels=in_channels)
-        self.levels = levels = len(features)
-        self.deep_supervision, self.deploy = deep_supervision, deploy
+        super().__init__(features, num_classes, deep_supervision, deploy, in_channels)
+        levels = self.levels
         c = in_channels
         for s in range(levels - 1):
             self.add_module(f"enc{s}", DoubleConv(c, features[s], ACTIVATION, deploy))

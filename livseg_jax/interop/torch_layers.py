@@ -134,6 +134,19 @@ class DoubleConv(nn.Module):
         return self.conv1(self.conv0(x))
 
 
+class TwinNetwork(nn.Module):
+    """What every network twin's constructor shares: `hparams` (its arguments, from which the
+    deploy form is rebuilt), the number of resolution levels, deep supervision and the deploy flag."""
+
+    def __init__(self, features: Sequence[int], num_classes: int, deep_supervision: bool, deploy: bool,
+                 in_channels: int, **extra):
+        super().__init__()
+        self.hparams = dict(features=tuple(features), num_classes=num_classes, deep_supervision=deep_supervision,
+                            deploy=deploy, in_channels=in_channels, **extra)
+        self.levels = len(features)
+        self.deep_supervision, self.deploy = deep_supervision, deploy
+
+
 def heads_forward(model: nn.Module, decoded: Sequence[torch.Tensor], out_size: tuple[int, ...],
                   all_heads: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Returns the output of `model`'s heads `head<i>` (ids `model.head_ids`, coarse to fine): every twin's heads."""

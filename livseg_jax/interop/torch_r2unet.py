@@ -8,14 +8,13 @@ from `torch_models.reparameterize_torch` (every `ConvBN` folded, the shared one 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import ml_collections
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ConvBN, add_heads, checked_size, heads_forward
+from livseg_jax.interop.torch_layers import ConvBN, TwinNetwork, add_heads, checked_size, heads_forward
 from livseg_jax.models import names
 from livseg_jax.models.r2unet import ACTIVATION, RECURRENT_STEPS
 
@@ -49,18 +48,15 @@ class RRCNNBlock(nn.Module):
         return p + self.rec1(self.rec0(p))
 
 
-class TorchR2UNet3D(nn.Module):
+class TorchR2UNet3D(TwinNetwork):
     """R2U-Net on (B, C_in, D, H, W) -> logits; heads and modes as `TorchUNet3D`."""
 
     def __init__(self, features: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 2,
                  deep_supervision: bool = True, steps: int = RECURRENT_STEPS,
                  activation: str = ACTIVATION, deploy: bool = False, in_channels: int = 1):
-        super().__init__()
-        self.hparams: dict[str, Any] = dict(features=tuple(features), num_classes=num_classes,
-                                            deep_supervision=deep_supervision, steps=steps,
-                                            activation=activation, deploy=deploy, in_channels=in_channels)
-        self.levels = levels = len(features)
-        self.deep_supervision, self.deploy = deep_supervision, deploy
+        super().__init__(features, num_classes, deep_supervision, deploy, in_channels, steps=steps,
+                         activation=activation)
+        levels = self.levels
         c = in_channels
         for s in range(levels - 1):
             self.add_module(f"enc{s}", RRCNNBlock(c, features[s], activation, steps, deploy))

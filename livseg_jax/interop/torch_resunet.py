@@ -8,7 +8,6 @@ Imports torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import ml_collections
 import torch
@@ -17,6 +16,7 @@ from torch import nn
 from livseg_jax.interop.torch_layers import (
     ChannelAffine,
     ConvBN,
+    TwinNetwork,
     activation_module,
     add_heads,
     batch_norm3d,
@@ -50,17 +50,13 @@ class ResidualUnit(nn.Module):
         return self.conv2(self.conv1(h)) + self.shortcut(x)
 
 
-class TorchResUNet3D(nn.Module):
+class TorchResUNet3D(TwinNetwork):
     """Residual U-Net on (B, C_in, D, H, W) -> logits; heads as `TorchUNet3D` (`all_heads`)."""
 
     def __init__(self, features: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 2,
                  deep_supervision: bool = True, deploy: bool = False, in_channels: int = 1):
-        super().__init__()
-        self.hparams: dict[str, Any] = dict(features=tuple(features), num_classes=num_classes,
-                                            deep_supervision=deep_supervision, deploy=deploy,
-                                            in_channels=in_channels)
-        self.levels = levels = len(features)
-        self.deep_supervision, self.deploy = deep_supervision, deploy
+        super().__init__(features, num_classes, deep_supervision, deploy, in_channels)
+        levels = self.levels
         c = in_channels
         for s in range(levels - 1):
             self.add_module(f"enc{s}", ResidualUnit(c, features[s], 1 if s == 0 else 2, s > 0, deploy))

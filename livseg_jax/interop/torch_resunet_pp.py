@@ -8,14 +8,21 @@ conv + BN pair and turns the pre-activation BatchNorms (`pre_bn`) into per-chann
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import ml_collections
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ChannelAffine, ConvBN, add_heads, batch_norm3d, checked_size, heads_forward
+from livseg_jax.interop.torch_layers import (
+    ChannelAffine,
+    ConvBN,
+    TwinNetwork,
+    add_heads,
+    batch_norm3d,
+    checked_size,
+    heads_forward,
+)
 from livseg_jax.models import names
 from livseg_jax.models.resunet_pp import ASPP_RATES, SE_RATIO
 
@@ -91,17 +98,13 @@ class Attention(nn.Module):
         return self.gate(F.max_pool3d(self.enc(g), 2) + self.dec(x)) * x
 
 
-class TorchResUNetPP3D(nn.Module):
+class TorchResUNetPP3D(TwinNetwork):
     """ResUNet++ on (B, C_in, D, H, W) -> logits; heads and modes as `TorchUNet3D`."""
 
     def __init__(self, features: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 2,
                  deep_supervision: bool = True, deploy: bool = False, in_channels: int = 1):
-        super().__init__()
-        f = tuple(features)
-        self.hparams: dict[str, Any] = dict(features=f, num_classes=num_classes,
-                                            deep_supervision=deep_supervision, deploy=deploy,
-                                            in_channels=in_channels)
-        self.features, self.deep_supervision, self.deploy = f, deep_supervision, deploy
+        super().__init__(features, num_classes, deep_supervision, deploy, in_channels)
+        self.features = f = tuple(features)
         c = in_channels
         for s in range(len(f) - 1):
             self.add_module(f"enc{s}", ResidualUnit(c, f[s], 1 if s == 0 else 2, s == 0, deploy))

@@ -8,14 +8,20 @@ map every tensor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import ml_collections
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ConvBN, activation_module, add_heads, checked_size
+from livseg_jax.interop.torch_layers import (
+    ConvBN,
+    TwinNetwork,
+    activation_module,
+    add_heads,
+    checked_size,
+    heads_forward,
+)
 from livseg_jax.models import names
 from livseg_jax.models.riunet import ACTIVATION, BRANCH_RATIO, BRANCHES
 
@@ -46,18 +52,13 @@ class ResInceptionBlock(nn.Module):
         return self.act(y + (x if self.shortcut is None else self.shortcut(x)))
 
 
-class TorchRIUNet(nn.Module):
+class TorchRIUNet(TwinNetwork):
     """RIU-Net on (B, C_in, D, H, W) -> logits; heads coarse to fine like TorchUNet3D's."""
 
     def __init__(self, features: Sequence[int] = (16, 32, 64, 128, 256), num_classes: int = 2,
                  deep_supervision: bool = True, deploy: bool = False, in_channels: int = 1):
-        super().__init__()
-        self.hparams: dict[str, Any] = dict(features=tuple(features), num_classes=num_classes,
-                                            deep_supervision=deep_supervision, deploy=deploy,
-                                            in_channels=in_channels)
-        self.levels = levels = len(features)
-        self.deep_supervision = deep_supervision
-        self.deploy = deploy
+        super().__init__(features, num_classes, deep_supervision, deploy, in_channels)
+        levels = self.levels
         c = in_channels
         for s in range(levels - 1):
             self.add_module(f"enc{s}", ResInceptionBlock(c, features[s], deploy=deploy))
@@ -81,15 +82,7 @@ class TorchRIUNet(nn.Module):
         for s in reversed(range(self.levels - 1)):
             x = torch.cat([getattr(self, f"{names.UP}{s}")(x), skips[s]], dim=1)
             decoded.append(x := getattr(self, f"dec{s}")(x))
-        n = len(decoded)
-        every = all_heads or (self.training and self.deep_supervision)
-        logits = []
-        for i in [h for h in self.head_ids if every or h == n - 1]:
-            y = getattr(self, f"{names.HEAD}{i}")(decoded[i])
-            if tuple(y.shape[2:]) != out_size:
-                y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)
-            logits.append(y)
-        return tuple(logits) if (self.training or all_heads) else logits[-1]
+        return heads_forward(self, decoded, out_size, all_heads)
 
 
 def torch_riunet_from_config(model_config: ml_collections.ConfigDict, deploy: bool, in_channels: int) -> TorchRIUNet:

@@ -8,14 +8,13 @@ up-sampling (align_corners=False) are parameter-free, as in the official code.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import ml_collections
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ConvBN, DoubleConv, add_heads, checked_size
+from livseg_jax.interop.torch_layers import ConvBN, DoubleConv, TwinNetwork, add_heads, checked_size
 from livseg_jax.models import names
 from livseg_jax.models.unet3plus import ACTIVATION, CAT_CHANNELS, HEAD_KERNEL
 
@@ -44,7 +43,7 @@ class FullScaleDecoderLevel(nn.Module):
         return self.fuse(torch.cat(parts, dim=1))
 
 
-class TorchUNet3Plus(nn.Module):
+class TorchUNet3Plus(TwinNetwork):
     """UNet 3+ on (B, C_in, D, H, W) -> logits; heads bottleneck first, coarse to fine.
 
     Training mode (with deep supervision) or `all_heads=True` returns every head resized to the
@@ -54,13 +53,8 @@ class TorchUNet3Plus(nn.Module):
     def __init__(self, features: Sequence[int] = (64, 128, 256, 512, 1024), num_classes: int = 2,
                  cat_channels: int = CAT_CHANNELS, deep_supervision: bool = True, deploy: bool = False,
                  in_channels: int = 1):
-        super().__init__()
-        self.hparams: dict[str, Any] = dict(
-            features=tuple(features), num_classes=num_classes, cat_channels=cat_channels,
-            deep_supervision=deep_supervision, deploy=deploy, in_channels=in_channels)
-        self.levels = levels = len(features)
-        self.deep_supervision = deep_supervision
-        self.deploy = deploy
+        super().__init__(features, num_classes, deep_supervision, deploy, in_channels, cat_channels=cat_channels)
+        levels = self.levels
         c = in_channels
         for s in range(levels):
             name = "bottleneck" if s == levels - 1 else f"enc{s}"
