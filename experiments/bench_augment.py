@@ -23,18 +23,15 @@ with the overhead of each device mode over `off`, and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 
 from experiments.bench_common import (
-    REPO,
     enable_compilation_cache,
-    environment,
     median_time,
+    print_result,
+    run_child,
     write_result,
 )
 
@@ -182,7 +179,7 @@ def main() -> None:
     patch = tuple(int(v) for v in args.patch.split(","))
     if args.case:
         row = run_case(args.case, patch, args.batch, args.steps, args.smoke)
-        print("RESULT " + json.dumps({**row, "environment": environment()}), flush=True)
+        print_result(row)
         return
 
     modes = args.modes.split(",")
@@ -205,16 +202,9 @@ def main() -> None:
         return write_result(name, payload)
 
     for mode in modes:
-        cmd = [sys.executable, "-m", "experiments.bench_augment", "--case", mode, "--patch", args.patch,
-               "--batch", str(args.batch), "--steps", str(args.steps)] + (["--smoke"] if args.smoke else [])
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        row = {"mode": mode, "wall_s": time.perf_counter() - t0}
-        if proc.returncode or not found:
-            row["error"] = (proc.stderr or proc.stdout)[-1500:]
-        else:
-            row.update(json.loads(found[-1][len("RESULT "):]))
+        row = {"mode": mode, **run_child("experiments.bench_augment", [
+            "--case", mode, "--patch", args.patch, "--batch", str(args.batch), "--steps", str(args.steps),
+            *(["--smoke"] if args.smoke else [])])}
         rows.append(row)
         path = save()
         if mode == "host_crop" and "median_ms" in row:

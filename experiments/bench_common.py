@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pathlib
 import platform
@@ -10,7 +11,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from livseg_jax.atomic_write import write_json
 
@@ -123,3 +124,25 @@ def enable_compilation_cache(path: str = ".cache/jax") -> None:
     from livseg_jax.compilation_cache import enable_compilation_cache as enable
 
     enable(pathlib.Path(path).resolve())
+
+
+RESULT_PREFIX = "RESULT "
+
+
+def print_result(row: dict) -> None:
+    """Prints a measuring child process's result line (with its environment) for `run_child`."""
+    print(RESULT_PREFIX + json.dumps({**row, "environment": environment()}), flush=True)
+
+
+def run_child(module: str, args: Sequence[str]) -> dict:
+    """Returns {"wall_s", **the child's result} after `python -m module *args` in a fresh process
+    (each measurement gets the device's memory to itself), or {"wall_s", "error"} when it failed."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO)
+    found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    row = {"wall_s": time.perf_counter() - t0}
+    if proc.returncode or not found:
+        row["error"] = (proc.stderr or proc.stdout)[-1500:]
+    else:
+        row.update(json.loads(found[-1][len(RESULT_PREFIX):]))
+    return row

@@ -12,20 +12,17 @@ Writes experiments/results/bench_train_step[_TAG].json and prints a Markdown tab
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 
 from experiments.bench_common import (
-    REPO,
     apply_overrides,
     enable_compilation_cache,
-    environment,
     median_time,
     parse_overrides,
+    print_result,
+    run_child,
     write_result,
 )
 
@@ -177,7 +174,7 @@ def main() -> None:
     if args.case:
         variant, mode = args.case.split(":")
         result = run_case(variant, mode, patch, args.batch, args.steps)
-        print("RESULT " + json.dumps({**result, "environment": environment()}), flush=True)
+        print_result(result)
         return
 
     rows = []
@@ -194,17 +191,9 @@ def main() -> None:
         for mode in args.modes.split(","):
             if mode not in MODES:
                 raise SystemExit(f"unknown mode {mode!r}; choose from {MODES}")
-            cmd = [sys.executable, "-m", "experiments.bench_train_step", "--case", f"{variant}:{mode}",
-                   "--patch", args.patch, "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--overrides", args.overrides]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            row = {"variant": variant, "mode": mode, "wall_s": time.perf_counter() - t0}
-            if proc.returncode or not found:
-                row["error"] = (proc.stderr or proc.stdout)[-1500:]
-            else:
-                row.update(json.loads(found[-1][len("RESULT "):]))
+            row = {"variant": variant, "mode": mode, **run_child("experiments.bench_train_step", [
+                "--case", f"{variant}:{mode}", "--patch", args.patch, "--batch", str(args.batch),
+                "--steps", str(args.steps), "--overrides", args.overrides])}
             rows.append(row)
             path = save()
             if "median_ms" in row:
