@@ -59,3 +59,29 @@ def test_compiled_stage_gives_the_jitted_window_probabilities():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 16, 16, 1)).astype(np.float32))
     np.testing.assert_array_equal(np.asarray(compiled_stage(model).window_fn(model.variables, x)),
                                   np.asarray(model.window_fn(model.variables, x)))
+
+
+def test_cpu_stages_use_the_cpu_forms_and_give_the_reference_forms_probabilities(tmp_path):
+    from livseg_jax.config import base_config
+    from livseg_jax.inference.two_stage import CPU_INFERENCE_FORMS, load_stage_model
+    from livseg_jax.models import build_model, init_variables
+    from livseg_jax.models.forms import REFERENCE_FORMS
+    from livseg_jax.run_dir import write_variables
+
+    config = base_config()  # the paper's network, which has depthwise convolutions, at a tiny width
+    config.stage, config.model.features, config.data.patch_size = "liver", (4, 8), (16, 16, 16)
+    variables = jax.device_get(init_variables(build_model(config.model), jax.random.key(0), (16, 16, 16)))
+    loaded = load_stage_model(write_variables(tmp_path / "run", variables, config), "liver", batch_size=2)
+    assert jax.default_backend() == "cpu"
+    assert loaded.description["forms"] == {**REFERENCE_FORMS, **CPU_INFERENCE_FORMS}
+    reference = build_model(_pinned(config.model, REFERENCE_FORMS), deploy=False)
+    x = np.random.default_rng(1).normal(size=(2, 16, 16, 16, 1)).astype(np.float32)
+    want = jax.nn.softmax(reference.apply(variables, jnp.asarray(x), train=False), axis=-1)
+    np.testing.assert_allclose(np.asarray(loaded.window_fn(loaded.variables, jnp.asarray(x))), np.asarray(want),
+                               atol=2e-5)
+
+
+def _pinned(model_config, forms):
+    config = model_config.copy_and_resolve_references()
+    config.update(forms)
+    return config
