@@ -120,16 +120,17 @@ def table(rows: list[dict]) -> str:
     """Returns a Markdown table of the runs."""
     phases = ("read", "preprocess", "liver_inference", "tumor_inference", "write")
     head = "| run | wall s | before 1st window s | compile liver / tumor s | " + \
-        " | ".join(f"{p} s" for p in phases) + " | peak RSS GB |"
+        " | ".join(f"{p} s" for p in phases) + " | CPU s | peak RSS GB |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['run']} | {r['wall_s']} | error | | | | | | | |")
+            lines.append(f"| {r['run']} | {r['wall_s']} | error | | | | | | | | |")
             continue
         c, t = r["compile_s"], r["timings_s"]
         lines.append(f"| {r['run']} | {r['wall_s']:.1f} | {r['first_window_s']:.1f} | "
                      f"{c.get('liver', 0):.1f} / {c.get('tumor', 0):.1f} | "
-                     + " | ".join(f"{t.get(p, 0):.1f}" for p in phases) + f" | {r['peak_rss_mb'] / 1024:.2f} |")
+                     + " | ".join(f"{t.get(p, 0):.1f}" for p in phases)
+                     + f" | {r['cpu_s']:.0f} | {r['peak_rss_mb'] / 1024:.2f} |")
     return "\n".join(lines)
 
 

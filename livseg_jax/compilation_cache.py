@@ -42,7 +42,7 @@ def enable_compilation_cache(path: pathlib.Path, min_compile_secs: float = 1.0) 
     return path
 
 
-def use_compilation_cache(setting: str, cache_root: pathlib.Path) -> pathlib.Path | None:
+def use_compilation_cache(setting: str, cache_root: pathlib.Path, min_compile_secs: float = 1.0) -> pathlib.Path | None:
     """The entry points' one call: resolves `setting` and turns the cache on; returns its directory."""
     path = resolve_cache_dir(setting, cache_root)
-    return None if path is None else enable_compilation_cache(path)
+    return None if path is None else enable_compilation_cache(path, min_compile_secs)

@@ -170,7 +170,9 @@ def _run(argv: list[str]) -> int:
     for folder in sorted({out.parent for _, out in jobs}):
         atomic_write.sweep_stale_temps(folder)
     use_stage_xla_flags([args.liver, args.tumor, args.joint])
-    use_compilation_cache(args.compilation_cache, default_cache_root())
+    # Every program, however quick to compile: the sliding window's small ones compile again for each
+    # new CT shape, each taking 0.1-1 s on a busy 2-core CPU, and a second run on the same shape loads them.
+    use_compilation_cache(args.compilation_cache, default_cache_root(), min_compile_secs=0.0)
     predictor = Predictor.from_checkpoints(
         args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
         deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size,
