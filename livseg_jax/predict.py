@@ -25,6 +25,11 @@ Post-processing: a tumour (or joint) run holding `postprocess.json` (written by
 `python -m livseg_jax.postprocess`) has its tumour threshold and minimum lesion volume applied; the
 run's settings and the timings JSON say so (`--no-postprocess` turns it off).
 
+On a CPU: the stages compute depthwise convolutions as shifted sums (same outputs; faster there)
+and take one window per network call unless `--batch-size` says otherwise. Every compiled program
+goes into the persistent compilation cache, so a later run on a CT of the same shape compiles
+nothing (docs/benchmarks.md, "Prediction on a CPU").
+
 XLA flags: those the stages' computation forms need (`livseg_jax.xla_flags`; on GPUs
 `--xla_gpu_force_conv_nhwc=true`) are added to `XLA_FLAGS` before JAX starts; a flag already set
 in the environment wins.
@@ -106,6 +111,19 @@ def _save_overlay(path, image, spacing, labels, title):
     return save_overlay(path, image, spacing, labels, title=title)
 
 
+# A CPU takes as long per window whatever the batch (docs/benchmarks.md, "Prediction on a CPU"):
+# one window per call needs half the memory of two and never fills a batch with repeats.
+CPU_BATCH_SIZE = 1
+
+
+def default_batch_size(batch_size: int | None, backend: str | None = None) -> int | None:
+    """Returns the windows per network call: `batch_size` when given, else CPU_BATCH_SIZE on a CPU,
+    else None (the config's `inference.batch_size`)."""
+    if batch_size is not None:
+        return batch_size
+    return CPU_BATCH_SIZE if (backend or jax.default_backend()) == "cpu" else None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m livseg_jax.predict", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -118,7 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--which", choices=("best", "latest"), default="best",
                    help="checkpoint of a run directory (default: best; the latest when the run has no best)")
     p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: from the config)")
-    p.add_argument("--batch-size", type=int, help="windows per network call (default: from the config)")
+    p.add_argument("--batch-size", type=int,
+                   help="windows per network call (default: 1 on a CPU, else from the config)")
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="mirror test-time augmentation, 8 flips (default: inference.mirror_tta)")
     p.add_argument("--deploy", action=argparse.BooleanOptionalAction, default=None,
@@ -175,7 +194,7 @@ def _run(argv: list[str]) -> int:
     use_compilation_cache(args.compilation_cache, default_cache_root(), min_compile_secs=0.0)
     predictor = Predictor.from_checkpoints(
         args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
-        deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size,
+        deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=default_batch_size(args.batch_size),
         postprocess=args.postprocess)
     print("compiling the prediction stages (first run only with the compilation cache; this can take "
           "minutes on a CPU)", flush=True)

@@ -85,3 +85,16 @@ def _pinned(model_config, forms):
     config = model_config.copy_and_resolve_references()
     config.update(forms)
     return config
+
+
+def test_a_cpu_predicts_one_window_per_call_unless_told_and_gets_the_same_labels():
+    from livseg_jax.predict import default_batch_size
+
+    assert default_batch_size(None, "cpu") == 1
+    assert default_batch_size(None, "gpu") is None  # the config's
+    assert default_batch_size(3, "cpu") == 3
+    fn = counting_model(0.5, [])
+    labels = [Predictor(stage("liver", fn, batch_size=b)).predict_array(phantom(), (2.0, 1.0, 1.0)).labels
+              for b in (1, 2)]
+    np.testing.assert_array_equal(labels[0], labels[1])
+    assert labels[0].any()
