@@ -3,7 +3,7 @@ CT (3D-IRCADb 1.17, 512x512x119), first use (empty compilation cache) and later 
 each in its own process; per-phase seconds from the timings JSON predict writes, wall clock and
 peak resident memory of the process.
 
-    JAX_PLATFORMS=cpu taskset -c 0,1 python -m experiments.bench_predict_cpu --tag 2core
+    taskset -c 0,1 python -m experiments.bench_predict_cpu --tag 2core
     python -m experiments.bench_predict_cpu --cpus 0,1 --warm-runs 2 --tag 2core
     python -m experiments.bench_predict_cpu --smoke      # tiny networks on a small CT: checks the script
 
@@ -11,10 +11,11 @@ The stage run directories (written under --workdir, never in the checkout) hold 
 `configs/{liver,tumor}.py:paper` variables: the weights do not change the time, except through
 where stage 1 finds liver. The liver head is biased to foreground everywhere, so stage 1 keeps the
 whole body and stage 2 runs over all of it: the slowest case (a trained liver model crops stage 2
-to the liver's box). `--cpus` pins each predict process to those cores (what `taskset -c` does);
-XLA:CPU sizes its thread pool from the cores the process may run on. Extra predict options per
-run: `--predict-args "--batch-size 1"`. Writes experiments/results/bench_predict_cpu[_TAG].json
-and prints a Markdown table (docs/benchmarks.md, "Prediction on a CPU").
+to the liver's box). JAX runs on the CPU even where a GPU is visible. `--cpus` pins each predict
+process to those cores (what `taskset -c` does); XLA:CPU sizes its thread pool from the cores the
+process may run on. Extra predict options per run: `--predict-args "--batch-size 2"`. Writes
+experiments/results/bench_predict_cpu[_TAG].json and prints a Markdown table (docs/benchmarks.md,
+"Prediction on a CPU").
 """
 
 from __future__ import annotations
@@ -140,10 +141,11 @@ def main() -> None:
                         help="run directories, the CT, caches and outputs (outside the checkout)")
     parser.add_argument("--cpus", default="", help="pin predict to these cores, e.g. 0,1 (as taskset -c)")
     parser.add_argument("--warm-runs", type=int, default=1, help="runs after the first (warm cache)")
-    parser.add_argument("--predict-args", default="", help="extra predict options, e.g. '--batch-size 1'")
+    parser.add_argument("--predict-args", default="", help="extra predict options, e.g. '--batch-size 2'")
     parser.add_argument("--smoke", action="store_true", help="tiny networks on a small synthetic CT")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
+    os.environ["JAX_PLATFORMS"] = "cpu"  # a CPU benchmark, also on a GPU machine (children inherit it)
     workdir = pathlib.Path(args.workdir)
     if REPO in workdir.resolve().parents or workdir.resolve() == REPO:
         raise SystemExit(f"--workdir {workdir}: choose a folder outside the checkout")
