@@ -29,6 +29,7 @@ from livseg_jax.data.synthetic import write_synthetic_dataset
 from livseg_jax.inference.sliding_window import sliding_window, window_predict_fn
 from livseg_jax.metrics import overlap_metrics
 from livseg_jax.models import build_model, check_patch_shape
+from livseg_jax.models.forms import check_training_forms
 from livseg_jax.run_dir import METRICS_FILE, PERIODIC, RunCheckpoints, check_resumable, save_config
 from livseg_jax.training.distributed import chief_first, process_label
 from livseg_jax.training.logging import MetricWriter, plot_curves
@@ -160,6 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     train_cases, val_cases = prepare_stage_cases(config)
     spe = int(config.train.steps_per_epoch)
     total_steps = int(config.train.num_epochs) * spe
+    check_training_forms(config.model, jax.default_backend())
     model = build_model(config.model, deploy=False)
     optimizer = make_optimizer(config.optim, spe)
 
