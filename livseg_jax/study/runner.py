@@ -343,6 +343,7 @@ def run_study_in_workers(study: ml_collections.ConfigDict, workdir: str | os.Pat
     process starts no JAX backend: it prepares the split, the data and the preprocessing caches, runs
     the workers (`scheduler.run_workers`), then tabulates the finished runs.
     """
+    scheduler.worker_env(devices["platform"], groups[0])  # a platform it cannot restrict: refused before any work
     cases, split, out, train_list = prepare(study, workdir, only)
     prepare_caches(study, train_list, split, only)
     names = [r["name"] for r in study.runs if not only or r["name"] in only]
