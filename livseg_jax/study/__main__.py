@@ -15,6 +15,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,7 +33,7 @@ _WORKER = flags.DEFINE_bool("worker", False, "internal: train, predict and evalu
                             "every device it sees, write no tables (the study starts its workers so)")
 
 
-def placement(study, selected: int) -> tuple[dict | None, list[tuple[int, ...]]]:
+def placement(study: ml_collections.ConfigDict, selected: int) -> tuple[dict | None, list[tuple[int, ...]]]:
     """Returns (probed devices, device groups) for running runs in workers, or (None, []) for one after another."""
     per_run, parallel = int(study.devices), int(study.parallel_runs)
     if per_run == 0 or parallel == 1 or selected < 2:
