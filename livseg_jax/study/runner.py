@@ -39,13 +39,11 @@ import ml_collections
 import numpy as np
 
 from livseg_jax import atomic_write, evaluate
-from livseg_jax.data.cache import build_cache
 from livseg_jax.data.cases import output_name, sidecar_path
-from livseg_jax.data.spacing import resolve_median_spacing
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.models.summary import count_params
 from livseg_jax.study import figures, scheduler, spec, splits, tables
-from livseg_jax.training.loop import cache_root, dataset_cases, train_and_evaluate
+from livseg_jax.training.loop import cache_stage_cases, dataset_cases, train_and_evaluate
 
 DONE_FILE = "study_done.json"
 PREDICTIONS_DONE = "predictions.json"
@@ -261,20 +259,15 @@ def prepare_caches(study: ml_collections.ConfigDict, train_list: pathlib.Path, s
                    only: Sequence[str] = ()) -> int:
     """Returns how many stage configs' preprocessing caches were checked, building what is missing.
 
-    As `training.loop.prepare_stage_cases` would in each run (same cases, same "median" spacing
-    rule, same cache folder), so that worker processes started afterwards only read the caches.
+    Through `training.loop.cache_stage_cases`, as each run's training would, so that worker
+    processes started afterwards only read the caches.
     """
     count = 0
     for entry in study.runs:
         if only and entry["name"] not in only:
             continue
         for config in stage_configs(study, entry, str(train_list), len(split["val"])).values():
-            stage_cases = dataset_cases(config)
-            if config.preprocess.get("spacing_mode") == "median":
-                train_images = [c.image for c in stage_cases[: len(stage_cases) - len(split["val"])]]
-                config.preprocess.target_spacing = resolve_median_spacing(config.preprocess, train_images)
-            build_cache(stage_cases, config.preprocess, cache_root(config) / "preprocessed",
-                        num_workers=config.data.num_workers)
+            cache_stage_cases(config)
             count += 1
     return count
 

@@ -62,14 +62,14 @@ def dataset_cases(config: ml_collections.ConfigDict):
                                    tuple(syn.shape), tuple(syn.spacing), syn.seed)
 
 
-def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
-    """Returns (train, validation) StageCases: the last `num_val_cases` cases are held out."""
-    source = config.data.tumor_crop_source
-    if source not in ("ground_truth", "stage1"):
-        raise ValueError(f"data.tumor_crop_source must be 'ground_truth' or 'stage1', got {source!r}")
-    if config.stage == "tumor" and source == "stage1" and not config.data.stage1_run:
-        raise ValueError("data.tumor_crop_source='stage1' needs data.stage1_run (a liver run or checkpoint)")
-    cases = chief_first("dataset", lambda: dataset_cases(config))
+def cache_stage_cases(config: ml_collections.ConfigDict) -> list:
+    """Returns the stage's cases preprocessed into its cache (building what is missing), without JAX.
+
+    With `preprocess.spacing_mode = "median"` it first sets `config.preprocess.target_spacing` from
+    the training cases (all but the last `data.num_val_cases`). The study scheduler calls this in
+    its parent process so that worker processes only read the caches.
+    """
+    cases = dataset_cases(config)
     n_val = int(config.data.num_val_cases)
     if len(cases) <= n_val:
         raise ValueError(
@@ -78,13 +78,24 @@ def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
         train_images = [c.image for c in cases[: len(cases) - n_val]]
         config.preprocess.target_spacing = resolve_median_spacing(config.preprocess, train_images)
         print(f"preprocess.target_spacing = {tuple(config.preprocess.target_spacing)} mm (median rule)")
-    cached = chief_first("cache", lambda: build_cache(cases, config.preprocess, cache_root(config) / "preprocessed",
-                                                      num_workers=config.data.num_workers))
+    return build_cache(cases, config.preprocess, cache_root(config) / "preprocessed",
+                       num_workers=config.data.num_workers)
+
+
+def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
+    """Returns (train, validation) StageCases: the last `num_val_cases` cases are held out."""
+    source = config.data.tumor_crop_source
+    if source not in ("ground_truth", "stage1"):
+        raise ValueError(f"data.tumor_crop_source must be 'ground_truth' or 'stage1', got {source!r}")
+    if config.stage == "tumor" and source == "stage1" and not config.data.stage1_run:
+        raise ValueError("data.tumor_crop_source='stage1' needs data.stage1_run (a liver run or checkpoint)")
+    cached = chief_first("cache", lambda: cache_stage_cases(config))
     liver_masks = [None] * len(cached)
     if config.stage == "tumor" and source == "stage1":
         liver_masks = stage1_liver_masks(config, cached)
     staged = [pipeline.index_case(c, config.stage, config.data.liver_margin_mm, config.seed, mask)
               for c, mask in zip(cached, liver_masks, strict=True)]
+    n_val = int(config.data.num_val_cases)
     return staged[: len(staged) - n_val], staged[len(staged) - n_val:]
 
 
