@@ -150,14 +150,30 @@ def rtstruct_dataset(labels_slices: np.ndarray, series: Series) -> Any:
         raise ValueError(f"label map shape {labels_slices.shape} does not match the series {series.pixels.shape}")
     _check_square_pixels(series)
     structure = rt_utils.RTStruct(series.datasets, ds_helper.create_rtstruct_dataset(series.datasets))
-    structure.ds.SeriesDescription = "livseg_jax liver and tumour"
-    structure.ds.Manufacturer = _MANUFACTURER
     colours = {"Liver": [220, 120, 60], "Tumour": [60, 200, 60]}
     for name, mask in structure_masks(labels_slices).items():
         if mask.any():  # rt-utils refuses an empty mask; an absent structure is left out
             structure.add_roi(mask=mask.transpose(1, 2, 0), name=name, color=colours[name],
                               approximate_contours=False, roi_generation_algorithm="AUTOMATIC")
-    return structure.ds
+    return _complete_rtstruct(structure.ds, series.datasets[0])
+
+
+def _complete_rtstruct(ds: Any, source: Any) -> Any:
+    """Returns rt-utils' structure set with what dciodvfy asks for: DS strings of at most 16
+    characters (rt-utils writes full float reprs) and the Type 2 / Frame of Reference attributes."""
+    from pydicom.valuerep import DSfloat
+
+    for roi in ds.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            contour.ContourData = [DSfloat(round(float(v), 4), auto_format=True) for v in contour.ContourData]
+    ds.SeriesDescription = "livseg_jax liver and tumour"
+    ds.Manufacturer = _MANUFACTURER
+    ds.OperatorsName = ""
+    for keyword in ("ReferringPhysicianName", "AccessionNumber"):
+        setattr(ds, keyword, getattr(source, keyword, ""))
+    ds.FrameOfReferenceUID = source.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = getattr(source, "PositionReferenceIndicator", "")
+    return ds
 
 
 def output_paths(label_map_path: PathLike, types: Sequence[str]) -> dict[str, pathlib.Path]:
