@@ -124,6 +124,14 @@ def test_series_without_frame_of_reference_or_with_non_square_pixels_is_refused(
     dicom_export.check_exportable(oblong, ["dicom_seg"])
 
 
+def test_rtstruct_of_a_prediction_without_liver_is_refused_and_nothing_is_written(tmp_path):
+    series = dicom.read_dicom_series(write_series(tmp_path / "ct", ct_series(np.zeros((3, 8, 8), np.int16))))
+    paths = {"dicom_seg": tmp_path / "a.dcm", "rtstruct": tmp_path / "b.dcm"}
+    with pytest.raises(ValueError, match="holds no liver"):
+        dicom_export.write_dicom_outputs(np.zeros((3, 8, 8), np.uint8), series, paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]
+
+
 def test_output_types_parse_comma_separated_and_repeated():
     assert dicom_export.parse_output_types(["nifti,dicom_seg", "rtstruct", "nifti"]) == [
         "nifti", "dicom_seg", "rtstruct"]

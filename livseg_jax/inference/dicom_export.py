@@ -14,7 +14,9 @@ region's boundary pixels (rt-utils, no contour approximation). Both are written 
 
 Limits: the input series needs a FrameOfReferenceUID (both formats refer to it); RTSTRUCT needs
 square pixels (rt-utils 1.2 scales a row's direction by the row spacing, which is only right for
-square pixels). These raise ValueError naming the series.
+square pixels); an RTSTRUCT needs a liver in the prediction (an empty structure set is not valid
+DICOM; the SEG of an empty prediction is written with empty frames). These raise ValueError
+naming the series.
 
 highdicom and rt-utils are optional dependencies: `pip install 'livseg_jax[dicom]'`.
 """
@@ -149,9 +151,13 @@ def rtstruct_dataset(labels_slices: np.ndarray, series: Series) -> Any:
     if labels_slices.shape != series.pixels.shape:
         raise ValueError(f"label map shape {labels_slices.shape} does not match the series {series.pixels.shape}")
     _check_square_pixels(series)
+    masks = structure_masks(labels_slices)
+    if not masks["Liver"].any():
+        raise ValueError(f"{series.where}: the prediction holds no liver, and an RT Structure Set needs at "
+                         "least one structure; RTSTRUCT not written (the DICOM-SEG and NIfTI outputs can be empty)")
     structure = rt_utils.RTStruct(series.datasets, ds_helper.create_rtstruct_dataset(series.datasets))
     colours = {"Liver": [220, 120, 60], "Tumour": [60, 200, 60]}
-    for name, mask in structure_masks(labels_slices).items():
+    for name, mask in masks.items():
         if mask.any():  # rt-utils refuses an empty mask; an absent structure is left out
             structure.add_roi(mask=mask.transpose(1, 2, 0), name=name, color=colours[name],
                               approximate_contours=False, roi_generation_algorithm="AUTOMATIC")
