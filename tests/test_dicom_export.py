@@ -145,3 +145,35 @@ def test_outputs_pass_dciodvfy(written, kind):
     done = subprocess.run(["dciodvfy", str(written[2][kind])], capture_output=True, text=True, timeout=60)
     errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
     assert not errors, "\n".join(errors)
+
+
+@pytest.mark.real_data
+def test_real_ircad_slices_need_a_frame_of_reference_and_with_one_give_an_exact_seg(shared_data, tmp_path):
+    import zipfile
+
+    import pydicom
+
+    archive = shared_data / "3Dircadb1" / "3Dircadb1.17" / "PATIENT_DICOM.zip"
+    if not archive.is_file():
+        pytest.skip(f"{archive} is absent")
+    folder = tmp_path / "subset"
+    folder.mkdir()
+    with zipfile.ZipFile(archive) as zf:
+        for i in range(40, 44):  # four neighbouring slices of the real series, headers untouched
+            (folder / f"image_{i}").write_bytes(zf.read(f"PATIENT_DICOM/image_{i}"))
+    series = dicom.read_dicom_series(folder)
+    with pytest.raises(ValueError, match="no FrameOfReferenceUID"):  # the dataset's files have none
+        dicom_export.check_exportable(series, ["dicom_seg"])
+    frame = pydicom.uid.generate_uid()
+    for ds in series.datasets:
+        ds.FrameOfReferenceUID = frame
+    labels = np.zeros(series.pixels.shape, np.uint8)
+    labels[series.pixels > 100] = 1  # dense tissue and bone: a real-looking irregular mask
+    labels[1:3, 200:240, 250:300] = 2
+    path = tmp_path / "real_seg.dcm"
+    dicom_export.write_dicom_outputs(labels, series, {"dicom_seg": path})
+    seg = hd.seg.segread(path)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.datasets[0].SeriesInstanceUID
+    back = seg.get_pixels_by_source_instance([d.SOPInstanceUID for d in series.datasets], segment_numbers=[1, 2])
+    np.testing.assert_array_equal(back[..., 0], labels >= 1)
+    np.testing.assert_array_equal(back[..., 1], labels == 2)
