@@ -211,7 +211,10 @@ def _run(argv: list[str]) -> int:
     dicom_types = [t for t in output_types if t in dicom_export.DICOM_OUTPUT_TYPES]
     if not dicom_input and (dicom_types or args.series is not None):
         raise CliError(args.input, f"{' and '.join(dicom_types) or '--series'} needs a DICOM input "
-                       "(a series folder or zip); this input is NIfTI", "use --output-type nifti")
+                       "(a series folder or zip); this input is not one", "use --output-type nifti")
+    if dicom_input:
+        dicom.require_pydicom()  # missing optional dependencies are reported before the models load
+        dicom_export.require_libraries(dicom_types)
     cases = ([CaseFiles(dicom_case_id(args.input), pathlib.Path(args.input))] if dicom_input
              else find_inputs(args.input))
     jobs = plan_outputs(cases, args.output)

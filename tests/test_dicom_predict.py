@@ -115,3 +115,13 @@ def test_dicom_outputs_of_nifti_input_or_of_a_series_without_frame_of_reference_
                           capsys)
     assert status == 1 and "no FrameOfReferenceUID" in printed.err
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
+
+
+def test_missing_highdicom_is_reported_before_the_models_load(tmp_path, capsys, monkeypatch):
+    import sys
+
+    folder = write_series(tmp_path / "ct", ct_series(phantom_hu()))
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # makes `import highdicom` raise ImportError
+    monkeypatch.setattr(predict.Predictor, "from_checkpoints", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    status, printed = run(["-i", str(folder), "-o", str(tmp_path / "out"), "--output-type", "dicom_seg"], capsys)
+    assert status == 1 and "livseg_jax[dicom]" in printed.err and "highdicom" in printed.err

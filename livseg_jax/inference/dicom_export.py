@@ -66,6 +66,13 @@ def _require(module: str, package: str) -> Any:
         ) from e
 
 
+def require_libraries(types: Sequence[str]) -> None:
+    """Raises ImportError naming the `dicom` extra when a library of the requested outputs is missing."""
+    for kind, (module, package) in (("dicom_seg", ("highdicom", "highdicom")), ("rtstruct", ("rt_utils", "rt-utils"))):
+        if kind in types:
+            _require(module, package)
+
+
 def structure_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
     """Returns {"Liver": labels >= 1, "Tumour": labels == 2} as boolean arrays."""
     return {"Liver": labels >= 1, "Tumour": labels == _TUMOUR_LABEL}
