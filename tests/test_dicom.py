@@ -1,7 +1,6 @@
 """DICOM series reading (`livseg_jax.data.dicom`): small hand-made series, and the real 3D-IRCADb zip."""
 
 import io
-import shutil
 import zipfile
 
 import nibabel as nib
@@ -184,7 +183,7 @@ def test_real_ircad_zip_read_for_predict_equals_the_importers_nifti(shared_data,
     # is the whole of its work, without reading the other organs' masks.
     patient = tmp_path / "3Dircadb1.17"
     patient.mkdir()
-    shutil.copyfile(src / "PATIENT_DICOM.zip", patient / "PATIENT_DICOM.zip")
+    (patient / "PATIENT_DICOM.zip").symlink_to((src / "PATIENT_DICOM.zip").resolve())
     with zipfile.ZipFile(src / "MASKS_DICOM.zip") as zf:
         liver = [n for n in zf.namelist() if n.startswith("MASKS_DICOM/liver/") and not n.endswith("/")]
         zf.extractall(patient, liver)

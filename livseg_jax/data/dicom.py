@@ -168,7 +168,7 @@ def list_series(path: PathLike) -> list[SeriesInfo]:
             skipped += 1  # DICOMDIR, structured reports, segmentations: not image slices
             continue
         uid = str(ds.SeriesInstanceUID)
-        groups.setdefault(uid, []).append((name, lambda d=data: d))
+        groups.setdefault(uid, []).append((name, read))  # read again for the pixels: memory stays one slice
         descriptions.setdefault(uid, str(getattr(ds, "SeriesDescription", "") or ""))
     if not groups:
         raise DataError(f"{path}: no DICOM image series found ({skipped} file(s) were not DICOM image slices)")
