@@ -21,6 +21,13 @@ Errors: a bad input, flag or run directory ends in one `error: <file>: <problem>
 the models load. The timings JSON's `warnings` holds the warnings of reading the input (HU range,
 header anomalies such as a qform/sform disagreement), each naming the file.
 
+DICOM: `-i` may also be a DICOM series folder or a zip of one (`livseg_jax.data.dicom`, the reader
+the 3D-IRCADb importer uses); a folder or zip with several series needs `--series UID` (the error
+lists them). `--output-type nifti,dicom_seg,rtstruct` (comma-separated or repeated; default nifti)
+adds `<label map name>.dcm` (DICOM-SEG, highdicom) and `<label map name>_rtstruct.dcm` (RTSTRUCT,
+rt-utils) referencing the input series (`livseg_jax.inference.dicom_export`); without `nifti` no
+NIfTI label map is written. DICOM outputs need a DICOM input.
+
 Post-processing: a tumour (or joint) run holding `postprocess.json` (written by
 `python -m livseg_jax.postprocess`) has its tumour threshold and minimum lesion volume applied; the
 run's settings and the timings JSON say so (`--no-postprocess` turns it off).
@@ -46,8 +53,10 @@ from livseg_jax import atomic_write
 from livseg_jax.cli_errors import CliError, check_output_dir, check_output_file, expected_errors, report, run_main
 from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
+from livseg_jax.data import dicom
 from livseg_jax.data.cases import NIFTI_ENDINGS, sidecar_path
-from livseg_jax.data.layouts import find_inputs, plan_outputs
+from livseg_jax.data.layouts import CaseFiles, find_inputs, plan_outputs
+from livseg_jax.inference import dicom_export
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
 from livseg_jax.xla_flags import apply_model_xla_flags
@@ -100,6 +109,33 @@ def use_stage_xla_flags(paths: Sequence[str | os.PathLike | None]) -> None:
         print(f"warning: the XLA flags of the models' computation forms are not applied: {e}", file=sys.stderr)
 
 
+class DicomReader:
+    """Reads a DICOM series for `Predictor.predict_file`; keeps the series and grid for the DICOM outputs."""
+
+    def __init__(self, series_uid: str | None, output_types: Sequence[str]):
+        self.series_uid, self.output_types = series_uid, output_types
+        self.series: dicom.Series | None = None
+        self.geometry = None
+
+    def __call__(self, path):
+        """Returns the series' (D, H, W) HU volume and geometry, refusing one the outputs cannot refer to."""
+        self.series = dicom.read_dicom_series(path, self.series_uid)
+        dicom_export.check_exportable(self.series, self.output_types)  # before the models run
+        image, self.geometry = dicom.image_and_geometry(self.series)
+        return image, self.geometry
+
+    def write(self, labels_dhw, paths: dict[str, pathlib.Path]) -> None:
+        """Writes the DICOM outputs of a (D, H, W) label map on the series read last."""
+        labels = dicom.slice_order(labels_dhw, self.geometry)
+        dicom_export.write_dicom_outputs(labels, self.series, paths)
+
+
+def dicom_case_id(path: str | os.PathLike) -> str:
+    """Returns the case id of a DICOM input: its folder or zip name without `.zip`."""
+    name = pathlib.Path(path).resolve().name
+    return name[: -len(".zip")] if name.lower().endswith(".zip") else name
+
+
 def _save_overlay(path, image, spacing, labels, title):
     from livseg_jax.visualize import save_overlay  # matplotlib only when asked for
 
@@ -113,7 +149,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--liver", help="stage-1 run directory (trained or converted)")
     p.add_argument("--tumor", help="stage-2 run directory (omit: liver only)")
     p.add_argument("--joint", help="one-stage (3-class) run directory, instead of --liver [--tumor]")
-    p.add_argument("-i", "--input", required=True, help="CT .nii/.nii.gz file or folder")
+    p.add_argument("-i", "--input", required=True,
+                   help="CT .nii/.nii.gz file or folder, or a DICOM series folder or zip")
+    p.add_argument("--series", help="SeriesInstanceUID of the series to predict in a DICOM input holding several")
+    p.add_argument("--output-type", action="append", metavar="TYPES",
+                   help="nifti, dicom_seg, rtstruct: comma-separated or repeated (default: nifti); "
+                        "DICOM types need a DICOM input")
     p.add_argument("-o", "--output", required=True, help="output folder (or .nii.gz file for one input)")
     p.add_argument("--which", choices=("best", "latest"), default="best",
                    help="checkpoint of a run directory (default: best; the latest when the run has no best)")
@@ -165,7 +206,18 @@ def _run(argv: list[str]) -> int:
     problem = model_flags_error(args)
     if problem:
         raise CliError(None, problem)
-    jobs = plan_outputs(find_inputs(args.input), args.output)
+    output_types = dicom_export.parse_output_types(args.output_type or ["nifti"])
+    dicom_input = dicom.is_dicom_input(args.input)
+    dicom_types = [t for t in output_types if t in dicom_export.DICOM_OUTPUT_TYPES]
+    if not dicom_input and (dicom_types or args.series is not None):
+        raise CliError(args.input, f"{' and '.join(dicom_types) or '--series'} needs a DICOM input "
+                       "(a series folder or zip); this input is not one", "use --output-type nifti")
+    if dicom_input:
+        dicom.require_pydicom()  # missing optional dependencies are reported before the models load
+        dicom_export.require_libraries(dicom_types)
+    cases = ([CaseFiles(dicom_case_id(args.input), pathlib.Path(args.input))] if dicom_input
+             else find_inputs(args.input))
+    jobs = plan_outputs(cases, args.output)
     check_outputs(jobs, args.output)  # before the models are loaded and compiled
     for folder in sorted({out.parent for _, out in jobs}):
         atomic_write.sweep_stale_temps(folder)
@@ -187,20 +239,27 @@ def _run(argv: list[str]) -> int:
     failed = 0
     for case, out in jobs:
         timings_path = sidecar_path(out, "_timings.json")
+        dicom_paths = dicom_export.output_paths(out, output_types)
+        outputs = ([out] if "nifti" in output_types else []) + list(dicom_paths.values())
         # The timings file is written last: its presence marks a complete case.
-        if args.skip_existing and out.exists() and timings_path.exists():
-            print(f"{case.case_id}: {out} exists, skipped")
+        if args.skip_existing and all(p.exists() for p in outputs) and timings_path.exists():
+            print(f"{case.case_id}: {outputs[0]} exists, skipped")
             continue
         png = sidecar_path(out, ".png") if args.png else None
         bar = CaseProgress(case.case_id, not args.no_progress)
+        reader = DicomReader(args.series, output_types) if dicom_input else None
         try:
-            _, record = predictor.predict_file(case.image, out, progress=bar, png_path=png,
-                                               png_writer=_save_overlay)
-            record = {"case_id": case.case_id, **record, "run": run}
+            result, record = predictor.predict_file(
+                case.image, out if "nifti" in output_types else None, progress=bar, png_path=png,
+                png_writer=_save_overlay, **({"reader": reader} if reader is not None else {}))
+            if reader is not None and dicom_paths:
+                reader.write(result.labels, dicom_paths)
+            record = {"case_id": case.case_id, **record, **({"dicom_outputs": {k: str(v) for k, v in
+                      dicom_paths.items()}} if dicom_paths else {}), "run": run}
             atomic_write.write_json(timings_path, record)
         except BaseException as e:  # noqa: BLE001 - one bad case must not stop the others
             bar.close()
-            for partial in (out, png, timings_path):  # leave nothing half-done behind
+            for partial in (out, png, timings_path, *dicom_paths.values()):  # leave nothing half-done behind
                 if partial is not None:
                     pathlib.Path(partial).unlink(missing_ok=True)
             if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: stop after cleaning up
@@ -215,7 +274,7 @@ def _run(argv: list[str]) -> int:
         status = "" if record["liver_found"] else " (NO LIVER FOUND)"
         print(f"{case.case_id}: liver {record['label_voxels']['liver']} + tumour "
               f"{record['label_voxels']['tumor']} voxels in {record['timings_s']['total']:.1f} s "
-              f"-> {out}{status}")
+              f"-> {', '.join(map(str, outputs))}{status}")
     if failed:
         print(f"{failed} of {len(jobs)} case(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -51,6 +51,7 @@ from livseg_jax.run_dir import load_variables
 ProgressFn = Callable[[str, int], Callable[[int], None]]
 # png_writer(path, image (D, H, W) HU, spacing, labels (D, H, W), title): renders an overlay.
 PngWriter = Callable[[pathlib.Path, np.ndarray, Any, np.ndarray, str], Any]
+ImageReader = Callable[[Any], tuple[np.ndarray, nifti.Geometry]]  # path -> ((D, H, W) HU, geometry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,13 +434,16 @@ class Predictor:
                    for role, model in (("liver", self.liver), ("tumor", self.tumor), ("joint", self.joint))},
                 "largest_component_connectivity": self.connectivity}
 
-    def predict_file(self, image_path: str | os.PathLike, output_path: str | os.PathLike,
+    def predict_file(self, image_path: str | os.PathLike, output_path: str | os.PathLike | None,
                      progress: ProgressFn | None = None, png_path: str | os.PathLike | None = None,
-                     png_writer: PngWriter | None = None) -> tuple[CaseResult, dict[str, Any]]:
+                     png_writer: PngWriter | None = None,
+                     reader: ImageReader = nifti.read_image) -> tuple[CaseResult, dict[str, Any]]:
         """Returns (result, JSON record) after writing the label map of one NIfTI CT atomically.
 
         With `png_path`, also renders an overlay of the prediction there with `png_writer`
-        (the command line passes `visualize.save_overlay`).
+        (the command line passes `visualize.save_overlay`). `reader` returns the (D, H, W) HU
+        volume and its geometry (`predict` passes a DICOM series reader for DICOM inputs); with
+        `output_path` None no label map is written (the caller writes other formats).
         Raises `nifti.DataError` naming the file for unreadable, corrupt or non-finite input;
         nothing is written then.
         """
@@ -447,13 +451,14 @@ class Predictor:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             read_start = time.perf_counter()
-            image, geometry = nifti.read_image(image_path)
+            image, geometry = reader(image_path)
             read_s = time.perf_counter() - read_start
             result = self.predict_array(image, geometry.spacing, progress)
         for w in caught:  # show them as usual, and keep them in the record
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         write_start = time.perf_counter()
-        nifti.write_label_map(result.labels, geometry, output_path)
+        if output_path is not None:
+            nifti.write_label_map(result.labels, geometry, output_path)
         timings = {"read": read_s, **result.timings, "write": time.perf_counter() - write_start}
         if png_path is not None:
             if png_writer is None:
@@ -466,7 +471,7 @@ class Predictor:
         counts = np.bincount(result.labels.ravel(), minlength=3)
         record = {
             "input": str(image_path),
-            "output": str(output_path),
+            "output": None if output_path is None else str(output_path),
             **({"png": str(png_path)} if png_path is not None else {}),
             "disk_shape": list(geometry.disk_shape),
             "spacing_mm": [float(s) for s in geometry.spacing],
