@@ -13,7 +13,10 @@ recursively; `segmentation-N` files are ignored) or else every `.nii`/`.nii.gz` 
 it. Outputs, per case, next to each other in OUT (a folder; for a single input OUT may also be a
 `.nii.gz` file name): the label map `segmentation-N.nii.gz` for `volume-N`, else `<name>_seg.nii.gz`
 (uint8 0/1/2, the input's affine and header); `<label map name>_timings.json` with the seconds
-spent in each phase; with `--png`, `<label map name>.png` overlays. Files are written atomically:
+spent in each phase; with `--png`, `<label map name>.png` overlays; with `--statistics`,
+`<label map name>_statistics.json` and `_statistics.csv`: liver volume, tumour burden and per-lesion
+volume, diameters, centroid and mean HU (`livseg_jax.inference.statistics`; the PNG then numbers
+the lesions alike). Files are written atomically:
 a failed or interrupted case leaves nothing behind. Exit status 1 when any case failed.
 
 Errors: a bad input, flag or run directory ends in one `error: <file>: <problem>` line
@@ -33,10 +36,12 @@ in the environment wins.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -46,8 +51,10 @@ from livseg_jax import atomic_write
 from livseg_jax.cli_errors import CliError, check_output_dir, check_output_file, expected_errors, report, run_main
 from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
+from livseg_jax.data import nifti
 from livseg_jax.data.cases import NIFTI_ENDINGS, sidecar_path
 from livseg_jax.data.layouts import find_inputs, plan_outputs
+from livseg_jax.inference.statistics import case_statistics, write_statistics
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
 from livseg_jax.xla_flags import apply_model_xla_flags
@@ -100,10 +107,20 @@ def use_stage_xla_flags(paths: Sequence[str | os.PathLike | None]) -> None:
         print(f"warning: the XLA flags of the models' computation forms are not applied: {e}", file=sys.stderr)
 
 
-def _save_overlay(path, image, spacing, labels, title):
+def _save_overlay(path, image, spacing, labels, title, number_lesions=False):
     from livseg_jax.visualize import save_overlay  # matplotlib only when asked for
 
-    return save_overlay(path, image, spacing, labels, title=title)
+    return save_overlay(path, image, spacing, labels, title=title, number_lesions=number_lesions)
+
+
+def write_case_statistics(image_path: pathlib.Path, labels, out: pathlib.Path, case_id: str) -> list[pathlib.Path]:
+    """Returns the [JSON, CSV] statistics paths beside label map `out`, after writing them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # already shown (and recorded) when the case was predicted
+        image, geometry = nifti.read_image(image_path)
+    stats = case_statistics(labels, image, geometry.affine_dhw)
+    return list(write_statistics(sidecar_path(out, "_statistics.json"), sidecar_path(out, "_statistics.csv"),
+                                 case_id, stats))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -128,6 +145,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the tumour/joint run's stored postprocess.json, if any (default: on)")
     p.add_argument("--png", action="store_true", help="also write PNG overlays of the prediction")
+    p.add_argument("--statistics", action="store_true",
+                   help="also write per-case liver / tumour / lesion statistics (JSON and CSV)")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose label map exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--compilation-cache", default=os.environ.get("LIVSEG_COMPILATION_CACHE", "auto"),
@@ -192,15 +211,20 @@ def _run(argv: list[str]) -> int:
             print(f"{case.case_id}: {out} exists, skipped")
             continue
         png = sidecar_path(out, ".png") if args.png else None
+        stats_files = [sidecar_path(out, "_statistics.json"), sidecar_path(out, "_statistics.csv")]
         bar = CaseProgress(case.case_id, not args.no_progress)
         try:
-            _, record = predictor.predict_file(case.image, out, progress=bar, png_path=png,
-                                               png_writer=_save_overlay)
+            result, record = predictor.predict_file(
+                case.image, out, progress=bar, png_path=png,
+                png_writer=functools.partial(_save_overlay, number_lesions=args.statistics))
+            if args.statistics:
+                record["statistics"] = [str(p) for p in write_case_statistics(case.image, result.labels, out,
+                                                                              case.case_id)]
             record = {"case_id": case.case_id, **record, "run": run}
             atomic_write.write_json(timings_path, record)
         except BaseException as e:  # noqa: BLE001 - one bad case must not stop the others
             bar.close()
-            for partial in (out, png, timings_path):  # leave nothing half-done behind
+            for partial in (out, png, timings_path, *stats_files):  # leave nothing half-done behind
                 if partial is not None:
                     pathlib.Path(partial).unlink(missing_ok=True)
             if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: stop after cleaning up
