@@ -128,3 +128,19 @@ def test_overlay_numbers_the_predicted_lesions():
     assert {"1", "2"} <= texts
     plain = render_overlay(np.zeros(labels.shape, np.float32), (1, 1, 1), labels)
     assert not {"1", "2"} & {t.get_text() for ax in plain.axes for t in ax.texts}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_predict_writes_the_statistics_beside_the_label_map(tmp_path):
+    from livseg_jax.predict import parse_args, write_case_statistics
+
+    disk = np.zeros((12, 10, 6), np.uint8)
+    disk[1:11, 1:9, 1:5] = 1
+    disk[3:6, 3:5, 2:4] = 2
+    labels, _, _ = _read_back(tmp_path, disk, np.where(disk == 2, 30.0, 80.0))
+    files = write_case_statistics(tmp_path / "ct.nii.gz", labels, tmp_path / "out" / "ct_seg.nii.gz", "ct")
+    assert [f.name for f in files] == ["ct_seg_statistics.json", "ct_seg_statistics.csv"]
+    saved = json.loads(files[0].read_text())
+    assert saved["number_of_lesions"] == 1 and saved["lesions"][0]["mean_hu"] == pytest.approx(30.0)
+    assert saved["lesions"][0]["volume_ml"] == pytest.approx(3 * 2 * 2 * 2 / 1000)
+    assert parse_args(["--liver", "run", "-i", "ct.nii.gz", "-o", "out", "--statistics"]).statistics
