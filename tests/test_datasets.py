@@ -14,7 +14,7 @@ import pytest
 
 from livseg_jax.config import base_config
 from livseg_jax.data import chaos, nifti
-from livseg_jax.data.layouts import detect_layout, discover, find_inputs
+from livseg_jax.data.layouts import detect_layout, discover, find_inputs, truth_files
 from livseg_jax.data.nifti import DataError
 from livseg_jax.training import logging as run_logging
 from livseg_jax.training.loop import train_and_evaluate
@@ -130,6 +130,19 @@ def test_nnunet_labels_by_name_ambiguity_and_msd_task03(tmp_path):
         nnunet_label_map({"background": 0, "liver": [1, 2], "tumour": 2}, "", "d.json")
     with pytest.raises(ValueError, match="'kidney' is not a label"):
         nnunet_label_map({"background": 0, "liver": 1}, "kidney=liver", "d.json")
+    swapped = tmp_path / "Dataset007_Swapped"
+    for name in ("imagesTr/a_0000.nii.gz", "labelsTr/a.nii.gz", "imagesTs/b_0000.nii.gz", "imagesTs/b_0001.nii.gz"):
+        (swapped / name).parent.mkdir(parents=True, exist_ok=True)
+        (swapped / name).write_bytes(b"")
+    (swapped / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumor": 1, "liver": 2}, "file_ending": ".nii.gz"}))
+    assert [(c.case_id, c.label_map) for c in discover(swapped)] == [("a", ((0, 0), (1, 2), (2, 1)))]
+    with pytest.raises(DataError, match="need remapping"):  # evaluate would read them as 0/1/2
+        truth_files(swapped)
+    with pytest.raises(DataError, match="b_0001.nii.gz: input channel"):
+        find_inputs(swapped)
+    with pytest.raises(ValueError, match="data.label_map is for nnU-Net and MSD"):
+        discover(swapped, layout="lits", label_map="liver=liver")
     # MSD Task03_Liver: a dataset.json with a training list keeps working, labels unchanged.
     for folder, name in (("imagesTr", "liver_0.nii.gz"), ("labelsTr", "liver_0.nii.gz")):
         (tmp_path / folder).mkdir(exist_ok=True)

@@ -331,6 +331,9 @@ def discover(root: PathLike, layout: str = "auto", list_file: PathLike = "",
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if label_map and (layout in ("lits", "list") or (layout == "auto" and list_file)):
+        raise ValueError(f"data.label_map is for nnU-Net and MSD datasets (dataset.json), not layout "
+                         f"{'list' if list_file else layout!r}")
     if layout == "list" or (layout == "auto" and list_file):
         if not list_file:
             raise ValueError('layout "list" needs a list_file')
@@ -452,7 +455,12 @@ def truth_files(path: PathLike) -> dict[str, pathlib.Path]:
     except DataError:
         layout = None
     if layout is not None:
-        labelled = [c.label for c in discover(path, layout) if c.label is not None]
+        cases = discover(path, layout)
+        remapped = [c for c in cases if c.label_map is not None]
+        if remapped:  # read as they are, their values would be taken for other classes
+            raise DataError(f"{path}: the labels of this dataset need remapping {remapped[0].label_map} "
+                            "(dataset.json); give ground truth as 0/1/2 label files instead")
+        labelled = [c.label for c in cases if c.label is not None]
         if not labelled:
             raise DataError(f"{path}: {layout} layout with no label files")
         return _keyed(labelled, path)
