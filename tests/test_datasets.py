@@ -208,3 +208,19 @@ def test_chaos_refuses_mismatched_counts_values_and_scrambled_names(ircad_crop, 
     with pytest.raises(DataError, match="file names do not order the slices"):
         chaos.import_patient(patient, tmp_path / "out", 3)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_remapping_refuses_undeclared_values_and_is_part_of_the_cache_key(tmp_path):
+    from livseg_jax.data.cache import _source_of
+    from livseg_jax.data.layouts import CaseFiles
+
+    mapped = nifti.remap_labels(np.array([[0, 3], [1, 3]], np.int16), ((0, 0), (1, 2), (3, 1)), "f.nii")
+    assert mapped.dtype == np.uint8 and mapped.tolist() == [[0, 1], [2, 1]]
+    with pytest.raises(DataError, match=r"f\.nii: label values \[5\] are not among"):
+        nifti.remap_labels(np.array([0, 1, 5]), ((0, 0), (1, 1)), "f.nii")
+    image, label = tmp_path / "a_0000.nii.gz", tmp_path / "a.nii.gz"
+    image.write_bytes(b"")
+    label.write_bytes(b"")
+    plain, swapped = CaseFiles("a", image, label), CaseFiles("a", image, label, ((1, 2), (2, 1)))
+    assert "label_map" not in _source_of(plain)  # caches of datasets without remapping stay valid
+    assert _source_of(plain) != _source_of(swapped)
