@@ -9,7 +9,8 @@ RUN_DIR is a run directory: trained (`--which best|latest`) or written by
 (`configs/joint.py`, 3 classes) instead of `--liver`/`--tumor`; the outputs are the same.
 
 Inputs: one `.nii`/`.nii.gz` file, or a folder: LiTS layout (`volume-N.nii[.gz]`, searched
-recursively; `segmentation-N` files are ignored) or else every `.nii`/`.nii.gz` file directly in
+recursively; `segmentation-N` files are ignored), an nnU-Net dataset (its `imagesTs/`) or a folder
+of nnU-Net `<case>_0000` images (case ids without `_0000`), or else every `.nii`/`.nii.gz` file directly in
 it. Outputs, per case, next to each other in OUT (a folder; for a single input OUT may also be a
 `.nii.gz` file name): the label map `segmentation-N.nii.gz` for `volume-N`, else `<name>_seg.nii.gz`
 (uint8 0/1/2, the input's affine and header); `<label map name>_timings.json` with the seconds
