@@ -92,7 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(
             root="",  # "" -> built-in synthetic dataset (generated once, cached)
-            layout="auto",  # "auto", "lits", "msd" or "list"
+            layout="auto",  # "auto", "lits", "msd", "nnunet" or "list"
+            # nnU-Net / MSD dataset.json labels -> liver / tumour, e.g. "liver=liver,tumour=tumour,
+            # vessel=background" ("" -> by label name; docs/data.md, "nnU-Net v2 raw")
+            label_map="",
             list_file="",  # for layout="list": lines "image_path label_path"
             cache_dir="",  # "" -> $LIVSEG_CACHE or ~/.cache/livseg_jax
             num_val_cases=2,

@@ -110,7 +110,7 @@ def choose_for_run(run: str | os.PathLike, files: Sequence[CaseFiles], liver_run
     liver = load_stage_model(liver_run, "liver", which=which) if liver_run is not None else None
     cases = []
     for files_ in tqdm.tqdm(files, desc="validation cases", unit="case", disable=not progress):
-        case = nifti.read_case(files_.image, files_.label, files_.case_id)
+        case = nifti.read_case(files_.image, files_.label, files_.case_id, value_map=files_.label_map)
         cases.append(validation_case(case.case_id, case.image, case.label, case.spacing, model, liver))
     settings, rows = pp.choose_settings(cases, thresholds, min_volumes, fp_penalty)
     chosen = next(r for r in rows if (r["tumor_threshold"], r["tumor_min_volume_mm3"])

@@ -9,11 +9,15 @@ RUN_DIR is a run directory: trained (`--which best|latest`) or written by
 (`configs/joint.py`, 3 classes) instead of `--liver`/`--tumor`; the outputs are the same.
 
 Inputs: one `.nii`/`.nii.gz` file, or a folder: LiTS layout (`volume-N.nii[.gz]`, searched
-recursively; `segmentation-N` files are ignored) or else every `.nii`/`.nii.gz` file directly in
+recursively; `segmentation-N` files are ignored), an nnU-Net dataset (its `imagesTs/`) or a folder
+of nnU-Net `<case>_0000` images (case ids without `_0000`), or else every `.nii`/`.nii.gz` file directly in
 it. Outputs, per case, next to each other in OUT (a folder; for a single input OUT may also be a
 `.nii.gz` file name): the label map `segmentation-N.nii.gz` for `volume-N`, else `<name>_seg.nii.gz`
 (uint8 0/1/2, the input's affine and header); `<label map name>_timings.json` with the seconds
-spent in each phase; with `--png`, `<label map name>.png` overlays. Files are written atomically:
+spent in each phase; with `--png`, `<label map name>.png` overlays; with `--statistics`,
+`<label map name>_statistics.json` and `_statistics.csv`: liver volume, tumour burden and per-lesion
+volume, diameters, centroid and mean HU (`livseg_jax.inference.statistics`; the PNG then numbers
+the lesions alike). Files are written atomically:
 a failed or interrupted case leaves nothing behind. Exit status 1 when any case failed.
 
 Errors: a bad input, flag or run directory ends in one `error: <file>: <problem>` line
@@ -40,10 +44,12 @@ in the environment wins.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -53,10 +59,11 @@ from livseg_jax import atomic_write
 from livseg_jax.cli_errors import CliError, check_output_dir, check_output_file, expected_errors, report, run_main
 from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
-from livseg_jax.data import dicom
+from livseg_jax.data import dicom, nifti
 from livseg_jax.data.cases import NIFTI_ENDINGS, sidecar_path
 from livseg_jax.data.layouts import CaseFiles, find_inputs, plan_outputs
 from livseg_jax.inference import dicom_export
+from livseg_jax.inference.statistics import case_statistics, write_statistics
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
 from livseg_jax.xla_flags import apply_model_xla_flags
@@ -136,10 +143,22 @@ def dicom_case_id(path: str | os.PathLike) -> str:
     return name[: -len(".zip")] if name.lower().endswith(".zip") else name
 
 
-def _save_overlay(path, image, spacing, labels, title):
+def _save_overlay(path, image, spacing, labels, title, number_lesions=False):
     from livseg_jax.visualize import save_overlay  # matplotlib only when asked for
 
-    return save_overlay(path, image, spacing, labels, title=title)
+    return save_overlay(path, image, spacing, labels, title=title, number_lesions=number_lesions)
+
+
+def write_case_statistics(image_path: pathlib.Path, labels, out: pathlib.Path, case_id: str,
+                          read=nifti.read_image) -> list[pathlib.Path]:
+    """Returns the [JSON, CSV] statistics paths beside label map `out`, after writing them
+    (`read(image_path) -> (HU volume, geometry)` reads the CT again for the mean HU)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # already shown (and recorded) when the case was predicted
+        image, geometry = read(image_path)
+    stats = case_statistics(labels, image, geometry.affine_dhw)
+    return list(write_statistics(sidecar_path(out, "_statistics.json"), sidecar_path(out, "_statistics.csv"),
+                                 case_id, stats))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -169,6 +188,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the tumour/joint run's stored postprocess.json, if any (default: on)")
     p.add_argument("--png", action="store_true", help="also write PNG overlays of the prediction")
+    p.add_argument("--statistics", action="store_true",
+                   help="also write per-case liver / tumour / lesion statistics (JSON and CSV)")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose label map exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--compilation-cache", default=os.environ.get("LIVSEG_COMPILATION_CACHE", "auto"),
@@ -246,20 +267,25 @@ def _run(argv: list[str]) -> int:
             print(f"{case.case_id}: {outputs[0]} exists, skipped")
             continue
         png = sidecar_path(out, ".png") if args.png else None
+        stats_files = [sidecar_path(out, "_statistics.json"), sidecar_path(out, "_statistics.csv")]
         bar = CaseProgress(case.case_id, not args.no_progress)
         reader = DicomReader(args.series, output_types) if dicom_input else None
         try:
             result, record = predictor.predict_file(
                 case.image, out if "nifti" in output_types else None, progress=bar, png_path=png,
-                png_writer=_save_overlay, **({"reader": reader} if reader is not None else {}))
+                png_writer=functools.partial(_save_overlay, number_lesions=args.statistics),
+                **({"reader": reader} if reader is not None else {}))
             if reader is not None and dicom_paths:
                 reader.write(result.labels, dicom_paths)
+            if args.statistics:
+                record["statistics"] = [str(p) for p in write_case_statistics(
+                    case.image, result.labels, out, case.case_id, reader or nifti.read_image)]
             record = {"case_id": case.case_id, **record, **({"dicom_outputs": {k: str(v) for k, v in
                       dicom_paths.items()}} if dicom_paths else {}), "run": run}
             atomic_write.write_json(timings_path, record)
         except BaseException as e:  # noqa: BLE001 - one bad case must not stop the others
             bar.close()
-            for partial in (out, png, timings_path, *dicom_paths.values()):  # leave nothing half-done behind
+            for partial in (out, png, timings_path, *stats_files, *dicom_paths.values()):  # nothing half-done
                 if partial is not None:
                     pathlib.Path(partial).unlink(missing_ok=True)
             if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: stop after cleaning up

@@ -34,6 +34,7 @@ import os
 import pathlib
 import warnings
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import nibabel as nib
@@ -336,6 +337,23 @@ def check_labels(data: np.ndarray, path: PathLike) -> np.ndarray:
     raise DataError(f"{path}: label values outside {{0, 1, 2}}: {shown}")
 
 
+def remap_labels(data: np.ndarray, value_map: Sequence[tuple[int, int]], path: PathLike) -> np.ndarray:
+    """Returns a label map with each (source value, target value) of `value_map` applied (uint8).
+
+    A value the map does not name raises DataError naming the file (`data.layouts` builds the
+    map from a dataset's declared labels, so such a value is undeclared in its dataset.json).
+    """
+    check_finite(data, path)
+    values = np.unique(data)
+    known = dict(value_map)
+    undeclared = [v for v in values.tolist() if v not in known]
+    if undeclared:
+        raise DataError(f"{path}: label values {undeclared[:8]} are not among the dataset's labels "
+                        f"{sorted(known)}")
+    lookup = np.array([known[v] for v in values.tolist()], np.uint8)
+    return lookup[np.searchsorted(values, data)]
+
+
 def warn_if_not_hu(image: np.ndarray, path: PathLike) -> None:
     """Warns (HUWarning) when the intensity range does not look like CT in Hounsfield units."""
     sample = image[::4, ::4, ::4] if min(image.shape) >= 8 else image
@@ -403,8 +421,12 @@ def read_image(path: PathLike) -> tuple[np.ndarray, Geometry]:
     return image, geometry
 
 
-def read_label(path: PathLike, expected: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
-    """Returns a label map as (D, H, W) uint8 and its geometry, checked against `expected`."""
+def read_label(path: PathLike, expected: Geometry | None = None,
+               value_map: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Returns a label map as (D, H, W) uint8 and its geometry, checked against `expected`.
+
+    `value_map`: (file value, label) pairs applied first (a dataset's label remapping).
+    """
     img = load_image(path)
     check_spatial_shape(img.shape, path)
     geometry = geometry_of(img, path)
@@ -420,16 +442,18 @@ def read_label(path: PathLike, expected: Geometry | None = None) -> tuple[np.nda
                 f"(max difference {np.abs(geometry.affine - expected.affine).max():.3g}):\n"
                 f"label:\n{geometry.affine}\nimage:\n{expected.affine}"
             )
-    data = check_labels(read_voxels(img, path, None), path)
+    data = read_voxels(img, path, None)
+    data = check_labels(data if value_map is None else remap_labels(data, value_map, path), path)
     return to_internal(data, expected or geometry), geometry
 
 
-def read_case(image_path: PathLike, label_path: PathLike | None = None, case_id: str | None = None) -> Case:
+def read_case(image_path: PathLike, label_path: PathLike | None = None, case_id: str | None = None,
+              value_map: Sequence[tuple[int, int]] | None = None) -> Case:
     """Returns the validated `Case` (image in HU, label or None) in internal (D, H, W) order."""
     image, geometry = read_image(image_path)
     label = None
     if label_path is not None:
-        label, _ = read_label(label_path, expected=geometry)
+        label, _ = read_label(label_path, expected=geometry, value_map=value_map)
     return Case(
         case_id=case_id or case_id_of(image_path),
         image=image,

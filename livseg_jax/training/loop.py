@@ -55,7 +55,8 @@ def cache_root(config: ml_collections.ConfigDict) -> pathlib.Path:
 def dataset_cases(config: ml_collections.ConfigDict):
     """Returns the dataset's CaseFiles: discovered under data.root, or the built-in synthetic set."""
     if config.data.root or config.data.list_file:
-        return discover(config.data.root, config.data.layout, config.data.list_file)
+        return discover(config.data.root, config.data.layout, config.data.list_file,
+                        config.data.get("label_map", ""))
     syn = config.data.synthetic
     key = hashlib.sha1(json.dumps(syn.to_dict(), sort_keys=True, default=list).encode()).hexdigest()[:10]
     return write_synthetic_dataset(cache_root(config) / f"synthetic-{key}", syn.num_cases,
