@@ -20,6 +20,7 @@ from livseg_jax.config import default_cache_root
 from livseg_jax.data import pipeline
 from livseg_jax.data.augment_device import device_augment_settings
 from livseg_jax.data.cache import build_cache
+from livseg_jax.data.folds import load_or_save_split, make_training_split
 from livseg_jax.data.layouts import discover
 from livseg_jax.data.preprocess import PreprocessSettings
 from livseg_jax.data.regions import largest_component
@@ -61,20 +62,37 @@ def dataset_cases(config: ml_collections.ConfigDict):
                                    tuple(syn.shape), tuple(syn.spacing), syn.seed)
 
 
-def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
-    """Returns (train, validation) StageCases: the last `num_val_cases` cases are held out."""
+def training_split(config: ml_collections.ConfigDict, case_ids: Sequence[str]) -> dict[str, Any]:
+    """Returns the run's split of `case_ids` (`folds.make_training_split`): k-fold with
+    `data.num_folds` >= 2, else the last `data.num_val_cases` cases held out."""
+    return make_training_split(case_ids, int(config.data.get("num_folds", 0)), int(config.data.get("fold", 0)),
+                               int(config.seed), int(config.data.num_val_cases))
+
+
+def split_case_files(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> tuple[list, list]:
+    """Returns the (train, validation) CaseFiles of the run's split; with `workdir`, the split is saved
+    there as `splits.json` (or checked against the one saved: `folds.load_or_save_split`)."""
+    cases = chief_first("dataset", lambda: dataset_cases(config))
+    split = training_split(config, [c.case_id for c in cases])
+    if workdir is not None:
+        split = load_or_save_split(workdir, split, write=jax.process_index() == 0)
+    by_id = {c.case_id: c for c in cases}
+    return [by_id[c] for c in split["train"]], [by_id[c] for c in split["val"]]
+
+
+def prepare_stage_cases(config: ml_collections.ConfigDict,
+                        workdir: str | os.PathLike | None = None) -> tuple[list, list]:
+    """Returns (train, validation) StageCases of the run's split (`split_case_files`)."""
     source = config.data.tumor_crop_source
     if source not in ("ground_truth", "stage1"):
         raise ValueError(f"data.tumor_crop_source must be 'ground_truth' or 'stage1', got {source!r}")
     if config.stage == "tumor" and source == "stage1" and not config.data.stage1_run:
         raise ValueError("data.tumor_crop_source='stage1' needs data.stage1_run (a liver run or checkpoint)")
-    cases = chief_first("dataset", lambda: dataset_cases(config))
-    n_val = int(config.data.num_val_cases)
-    if len(cases) <= n_val:
-        raise ValueError(
-            f"{len(cases)} cases found but data.num_val_cases = {n_val}: nothing left to train on")
+    train_files, val_files = split_case_files(config, workdir)
+    cases = train_files + val_files
+    n_val = len(val_files)
     if config.preprocess.get("spacing_mode") == "median":  # stored in config.json by train_and_evaluate
-        train_images = [c.image for c in cases[: len(cases) - n_val]]
+        train_images = [c.image for c in train_files]
         config.preprocess.target_spacing = resolve_median_spacing(config.preprocess, train_images)
         print(f"preprocess.target_spacing = {tuple(config.preprocess.target_spacing)} mm (median rule)")
     cached = chief_first("cache", lambda: build_cache(cases, config.preprocess, cache_root(config) / "preprocessed",
@@ -157,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     check_global_batch(config.data.batch_size, mesh)
     is_chief = jax.process_index() == 0
 
-    train_cases, val_cases = prepare_stage_cases(config)
+    train_cases, val_cases = prepare_stage_cases(config, workdir)
     spe = int(config.train.steps_per_epoch)
     total_steps = int(config.train.num_epochs) * spe
     model = build_model(config.model, deploy=False)
