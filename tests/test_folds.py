@@ -158,3 +158,20 @@ def test_evaluate_cv_refuses_a_missing_or_repeated_fold(cv_root, tmp_path, capsy
     assert "fold 0 is already given by" in capsys.readouterr().err
     assert evaluate.main(["--cv", str(partial), "--pred", "x"]) == 1
     assert "--cv cannot be used with --pred" in capsys.readouterr().err
+
+
+def test_postprocess_chooses_on_the_fold_runs_validation_fold(tmp_path):
+    from livseg_jax import postprocess
+    from livseg_jax.run_dir import save_config
+
+    ids = [f"ct{i}" for i in range(1, 6)]
+    for cid in ids:
+        (tmp_path / f"{cid}.nii.gz").touch()
+        (tmp_path / f"{cid}_label.nii.gz").touch()
+    (tmp_path / "cases.txt").write_text("".join(f"{c}.nii.gz {c}_label.nii.gz\n" for c in ids))
+    config = base_config()
+    config.data.layout, config.data.list_file = "list", str(tmp_path / "cases.txt")
+    config.data.num_val_cases, config.data.num_folds, config.data.fold = 0, 3, 2
+    save_config(tmp_path / "run", config)
+    chosen = [c.case_id for c in postprocess.validation_files(tmp_path / "run", None)]
+    assert chosen == folds.kfold(ids, 3, config.seed)[2]
