@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
             list_file="",  # for layout="list": lines "image_path label_path"
             cache_dir="",  # "" -> $LIVSEG_CACHE or ~/.cache/livseg_jax
             num_val_cases=2,
+            # >= 2: k-fold cross-validation over the cases (data/folds.py, seed `seed`): fold `fold`
+            # validates, the others train (num_val_cases unused); 0: the last num_val_cases validate.
+            num_folds=0,
+            fold=0,
             synthetic=ml_collections.ConfigDict(
                 dict(num_cases=10, shape=(160, 160, 64), spacing=(1.5, 1.5, 3.0), seed=1234)
             ),

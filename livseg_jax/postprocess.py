@@ -52,14 +52,14 @@ def validation_files(run: str | os.PathLike, cases: str | os.PathLike | None) ->
         path = pathlib.Path(cases)
         found = discover("", "list", path) if path.is_file() else discover(path)
     else:
-        from livseg_jax.training.loop import dataset_cases  # the training run's own split
+        from livseg_jax.training.loop import split_case_files  # the training run's own split
 
         config = load_config(run)
         n_val = int(config.data.num_val_cases)
-        if n_val <= 0:
+        if n_val <= 0 and not config.data.get("num_folds", 0):
             raise ValueError(f"{run}: the run has no validation cases (data.num_val_cases = {n_val}); "
                              "give --cases")
-        found = dataset_cases(config)[-n_val:]
+        found = split_case_files(config)[1]
     unlabelled = [c.case_id for c in found if c.label is None]
     if unlabelled:
         raise DataError(f"{cases or run}: validation cases need labels; none for {', '.join(unlabelled)}")

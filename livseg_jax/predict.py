@@ -7,6 +7,9 @@ RUN_DIR is a run directory: trained (`--which best|latest`) or written by
 `python -m livseg_jax.convert --from-torch`. Without
 `--tumor` only the liver is predicted (labels 0/1). `--joint` takes a one-stage run
 (`configs/joint.py`, 3 classes) instead of `--liver`/`--tumor`; the outputs are the same.
+Ensembles: `--liver RUN RUN ...` (likewise `--tumor`, `--joint`) averages the runs' softmax inside
+each sliding window on the device (folds, or different networks); the runs of one stage must agree
+on window, classes, sliding-window, preprocessing and post-processing settings.
 
 Inputs: one `.nii`/`.nii.gz` file, or a folder: LiTS layout (`volume-N.nii[.gz]`, searched
 recursively; `segmentation-N` files are ignored), an nnU-Net dataset (its `imagesTs/`) or a folder
@@ -165,9 +168,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m livseg_jax.predict", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--liver", help="stage-1 run directory (trained or converted)")
-    p.add_argument("--tumor", help="stage-2 run directory (omit: liver only)")
-    p.add_argument("--joint", help="one-stage (3-class) run directory, instead of --liver [--tumor]")
+    p.add_argument("--liver", nargs="+", metavar="RUN",
+                   help="stage-1 run directory (trained or converted); several: their ensemble")
+    p.add_argument("--tumor", nargs="+", metavar="RUN",
+                   help="stage-2 run directory (omit: liver only); several: their ensemble")
+    p.add_argument("--joint", nargs="+", metavar="RUN",
+                   help="one-stage (3-class) run directory, instead of --liver [--tumor]; several: their ensemble")
     p.add_argument("-i", "--input", required=True,
                    help="CT .nii/.nii.gz file or folder, or a DICOM series folder or zip")
     p.add_argument("--series", help="SeriesInstanceUID of the series to predict in a DICOM input holding several")
@@ -242,7 +248,7 @@ def _run(argv: list[str]) -> int:
     check_outputs(jobs, args.output)  # before the models are loaded and compiled
     for folder in sorted({out.parent for _, out in jobs}):
         atomic_write.sweep_stale_temps(folder)
-    use_stage_xla_flags([args.liver, args.tumor, args.joint])
+    use_stage_xla_flags([run for runs in (args.liver, args.tumor, args.joint) for run in runs or ()])
     use_compilation_cache(args.compilation_cache, default_cache_root())
     predictor = Predictor.from_checkpoints(
         args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,

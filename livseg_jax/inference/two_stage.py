@@ -21,7 +21,9 @@ only the largest connected component of label >= 1 is kept, with its 1/2 labels 
 
 `StageModel` bundles one stage's compiled window predictor with its sliding-window settings;
 `load_stage_model` builds it from a run directory (trained: best or latest checkpoint; or written
-by `convert --from-torch`), re-parameterised (deploy form) by default.
+by `convert --from-torch`), re-parameterised (deploy form) by default. `load_ensemble` makes one
+StageModel of several run directories (folds, or different networks) that averages their softmax
+inside each window, in one jitted call on the device.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ from livseg_jax.data.preprocess import PreprocessSettings, preprocess, restore
 from livseg_jax.data.regions import largest_component, paste_into
 from livseg_jax.data.stages import check_stage, liver_crop_box
 from livseg_jax.inference import postprocess as pp
-from livseg_jax.inference.sliding_window import num_windows, sliding_window, window_predict_fn
+from livseg_jax.inference.sliding_window import ensemble_window_fn, num_windows, sliding_window, window_predict_fn
 from livseg_jax.models import build_model, check_patch_shape, reparameterize, variable_shapes
 from livseg_jax.run_dir import load_variables
 
 # progress(phase, number of windows) -> callback(windows done); phase is "liver", "tumor" or "joint".
 ProgressFn = Callable[[str, int], Callable[[int], None]]
+# One run directory, or several whose softmax is averaged (an ensemble).
+RunPaths = str | os.PathLike | Sequence[str | os.PathLike]
 # png_writer(path, image (D, H, W) HU, spacing, labels (D, H, W), title): renders an overlay.
 PngWriter = Callable[[pathlib.Path, np.ndarray, Any, np.ndarray, str], Any]
 ImageReader = Callable[[Any], tuple[np.ndarray, nifti.Geometry]]  # path -> ((D, H, W) HU, geometry)
@@ -381,6 +385,50 @@ def load_stage_model(
     )
 
 
+# What the members of one ensemble must share: their probabilities are averaged window by window.
+ENSEMBLE_AGREEMENT = ("stage", "num_classes", "window", "preprocessing", "overlap", "batch_size", "sigma_scale",
+                      "liver_margin_mm", "postprocess")
+
+
+def ensemble_stage_model(models: Sequence[StageModel]) -> StageModel:
+    """Returns one StageModel whose windows are the mean of the members' softmax (one jitted call).
+
+    The members (folds of one run, or different networks) must agree on `ENSEMBLE_AGREEMENT`;
+    otherwise ValueError names the two runs and the setting. One member is returned as it is.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("an ensemble needs at least one run")
+    if len(models) == 1:
+        return models[0]
+    first = models[0]
+    for other in models[1:]:
+        for name in ENSEMBLE_AGREEMENT:
+            a, b = getattr(first, name), getattr(other, name)
+            if a != b:
+                raise ValueError(f"{other.description.get('source')}: {name} {_shown(b)} differs from "
+                                 f"{_shown(a)} of {first.description.get('source')}; the runs of one ensemble "
+                                 "must agree on stage, classes, window, sliding-window, preprocessing and "
+                                 "post-processing settings")
+    description = {"source": " + ".join(str(m.description.get("source")) for m in models),
+                   "ensemble": [m.description for m in models]}
+    return dataclasses.replace(first, window_fn=ensemble_window_fn([m.window_fn for m in models]),
+                               variables=tuple(m.variables for m in models), description=description)
+
+
+def _shown(value: Any) -> Any:
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def load_ensemble(paths: str | os.PathLike | Sequence[str | os.PathLike], expected_stage: str | None = None,
+                  **options: Any) -> StageModel:
+    """Returns the StageModel of one run directory, or the `ensemble_stage_model` of several (`options` as
+    for `load_stage_model`)."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    return ensemble_stage_model([load_stage_model(p, expected_stage, **options) for p in paths])
+
+
 def _check_roles(liver: Any, tumor: Any, joint: Any) -> None:
     if (liver is None) == (joint is None):
         raise ValueError("give a liver model (two-stage) or a joint model (one-stage), exactly one of them")
@@ -401,15 +449,15 @@ class Predictor:
         self.compile_seconds: dict[str, float] = {}
 
     @classmethod
-    def from_checkpoints(cls, liver_path: str | os.PathLike | None = None,
-                         tumor_path: str | os.PathLike | None = None, connectivity: int = 1,
-                         joint_path: str | os.PathLike | None = None, **options: Any) -> Predictor:
-        """Returns a Predictor loading the two stages or the joint model (`options` as for `load_stage_model`)."""
+    def from_checkpoints(cls, liver_path: RunPaths | None = None, tumor_path: RunPaths | None = None,
+                         connectivity: int = 1, joint_path: RunPaths | None = None, **options: Any) -> Predictor:
+        """Returns a Predictor loading the two stages or the joint model (`options` as for `load_stage_model`);
+        a stage given several run directories is their ensemble (`load_ensemble`)."""
         _check_roles(liver_path, tumor_path, joint_path)
         if joint_path is not None:
-            return cls(connectivity=connectivity, joint=load_stage_model(joint_path, "joint", **options))
-        liver = load_stage_model(liver_path, "liver", **options)
-        tumor = load_stage_model(tumor_path, "tumor", **options) if tumor_path is not None else None
+            return cls(connectivity=connectivity, joint=load_ensemble(joint_path, "joint", **options))
+        liver = load_ensemble(liver_path, "liver", **options)
+        tumor = load_ensemble(tumor_path, "tumor", **options) if tumor_path is not None else None
         return cls(liver, tumor, connectivity)
 
     def predict_array(self, image_dhw: np.ndarray, spacing, progress: ProgressFn | None = None) -> CaseResult:

@@ -43,7 +43,7 @@ from livseg_jax.data.cases import output_name, sidecar_path
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.models.summary import count_params
 from livseg_jax.study import figures, scheduler, spec, splits, tables
-from livseg_jax.training.loop import cache_stage_cases, dataset_cases, train_and_evaluate
+from livseg_jax.training.loop import cache_stage_cases, dataset_cases, split_cases, train_and_evaluate
 
 DONE_FILE = "study_done.json"
 PREDICTIONS_DONE = "predictions.json"
@@ -267,7 +267,7 @@ def prepare_caches(study: ml_collections.ConfigDict, train_list: pathlib.Path, s
         if only and entry["name"] not in only:
             continue
         for config in stage_configs(study, entry, str(train_list), len(split["val"])).values():
-            cache_stage_cases(config)
+            cache_stage_cases(config, *split_cases(config, dataset_cases(config)))
             count += 1
     return count
 
