@@ -1,11 +1,11 @@
-"""Convert weights between PyTorch and livseg_jax run directories.
+"""Convert weights between PyTorch and livseg_jax run directories; export deploy networks (ONNX, StableHLO).
 
     python -m livseg_jax.convert --config=configs/liver.py --from-torch in.pt --out RUN_DIR [--force]
     python -m livseg_jax.convert --to-torch RUN_DIR --out out.pt|out.safetensors [--which best|latest]
                                  [--deploy] [--force]
     python -m livseg_jax.convert --to-onnx RUN_DIR --out model.onnx [--window D,H,W] [--which ...] [--force]
     python -m livseg_jax.convert --to-stablehlo RUN_DIR --out model.stablehlo [--window D,H,W]
-                                 [--platforms cpu,cuda] [--which ...] [--force]
+                                 [--platforms cpu,cuda] [--batch N] [--which ...] [--force]
 
 --from-torch reads a .pt/.pth (weights only, never arbitrary pickles) or .safetensors state dict
 of the PyTorch twin (`livseg_jax.interop.torch_models`), training or re-parameterised form (read
@@ -20,7 +20,8 @@ float32 -> logits (batch, D, H, W, K) float32. A training-form run is re-paramet
 run's config, the window and its post-processing go with the model (ONNX `metadata_props`; the
 JSON `model.stablehlo.json` beside the StableHLO artefact), so `predict --backend onnxruntime`
 needs nothing else. ONNX goes through the PyTorch twin (3D forms only; `onnx` extra); StableHLO
-through `jax.export` (any form), lowered for `--platforms`.
+through `jax.export` (any form), lowered for `--platforms`; it also writes the bare StableHLO
+module `model.stablehlo.mlirbc` for servers without JAX, with a static batch given `--batch`.
 
 A bad flag, file or weight ends in one `error:` line naming it (`livseg_jax.cli_errors`; `--debug`
 keeps the traceback); the output is checked (writable, free space) before anything is read.
@@ -87,7 +88,7 @@ def convert_to_torch(ckpt_dir: str | pathlib.Path, out_path: str | pathlib.Path,
 
 def export_run(kind: str, run_path: str | os.PathLike, out_path: str | os.PathLike,
                window: Sequence[int] | None = None, which: str = "best", force: bool = False,
-               platforms: Sequence[str] = stablehlo_export.DEFAULT_PLATFORMS) -> pathlib.Path:
+               platforms: Sequence[str] = stablehlo_export.DEFAULT_PLATFORMS, batch: int | None = None) -> pathlib.Path:
     """Returns `out_path` after exporting a run's deploy network as `kind` ("onnx" or "stablehlo")."""
     variables, config = backends.deploy_variables(run_path, which)
     window = stage_window(run_path, config, window)
@@ -99,7 +100,7 @@ def export_run(kind: str, run_path: str | os.PathLike, out_path: str | os.PathLi
         return onnx_export.export_onnx(variables, config.model, window, out_path, metadata, force=force)
     if kind == "stablehlo":
         return stablehlo_export.export_stablehlo(variables, config.model, window, out_path, metadata,
-                                                 platforms, force=force)
+                                                 platforms, force=force, batch=batch)
     raise ValueError(f"unknown export kind {kind!r}; expected 'onnx' or 'stablehlo'")
 
 
@@ -137,6 +138,8 @@ def _run(argv: list[str]) -> int:
     platforms_flag = flags.DEFINE_list("platforms", list(stablehlo_export.DEFAULT_PLATFORMS),
                                        "--to-stablehlo: platforms to lower for (cpu, cuda, rocm, tpu)",
                                        flag_values=fv)
+    batch_flag = flags.DEFINE_integer("batch", None, "--to-stablehlo: a static batch size (default: symbolic)",
+                                      lower_bound=1, flag_values=fv)
     which_flag = flags.DEFINE_enum("which", "best", list(run_dir.WHICH),
                                    "--to-torch: checkpoint of a trained run (best falls back to latest)",
                                    flag_values=fv)
@@ -153,13 +156,13 @@ def _run(argv: list[str]) -> int:
     out = pathlib.Path(out_flag.value)
     if onnx_flag.value or hlo_flag.value:
         kind, source = ("onnx", onnx_flag.value) if onnx_flag.value else ("stablehlo", hlo_flag.value)
-        outputs = [out] if kind == "onnx" else [out, stablehlo_export.metadata_path(out)]
+        outputs = [out] if kind == "onnx" else stablehlo_export.output_paths(out)
         for path in outputs:
             if path.exists() and not force_flag.value:
                 raise CliError(path, "exists", "pass --force to overwrite")
             check_output_file(path, need_bytes=total_size([source]) // 2)  # the optimiser state is not exported
         written = export_run(kind, source, out, _sizes(window_flag.value, "--window"), which_flag.value,
-                             force_flag.value, platforms_flag.value)
+                             force_flag.value, platforms_flag.value, batch_flag.value)
     elif from_flag.value:
         if config_flag.value is None:
             raise CliError(None, "--from-torch needs --config (it names the model)")

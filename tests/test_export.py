@@ -136,14 +136,18 @@ def test_training_form_run_is_reparameterised_on_export(runs, capsys):
 
 
 def test_onnx_window_fn_with_mirror_equals_the_jax_one(runs):
-    liver_jax = load_stage_model(runs["liver"], "liver", mirror=True)
-    liver_onnx = backends.load_onnx_stage_model(runs["liver.onnx"], "liver", mirror=True,
+    tumor_jax = load_stage_model(runs["tumor"], "tumor", mirror=True)
+    tumor_onnx = backends.load_onnx_stage_model(runs["tumor.onnx"], "tumor", mirror=True,
                                                 providers=["CPUExecutionProvider"])
     x = windows(2, seed=4)
-    reference = np.asarray(liver_jax.window_fn(liver_jax.variables, x))
-    out = liver_onnx.window_fn(liver_onnx.variables, x)
+    reference = np.asarray(tumor_jax.window_fn(tumor_jax.variables, x))
+    out = tumor_onnx.window_fn(tumor_onnx.variables, x)
     assert np.abs(reference - out).max() < 1e-5
-    assert liver_onnx.preprocessing == liver_jax.preprocessing and liver_onnx.window == liver_jax.window
+    # The settings come from the .onnx file's metadata alone, and are those of the run.
+    settings = {k: v for k, v in tumor_jax.settings().items() if k not in ("source", "which")}
+    assert {k: tumor_onnx.settings()[k] for k in settings if k in tumor_onnx.settings()} == settings
+    assert tumor_onnx.preprocessing == tumor_jax.preprocessing
+    assert tumor_onnx.liver_margin_mm == tumor_jax.liver_margin_mm
 
 
 def test_predict_onnxruntime_equals_the_jax_backend(runs, tmp_path, capsys):
@@ -163,11 +167,18 @@ def test_predict_onnxruntime_equals_the_jax_backend(runs, tmp_path, capsys):
         assert record["run"]["settings"]["liver"]["source"] == str(liver)
     assert labels["jax"].any()  # the comparison is not between two empty maps
     np.testing.assert_array_equal(labels["onnxruntime"], labels["jax"])
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    argv = ["--backend", "onnxruntime", "--liver", str(garbage), "-i", str(tmp_path / "volume-0.nii.gz"),
+            "-o", str(tmp_path / "bad"), "--no-progress", "--compilation-cache", "off"]
+    assert predict.main(argv) == 1
+    assert f"error: {garbage}: not a readable ONNX model" in capsys.readouterr().err
 
 
 def test_stablehlo_reloads_in_a_fresh_process_without_the_model_code(runs, tmp_path):
     out = tmp_path / "liver.stablehlo"
     assert convert.main(["--to-stablehlo", str(runs["liver"]), "--out", str(out), "--platforms", "cpu"]) == 0
+    assert (tmp_path / "liver.stablehlo.mlirbc").stat().st_size > 0  # the bare module, for PJRT servers
     meta = json.loads((tmp_path / "liver.stablehlo.json").read_text())
     assert meta["input"] == "float32[b,16,16,16,1]" and meta["platforms"] == ["cpu"]
     assert json.loads(meta[backends.WINDOW_KEY]) == list(WINDOW)
@@ -187,3 +198,15 @@ def test_stablehlo_reloads_in_a_fresh_process_without_the_model_code(runs, tmp_p
     reference = deploy_logits(reparameterize(variables), config.model, x)
     assert rel(reference[:1], np.load(tmp_path / "y1.npy")) < TOL
     assert rel(reference, np.load(tmp_path / "y3.npy")) < TOL
+
+
+def test_stablehlo_static_batch_when_asked():
+    from livseg_jax.interop import stablehlo_export
+
+    cfg = tiny_model("unet")
+    variables = reparameterize(parity.random_flax_variables(mapping.flax_variable_shapes(cfg, deploy=False), 2))
+    exported = stablehlo_export.export_deploy_forward(variables, cfg, WINDOW, ("cpu",), batch=2)
+    assert exported.in_avals[0].shape == (2, *WINDOW, 1)
+    with pytest.raises(ValueError, match="re-parameterised"):
+        stablehlo_export.export_deploy_forward(parity.random_flax_variables(
+            mapping.flax_variable_shapes(cfg, deploy=False), 2), cfg, WINDOW)

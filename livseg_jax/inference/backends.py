@@ -95,15 +95,20 @@ def onnx_window_fn(mirror: bool = False) -> Callable:
 
 def onnx_session(path: str | os.PathLike, providers: Sequence[str] | None = None):
     """Returns an ONNX Runtime session of `path` on `providers` (default: CUDA where available, then CPU)."""
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ValueError(f"{path}: running an ONNX model needs onnxruntime (pip install -e \".[onnx]\")") from e
     available = ort.get_available_providers()
     if providers is None:
         providers = [p for p in PREFERRED_PROVIDERS if p in available]
     missing = [p for p in providers if p not in available]
     if missing:
         raise ValueError(f"ONNX Runtime provider(s) {missing} not available here; available: {available}")
-    return ort.InferenceSession(str(path), providers=list(providers))
+    try:
+        return ort.InferenceSession(str(path), providers=list(providers))
+    except Exception as e:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
+        raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
 
 
 def _metadata_config(path: pathlib.Path, metadata: dict[str, str]) -> tuple[ml_collections.ConfigDict, tuple, Any]:
@@ -131,12 +136,11 @@ def load_onnx_stage_model(
     providers: Sequence[str] | None = None,
 ) -> StageModel:
     """Returns a `StageModel` running an exported `.onnx` file in ONNX Runtime; None options use its config."""
-    from livseg_jax.interop.onnx_export import read_metadata
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX file")
-    config, window, post = _metadata_config(path, read_metadata(path))
+    session = onnx_session(path, providers)
+    config, window, post = _metadata_config(path, dict(session.get_modelmeta().custom_metadata_map))
     stage = str(config.get("stage", ""))
     if expected_stage is not None and stage != expected_stage:
         raise ValueError(f"{path}: is a {stage!r} model (its metadata's stage), but it was given as the "
@@ -148,7 +152,6 @@ def load_onnx_stage_model(
     batch_size = int(inf.batch_size) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    session = onnx_session(path, providers)
     description = {"source": str(path), "backend": "onnxruntime", "providers": session.get_providers(),
                    "stage": stage, "model": str(config.model.name),
                    "features": [int(f) for f in config.model.features], "deploy": True, "mirror_tta": mirror}
