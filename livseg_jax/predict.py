@@ -181,6 +181,8 @@ def _run(argv: list[str]) -> int:
     if args.backend == "onnxruntime":
         if args.deploy is False:
             raise CliError("--no-deploy", "an ONNX export is always the deploy (re-parameterised) network")
+        if args.which != "best":
+            raise CliError("--which", "an ONNX export holds one checkpoint: choose it at export (convert --which)")
         predictor = onnx_predictor(args.liver, args.tumor, connectivity=args.connectivity, joint=args.joint,
                                    mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size,
                                    postprocess=args.postprocess)

@@ -210,3 +210,15 @@ def test_stablehlo_static_batch_when_asked():
     with pytest.raises(ValueError, match="re-parameterised"):
         stablehlo_export.export_deploy_forward(parity.random_flax_variables(
             mapping.flax_variable_shapes(cfg, deploy=False), 2), cfg, WINDOW)
+
+
+def test_export_flag_errors_are_one_line_and_write_nothing(runs, tmp_path, capsys):
+    out = tmp_path / "x.onnx"
+    for window, message in (("a,b", "--window: expected comma-separated integers"),
+                            ("16,16", "window must be 3 sizes"), ("15,16,16", "inference window (15, 16, 16)")):
+        assert convert.main(["--to-onnx", str(runs["tumor"]), "--out", str(out), "--window", window]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert convert.main(["--to-onnx", str(runs["tumor"]), "--to-stablehlo", str(runs["tumor"]), "--out", str(out)]) == 1
+    assert "give exactly one of" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -58,7 +58,8 @@ class StageModel:
     """One stage's network, its variables on the device, and its sliding-window and preprocessing settings."""
 
     stage: str  # "liver", "tumor" or "joint"
-    # Jittable (variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K), and its variables.
+    # (variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K), and its variables: the
+    # jitted network and its weights, or an ONNX Runtime forward and its session (`inference.backends`).
     window_fn: Callable
     variables: Any
     num_classes: int
