@@ -146,7 +146,10 @@ def load_onnx_stage_model(
         raise ValueError(f"{path}: is a {stage!r} model (its metadata's stage), but it was given as the "
                          f"{expected_stage!r} model")
     if stage:
-        check_stage(stage, config.model.num_classes)
+        try:
+            check_stage(stage, config.model.num_classes)
+        except ValueError as e:
+            raise ValueError(f"{path}: metadata config: {e}") from e
     inf = config.inference
     mirror = bool(inf.mirror_tta) if mirror is None else bool(mirror)
     batch_size = int(inf.batch_size) if batch_size is None else int(batch_size)
