@@ -210,6 +210,17 @@ def test_stablehlo_reloads_in_a_fresh_process_without_the_model_code(runs, tmp_p
     assert rel(reference, np.load(tmp_path / "y3.npy")) < TOL
 
 
+def test_stablehlo_exports_the_axial_form_that_onnx_cannot():
+    from livseg_jax.interop import stablehlo_export
+
+    cfg = tiny_model("unet")
+    cfg.spatial_dims = 2
+    variables = reparameterize(parity.random_flax_variables(mapping.flax_variable_shapes(cfg, deploy=False), 3))
+    exported = stablehlo_export.export_deploy_forward(variables, cfg, WINDOW, ("cpu",))
+    x = windows(3, seed=6)
+    assert rel(deploy_logits(variables, cfg, x), exported.call(x)) < TOL
+
+
 def test_stablehlo_static_batch_when_asked():
     from livseg_jax.interop import stablehlo_export
 

@@ -25,7 +25,9 @@ from livseg_jax.interop import mapping
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-OPSET = 18  # the dynamo exporter's default opset in torch 2.13; onnxruntime >= 1.14 runs it
+# The opset torch 2.13's op library (torchlib) is written in; the exporter's default (20) only converts
+# it up, and 18 loads in older runtimes too (onnxruntime >= 1.14).
+OPSET = 18
 
 
 def check_exportable(model_config: Any) -> None:
