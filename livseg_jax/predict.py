@@ -2,6 +2,7 @@
 
     python -m livseg_jax.predict --liver RUN_DIR --tumor RUN_DIR -i CT.nii.gz|DIR -o OUT
     python -m livseg_jax.predict --joint RUN_DIR -i CT.nii.gz|DIR -o OUT
+    python -m livseg_jax.predict --backend onnxruntime --liver liver.onnx --tumor tumor.onnx -i ... -o OUT
 
 RUN_DIR is a run directory: trained (`--which best|latest`) or written by
 `python -m livseg_jax.convert --from-torch`. Without
@@ -10,6 +11,10 @@ RUN_DIR is a run directory: trained (`--which best|latest`) or written by
 Ensembles: `--liver RUN RUN ...` (likewise `--tumor`, `--joint`) averages the runs' softmax inside
 each sliding window on the device (folds, or different networks); the runs of one stage must agree
 on window, classes, sliding-window, preprocessing and post-processing settings.
+
+`--backend onnxruntime` runs the networks in ONNX Runtime (CUDA where available, else CPU): the
+models are then `.onnx` files written by `python -m livseg_jax.convert --to-onnx`, which carry
+their settings (no run directory is read); the window blending and the rest are unchanged.
 
 Inputs: one `.nii`/`.nii.gz` file, or a folder: LiTS layout (`volume-N.nii[.gz]`, searched
 recursively; `segmentation-N` files are ignored), an nnU-Net dataset (its `imagesTs/`) or a folder
@@ -66,6 +71,7 @@ from livseg_jax.data import dicom, nifti
 from livseg_jax.data.cases import NIFTI_ENDINGS, sidecar_path
 from livseg_jax.data.layouts import CaseFiles, find_inputs, plan_outputs
 from livseg_jax.inference import dicom_export
+from livseg_jax.inference.backends import BACKENDS, onnx_predictor
 from livseg_jax.inference.statistics import case_statistics, write_statistics
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
@@ -181,6 +187,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="nifti, dicom_seg, rtstruct: comma-separated or repeated (default: nifti); "
                         "DICOM types need a DICOM input")
     p.add_argument("-o", "--output", required=True, help="output folder (or .nii.gz file for one input)")
+    p.add_argument("--backend", choices=BACKENDS, default="jax",
+                   help="what runs the networks: jax (run directories, default) or onnxruntime (.onnx exports)")
     p.add_argument("--which", choices=("best", "latest"), default="best",
                    help="checkpoint of a run directory (default: best; the latest when the run has no best)")
     p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: from the config)")
@@ -250,10 +258,23 @@ def _run(argv: list[str]) -> int:
         atomic_write.sweep_stale_temps(folder)
     use_stage_xla_flags([run for runs in (args.liver, args.tumor, args.joint) for run in runs or ()])
     use_compilation_cache(args.compilation_cache, default_cache_root())
-    predictor = Predictor.from_checkpoints(
-        args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
-        deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size,
-        postprocess=args.postprocess)
+    if args.backend == "onnxruntime":
+        if args.deploy is False:
+            raise CliError("--no-deploy", "an ONNX export is always the deploy (re-parameterised) network")
+        if args.which != "best":
+            raise CliError("--which", "an ONNX export holds one checkpoint: choose it at export (convert --which)")
+        several = [f"--{stage}" for stage in ("liver", "tumor", "joint") if len(getattr(args, stage) or ()) > 1]
+        if several:
+            raise CliError(several[0], "ensembles need --backend jax: give one .onnx file per stage")
+        one = {stage: (getattr(args, stage) or [None])[0] for stage in ("liver", "tumor", "joint")}
+        predictor = onnx_predictor(one["liver"], one["tumor"], connectivity=args.connectivity, joint=one["joint"],
+                                   mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size,
+                                   postprocess=args.postprocess)
+    else:
+        predictor = Predictor.from_checkpoints(
+            args.liver, args.tumor, connectivity=args.connectivity, joint_path=args.joint, which=args.which,
+            deploy=args.deploy, mirror=args.mirror, overlap=args.overlap, batch_size=args.batch_size,
+            postprocess=args.postprocess)
     print("compiling the prediction stages (first run only with the compilation cache; this can take "
           "minutes on a CPU)", flush=True)
     compile_s = predictor.warmup()
@@ -262,7 +283,7 @@ def _run(argv: list[str]) -> int:
     print(f"{len(jobs)} case(s); compiled in " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
     for model in (predictor.tumor, predictor.joint):
         if model is not None and model.postprocess is not None:
-            print(f"post-processing from {model.description['source']}/postprocess.json: {model.postprocess.to_dict()}")
+            print(f"post-processing of {model.description['source']}: {model.postprocess.to_dict()}")
     failed = 0
     for case, out in jobs:
         timings_path = sidecar_path(out, "_timings.json")

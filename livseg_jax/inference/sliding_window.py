@@ -169,10 +169,11 @@ def sliding_window(
 
     `window_fn(variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K)` is a jittable
     function such as `window_predict_fn(...)`, compiled once per window shape whatever the volume
-    shape. The volume is sent to the device once; windows are cut, evaluated and accumulated
-    there, and only the (D, H, W) uint8 argmax (`output="labels"`) or the (D, H, W, K) float32
-    probabilities (`output="probs"`) come back. Pass `num_classes` when known; otherwise it is
-    found by tracing `window_fn` once per call.
+    shape, or any function returning the probabilities as an array (an ONNX Runtime session's,
+    `inference.backends`; give `num_classes` then). The volume is sent to the device once; windows
+    are cut, evaluated and accumulated there, and only the (D, H, W) uint8 argmax
+    (`output="labels"`) or the (D, H, W, K) float32 probabilities (`output="probs"`) come back.
+    Pass `num_classes` when known; otherwise it is found by tracing `window_fn` once per call.
     """
     window, padded_shape, pads = blending_layout(image.shape, window, output)
     volume = jnp.pad(jnp.asarray(image, jnp.float32), pads, constant_values=pad_value)

@@ -63,7 +63,8 @@ class StageModel:
     """One stage's network, its variables on the device, and its sliding-window and preprocessing settings."""
 
     stage: str  # "liver", "tumor" or "joint"
-    # Jittable (variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K), and its variables.
+    # (variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K), and its variables: the
+    # jitted network and its weights, or an ONNX Runtime forward and its session (`inference.backends`).
     window_fn: Callable
     variables: Any
     num_classes: int
@@ -314,6 +315,18 @@ def check_variables_fit(variables: dict, model_config: Any, deploy: bool, where:
                          f"{'; '.join(problems[:3])}{more}")
 
 
+def stage_window(path: str | os.PathLike, config: Any, window: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """Returns the sliding window of a run: `window`, else `inference.window`, else `data.patch_size`, checked."""
+    window = tuple(int(w) for w in (window or config.inference.window or config.data.patch_size))
+    if len(window) != 3:
+        raise ValueError(f"{path}: window must be 3 sizes (D, H, W), got {window}")
+    try:
+        check_patch_shape(window, len(config.model.features), config.model.get("spatial_dims", 3))
+    except ValueError as e:
+        raise ValueError(f"{path}: inference window {window}: {e}") from e
+    return window
+
+
 def load_stage_model(
     path: str | os.PathLike,
     expected_stage: str | None = None,
@@ -347,13 +360,7 @@ def load_stage_model(
     mirror = bool(inf.mirror_tta) if mirror is None else bool(mirror)
     overlap = float(inf.overlap) if overlap is None else float(overlap)
     batch_size = int(inf.batch_size) if batch_size is None else int(batch_size)
-    window = tuple(int(w) for w in (window or inf.window or config.data.patch_size))
-    if len(window) != 3:
-        raise ValueError(f"{path}: window must be 3 sizes (D, H, W), got {window}")
-    try:
-        check_patch_shape(window, len(config.model.features), config.model.get("spatial_dims", 3))
-    except ValueError as e:
-        raise ValueError(f"{path}: inference window {window}: {e}") from e
+    window = stage_window(path, config, window)
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
 
