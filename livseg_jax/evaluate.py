@@ -197,19 +197,24 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Returns `rows` as CSV text (the first row's keys as header; NaN as an empty cell)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
 def write_outputs(out_dir: str | os.PathLike, cases: Sequence[Mapping[str, Any]],
                   summary: Mapping[str, Any],
                   unmatched: Sequence[str] = ()) -> tuple[pathlib.Path, pathlib.Path]:
     """Returns the paths of evaluation.csv and evaluation.json after writing them atomically."""
     out_dir = pathlib.Path(out_dir)
     rows = csv_rows(cases)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     csv_path, json_path = out_dir / "evaluation.csv", out_dir / "evaluation.json"
-    atomic_write.write_text(csv_path, buffer.getvalue())
+    atomic_write.write_text(csv_path, csv_text(rows))
     report = {"cases": cases, "summary": summary, "ground_truth_without_prediction": list(unmatched)}
     atomic_write.write_text(json_path, json.dumps(jsonable(report), indent=1) + "\n")
     return csv_path, json_path
@@ -315,13 +320,8 @@ def write_cv_outputs(out_dir: pathlib.Path, report: Mapping[str, Any]) -> tuple[
     keep = tuple(f"{s}_" for s in report["structures"]) + (("lesions_",) if "tumor" in report["structures"] else ())
     rows = [{"fold": c["fold"], **{k: v for k, v in row.items() if k == "case_id" or k.startswith(keep)}}
             for c, row in zip(report["cases"], csv_rows(report["cases"]), strict=True)]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     csv_path, json_path = out_dir / "cv_evaluation.csv", out_dir / "cv_evaluation.json"
-    atomic_write.write_text(csv_path, buffer.getvalue())
+    atomic_write.write_text(csv_path, csv_text(rows))
     atomic_write.write_text(json_path, json.dumps(jsonable(report), indent=1) + "\n")
     return csv_path, json_path
 

@@ -27,9 +27,15 @@ import ml_collections
 import numpy as np
 
 from livseg_jax.data.preprocess import PreprocessSettings
-from livseg_jax.data.stages import check_stage
 from livseg_jax.inference import postprocess as pp
-from livseg_jax.inference.two_stage import Predictor, StageModel, check_variables_fit, stage_window
+from livseg_jax.inference.two_stage import (
+    Predictor,
+    StageModel,
+    check_variables_fit,
+    checked_batch_size,
+    checked_stage,
+    stage_window,
+)
 from livseg_jax.models import reparameterize
 from livseg_jax.run_dir import load_variables
 
@@ -141,20 +147,10 @@ def load_onnx_stage_model(
         raise FileNotFoundError(f"{path}: no such ONNX file")
     session = onnx_session(path, providers)
     config, window, post = _metadata_config(path, dict(session.get_modelmeta().custom_metadata_map))
-    stage = str(config.get("stage", ""))
-    if expected_stage is not None and stage != expected_stage:
-        raise ValueError(f"{path}: is a {stage!r} model (its metadata's stage), but it was given as the "
-                         f"{expected_stage!r} model")
-    if stage:
-        try:
-            check_stage(stage, config.model.num_classes)
-        except ValueError as e:
-            raise ValueError(f"{path}: metadata config: {e}") from e
+    stage = checked_stage(path, config, expected_stage, "metadata config")
     inf = config.inference
     mirror = bool(inf.mirror_tta) if mirror is None else bool(mirror)
-    batch_size = int(inf.batch_size) if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    batch_size = checked_batch_size(inf, batch_size)
     description = {"source": str(path), "backend": "onnxruntime", "providers": session.get_providers(),
                    "stage": stage, "model": str(config.model.name),
                    "features": [int(f) for f in config.model.features], "deploy": True, "mirror_tta": mirror}

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from livseg_jax.data import nifti
@@ -327,6 +328,31 @@ def stage_window(path: str | os.PathLike, config: Any, window: Sequence[int] | N
     return window
 
 
+def checked_stage(path: str | os.PathLike, config: ml_collections.ConfigDict, expected_stage: str | None,
+                  source: str) -> str:
+    """Returns the stage of a model's config ("" for an old run without one); ValueError when it is
+    not `expected_stage` or its class count does not fit it (`source` names where the config came from)."""
+    stage = str(config.get("stage", ""))
+    if expected_stage is not None and stage != expected_stage:
+        hint = "; a one-stage model predicts alone (predict --joint)" if stage == "joint" else ""
+        raise ValueError(f"{path}: is a {stage!r} model ({source} stage), but it was given as the "
+                         f"{expected_stage!r} model{hint}")
+    if stage:
+        try:
+            check_stage(stage, config.model.num_classes)
+        except ValueError as e:
+            raise ValueError(f"{path}: {source}: {e}") from e
+    return stage
+
+
+def checked_batch_size(inference_config: ml_collections.ConfigDict, batch_size: int | None) -> int:
+    """Returns the windows per network call: `batch_size`, or the config's; ValueError below 1."""
+    batch_size = int(inference_config.batch_size) if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    return batch_size
+
+
 def load_stage_model(
     path: str | os.PathLike,
     expected_stage: str | None = None,
@@ -345,24 +371,13 @@ def load_stage_model(
     `postprocess` loads a tumour or joint run's stored post-processing (`postprocess.json`), if any.
     """
     variables, config = load_variables(path, which)
-    stage = str(config.get("stage", ""))
-    if expected_stage is not None and stage != expected_stage:
-        hint = "; a one-stage model predicts alone (predict --joint)" if stage == "joint" else ""
-        raise ValueError(f"{path}: is a {stage!r} model (config.json stage), but it was given as the "
-                         f"{expected_stage!r} model{hint}")
-    if stage:
-        try:
-            check_stage(stage, config.model.num_classes)
-        except ValueError as e:
-            raise ValueError(f"{path}: config.json: {e}") from e
+    stage = checked_stage(path, config, expected_stage, "config.json")
     inf = config.inference
     deploy = bool(inf.deploy) if deploy is None else bool(deploy)
     mirror = bool(inf.mirror_tta) if mirror is None else bool(mirror)
     overlap = float(inf.overlap) if overlap is None else float(overlap)
-    batch_size = int(inf.batch_size) if batch_size is None else int(batch_size)
+    batch_size = checked_batch_size(inf, batch_size)
     window = stage_window(path, config, window)
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
 
     stored_deploy = bool(config.model.get("deploy", False)) or not variables.get("batch_stats")
     check_variables_fit(variables, config.model, stored_deploy, f"{path} ({which} checkpoint)")
