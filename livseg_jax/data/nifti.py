@@ -27,7 +27,6 @@ Fortran (NIfTI disk) order, so nibabel does not transpose them again on write.
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import dataclasses
 import gzip
 import io
@@ -43,6 +42,7 @@ from isal import igzip, igzip_threaded, isal_zlib
 
 from livseg_jax.atomic_write import atomic_path
 from livseg_jax.data.cases import case_id_of
+from livseg_jax.data.slabs import parallel_slabs
 
 PathLike = str | os.PathLike
 LABEL_VALUES = (0, 1, 2)  # LiTS: background, liver, tumour
@@ -394,28 +394,6 @@ def from_internal(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
     # A C-ordered (D, H, W) array transposed is Fortran-ordered on disk axes, NIfTI's own order: keep it
     # (a copy only for flips/permutations) so that neither this nor nibabel's write transposes it.
     return np.asfortranarray(disk).reshape(geometry.disk_shape, order="F")
-
-
-def reading_threads() -> int:
-    """Returns how many threads reading and preprocessing split a volume's slabs over (usable cores, <= 16)."""
-    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-def parallel_slabs(fn, count: int, threads: int | None = None, min_slabs: int = 8) -> None:
-    """Calls fn(start, stop) over [0, count) split into contiguous slabs, on a thread pool.
-
-    numpy releases the GIL in copies, casts and ufuncs, so memory-bound per-slab work scales with
-    the cores; each element is computed exactly as by one call over the whole range.
-    """
-    threads = reading_threads() if threads is None else threads
-    slabs = min(count, threads * 2)
-    if threads <= 1 or count < min_slabs or slabs <= 1:
-        fn(0, count)
-        return
-    bounds = np.linspace(0, count, slabs + 1).round().astype(int)
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for future in [pool.submit(fn, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]:
-            future.result()
 
 
 def internal_float32(disk: np.ndarray, geometry: Geometry) -> np.ndarray:
