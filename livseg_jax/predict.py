@@ -48,6 +48,7 @@ from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
 from livseg_jax.data.cases import NIFTI_ENDINGS, sidecar_path
 from livseg_jax.data.layouts import find_inputs, plan_outputs
+from livseg_jax.inference.folder import Job, Outcome, device_predictors, predict_cases
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
 from livseg_jax.xla_flags import apply_model_xla_flags
@@ -177,45 +178,56 @@ def _run(argv: list[str]) -> int:
         postprocess=args.postprocess)
     print("compiling the prediction stages (first run only with the compilation cache; this can take "
           "minutes on a CPU)", flush=True)
-    compile_s = predictor.warmup()
+    predictors = device_predictors(predictor)  # one per visible device; cases are shared out
+    compile_s = {}
+    for copy in predictors:
+        for stage, seconds in copy.warmup().items():
+            compile_s[stage] = compile_s.get(stage, 0.0) + seconds
     run = {"compile_s": {k: round(v, 3) for k, v in compile_s.items()}, "settings": predictor.settings(),
-           "platform": jax.devices()[0].platform, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    print(f"{len(jobs)} case(s); compiled in " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
+           "platform": jax.devices()[0].platform, "devices": len(predictors),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    print(f"{len(jobs)} case(s) on {len(predictors)} device(s); compiled in "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
     for model in (predictor.tumor, predictor.joint):
         if model is not None and model.postprocess is not None:
             print(f"post-processing from {model.description['source']}/postprocess.json: {model.postprocess.to_dict()}")
-    failed = 0
+    todo = []
     for case, out in jobs:
-        timings_path = sidecar_path(out, "_timings.json")
         # The timings file is written last: its presence marks a complete case.
-        if args.skip_existing and out.exists() and timings_path.exists():
+        if args.skip_existing and out.exists() and sidecar_path(out, "_timings.json").exists():
             print(f"{case.case_id}: {out} exists, skipped")
             continue
-        png = sidecar_path(out, ".png") if args.png else None
-        bar = CaseProgress(case.case_id, not args.no_progress)
-        try:
-            _, record = predictor.predict_file(case.image, out, progress=bar, png_path=png,
-                                               png_writer=_save_overlay)
-            record = {"case_id": case.case_id, **record, "run": run}
-            atomic_write.write_json(timings_path, record)
-        except BaseException as e:  # noqa: BLE001 - one bad case must not stop the others
-            bar.close()
-            for partial in (out, png, timings_path):  # leave nothing half-done behind
-                if partial is not None:
-                    pathlib.Path(partial).unlink(missing_ok=True)
-            if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: stop after cleaning up
-                raise
+        todo.append(Job(case.case_id, case.image, out, sidecar_path(out, ".png") if args.png else None))
+    bars: dict[str, CaseProgress] = {}
+
+    def progress_for(case_id: str) -> CaseProgress:
+        bars[case_id] = CaseProgress(case_id, not args.no_progress and len(predictors) == 1)
+        return bars[case_id]
+
+    failed = 0
+
+    def on_result(outcome: Outcome) -> None:
+        nonlocal failed
+        job = outcome.job
+        if job.case_id in bars:
+            bars.pop(job.case_id).close()
+        if outcome.error is not None:
+            e = outcome.error
+            if not isinstance(e, Exception):  # stopped by Ctrl-C / SIGTERM: the caller re-raises
+                return
             if isinstance(e, expected_errors()):
                 report(e)
             else:  # a bug: its type helps
-                print(f"error: {case.case_id}: {type(e).__name__}: {e}", file=sys.stderr)
+                print(f"error: {job.case_id}: {type(e).__name__}: {e}", file=sys.stderr)
             failed += 1
-            continue
-        bar.close()
+            return
+        record = outcome.record
         status = "" if record["liver_found"] else " (NO LIVER FOUND)"
-        print(f"{case.case_id}: liver {record['label_voxels']['liver']} + tumour "
+        print(f"{job.case_id}: liver {record['label_voxels']['liver']} + tumour "
               f"{record['label_voxels']['tumor']} voxels in {record['timings_s']['total']:.1f} s "
-              f"-> {out}{status}")
+              f"-> {job.output}{status}")
+
+    predict_cases(predictors, todo, on_result, run, _save_overlay, progress_for)
     if failed:
         print(f"{failed} of {len(jobs)} case(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -43,6 +43,7 @@ from livseg_jax.data.preprocess import PreprocessSettings, preprocess, restore
 from livseg_jax.data.regions import largest_component, paste_into
 from livseg_jax.data.stages import check_stage, liver_crop_box
 from livseg_jax.inference import postprocess as pp
+from livseg_jax.inference.memory import memory_record, reset_host_peak
 from livseg_jax.inference.sliding_window import num_windows, sliding_window, window_predict_fn
 from livseg_jax.models import build_model, check_patch_shape, reparameterize, variable_shapes
 from livseg_jax.run_dir import load_variables
@@ -398,6 +399,7 @@ class Predictor:
         self.joint = joint
         self.connectivity = connectivity
         self.compile_seconds: dict[str, float] = {}
+        self.device: jax.Device | None = None  # where the variables live (None: the default device)
 
     @classmethod
     def from_checkpoints(cls, liver_path: str | os.PathLike | None = None,
@@ -444,6 +446,7 @@ class Predictor:
         nothing is written then.
         """
         start = time.perf_counter()
+        reset_host_peak()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             read_start = time.perf_counter()
@@ -463,20 +466,28 @@ class Predictor:
                        pathlib.Path(image_path).name)
             timings["png"] = time.perf_counter() - png_start
         timings["total"] = time.perf_counter() - start
-        counts = np.bincount(result.labels.ravel(), minlength=3)
-        record = {
-            "input": str(image_path),
-            "output": str(output_path),
-            **({"png": str(png_path)} if png_path is not None else {}),
-            "disk_shape": list(geometry.disk_shape),
-            "spacing_mm": [float(s) for s in geometry.spacing],
-            "liver_found": result.liver_found,
-            "warnings": [str(w.message) for w in caught] + result.warnings,
-            "timings_s": {k: round(v, 4) for k, v in timings.items()},
-            "label_voxels": {"liver": int(counts[1] + counts[2]), "tumor": int(counts[2])},
-            **result.info,
-        }
+        record = case_record(image_path, output_path, png_path, geometry, result,
+                             [str(w.message) for w in caught], timings)
+        record["memory"] = memory_record(self.device or jax.devices()[0], "this case")
         for note in result.warnings:
             warnings.warn(f"{image_path}: {note}", stacklevel=2)
         return result, record
+
+
+def case_record(image_path, output_path, png_path, geometry: nifti.Geometry, result: CaseResult,
+                read_warnings: Sequence[str], timings: dict[str, float]) -> dict[str, Any]:
+    """Returns the JSON record of one predicted case (the timings JSON, without "case_id" and "run")."""
+    counts = np.bincount(result.labels.ravel(), minlength=3)
+    return {
+        "input": str(image_path),
+        "output": str(output_path),
+        **({"png": str(png_path)} if png_path is not None else {}),
+        "disk_shape": list(geometry.disk_shape),
+        "spacing_mm": [float(s) for s in geometry.spacing],
+        "liver_found": result.liver_found,
+        "warnings": list(read_warnings) + result.warnings,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "label_voxels": {"liver": int(counts[1] + counts[2]), "tumor": int(counts[2])},
+        **result.info,
+    }
 
