@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from test_two_stage import EXACT, phantom, stage, threshold_model
 
-from livseg_jax.data import nifti, slabs
+from livseg_jax.data import nifti, regions, slabs
 from livseg_jax.data import preprocess as pre
 from livseg_jax.data.regions import largest_component_box
 from livseg_jax.data.synthetic import make_phantom, write_phantom
+from livseg_jax.inference.components import largest_component_device
 from livseg_jax.inference.folder import Job, device_predictors, predict_cases
 from livseg_jax.inference.memory import memory_record, reset_host_peak
 from livseg_jax.inference.two_stage import Predictor
@@ -174,3 +175,29 @@ def test_host_peak_reset_follows_a_large_allocation():
     after = memory_record()["host_peak_rss_gib"]
     del block
     assert after - before > 0.25
+
+
+# ------------------------------------------------------------------- largest component, device
+
+
+@pytest.mark.parametrize("connectivity", [1, 2, 3])
+def test_device_largest_component_equals_scipys_on_random_masks_and_ties(connectivity):
+    rng = np.random.default_rng(connectivity)
+    for density in (0.3, 0.55):  # many small components; a few large ones
+        mask = rng.random((20, 30, 25)) < density
+        np.testing.assert_array_equal(largest_component_device(mask, connectivity),
+                                      regions.largest_component(mask, connectivity))
+    ties = np.zeros((12, 12, 12), bool)
+    ties[6:8, 6:8, 6:8] = ties[1:3, 1:3, 1:3] = True  # equal sizes: the first in scan order is kept
+    np.testing.assert_array_equal(largest_component_device(ties, connectivity), regions.largest_component(ties))
+    assert not largest_component_device(np.zeros((5, 6, 7), bool), connectivity).any()
+
+
+def test_device_largest_component_on_a_real_liver_with_islands():
+    path = REAL / "lits-sample" / "segmentation-117.nii.gz"
+    if not path.exists():
+        pytest.skip(f"real label map not available at {path} (set LIVSEG_REAL_DATA)")
+    labels, _ = nifti.read_label(path)
+    liver = labels[::2, ::2, ::2] >= 1  # every 2nd voxel: the same shape, 8x fewer voxels on XLA:CPU
+    mask = liver | (np.random.default_rng(0).random(liver.shape) < 0.02)  # and noise islands
+    np.testing.assert_array_equal(largest_component_device(mask), regions.largest_component(mask))

@@ -40,9 +40,10 @@ import numpy as np
 
 from livseg_jax.data import nifti
 from livseg_jax.data.preprocess import PreprocessSettings, preprocess, restore
-from livseg_jax.data.regions import largest_component, paste_into
+from livseg_jax.data.regions import paste_into
 from livseg_jax.data.stages import check_stage, liver_crop_box
 from livseg_jax.inference import postprocess as pp
+from livseg_jax.inference.components import largest_component  # on the accelerator when there is one
 from livseg_jax.inference.memory import memory_record, reset_host_peak
 from livseg_jax.inference.sliding_window import num_windows, sliding_window, window_predict_fn
 from livseg_jax.models import build_model, check_patch_shape, reparameterize, variable_shapes
