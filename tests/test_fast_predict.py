@@ -201,3 +201,16 @@ def test_device_largest_component_on_a_real_liver_with_islands():
     liver = labels[::2, ::2, ::2] >= 1  # every 2nd voxel: the same shape, 8x fewer voxels on XLA:CPU
     mask = liver | (np.random.default_rng(0).random(liver.shape) < 0.02)  # and noise islands
     np.testing.assert_array_equal(largest_component_device(mask), regions.largest_component(mask))
+
+
+@pytest.mark.parametrize("factor, slice_spacing", [(2, 0.0), (3, 4.0)])
+def test_restore_equals_upsampling_then_pasting(factor, slice_spacing):
+    image = phantom()[:, :39, :47]
+    settings = pre.PreprocessSettings(**{**EXACT, "inplane_factor": factor, "target_slice_spacing": slice_spacing})
+    _, _, record = pre.preprocess(image, (2.5, 1.0, 1.0), settings)
+    labels = np.random.default_rng(4).integers(0, 3, record.shape).astype(np.uint8)
+    expected = pre.upsample_labels_inplane(labels, factor, record.crop_shape[1:])
+    if record.slice_step != 1.0:
+        expected = pre.unresample_slices_labels(expected, record.slice_step, record.crop_shape[0])
+    expected = regions.paste_into(expected, record.crop_bbox, image.shape, 0)
+    np.testing.assert_array_equal(pre.restore(labels, record), expected)

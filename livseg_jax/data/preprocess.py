@@ -511,8 +511,16 @@ def restore(labels_dhw: np.ndarray, record: PreprocessRecord | Mapping[str, Any]
     depth, height, width = rec.crop_shape
     if rec.spacing_mode != "fixed_factor":
         labels = resample_labels(labels, rec.crop_shape, rec.label_interpolation)
+    elif rec.slice_step == 1.0:  # the common case: blocks repeated straight into the output, slab by slab
+        out = np.zeros(rec.original_shape, np.uint8)
+        target = out[rec.crop_bbox]
+
+        def upsample(start: int, stop: int) -> None:
+            target[start:stop] = upsample_labels_inplane(labels[start:stop], rec.inplane_factor, (height, width))
+
+        parallel_slabs(upsample, depth)
+        return out
     else:
         labels = upsample_labels_inplane(labels, rec.inplane_factor, (height, width))
-        if rec.slice_step != 1.0:
-            labels = unresample_slices_labels(labels, rec.slice_step, depth)
+        labels = unresample_slices_labels(labels, rec.slice_step, depth)
     return paste_into(np.ascontiguousarray(labels), rec.crop_bbox, rec.original_shape, fill=0)
