@@ -130,7 +130,12 @@ def write_cases(folder, count):
         ct = phantom()
         ct[ct == 250.0] += 20.0 * i  # every case a little different, all of one shape: compiled once
         path = folder / f"volume-{i}.nii.gz"
-        write(path, np.ascontiguousarray(ct.transpose(2, 1, 0)).astype(np.int16), np.diag([1.0, 1.0, 2.5, 1.0]))
+        affine = np.diag([1.0, 1.0, 2.5, 1.0])
+        img = nib.Nifti1Image(np.ascontiguousarray(ct.transpose(2, 1, 0)).astype(np.int16), affine)
+        if i == 1:  # a header anomaly: its warning must reach this case's record, from a reader thread
+            img.set_sform(affine, code=1)
+            img.set_qform(affine + np.eye(4)[0:1].T @ np.array([[0, 0, 0, 7.0]]), code=1)
+        nifti.save_nifti(img, path)
         paths.append(path)
     return paths
 
@@ -165,6 +170,7 @@ def test_folder_pipeline_on_two_workers_equals_one_case_at_a_time(tmp_path):
         assert record["run"] == {"devices": 2} and record["case_id"] == path.name
         assert set(record["memory"]) >= {"host_peak_rss_gib", "device_peak_gib"}
         assert record["timings_s"]["total"] >= record["timings_s"]["read"] > 0
+        assert ("qform and sform disagree" in " ".join(record["warnings"])) == (path.name == "volume-1.nii.gz")
 
 
 def test_host_peak_reset_follows_a_large_allocation():
