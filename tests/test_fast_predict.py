@@ -220,3 +220,18 @@ def test_restore_equals_upsampling_then_pasting(factor, slice_spacing):
         expected = pre.unresample_slices_labels(expected, record.slice_step, record.crop_shape[0])
     expected = regions.paste_into(expected, record.crop_bbox, image.shape, 0)
     np.testing.assert_array_equal(pre.restore(labels, record), expected)
+
+
+def test_an_interrupt_stops_the_pipeline_after_the_case_being_written(tmp_path):
+    paths = write_cases(tmp_path, 3)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def interrupt(outcome):
+        raise KeyboardInterrupt
+
+    jobs = [Job(p.name, p, out / f"seg-{p.name}") for p in paths]
+    with pytest.raises(KeyboardInterrupt):
+        predict_cases(device_predictors(threshold_predictor()), jobs, interrupt)
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 2 and names[0].startswith("seg-") and names[1].endswith("_timings.json"), names

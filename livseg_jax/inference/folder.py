@@ -5,7 +5,9 @@
     reader threads --(queue, depth 2 per device)--> one worker per device --(queue)--> writer thread
 
 - Readers (`len(predictors) + 1` threads) inflate and convert the next CTs (`nifti.read_image`)
-  while the devices predict; the queue bounds how many read volumes wait in memory.
+  while the devices predict; at most `depth` (2) volumes per device are read or waiting, which
+  bounds the host memory: about depth + 1 CT volumes per device as float32, plus one label map
+  being written.
 - Workers: one per `Predictor`, each with the models' variables on its own device
   (`device_predictors`), take the next read case and run the whole two-stage (or joint)
   prediction of it there. Cases are sharded over the devices by whoever is free first: the
@@ -16,8 +18,9 @@
 
 Results come back to the calling thread through `on_result`, in completion order. A case that
 fails (bad input, a bug) is reported there and leaves nothing behind; the others go on. Ctrl-C or
-SIGTERM in the calling thread stops the readers and workers after their current case; the writer
-finishes the file it is writing (atomic: no partial file), and the interrupt is re-raised.
+SIGTERM in the calling thread stops the readers and workers after their current case (they are
+daemon threads: the exiting process does not wait for them); the case being written is completed
+first (its files are atomic either way), and the interrupt is re-raised.
 
 Warnings raised while a case is read or predicted (HU range, header anomalies) are printed as
 usual and kept in that case's record, routed per thread (`warnings.catch_warnings` is not
@@ -168,18 +171,24 @@ def predict_cases(
     for job in jobs:
         todo.put(job)
     n_readers = min(len(jobs), len(predictors) + 1) or 1
-    ready: queue.Queue = queue.Queue(maxsize=depth * len(predictors))
+    # Read volumes not yet taken by a device, counting those being read: the memory bound.
+    slots = threading.Semaphore(depth * len(predictors))
+    ready: queue.Queue = queue.Queue()
     to_write: queue.Queue = queue.Queue(maxsize=depth)
     done: queue.Queue = queue.Queue()
     readers_left = [n_readers]
     workers_left = [len(predictors)]
     lock = threading.Lock()
+    writing = threading.Lock()
 
     def read() -> None:
         while not stop.is_set():
+            if not slots.acquire(timeout=0.2):
+                continue
             try:
                 job = todo.get_nowait()
             except queue.Empty:
+                slots.release()
                 break
             item = _Read(job)
             start = time.perf_counter()
@@ -204,6 +213,7 @@ def predict_cases(
                 item = ready.get()
                 if item is _DONE:
                     break
+                slots.release()
                 if stop.is_set() or item.error is not None:
                     to_write.put(item)
                     continue
@@ -230,13 +240,14 @@ def predict_cases(
             if item is _DONE:
                 break
             outcome = Outcome(item.job, error=item.error)
-            if item.error is None and not stop.is_set():
-                try:
-                    outcome.record = _write_case(item, run_info, png_writer, host_scope)
-                except Exception as e:  # noqa: BLE001 - reported with the case
-                    outcome.error = e
-            elif item.error is None:
-                outcome.error = KeyboardInterrupt("stopped before writing")
+            with writing:  # an interrupted run waits for this write only
+                if item.error is None and not stop.is_set():
+                    try:
+                        outcome.record = _write_case(item, run_info, png_writer, host_scope)
+                    except Exception as e:  # noqa: BLE001 - reported with the case
+                        outcome.error = e
+                elif item.error is None:
+                    outcome.error = KeyboardInterrupt("stopped before writing")
             if outcome.error is not None:
                 _cleanup(item.job)
             done.put(outcome)
@@ -257,16 +268,9 @@ def predict_cases(
                 on_result(outcome)
         except BaseException:
             stop.set()  # readers and workers stop after their current case; nothing new is written
-            _drain(ready)
-            writer.join(timeout=60)
-            raise
+            with writing:  # the case being written completes (its files are atomic either way)
+                raise
     return outcomes
-
-
-def _drain(q: queue.Queue) -> None:
-    with contextlib.suppress(queue.Empty):
-        while True:
-            q.get_nowait()
 
 
 def _write_case(item: _Read, run_info: dict[str, Any] | None, png_writer: PngWriter | None,
