@@ -13,7 +13,7 @@ from livseg_jax.data import nifti, regions, slabs
 from livseg_jax.data import preprocess as pre
 from livseg_jax.data.regions import largest_component_box
 from livseg_jax.data.synthetic import make_phantom, write_phantom
-from livseg_jax.inference.components import largest_component_device
+from livseg_jax.inference.components import bucket_size, largest_component_device
 from livseg_jax.inference.folder import Job, device_predictors, predict_cases
 from livseg_jax.inference.memory import memory_record, reset_host_peak
 from livseg_jax.inference.two_stage import Predictor
@@ -235,3 +235,10 @@ def test_an_interrupt_stops_the_pipeline_after_the_case_being_written(tmp_path):
         predict_cases(device_predictors(threshold_predictor()), jobs, interrupt)
     names = sorted(p.name for p in out.iterdir())
     assert len(names) == 2 and names[0].startswith("seg-") and names[1].endswith("_timings.json"), names
+
+
+def test_bucket_sizes_cover_each_size_within_one_and_a_half_times():
+    for n in range(1, 2000):
+        size = bucket_size(n)
+        assert n <= size <= max(32, 1.5 * n)
+    assert len({bucket_size(n) for n in range(1, 2000)}) <= 14
