@@ -16,6 +16,10 @@ it. Outputs, per case, next to each other in OUT (a folder; for a single input O
 spent in each phase; with `--png`, `<label map name>.png` overlays. Files are written atomically:
 a failed or interrupted case leaves nothing behind. Exit status 1 when any case failed.
 
+Several cases go through a pipeline (`livseg_jax.inference.folder`): the next CTs are read while
+one is predicted and the previous one written, on every visible GPU (one case per device at a
+time). The timings JSON records the case's device and its peak host and device memory.
+
 Errors: a bad input, flag or run directory ends in one `error: <file>: <problem>` line
 (`livseg_jax.cli_errors`; `--debug` keeps the traceback); the output location is checked before
 the models load. The timings JSON's `warnings` holds the warnings of reading the input (HU range,

@@ -21,7 +21,9 @@ and nibabel parses the bytes; writing serialises the image with nibabel and comp
 ISA-L on all cores (`igzip_threaded`, level 1). ISA-L reads a CT written by another tool 1.8x
 faster than nibabel's zlib stream and writes 15x faster on 16 cores
 (`python -m experiments.bench_nifti_io`, docs/benchmarks.md). Arrays are handed to nibabel in
-Fortran (NIfTI disk) order, so nibabel does not transpose them again on write.
+Fortran (NIfTI disk) order, so nibabel does not transpose them again on write. `read_image`
+converts an unscaled integer CT straight from the inflated bytes to internal float32, the
+reorientation and the cast in one pass over slabs of slices on all cores (`slabs.py`).
 """
 
 from __future__ import annotations
