@@ -28,6 +28,10 @@ volume, diameters, centroid and mean HU (`livseg_jax.inference.statistics`; the 
 the lesions alike). Files are written atomically:
 a failed or interrupted case leaves nothing behind. Exit status 1 when any case failed.
 
+Several cases go through a pipeline (`livseg_jax.inference.folder`): the next CTs are read while
+one is predicted and the previous one written, on every visible GPU (one case per device at a
+time). The timings JSON records the case's device and its peak host and device memory.
+
 Errors: a bad input, flag or run directory ends in one `error: <file>: <problem>` line
 (`livseg_jax.cli_errors`; `--debug` keeps the traceback); the output location is checked before
 the models load. The timings JSON's `warnings` holds the warnings of reading the input (HU range,
@@ -57,7 +61,6 @@ import os
 import pathlib
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 
 import jax
@@ -72,6 +75,7 @@ from livseg_jax.data.cases import NIFTI_ENDINGS, sidecar_path
 from livseg_jax.data.layouts import CaseFiles, find_inputs, plan_outputs
 from livseg_jax.inference import dicom_export
 from livseg_jax.inference.backends import BACKENDS, onnx_predictor
+from livseg_jax.inference.folder import Job, Outcome, device_predictors, predict_cases
 from livseg_jax.inference.statistics import case_statistics, write_statistics
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
@@ -158,16 +162,20 @@ def _save_overlay(path, image, spacing, labels, title, number_lesions=False):
     return save_overlay(path, image, spacing, labels, title=title, number_lesions=number_lesions)
 
 
-def write_case_statistics(image_path: pathlib.Path, labels, out: pathlib.Path, case_id: str,
-                          read=nifti.read_image) -> list[pathlib.Path]:
-    """Returns the [JSON, CSV] statistics paths beside label map `out`, after writing them
-    (`read(image_path) -> (HU volume, geometry)` reads the CT again for the mean HU)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # already shown (and recorded) when the case was predicted
-        image, geometry = read(image_path)
-    stats = case_statistics(labels, image, geometry.affine_dhw)
-    return list(write_statistics(sidecar_path(out, "_statistics.json"), sidecar_path(out, "_statistics.csv"),
-                                 case_id, stats))
+def write_other_outputs(job: Job, labels, image, geometry, *, reader: DicomReader | None,
+                        dicom_paths: dict[str, pathlib.Path], statistics: bool) -> dict:
+    """Returns the timings-record entries of a case's DICOM and statistics files after writing them
+    (`folder.Job.extra_outputs`: called by the writer after the label map, before the timings JSON)."""
+    extra: dict = {}
+    if reader is not None and dicom_paths:
+        reader.write(labels, dicom_paths)
+        extra["dicom_outputs"] = {k: str(v) for k, v in dicom_paths.items()}
+    if statistics:
+        stats = case_statistics(labels, image, geometry.affine_dhw)
+        files = write_statistics(sidecar_path(job.output, "_statistics.json"),
+                                 sidecar_path(job.output, "_statistics.csv"), job.case_id, stats)
+        extra["statistics"] = [str(f) for f in files]
+    return extra
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -277,57 +285,68 @@ def _run(argv: list[str]) -> int:
             postprocess=args.postprocess)
     print("compiling the prediction stages (first run only with the compilation cache; this can take "
           "minutes on a CPU)", flush=True)
-    compile_s = predictor.warmup()
+    # One per visible device, cases shared out; ONNX Runtime places its sessions itself.
+    predictors = [predictor] if args.backend == "onnxruntime" else device_predictors(predictor)
+    compile_s = {}
+    for copy in predictors:
+        for stage, seconds in copy.warmup().items():
+            compile_s[stage] = compile_s.get(stage, 0.0) + seconds
     run = {"compile_s": {k: round(v, 3) for k, v in compile_s.items()}, "settings": predictor.settings(),
-           "platform": jax.devices()[0].platform, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    print(f"{len(jobs)} case(s); compiled in " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
+           "platform": jax.devices()[0].platform, "devices": len(predictors),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    print(f"{len(jobs)} case(s) on {len(predictors)} device(s); compiled in "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
     for model in (predictor.tumor, predictor.joint):
         if model is not None and model.postprocess is not None:
-            print(f"post-processing of {model.description['source']}: {model.postprocess.to_dict()}")
-    failed = 0
+            print(f"post-processing from {model.description['source']}/postprocess.json: {model.postprocess.to_dict()}")
+    todo, printed = [], {}
     for case, out in jobs:
-        timings_path = sidecar_path(out, "_timings.json")
         dicom_paths = dicom_export.output_paths(out, output_types)
         outputs = ([out] if "nifti" in output_types else []) + list(dicom_paths.values())
         # The timings file is written last: its presence marks a complete case.
-        if args.skip_existing and all(p.exists() for p in outputs) and timings_path.exists():
+        if args.skip_existing and all(p.exists() for p in outputs) and sidecar_path(out, "_timings.json").exists():
             print(f"{case.case_id}: {outputs[0]} exists, skipped")
             continue
-        png = sidecar_path(out, ".png") if args.png else None
-        stats_files = [sidecar_path(out, "_statistics.json"), sidecar_path(out, "_statistics.csv")]
-        bar = CaseProgress(case.case_id, not args.no_progress)
+        printed[case.case_id] = outputs
         reader = DicomReader(args.series, output_types) if dicom_input else None
-        try:
-            result, record = predictor.predict_file(
-                case.image, out if "nifti" in output_types else None, progress=bar, png_path=png,
-                png_writer=functools.partial(_save_overlay, number_lesions=args.statistics),
-                **({"reader": reader} if reader is not None else {}))
-            if reader is not None and dicom_paths:
-                reader.write(result.labels, dicom_paths)
-            if args.statistics:
-                record["statistics"] = [str(p) for p in write_case_statistics(
-                    case.image, result.labels, out, case.case_id, reader or nifti.read_image)]
-            record = {"case_id": case.case_id, **record, **({"dicom_outputs": {k: str(v) for k, v in
-                      dicom_paths.items()}} if dicom_paths else {}), "run": run}
-            atomic_write.write_json(timings_path, record)
-        except BaseException as e:  # noqa: BLE001 - one bad case must not stop the others
-            bar.close()
-            for partial in (out, png, timings_path, *stats_files, *dicom_paths.values()):  # nothing half-done
-                if partial is not None:
-                    pathlib.Path(partial).unlink(missing_ok=True)
-            if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: stop after cleaning up
-                raise
+        extra = functools.partial(write_other_outputs, reader=reader, dicom_paths=dicom_paths,
+                                  statistics=args.statistics)
+        stats_files = (sidecar_path(out, "_statistics.json"), sidecar_path(out, "_statistics.csv"))
+        todo.append(Job(case.case_id, case.image, out, sidecar_path(out, ".png") if args.png else None,
+                        read=reader or nifti.read_image, write_nifti="nifti" in output_types,
+                        extra_outputs=extra if (dicom_paths or args.statistics) else None,
+                        extra_paths=(*dicom_paths.values(), *(stats_files if args.statistics else ()))))
+    bars: dict[str, CaseProgress] = {}
+
+    def progress_for(case_id: str) -> CaseProgress:
+        bars[case_id] = CaseProgress(case_id, not args.no_progress and len(predictors) == 1)
+        return bars[case_id]
+
+    failed = 0
+
+    def on_result(outcome: Outcome) -> None:
+        nonlocal failed
+        job = outcome.job
+        if job.case_id in bars:
+            bars.pop(job.case_id).close()
+        if outcome.error is not None:
+            e = outcome.error
+            if not isinstance(e, Exception):  # stopped by Ctrl-C / SIGTERM: the caller re-raises
+                return
             if isinstance(e, expected_errors()):
                 report(e)
             else:  # a bug: its type helps
-                print(f"error: {case.case_id}: {type(e).__name__}: {e}", file=sys.stderr)
+                print(f"error: {job.case_id}: {type(e).__name__}: {e}", file=sys.stderr)
             failed += 1
-            continue
-        bar.close()
+            return
+        record = outcome.record
         status = "" if record["liver_found"] else " (NO LIVER FOUND)"
-        print(f"{case.case_id}: liver {record['label_voxels']['liver']} + tumour "
+        print(f"{job.case_id}: liver {record['label_voxels']['liver']} + tumour "
               f"{record['label_voxels']['tumor']} voxels in {record['timings_s']['total']:.1f} s "
-              f"-> {', '.join(map(str, outputs))}{status}")
+              f"-> {', '.join(map(str, printed[job.case_id]))}{status}")
+
+    predict_cases(predictors, todo, on_result, run, functools.partial(_save_overlay, number_lesions=args.statistics),
+                  progress_for)
     if failed:
         print(f"{failed} of {len(jobs)} case(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -3,6 +3,7 @@
 import csv
 import itertools
 import json
+import pathlib
 
 import nibabel as nib
 import numpy as np
@@ -132,13 +133,18 @@ def test_overlay_numbers_the_predicted_lesions():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_predict_writes_the_statistics_beside_the_label_map(tmp_path):
-    from livseg_jax.predict import parse_args, write_case_statistics
+    from livseg_jax.data import nifti
+    from livseg_jax.inference.folder import Job
+    from livseg_jax.predict import parse_args, write_other_outputs
 
     disk = np.zeros((12, 10, 6), np.uint8)
     disk[1:11, 1:9, 1:5] = 1
     disk[3:6, 3:5, 2:4] = 2
     labels, _, _ = _read_back(tmp_path, disk, np.where(disk == 2, 30.0, 80.0))
-    files = write_case_statistics(tmp_path / "ct.nii.gz", labels, tmp_path / "out" / "ct_seg.nii.gz", "ct")
+    image, geometry = nifti.read_image(tmp_path / "ct.nii.gz")
+    job = Job("ct", tmp_path / "ct.nii.gz", tmp_path / "out" / "ct_seg.nii.gz")
+    extra = write_other_outputs(job, labels, image, geometry, reader=None, dicom_paths={}, statistics=True)
+    files = [pathlib.Path(f) for f in extra["statistics"]]
     assert [f.name for f in files] == ["ct_seg_statistics.json", "ct_seg_statistics.csv"]
     saved = json.loads(files[0].read_text())
     assert saved["number_of_lesions"] == 1 and saved["lesions"][0]["mean_hu"] == pytest.approx(30.0)

@@ -43,9 +43,11 @@ import numpy as np
 
 from livseg_jax.data import nifti
 from livseg_jax.data.preprocess import PreprocessSettings, preprocess, restore
-from livseg_jax.data.regions import largest_component, paste_into
+from livseg_jax.data.regions import paste_into
 from livseg_jax.data.stages import check_stage, liver_crop_box
 from livseg_jax.inference import postprocess as pp
+from livseg_jax.inference.components import largest_component  # on the accelerator when there is one
+from livseg_jax.inference.memory import memory_record, reset_host_peak
 from livseg_jax.inference.sliding_window import ensemble_window_fn, num_windows, sliding_window, window_predict_fn
 from livseg_jax.models import build_model, check_patch_shape, reparameterize, variable_shapes
 from livseg_jax.run_dir import load_variables
@@ -469,6 +471,7 @@ class Predictor:
         self.joint = joint
         self.connectivity = connectivity
         self.compile_seconds: dict[str, float] = {}
+        self.device: jax.Device | None = None  # where the variables live (None: the default device)
 
     @classmethod
     def from_checkpoints(cls, liver_path: RunPaths | None = None, tumor_path: RunPaths | None = None,
@@ -518,6 +521,7 @@ class Predictor:
         nothing is written then.
         """
         start = time.perf_counter()
+        reset_host_peak()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             read_start = time.perf_counter()
@@ -538,20 +542,28 @@ class Predictor:
                        pathlib.Path(image_path).name)
             timings["png"] = time.perf_counter() - png_start
         timings["total"] = time.perf_counter() - start
-        counts = np.bincount(result.labels.ravel(), minlength=3)
-        record = {
-            "input": str(image_path),
-            "output": None if output_path is None else str(output_path),
-            **({"png": str(png_path)} if png_path is not None else {}),
-            "disk_shape": list(geometry.disk_shape),
-            "spacing_mm": [float(s) for s in geometry.spacing],
-            "liver_found": result.liver_found,
-            "warnings": [str(w.message) for w in caught] + result.warnings,
-            "timings_s": {k: round(v, 4) for k, v in timings.items()},
-            "label_voxels": {"liver": int(counts[1] + counts[2]), "tumor": int(counts[2])},
-            **result.info,
-        }
+        record = case_record(image_path, output_path, png_path, geometry, result,
+                             [str(w.message) for w in caught], timings)
+        record["memory"] = memory_record(self.device or jax.devices()[0], "this case")
         for note in result.warnings:
             warnings.warn(f"{image_path}: {note}", stacklevel=2)
         return result, record
+
+
+def case_record(image_path, output_path, png_path, geometry: nifti.Geometry, result: CaseResult,
+                read_warnings: Sequence[str], timings: dict[str, float]) -> dict[str, Any]:
+    """Returns the JSON record of one predicted case (the timings JSON, without "case_id" and "run")."""
+    counts = np.bincount(result.labels.ravel(), minlength=3)
+    return {
+        "input": str(image_path),
+        "output": None if output_path is None else str(output_path),
+        **({"png": str(png_path)} if png_path is not None else {}),
+        "disk_shape": list(geometry.disk_shape),
+        "spacing_mm": [float(s) for s in geometry.spacing],
+        "liver_found": result.liver_found,
+        "warnings": list(read_warnings) + result.warnings,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "label_voxels": {"liver": int(counts[1] + counts[2]), "tumor": int(counts[2])},
+        **result.info,
+    }
 
