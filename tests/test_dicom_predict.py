@@ -42,6 +42,7 @@ class ThresholdPredictor(two_stage.Predictor):
 @pytest.fixture(autouse=True)
 def threshold_networks(monkeypatch):
     monkeypatch.setattr(predict.Predictor, "from_checkpoints", classmethod(lambda cls, *a, **k: ThresholdPredictor()))
+    monkeypatch.setattr(predict, "device_predictors", lambda predictor: [predictor])  # no variables to place
 
 
 def phantom_hu(n=5, rows=12, cols=10):

@@ -30,6 +30,7 @@ thread-safe, so one process-wide hook routes them instead).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import pathlib
 import queue
@@ -102,6 +103,7 @@ def device_predictors(predictor: Predictor, devices: Sequence[jax.Device] | None
     """Returns one Predictor per device (default: every visible one), its models' variables put there.
 
     The compiled window programs are shared (one jitted function, one executable per device).
+    With only the default device, that is `predictor` itself.
     """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
@@ -110,12 +112,15 @@ def device_predictors(predictor: Predictor, devices: Sequence[jax.Device] | None
     def on(model, device):
         return None if model is None else dataclasses.replace(model, variables=jax.device_put(model.variables, device))
 
+    if devices == [jax.devices()[0]]:  # the default device already holds the variables
+        return [predictor]
     copies = []
     for device in devices:
-        copy = Predictor(on(predictor.liver, device), on(predictor.tumor, device), predictor.connectivity,
-                         on(predictor.joint, device))
-        copy.device = device
-        copies.append(copy)
+        clone = copy.copy(predictor)  # keeps a subclass's behaviour (and the settings)
+        clone.liver, clone.tumor, clone.joint = (on(m, device) for m in (predictor.liver, predictor.tumor,
+                                                                           predictor.joint))
+        clone.device = device
+        copies.append(clone)
     return copies
 
 
