@@ -239,8 +239,9 @@ def stage_config(stage: str, arg: str, demo_patch: tuple, paper_patch: tuple, de
 
 
 # LIVSEG_TINY=1 (CI's run of the README's commands, tools/newcomer_path.py): the same pipeline at a
-# size that trains in seconds; 10 phantoms still, so the README's held-out `volume-9` exists.
-TINY_OVERRIDES = {"model.features": (4, 8), "data.patch_size": (16, 16, 16),
+# size that trains in seconds (a U-Net: the paper network's initialisation alone compiles for
+# minutes on a CPU); 10 phantoms still, so the README's held-out `volume-9` exists.
+TINY_OVERRIDES = {"model.name": "unet", "model.features": (4, 8), "data.patch_size": (16, 16, 16),
                   "data.synthetic.shape": (64, 64, 32), "data.synthetic.spacing": (4.0, 4.0, 6.0),
                   "train.num_epochs": 1, "train.steps_per_epoch": 2, "train.eval_every_epochs": 1}
 

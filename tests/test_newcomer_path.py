@@ -94,3 +94,22 @@ def test_summary_hides_the_backend_probe_info_but_not_its_warnings(monkeypatch, 
         logger.info("Unable to initialize backend 'tpu': no TPU")
         logger.warning("An NVIDIA GPU may be present on this machine")
     assert [r.getMessage() for r in caplog.records] == ["An NVIDIA GPU may be present on this machine"]
+
+
+@pytest.mark.parametrize("config_file", ["configs/liver.py", "configs/tumor.py"])
+def test_livseg_tiny_shrinks_the_readme_configs_and_refuses_other_values(config_file, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_under_test", ROOT / config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.delenv("LIVSEG_TINY", raising=False)
+    demo = module.get_config("")
+    monkeypatch.setenv("LIVSEG_TINY", "1")
+    tiny = module.get_config("")
+    assert tiny.model.features == (4, 8) and tiny.data.patch_size == (16, 16, 16)
+    assert tiny.train.num_epochs * tiny.train.steps_per_epoch < demo.train.num_epochs * demo.train.steps_per_epoch
+    assert tiny.data.synthetic.num_cases == demo.data.synthetic.num_cases  # the README predicts volume-9
+    monkeypatch.setenv("LIVSEG_TINY", "yes")
+    with pytest.raises(ValueError, match="LIVSEG_TINY"):
+        module.get_config("")
