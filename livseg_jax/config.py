@@ -243,3 +243,21 @@ def stage_config(stage: str, arg: str, demo_patch: tuple, paper_patch: tuple, de
         if part in MODEL_NAMES:
             config.model.name = part
     return config
+
+
+# LIVSEG_TINY=1 (CI's run of the README's commands, tools/newcomer_path.py): the same pipeline at a
+# size that trains in seconds (a U-Net: the paper network's initialisation alone compiles for
+# minutes on a CPU); 10 phantoms still, so the README's held-out `volume-9` exists.
+TINY_OVERRIDES = {"model.name": "unet", "model.features": (4, 8), "data.patch_size": (16, 16, 16),
+                  "data.synthetic.shape": (64, 64, 32), "data.synthetic.spacing": (4.0, 4.0, 6.0),
+                  "train.num_epochs": 1, "train.steps_per_epoch": 2, "train.eval_every_epochs": 1}
+
+
+def tiny_if_requested(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns `config` shrunk by TINY_OVERRIDES when $LIVSEG_TINY is 1, unchanged when it is unset or 0."""
+    value = os.environ.get("LIVSEG_TINY", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"LIVSEG_TINY must be 0 or 1 (CI's tiny newcomer-path run), got {value!r}")
+    if value == "1":
+        config.update_from_flattened_dict(TINY_OVERRIDES)
+    return config

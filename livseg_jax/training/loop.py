@@ -212,6 +212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state: TrainState = ckpt.restore(start, target)
         print(f"{process_label()}resuming from step {start} ({workdir / PERIODIC})")
     else:
+        if is_chief:
+            print("initialising the model (its first run compiles the initialisation: up to a minute or two on a "
+                  "CPU)", flush=True)
         state = jax.jit(init, out_shardings=state_sharding)()
 
     if is_chief:  # only now: config.json must keep describing the checkpoints beside it
@@ -264,6 +267,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             last_epoch = done == total_steps
             every = int(config.train.eval_every_epochs)  # <= 0: no validation
             if val_cases and every > 0 and (epoch % every == 0 or last_epoch):
+                if is_chief and "last_dice" not in summary:  # the first validation compiles the window prediction
+                    bar.write("compiling the validation step (first validation only with the compilation cache; "
+                              "this can take a minute on a CPU)")
                 scores = validate(model, state.variables, val_cases, config, predict_fn)
                 writer.write(done, "val", {**scores, "epoch": epoch})
                 summary["last_dice"] = scores["dice"]
