@@ -207,6 +207,14 @@ def test_chaos_refuses_mismatched_counts_values_and_scrambled_names(ircad_crop, 
     (tmp_path / "swap").rename(b)
     with pytest.raises(DataError, match="file names do not order the slices"):
         chaos.import_patient(patient, tmp_path / "out", 3)
+    mixed = [copy.deepcopy(ds) for ds in datasets[:4]]
+    mixed[2].SeriesInstanceUID = pydicom.uid.generate_uid()
+    _write_chaos_patient(tmp_path / "4", mixed, masks[:4], reverse=False)
+    with pytest.raises(DataError, match=r"2 series \(SeriesInstanceUID\) in one folder"):
+        chaos.import_patient(tmp_path / "4", tmp_path / "out", 4)
+    _write_chaos_patient(tmp_path / "6", [datasets[k] for k in (0, 2, 3, 4)], masks[[0, 2, 3, 4]], reverse=False)
+    with pytest.raises(DataError, match="slice spacing is not uniform"):  # the shared reader's refusal
+        chaos.import_patient(tmp_path / "6", tmp_path / "out", 6)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

@@ -18,25 +18,23 @@ is not redistributable, so they are checked on a sample built from 3D-IRCADb in 
   position along the slice normal.
 - A PNG's pixel (row r, column c) is the DICOM pixel (r, c): same size, no flip or transpose.
   Mask values must be 0 and 255 (or 0 and 1); anything else is refused naming the file.
-- The volume is HU (RescaleSlope / RescaleIntercept applied), int16 when it is integral and fits,
-  else float32; the affine comes from ImageOrientationPatient, PixelSpacing and the positions,
-  converted from DICOM's LPS to NIfTI's RAS. One series per folder (one SeriesInstanceUID), no
-  gantry tilt, uniform slice steps; anything else is refused.
+- The series is read by `livseg_jax.data.dicom` (shared with the 3D-IRCADb importer and
+  `predict`), so its refusals apply: gantry tilt, two slices at one position, non-uniform slice
+  steps, differing orientation, size or pixel spacing. The volume is HU (RescaleSlope /
+  RescaleIntercept applied), int16 when it is integral and fits, else float32; the affine is the
+  shared module's (LPS -> RAS). One series per folder (one SeriesInstanceUID); more are refused.
 
-The DICOM reading here is a small pydicom reader; the shared DICOM module of the project
-(`livseg_jax.data.dicom`) is to replace it. Each case is written whole or not at all
-(segmentation first, then the volume, each renamed into place when complete).
+Each case is written whole or not at all (segmentation first, then the volume, each renamed into
+place when complete).
 pydicom is an optional dependency: `pip install 'livseg_jax[dicom]'`; Pillow comes with matplotlib.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -44,95 +42,24 @@ import numpy as np
 from livseg_jax import atomic_write
 from livseg_jax.cli_errors import check_output_dir, run_main, total_size
 from livseg_jax.data.cases import natural_key
+from livseg_jax.data.dicom import Series, nifti_image, path_files, read_series, require_pydicom
 from livseg_jax.data.nifti import DataError, PathLike, save_nifti
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_GEOMETRY_ATOL = 1e-3  # direction cosines; mm for positions are scaled by the slice step below
-_STEP_RTOL = 0.01  # slice steps may differ by 1 % of the median step
 
-
-def _pydicom() -> Any:
-    try:
-        import pydicom
-    except ImportError as e:
-        raise ImportError("the CHAOS importer needs pydicom, an optional dependency: "
-                          "pip install 'livseg_jax[dicom]' (or pip install pydicom)") from e
-    return pydicom
-
-
-@dataclasses.dataclass
-class CtSeries:
-    """A CT series in the order of its files: voxels (n, rows, cols) in HU and geometry."""
-
-    pixels: np.ndarray  # (n, rows, cols) float64, file order
-    positions: np.ndarray  # (n, 3) ImagePositionPatient, LPS mm, file order
-    orientation: np.ndarray  # (6,) ImageOrientationPatient: row direction, column direction
-    pixel_spacing: np.ndarray  # (2,) between rows, between columns (mm)
-
-    @property
-    def normal(self) -> np.ndarray:
-        """Returns the slice normal (row direction x column direction), LPS."""
-        return np.cross(self.orientation[:3], self.orientation[3:])
-
-    def affine(self, order: np.ndarray) -> np.ndarray:
-        """Returns the RAS affine of the NIfTI array (cols, rows, slices) with slices in `order`."""
-        positions = self.positions[order]
-        step = ((positions[-1] - positions[0]) / (len(positions) - 1)) if len(positions) > 1 else self.normal
-        lps = np.eye(4)
-        lps[:3, 0] = self.orientation[:3] * self.pixel_spacing[1]
-        lps[:3, 1] = self.orientation[3:] * self.pixel_spacing[0]
-        lps[:3, 2] = step
-        lps[:3, 3] = positions[0]
-        return _LPS_TO_RAS @ lps
-
-
-def read_ct_files(files: Sequence[pathlib.Path]) -> CtSeries:
-    """Returns the CT series of `files` (kept in their order), refusing mixed or tilted series."""
-    pydicom = _pydicom()
-    if not files:
-        raise DataError("no DICOM files")
-    datasets = []
-    for f in files:
-        try:
-            datasets.append(pydicom.dcmread(f))
-        except Exception as e:  # noqa: BLE001 - pydicom raises several types for a bad file
-            raise DataError(f"{f}: cannot read as DICOM: {e}") from e
-    uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+def read_ct_series(files: Sequence[pathlib.Path], where: pathlib.Path) -> tuple[Series, np.ndarray]:
+    """Returns the series of `files` (read by `livseg_jax.data.dicom`, sorted along the slice normal)
+    and `order`, the index into `files` of each sorted slice; refuses several series and names out
+    of position order."""
+    series = read_series(path_files(files), str(where))
+    uids = {str(ds.get("SeriesInstanceUID", "")) for ds in series.datasets}
     if len(uids) > 1:
-        raise DataError(f"{files[0].parent}: {len(uids)} series (SeriesInstanceUID) in one folder")
-    try:
-        orientation = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
-        spacing = np.array([[float(v) for v in ds.PixelSpacing] for ds in datasets])
-        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
-        pixels = np.stack([ds.pixel_array * float(ds.get("RescaleSlope", 1) or 1)
-                           + float(ds.get("RescaleIntercept", 0) or 0) for ds in datasets])
-    except (AttributeError, ValueError, TypeError) as e:
-        raise DataError(f"{files[0].parent}: DICOM slices without a usable geometry or pixel data: {e}") from e
-    if np.abs(orientation - orientation[0]).max() > _GEOMETRY_ATOL or np.abs(spacing - spacing[0]).max() > 1e-4:
-        raise DataError(f"{files[0].parent}: slices differ in ImageOrientationPatient or PixelSpacing")
-    return CtSeries(pixels, positions, orientation[0], spacing[0])
-
-
-def slice_order(series: CtSeries, where: PathLike) -> np.ndarray:
-    """Returns file indices sorted along the slice normal, refusing tilt, gaps and unsorted names."""
-    along = series.positions @ series.normal
-    order = np.argsort(along, kind="stable")
-    if len(order) < 2:
-        return order
-    steps = np.diff(along[order])
-    step = float(np.median(steps))
-    if step <= 0 or np.abs(steps - step).max() > _STEP_RTOL * step:
-        raise DataError(f"{where}: slice steps along the normal are not uniform: "
-                        f"{np.round(np.unique(np.round(steps, 3)), 3).tolist()} mm")
-    offsets = series.positions[order] - series.positions[order[0]]
-    in_plane = offsets - np.outer(offsets @ series.normal, series.normal)
-    if np.abs(in_plane).max() > _STEP_RTOL * step:
-        raise DataError(f"{where}: slice positions move within the slice plane (gantry tilt "
-                        f"{np.abs(in_plane).max():.3g} mm): not supported")
-    if not (np.all(np.diff(along) > 0) or np.all(np.diff(along) < 0)):
+        raise DataError(f"{where}: {len(uids)} series (SeriesInstanceUID) in one folder")
+    index = {str(f): i for i, f in enumerate(files)}
+    order = np.array([index[name] for name in series.names])
+    if not (np.array_equal(order, np.arange(len(files))) or np.array_equal(order, np.arange(len(files))[::-1])):
         raise DataError(f"{where}: the file names do not order the slices along the body axis; the "
                         "masks (paired with the DICOM files by name order) cannot be matched")
-    return order
+    return series, order
 
 
 def read_masks(files: Sequence[pathlib.Path], shape: tuple[int, int]) -> np.ndarray:
@@ -172,21 +99,17 @@ def import_patient(patient: PathLike, dst: PathLike, number: int) -> tuple[pathl
     png_files = _files(patient / "Ground", "*.png")
     if len(dicom_files) != len(png_files):
         raise DataError(f"{patient}: {len(dicom_files)} DICOM files but {len(png_files)} PNG masks")
-    series = read_ct_files(dicom_files)
-    order = slice_order(series, patient / "DICOM_anon")
+    series, order = read_ct_series(dicom_files, patient / "DICOM_anon")
     liver = read_masks(png_files, series.pixels.shape[1:])[order]
-    hu = series.pixels[order]
+    hu = series.pixels
     integral = np.array_equal(hu, np.round(hu)) and hu.min() >= -32768 and hu.max() <= 32767
     image = hu.astype(np.int16 if integral else np.float32)
-    affine = series.affine(order)
+    affine = series.affine()
     image_path, label_path = dst / f"volume-{number}.nii", dst / f"segmentation-{number}.nii"
     with atomic_write.atomic_paths([label_path, image_path]) as temps:
         for data, tmp in zip((liver.astype(np.uint8), image), temps, strict=True):
-            img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine)  # -> (cols, rows, slices)
-            img.header.set_qform(affine, code=1)  # scanner coordinates
-            img.header.set_sform(affine, code=1)
-            img.header.set_xyzt_units("mm")
-            save_nifti(img, tmp)
+            # (slices, rows, cols) -> NIfTI's (cols, rows, slices), on the series' grid
+            save_nifti(nifti_image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine), tmp)
     spacing = nib.affines.voxel_sizes(affine)
     summary = (f"{patient.name} -> {image_path.name}, {label_path.name}: {'x'.join(map(str, image.shape[::-1]))} "
                f"voxels of {' x '.join(f'{s:.3g}' for s in spacing)} mm, liver {int(liver.sum())} voxels")
@@ -230,7 +153,7 @@ def _run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     atomic_write.exit_on_sigterm()
     patients = find_patients(args.src)
-    _pydicom()  # a missing optional dependency is reported before any work
+    require_pydicom()  # a missing optional dependency is reported before any work
     check_output_dir(args.out, need_bytes=2 * total_size([folder for folder, _ in patients]))  # .nii: uncompressed
     import_chaos(args.src, args.out)
     return 0

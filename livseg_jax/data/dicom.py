@@ -14,6 +14,8 @@ series here, so a DICOM patient predicted directly lies on exactly the grid the 
   non-orthonormal orientation, a gantry tilt (GantryDetectorTilt non-zero, or slice positions that
   drift off the normal), differing orientation, size or pixel spacing, two slices at one position,
   and non-uniform slice steps (a missing slice).
+- `Series.names` are the slice files' names in slice order: an importer that pairs other files
+  (CHAOS's PNG masks) with the DICOM files by name sorts them the same way.
 - `Series.affine()`: the (4, 4) RAS affine of `Series.nifti_array()` (cols, rows, slices),
   converted from DICOM's LPS patient coordinates. `nifti_image` wraps both as the importer writes them.
 
@@ -66,6 +68,7 @@ class Series:
     pixel_spacing: np.ndarray  # (2,) row spacing, column spacing (mm)
     where: str
     datasets: list = dataclasses.field(default_factory=list)  # pydicom Datasets in slice order, no pixels
+    names: list = dataclasses.field(default_factory=list)  # the slice files' display names in slice order
 
     def affine(self) -> np.ndarray:
         """Returns the (4, 4) RAS affine of the NIfTI array (cols, rows, slices) of this series."""
@@ -102,12 +105,16 @@ class SeriesInfo:
 # ------------------------------------------------------------------------------------- finding
 
 
+def path_files(paths: Sequence[pathlib.Path]) -> list[SliceFile]:
+    """Returns `paths` as slice files for `read_series`, named by their paths, in the given order."""
+    return [(str(p), p.read_bytes) for p in paths]
+
+
 def _folder_files(folder: pathlib.Path) -> list[SliceFile]:
-    return [
-        (str(p), p.read_bytes)
-        for p in sorted(folder.rglob("*"), key=lambda p: natural_key(str(p)))
+    return path_files([
+        p for p in sorted(folder.rglob("*"), key=lambda p: natural_key(str(p)))
         if p.is_file() and not p.name.startswith(".")
-    ]
+    ])
 
 
 def _zip_files(archive: pathlib.Path) -> list[SliceFile]:
@@ -261,6 +268,7 @@ def read_series(files: Sequence[SliceFile], where: str) -> Series:
         pixel_spacing=spacing,
         where=where,
         datasets=[s[5] for s in slices],
+        names=[s[0] for s in slices],
     )
 
 
