@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from experiments.bench_common import enable_compilation_cache, environment, write_result
+from experiments.bench_common import enable_compilation_cache, environment, int_tuple, write_result
 from experiments.bench_inference import make_stage_dir
 
 
@@ -66,10 +66,10 @@ def main() -> None:
     from livseg_jax.inference.folder import Job, device_predictors, predict_cases
     from livseg_jax.inference.two_stage import Predictor
 
-    shape = tuple(int(v) for v in args.shape.split(","))
-    features = tuple(int(v) for v in args.features.split(","))
-    liver_window = tuple(int(v) for v in args.liver_window.split(","))
-    tumor_window = tuple(int(v) for v in args.tumor_window.split(","))
+    shape = int_tuple(args.shape)
+    features = int_tuple(args.features)
+    liver_window = int_tuple(args.liver_window)
+    tumor_window = int_tuple(args.tumor_window)
     spacing = (0.75, 0.75, 1.0)
     tmp = pathlib.Path(tempfile.mkdtemp())
     inputs = tmp / "inputs"

@@ -24,6 +24,7 @@ from experiments.bench_common import (
     apply_overrides,
     enable_compilation_cache,
     environment,
+    int_tuple,
     parse_overrides,
     write_result,
 )
@@ -125,10 +126,10 @@ def main() -> None:
     from livseg_jax.data.synthetic import make_phantom, write_phantom
     from livseg_jax.inference.two_stage import Predictor
 
-    shape = tuple(int(v) for v in args.shape.split(","))
-    features = tuple(int(v) for v in args.features.split(","))
-    liver_window = tuple(int(v) for v in args.liver_window.split(","))
-    tumor_window = tuple(int(v) for v in args.tumor_window.split(","))
+    shape = int_tuple(args.shape)
+    features = int_tuple(args.features)
+    liver_window = int_tuple(args.liver_window)
+    tumor_window = int_tuple(args.tumor_window)
     spacing = (0.75, 0.75, 1.0)
     tmp = pathlib.Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
