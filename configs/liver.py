@@ -5,9 +5,10 @@ synthetic data); `--config=configs/liver.py:paper` uses the paper-scale network 
 schedule. Add a variant name to switch the model, e.g. `configs/liver.py:paper,unet`.
 """
 
-from livseg_jax.config import stage_config
+from livseg_jax.config import stage_config, tiny_if_requested
 
 
 def get_config(arg: str = ""):
-    return stage_config("liver", arg, demo_patch=(16, 64, 64), paper_patch=(48, 256, 256), demo_epochs=8,
-                        source="configs/liver.py")
+    config = stage_config("liver", arg, demo_patch=(16, 64, 64), paper_patch=(48, 256, 256), demo_epochs=8,
+                          source="configs/liver.py")
+    return tiny_if_requested(config)  # LIVSEG_TINY=1: CI's seconds-long run of the README's commands

@@ -146,3 +146,8 @@ def run_child(module: str, args: Sequence[str]) -> dict:
     else:
         row.update(json.loads(found[-1][len(RESULT_PREFIX):]))
     return row
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    """Returns (48, 256, 256) from "48,256,256" (a shape, window or widths argument)."""
+    return tuple(int(v) for v in text.split(","))

@@ -7,6 +7,8 @@ JAX window predictor against the PyTorch twin at the same sliding-window setting
 The stage models have random weights, with the liver head biased to foreground everywhere: stage 1
 then keeps the whole body and stage 2 runs on all of it, the slowest case (a trained liver model
 crops stage 2 to the liver). Timings exclude compilation (`Predictor.warmup`), which is reported.
+Each row also holds the case's peak host RSS and device memory (`inference/memory.py`; the
+largest of the repeats).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from experiments.bench_common import (
     apply_overrides,
     enable_compilation_cache,
     environment,
+    int_tuple,
     parse_overrides,
     write_result,
 )
@@ -46,7 +49,8 @@ def make_stage_dir(root: pathlib.Path, stage: str, variant: str, window, feature
     config.inference.batch_size = 2
     variables = jax.device_get(init_variables(build_model(config.model), jax.random.key(0), (16, 32, 32)))
     if force_foreground:
-        variables["params"]["head3"]["bias"] = np.array([-20.0, 20.0], np.float32)
+        head = max((k for k in variables["params"] if k.startswith("head")), key=lambda k: int(k[4:] or 0))
+        variables["params"][head]["bias"] = np.array([-20.0, 20.0], np.float32)  # the full-resolution head
     return write_variables(root / stage, variables, config)
 
 
@@ -107,8 +111,14 @@ def main() -> None:
                         "e.g. depthwise_impl=shift,pointwise_impl=einsum,dense_pack_channels=32")
     parser.add_argument("--windows-only", action="store_true",
                         help="skip the end-to-end rows: only the liver-stage window timings (with --torch)")
+    parser.add_argument("--forms", default="deploy,training",
+                        help="model forms to time end to end: deploy (re-parameterised), training")
+    parser.add_argument("--repeats", type=int, default=2, help="end-to-end runs per form (the fastest is kept)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    if not forms or set(forms) - {"deploy", "training"} or args.repeats < 1:
+        parser.error("--forms takes deploy and/or training; --repeats must be >= 1")
     if args.windows_only and not args.torch:
         parser.error("--windows-only times the JAX and PyTorch windows: add --torch")
     overrides = parse_overrides(args.overrides)
@@ -116,10 +126,10 @@ def main() -> None:
     from livseg_jax.data.synthetic import make_phantom, write_phantom
     from livseg_jax.inference.two_stage import Predictor
 
-    shape = tuple(int(v) for v in args.shape.split(","))
-    features = tuple(int(v) for v in args.features.split(","))
-    liver_window = tuple(int(v) for v in args.liver_window.split(","))
-    tumor_window = tuple(int(v) for v in args.tumor_window.split(","))
+    shape = int_tuple(args.shape)
+    features = int_tuple(args.features)
+    liver_window = int_tuple(args.liver_window)
+    tumor_window = int_tuple(args.tumor_window)
     spacing = (0.75, 0.75, 1.0)
     tmp = pathlib.Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
@@ -131,19 +141,21 @@ def main() -> None:
     tumor_dir = make_stage_dir(models, "tumor", args.variant, tumor_window, features, args.dtype, False, overrides)
 
     rows = []
-    for deploy in () if args.windows_only else (True, False):
+    for deploy in () if args.windows_only else [form == "deploy" for form in forms]:
         predictor = Predictor.from_checkpoints(liver_dir, tumor_dir, deploy=deploy)
         compile_s = predictor.warmup()
         runs = []
-        for i in range(2):
+        for i in range(args.repeats):
             out = tmp / f"pred-{int(deploy)}-{i}.nii.gz"
             _, record = predictor.predict_file(tmp / "volume-0.nii.gz", out)
             runs.append(record)
         best = min(runs, key=lambda r: r["timings_s"]["total"])
         rows.append({"deploy": deploy, "compile_s": compile_s, "timings_s": best["timings_s"],
                      "liver_windows": best.get("liver_windows"), "tumor_windows": best.get("tumor_windows"),
-                     "preprocessed_shape": best.get("preprocessed_shape")})
-        print(f"deploy={deploy}: total {best['timings_s']['total']:.2f} s  {best['timings_s']}", flush=True)
+                     "preprocessed_shape": best.get("preprocessed_shape"),
+                     "memory": max((r["memory"] for r in runs), key=lambda m: m["host_peak_rss_gib"])})
+        print(f"deploy={deploy}: total {best['timings_s']['total']:.2f} s  {best['timings_s']}  "
+              f"memory {rows[-1]['memory']}", flush=True)
 
     torch_row = None
     if args.torch:

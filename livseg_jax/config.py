@@ -92,10 +92,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(
             root="",  # "" -> built-in synthetic dataset (generated once, cached)
-            layout="auto",  # "auto", "lits", "msd" or "list"
+            layout="auto",  # "auto", "lits", "msd", "nnunet" or "list"
+            # nnU-Net / MSD dataset.json labels -> liver / tumour, e.g. "liver=liver,tumour=tumour,
+            # vessel=background" ("" -> by label name; docs/data.md, "nnU-Net v2 raw")
+            label_map="",
             list_file="",  # for layout="list": lines "image_path label_path"
             cache_dir="",  # "" -> $LIVSEG_CACHE or ~/.cache/livseg_jax
             num_val_cases=2,
+            # >= 2: k-fold cross-validation over the cases (data/folds.py, seed `seed`): fold `fold`
+            # validates, the others train (num_val_cases unused); 0: the last num_val_cases validate.
+            num_folds=0,
+            fold=0,
             synthetic=ml_collections.ConfigDict(
                 dict(num_cases=10, shape=(160, 160, 64), spacing=(1.5, 1.5, 3.0), seed=1234)
             ),
@@ -235,4 +242,22 @@ def stage_config(stage: str, arg: str, demo_patch: tuple, paper_patch: tuple, de
     for part in parts:
         if part in MODEL_NAMES:
             config.model.name = part
+    return config
+
+
+# LIVSEG_TINY=1 (CI's run of the README's commands, tools/newcomer_path.py): the same pipeline at a
+# size that trains in seconds (a U-Net: the paper network's initialisation alone compiles for
+# minutes on a CPU); 10 phantoms still, so the README's held-out `volume-9` exists.
+TINY_OVERRIDES = {"model.name": "unet", "model.features": (4, 8), "data.patch_size": (16, 16, 16),
+                  "data.synthetic.shape": (64, 64, 32), "data.synthetic.spacing": (4.0, 4.0, 6.0),
+                  "train.num_epochs": 1, "train.steps_per_epoch": 2, "train.eval_every_epochs": 1}
+
+
+def tiny_if_requested(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns `config` shrunk by TINY_OVERRIDES when $LIVSEG_TINY is 1, unchanged when it is unset or 0."""
+    value = os.environ.get("LIVSEG_TINY", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"LIVSEG_TINY must be 0 or 1 (CI's tiny newcomer-path run), got {value!r}")
+    if value == "1":
+        config.update_from_flattened_dict(TINY_OVERRIDES)
     return config

@@ -82,6 +82,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "data.patch_size": _ints(3, 1, "D, H, W"),
     "data.batch_size": _int_at_least(1),
     "data.num_val_cases": _int_at_least(0),
+    "data.num_folds": _int_at_least(0),
+    "data.fold": _int_at_least(0),
     "data.foreground_fraction": _number_in(0.0, 1.0),
     "data.num_workers": _int_at_least(0),
     "data.tumor_crop_source": _choice(("ground_truth", "stage1")),
@@ -119,6 +121,11 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if config.model.num_classes != stage_classes:
         raise ConfigError("model.num_classes", f"stage {config.stage!r} needs {stage_classes} classes, "
                                                f"got {config.model.num_classes}")
+    num_folds, fold = config.data.get("num_folds", 0), config.data.get("fold", 0)
+    if num_folds == 1 or (num_folds and fold >= num_folds):
+        raise ConfigError("data.num_folds" if num_folds == 1 else "data.fold",
+                          f"data.num_folds = {num_folds}, data.fold = {fold}: need num_folds 0 (no folds) or "
+                          ">= 2, and 0 <= fold < num_folds")
     for key in ("data.root", "data.list_file"):
         present, value = _lookup(config, key)
         if present and value and not pathlib.Path(value).exists():

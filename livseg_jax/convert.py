@@ -1,8 +1,11 @@
-"""Convert weights between PyTorch and livseg_jax run directories.
+"""Convert weights between PyTorch and livseg_jax run directories; export deploy networks (ONNX, StableHLO).
 
     python -m livseg_jax.convert --config=configs/liver.py --from-torch in.pt --out RUN_DIR [--force]
     python -m livseg_jax.convert --to-torch RUN_DIR --out out.pt|out.safetensors [--which best|latest]
                                  [--deploy] [--force]
+    python -m livseg_jax.convert --to-onnx RUN_DIR --out model.onnx [--window D,H,W] [--which ...] [--force]
+    python -m livseg_jax.convert --to-stablehlo RUN_DIR --out model.stablehlo [--window D,H,W]
+                                 [--platforms cpu,cuda] [--batch N] [--which ...] [--force]
 
 --from-torch reads a .pt/.pth (weights only, never arbitrary pickles) or .safetensors state dict
 of the PyTorch twin (`livseg_jax.interop.torch_models`), training or re-parameterised form (read
@@ -11,6 +14,14 @@ checkpoint) that `predict`, `evaluate` and `--to-torch` read like a trained one.
 --to-torch reads any run directory, trained (best checkpoint, else the latest; `--which`) or
 converted; its config.json names the model unless --config is given. It writes the twin's state
 dict; --deploy re-parameterises first.
+--to-onnx and --to-stablehlo export the deploy network for one sliding window (default: the run's
+`inference.window`, else `data.patch_size`) with a dynamic batch axis: image (batch, D, H, W, 1)
+float32 -> logits (batch, D, H, W, K) float32. A training-form run is re-parameterised first. The
+run's config, the window and its post-processing go with the model (ONNX `metadata_props`; the
+JSON `model.stablehlo.json` beside the StableHLO artefact), so `predict --backend onnxruntime`
+needs nothing else. ONNX goes through the PyTorch twin (3D forms only; `onnx` extra); StableHLO
+through `jax.export` (any form), lowered for `--platforms`; it also writes the bare StableHLO
+module `model.stablehlo.mlirbc` for servers without JAX, with a static batch given `--batch`.
 
 A bad flag, file or weight ends in one `error:` line naming it (`livseg_jax.cli_errors`; `--debug`
 keeps the traceback); the output is checked (writable, free space) before anything is read.
@@ -18,6 +29,7 @@ keeps the traceback); the output is checked (writable, free space) before anythi
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -33,7 +45,9 @@ from livseg_jax.cli_errors import (
     run_main,
     total_size,
 )
-from livseg_jax.interop import io, mapping
+from livseg_jax.inference import backends
+from livseg_jax.inference.two_stage import stage_window
+from livseg_jax.interop import io, mapping, stablehlo_export
 
 
 def convert_from_torch(in_path: str | pathlib.Path, out_dir: str | pathlib.Path,
@@ -72,6 +86,34 @@ def convert_to_torch(ckpt_dir: str | pathlib.Path, out_path: str | pathlib.Path,
     return io.save_state_dict(out_path, state_dict, force=force)
 
 
+def export_run(kind: str, run_path: str | os.PathLike, out_path: str | os.PathLike,
+               window: Sequence[int] | None = None, which: str = "best", force: bool = False,
+               platforms: Sequence[str] = stablehlo_export.DEFAULT_PLATFORMS, batch: int | None = None) -> pathlib.Path:
+    """Returns `out_path` after exporting a run's deploy network as `kind` ("onnx" or "stablehlo")."""
+    variables, config = backends.deploy_variables(run_path, which)
+    window = stage_window(run_path, config, window)
+    metadata = backends.export_metadata(run_path, config, window, which)
+    if kind == "onnx":
+        from livseg_jax.interop import onnx_export
+
+        onnx_export.check_exportable(config.model)
+        return onnx_export.export_onnx(variables, config.model, window, out_path, metadata, force=force)
+    if kind == "stablehlo":
+        return stablehlo_export.export_stablehlo(variables, config.model, window, out_path, metadata,
+                                                 platforms, force=force, batch=batch)
+    raise ValueError(f"unknown export kind {kind!r}; expected 'onnx' or 'stablehlo'")
+
+
+def _sizes(text: str | None, flag: str) -> tuple[int, ...] | None:
+    """Returns the comma-separated integers of a flag (None when unset)."""
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise CliError(flag, f"expected comma-separated integers such as 96,160,160, got {text!r}") from None
+
+
 def _run(argv: list[str]) -> int:
     """Parses the flags (module docstring) and converts; returns the exit status."""
     from absl import flags
@@ -85,8 +127,19 @@ def _run(argv: list[str]) -> int:
                                     flag_values=fv)
     to_flag = flags.DEFINE_string("to-torch", None, "run directory to export (trained or converted)",
                                   flag_values=fv)
-    out_flag = flags.DEFINE_string("out", None, "a run directory (--from-torch) or a weight file (--to-torch)",
+    onnx_flag = flags.DEFINE_string("to-onnx", None, "run directory to export as ONNX (deploy form)",
+                                    flag_values=fv)
+    hlo_flag = flags.DEFINE_string("to-stablehlo", None, "run directory to export as StableHLO (jax.export)",
                                    flag_values=fv)
+    out_flag = flags.DEFINE_string("out", None, "a run directory (--from-torch), a weight file (--to-torch) or "
+                                   "the exported model (--to-onnx, --to-stablehlo)", flag_values=fv)
+    window_flag = flags.DEFINE_string("window", None, "--to-onnx/--to-stablehlo: D,H,W of the sliding window "
+                                      "(default: the run's inference.window, else data.patch_size)", flag_values=fv)
+    platforms_flag = flags.DEFINE_list("platforms", list(stablehlo_export.DEFAULT_PLATFORMS),
+                                       "--to-stablehlo: platforms to lower for (cpu, cuda, rocm, tpu)",
+                                       flag_values=fv)
+    batch_flag = flags.DEFINE_integer("batch", None, "--to-stablehlo: a static batch size (default: symbolic)",
+                                      lower_bound=1, flag_values=fv)
     which_flag = flags.DEFINE_enum("which", "best", list(run_dir.WHICH),
                                    "--to-torch: checkpoint of a trained run (best falls back to latest)",
                                    flag_values=fv)
@@ -94,12 +147,23 @@ def _run(argv: list[str]) -> int:
     force_flag = flags.DEFINE_boolean("force", False, "overwrite an existing output", flag_values=fv)
     if not parse_command_flags(fv, full_argv, __doc__):
         return 0
-    if bool(from_flag.value) == bool(to_flag.value):
-        raise CliError(None, "give exactly one of --from-torch FILE or --to-torch DIR")
+    sources = [f.value for f in (from_flag, to_flag, onnx_flag, hlo_flag)]
+    if sum(bool(v) for v in sources) != 1:
+        raise CliError(None, "give exactly one of --from-torch FILE, --to-torch DIR, --to-onnx DIR or "
+                             "--to-stablehlo DIR")
     if not out_flag.value:
         raise CliError(None, "--out is required")
     out = pathlib.Path(out_flag.value)
-    if from_flag.value:
+    if onnx_flag.value or hlo_flag.value:
+        kind, source = ("onnx", onnx_flag.value) if onnx_flag.value else ("stablehlo", hlo_flag.value)
+        outputs = [out] if kind == "onnx" else stablehlo_export.output_paths(out)
+        for path in outputs:
+            if path.exists() and not force_flag.value:
+                raise CliError(path, "exists", "pass --force to overwrite")
+            check_output_file(path, need_bytes=total_size([source]) // 2)  # the optimiser state is not exported
+        written = export_run(kind, source, out, _sizes(window_flag.value, "--window"), which_flag.value,
+                             force_flag.value, platforms_flag.value, batch_flag.value)
+    elif from_flag.value:
         if config_flag.value is None:
             raise CliError(None, "--from-torch needs --config (it names the model)")
         if out.is_dir() and any(out.iterdir()) and not force_flag.value:

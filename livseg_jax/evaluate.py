@@ -1,6 +1,7 @@
 """Evaluate predicted label maps against ground truth: per-case metrics, summary, lesions, tumour sizes.
 
     python -m livseg_jax.evaluate --pred DIR|FILE --gt DIR|FILE [--out DIR]
+    python -m livseg_jax.evaluate --cv ROOT [--out DIR] [--which best|latest]
 
 Cases are paired by id: `segmentation-N` / `volume-N` are case `volume-N` (LiTS); other files
 drop `.nii[.gz]` and a trailing `_seg` (what `livseg_jax.predict` appends). The ground truth may be
@@ -14,6 +15,16 @@ the prediction must lie on the same grid (shape and affine). Metrics are those o
 and `evaluation.json` (rows, summary, lesion detection, tumour-size study) to `--out` (default:
 the prediction folder) atomically, and prints the tables as Markdown. The output folder is checked
 before any metric is computed; bad inputs end in one `error:` line naming the file.
+
+Cross-validation (`--cv ROOT`): ROOT holds the run directories of one k-fold training (liver or
+joint runs trained with `data.num_folds`, each with its `splits.json`; every fold exactly once, all
+from the same partition). Each fold's validation cases are predicted with that fold's run (the full
+prediction pipeline of `livseg_jax.predict`, onto the original grid) into
+`<out>/predictions/fold-<k>/`; a label map already there is read instead of predicted again
+(delete the folder after retraining). They are evaluated against the cases' labels as above:
+`cv_evaluation.csv` (one row per case, with its fold) and `cv_evaluation.json` (per-fold and pooled
+summaries, the mean of the fold means, rows) in `<out>` (default `ROOT/cv`). Liver runs report
+the liver only.
 """
 
 from __future__ import annotations
@@ -33,8 +44,9 @@ import numpy as np
 import tqdm
 
 from livseg_jax import atomic_write, metrics
-from livseg_jax.cli_errors import check_output_dir, run_main
+from livseg_jax.cli_errors import CliError, check_output_dir, run_main
 from livseg_jax.data import nifti
+from livseg_jax.data.cases import natural_key, output_name
 from livseg_jax.data.layouts import prediction_files, truth_files
 from livseg_jax.data.nifti import DataError
 
@@ -185,22 +197,172 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Returns `rows` as CSV text (the first row's keys as header; NaN as an empty cell)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
 def write_outputs(out_dir: str | os.PathLike, cases: Sequence[Mapping[str, Any]],
                   summary: Mapping[str, Any],
                   unmatched: Sequence[str] = ()) -> tuple[pathlib.Path, pathlib.Path]:
     """Returns the paths of evaluation.csv and evaluation.json after writing them atomically."""
     out_dir = pathlib.Path(out_dir)
     rows = csv_rows(cases)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
     csv_path, json_path = out_dir / "evaluation.csv", out_dir / "evaluation.json"
-    atomic_write.write_text(csv_path, buffer.getvalue())
+    atomic_write.write_text(csv_path, csv_text(rows))
     report = {"cases": cases, "summary": summary, "ground_truth_without_prediction": list(unmatched)}
     atomic_write.write_text(json_path, json.dumps(jsonable(report), indent=1) + "\n")
     return csv_path, json_path
+
+
+# ------------------------------------------------------------------------------ cross-validation
+
+CV_PREDICTIONS = "predictions"
+CV_STAGES = {"liver": ("liver",), "joint": STRUCTURES}  # stage of the fold runs -> structures scored
+
+
+def fold_runs(root: str | os.PathLike) -> list[tuple[int, pathlib.Path, dict[str, Any]]]:
+    """Returns [(fold, run directory, split)] of the fold runs in `root`, sorted by fold.
+
+    Raises DataError naming the run when the runs do not make one k-fold partition: not fold runs,
+    other folds (cases or seed), a fold given twice or missing.
+    """
+    from livseg_jax.data.folds import SPLITS_FILE, read_split
+
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder of fold run directories")
+    runs = sorted((p for p in root.iterdir() if (p / SPLITS_FILE).is_file()), key=lambda p: natural_key(p.name))
+    if not runs:
+        raise DataError(f"{root}: holds no fold run directories (folders with {SPLITS_FILE}, written by "
+                        "`livseg_jax.train --config.data.num_folds=K --config.data.fold=k`)")
+    found: dict[int, tuple[pathlib.Path, dict[str, Any]]] = {}
+    for run in runs:
+        split = read_split(run)
+        if int(split["num_folds"]) < 2:
+            raise DataError(f"{run / SPLITS_FILE}: not a fold run (num_folds {split['num_folds']}: trained "
+                            "without data.num_folds)")
+        first_run, first = found[min(found)] if found else (run, split)
+        if split.get("folds") != first.get("folds"):
+            raise DataError(f"{run / SPLITS_FILE}: its folds differ from those of {first_run} (other cases, "
+                            "num_folds or seed); the runs of one cross-validation share one partition")
+        fold = int(split["fold"])
+        if fold in found:
+            raise DataError(f"{run}: fold {fold} is already given by {found[fold][0]}")
+        found[fold] = (run, split)
+    num_folds = int(next(iter(found.values()))[1]["num_folds"])
+    missing = [k for k in range(num_folds) if k not in found]
+    if missing:
+        raise DataError(f"{root}: fold(s) {', '.join(map(str, missing))} of {num_folds} have no run directory")
+    return [(k, *found[k]) for k in sorted(found)]
+
+
+def predict_fold(run: pathlib.Path, split: Mapping[str, Any], folder: pathlib.Path, which: str = "best") -> list[Pair]:
+    """Returns [(case id, prediction, truth)] of a fold's validation cases, predicting those not in `folder` yet."""
+    from livseg_jax.inference.two_stage import Predictor
+    from livseg_jax.run_dir import load_config
+    from livseg_jax.training.loop import dataset_cases
+
+    config = load_config(run)
+    if config.stage not in CV_STAGES:
+        raise DataError(f"{run}: is a {config.stage!r} run; --cv takes liver or joint fold runs (a tumour "
+                        "model needs a liver stage in front of it: predict with `predict --liver ... --tumor "
+                        "...` and evaluate with --pred/--gt)")
+    cases = {c.case_id: c for c in dataset_cases(config)}
+    missing = [c for c in split["val"] if c not in cases or cases[c].label is None]
+    if missing:
+        raise DataError(f"{run}: validation case(s) {', '.join(missing)} of splits.json have no labelled case "
+                        "in the run's dataset (config.json data.root / list_file)")
+    predictor = None
+    pairs = []
+    for cid in split["val"]:
+        out = folder / output_name(cid)
+        if not out.exists():
+            if predictor is None:  # compiled only when a case needs predicting
+                paths = {"liver_path": run} if config.stage == "liver" else {"joint_path": run}
+                predictor = Predictor.from_checkpoints(**paths, which=which)
+            predictor.predict_file(cases[cid].image, out)
+        pairs.append((cid, out, cases[cid].label))
+    return pairs
+
+
+def _scored(summary: Mapping[str, Any], structures: Sequence[str]) -> dict[str, Any]:
+    """Returns a `summarize_cases` summary without the parts of structures the runs do not predict."""
+    return {k: v for k, v in summary.items() if k in structures or ("tumor" in structures and k not in STRUCTURES)}
+
+
+def _mean_of_defined(values: Sequence[float | None]) -> float | None:
+    defined = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(defined)) if defined else None
+
+
+def cv_report(root: str | os.PathLike, stage: str, folds: Sequence[tuple[int, pathlib.Path, Sequence[Mapping]]],
+              threshold: float = 0.6) -> dict[str, Any]:
+    """Returns the cross-validation record: per-fold and pooled summaries, the mean of the fold means, cases."""
+    structures = CV_STAGES[stage]
+    per_fold = [{"fold": k, "run": str(run), "case_ids": [c["case_id"] for c in cases],
+                 "summary": _scored(summarize_cases(cases, threshold), structures)} for k, run, cases in folds]
+    pooled = [dict(c, fold=k) for k, _, cases in folds for c in cases]
+    fold_means = {s: {m: _mean_of_defined([f["summary"][s][m]["mean"] for f in per_fold])
+                      for m in metrics.METRIC_NAMES} for s in structures}
+    return {"root": str(root), "stage": stage, "structures": list(structures), "num_folds": len(folds),
+            "folds": per_fold, "pooled": _scored(summarize_cases(pooled, threshold), structures),
+            "mean_of_fold_means": fold_means, "cases": pooled}
+
+
+def write_cv_outputs(out_dir: pathlib.Path, report: Mapping[str, Any]) -> tuple[pathlib.Path, pathlib.Path]:
+    """Returns the paths of cv_evaluation.csv and cv_evaluation.json after writing them atomically."""
+    keep = tuple(f"{s}_" for s in report["structures"]) + (("lesions_",) if "tumor" in report["structures"] else ())
+    rows = [{"fold": c["fold"], **{k: v for k, v in row.items() if k == "case_id" or k.startswith(keep)}}
+            for c, row in zip(report["cases"], csv_rows(report["cases"]), strict=True)]
+    csv_path, json_path = out_dir / "cv_evaluation.csv", out_dir / "cv_evaluation.json"
+    atomic_write.write_text(csv_path, csv_text(rows))
+    atomic_write.write_text(json_path, json.dumps(jsonable(report), indent=1) + "\n")
+    return csv_path, json_path
+
+
+def cv_markdown(report: Mapping[str, Any]) -> str:
+    """Returns the per-fold and pooled mean ± std Dice of each scored structure as a Markdown table."""
+    structures = report["structures"]
+    titles = {"liver": "liver Dice", "tumor": "tumour Dice"}
+    lines = ["| fold | run | cases | " + " | ".join(titles[s] for s in structures) + " |",
+             "|---" * (3 + len(structures)) + "|"]
+    for f in report["folds"]:
+        lines.append(f"| {f['fold']} | {f['run']} | {len(f['case_ids'])} | "
+                     + " | ".join(_mean_std(f["summary"][s]["dice"], 3) for s in structures) + " |")
+    lines.append(f"| pooled | | {len(report['cases'])} | "
+                 + " | ".join(_mean_std(report["pooled"][s]["dice"], 3) for s in structures) + " |")
+    return "\n".join(lines)
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    root = pathlib.Path(args.cv)
+    folds = fold_runs(root)
+    out_dir = pathlib.Path(args.out) if args.out else root / "cv"
+    check_output_dir(out_dir)
+    from livseg_jax.run_dir import load_config
+
+    stages = {str(load_config(run).stage) for _, run, _ in folds}
+    if len(stages) != 1:
+        raise DataError(f"{root}: the fold runs are of different stages ({', '.join(sorted(stages))})")
+    scored = []
+    for k, run, split in folds:
+        folder = out_dir / CV_PREDICTIONS / f"fold-{k}"
+        pairs = predict_fold(run, split, folder, args.which)
+        cases = [evaluate_case(cid, p, g, args.connectivity, args.min_overlap)
+                 for cid, p, g in tqdm.tqdm(pairs, desc=f"evaluate fold {k}", unit="case", disable=None,
+                                            file=sys.stderr)]
+        scored.append((k, run, cases))
+    report = cv_report(root, stages.pop(), scored, args.size_threshold)
+    csv_path, json_path = write_cv_outputs(out_dir, report)
+    print(cv_markdown(report))
+    print(f"\nwrote {csv_path} and {json_path}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -210,9 +372,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m livseg_jax.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--pred", required=True, help="predicted label map or folder of them")
-    p.add_argument("--gt", required=True, help="ground-truth label map or folder (LiTS, MSD or plain)")
-    p.add_argument("--out", help="folder for evaluation.csv and .json (default: the prediction folder)")
+    p.add_argument("--pred", help="predicted label map or folder of them")
+    p.add_argument("--gt", help="ground-truth label map or folder (LiTS, MSD or plain)")
+    p.add_argument("--cv", metavar="ROOT", help="folder of fold run directories: cross-validation metrics "
+                                                "over the folds' validation cases (instead of --pred/--gt)")
+    p.add_argument("--which", choices=("best", "latest"), default="best",
+                   help="--cv: checkpoint of each fold run (default: best)")
+    p.add_argument("--out", help="folder for evaluation.csv and .json (default: the prediction folder; "
+                                 "with --cv: ROOT/cv)")
     p.add_argument("--connectivity", type=int, choices=(1, 2, 3), default=metrics.DEFAULT_LESION_CONNECTIVITY,
                    help="lesion connectivity: 1 faces, 2 +edges, 3 +corners (default 3)")
     p.add_argument("--min-overlap", type=float, default=0.0,
@@ -225,6 +392,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _run(argv: list[str]) -> int:
     """Runs the CLI; returns the exit status (0 ok)."""
     args = parse_args(argv)
+    if args.cv is not None:
+        if args.pred is not None or args.gt is not None:
+            raise CliError(None, "--cv cannot be used with --pred/--gt: it predicts the folds' validation cases itself")
+        return _run_cv(args)
+    if args.pred is None or args.gt is None:
+        raise CliError(None, "give --pred and --gt, or --cv ROOT")
     pred = pathlib.Path(args.pred)
     out_dir = pathlib.Path(args.out) if args.out else (pred if pred.is_dir() else pred.parent)
     check_output_dir(out_dir)  # before any metric is computed

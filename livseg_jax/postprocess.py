@@ -52,14 +52,14 @@ def validation_files(run: str | os.PathLike, cases: str | os.PathLike | None) ->
         path = pathlib.Path(cases)
         found = discover("", "list", path) if path.is_file() else discover(path)
     else:
-        from livseg_jax.training.loop import dataset_cases  # the training run's own split
+        from livseg_jax.training.loop import split_case_files  # the training run's own split
 
         config = load_config(run)
         n_val = int(config.data.num_val_cases)
-        if n_val <= 0:
+        if n_val <= 0 and not config.data.get("num_folds", 0):
             raise ValueError(f"{run}: the run has no validation cases (data.num_val_cases = {n_val}); "
                              "give --cases")
-        found = dataset_cases(config)[-n_val:]
+        found = split_case_files(config)[1]
     unlabelled = [c.case_id for c in found if c.label is None]
     if unlabelled:
         raise DataError(f"{cases or run}: validation cases need labels; none for {', '.join(unlabelled)}")
@@ -110,7 +110,7 @@ def choose_for_run(run: str | os.PathLike, files: Sequence[CaseFiles], liver_run
     liver = load_stage_model(liver_run, "liver", which=which) if liver_run is not None else None
     cases = []
     for files_ in tqdm.tqdm(files, desc="validation cases", unit="case", disable=not progress):
-        case = nifti.read_case(files_.image, files_.label, files_.case_id)
+        case = nifti.read_case(files_.image, files_.label, files_.case_id, value_map=files_.label_map)
         cases.append(validation_case(case.case_id, case.image, case.label, case.spacing, model, liver))
     settings, rows = pp.choose_settings(cases, thresholds, min_volumes, fp_penalty)
     chosen = next(r for r in rows if (r["tumor_threshold"], r["tumor_min_volume_mm3"])

@@ -9,7 +9,9 @@ prediction. Contours: ground truth solid (liver green, tumour red), prediction d
 yellow, tumour cyan). Radiological convention: the patient's right on the image's left, anterior
 (axial) and superior (coronal) at the top; pixels have their true aspect ratio. The CT is shown
 with an abdominal window (W 400, L 40). Folders are paired by case id (`data.cases.case_key`), as
-in `livseg_jax.evaluate`; each case gives `OUT_DIR/<case id>.png`.
+in `livseg_jax.evaluate`; each case gives `OUT_DIR/<case id>.png`. `--number-lesions` writes each
+predicted lesion's number (as in `predict --statistics`: components of the tumour numbered by
+decreasing volume, `livseg_jax.inference.statistics`) at its centre in every panel that shows it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from livseg_jax.data import nifti
 from livseg_jax.data.cases import case_key
 from livseg_jax.data.layouts import find_inputs, prediction_files, truth_files
 from livseg_jax.data.nifti import DataError
+from livseg_jax.inference.statistics import lesion_components
 
 DISPLAY_HU = (-160.0, 240.0)  # abdominal window W 400 / L 40
 GT_STYLE = {"liver": "#33dd33", "tumor": "#ff3030", "linestyle": "solid"}
@@ -65,8 +68,11 @@ def plane_slice(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
 
 def render_overlay(image: np.ndarray, spacing: Sequence[float], pred: np.ndarray | None,
                    gt: np.ndarray | None = None, title: str = "",
-                   hu_window: tuple[float, float] = DISPLAY_HU) -> Figure:
-    """Returns a matplotlib Figure of CT slices (D, H, W) with prediction / truth contours."""
+                   hu_window: tuple[float, float] = DISPLAY_HU, number_lesions: bool = False) -> Figure:
+    """Returns a matplotlib Figure of CT slices (D, H, W) with prediction / truth contours.
+
+    `number_lesions`: the prediction's lesions are numbered as in `predict --statistics`.
+    """
     reference = gt if gt is not None else pred
     if reference is None:
         raise ValueError("render_overlay needs a prediction or a ground truth")
@@ -75,6 +81,7 @@ def render_overlay(image: np.ndarray, spacing: Sequence[float], pred: np.ndarray
             raise ValueError(f"{name} shape {arr.shape} differs from the image shape {image.shape}")
     sz, sy, sx = (float(s) for s in spacing)
     panels = pick_slices(reference)
+    lesions = lesion_components(pred == 2)[0] if number_lesions and pred is not None else None
     fig = Figure(figsize=(4.0 * len(panels), 4.6), dpi=110, facecolor="black")
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (label, plane, index) in zip(axes, panels, strict=True):
@@ -89,6 +96,8 @@ def render_overlay(image: np.ndarray, spacing: Sequence[float], pred: np.ndarray
                 if mask.any():
                     ax.contour(mask.astype(np.float32), levels=[0.5], colors=[style[structure]],
                                linestyles=style["linestyle"], linewidths=1.1)
+        if lesions is not None:
+            _number_lesions(ax, plane_slice(lesions, plane, index))
         ax.invert_xaxis()  # radiological: the patient's right (high W) on the left
         ax.set_xticks([])
         ax.set_yticks([])
@@ -111,23 +120,33 @@ def render_overlay(image: np.ndarray, spacing: Sequence[float], pred: np.ndarray
     return fig
 
 
+def _number_lesions(ax, lesion_slice: np.ndarray) -> None:
+    """Writes each lesion's number at the centre of its pixels in this panel."""
+    for number in np.unique(lesion_slice[lesion_slice > 0]):
+        rows, cols = np.nonzero(lesion_slice == number)
+        ax.text(cols.mean(), rows.mean(), str(number), color="white", fontsize=7, fontweight="bold",
+                ha="center", va="center")
+
+
 def save_overlay(path: str | os.PathLike, image: np.ndarray, spacing: Sequence[float],
-                 pred: np.ndarray | None, gt: np.ndarray | None = None, title: str = "") -> pathlib.Path:
+                 pred: np.ndarray | None, gt: np.ndarray | None = None, title: str = "",
+                 number_lesions: bool = False) -> pathlib.Path:
     """Returns `path` after writing the `render_overlay` PNG atomically."""
     path = pathlib.Path(path)
-    fig = render_overlay(image, spacing, pred, gt, title)
+    fig = render_overlay(image, spacing, pred, gt, title, number_lesions=number_lesions)
     with atomic_write.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
     return path
 
 
 def overlay_files(image: str | os.PathLike, pred: str | os.PathLike, gt: str | os.PathLike | None,
-                  out: str | os.PathLike) -> pathlib.Path:
+                  out: str | os.PathLike, number_lesions: bool = False) -> pathlib.Path:
     """Returns the PNG path after rendering one case from its NIfTI files (all on the image's grid)."""
     ct, geometry = nifti.read_image(image)
     pred_labels, _ = nifti.read_label(pred, expected=geometry)
     gt_labels = nifti.read_label(gt, expected=geometry)[0] if gt is not None else None
-    return save_overlay(out, ct, geometry.spacing, pred_labels, gt_labels, title=pathlib.Path(pred).name)
+    return save_overlay(out, ct, geometry.spacing, pred_labels, gt_labels, title=pathlib.Path(pred).name,
+                        number_lesions=number_lesions)
 
 
 Job = tuple[str, pathlib.Path, pathlib.Path, pathlib.Path | None, pathlib.Path]  # id, image, pred, gt, png
@@ -159,6 +178,8 @@ def _run(argv: list[str]) -> int:
     p.add_argument("--pred", required=True, help="predicted label map or folder")
     p.add_argument("--gt", help="ground-truth label map or folder (optional)")
     p.add_argument("-o", "--output", required=True, help="PNG file (one case) or output folder")
+    p.add_argument("--number-lesions", action="store_true",
+                   help="number the predicted lesions as predict --statistics does")
     args = p.parse_args(argv)
     jobs = _jobs(args)
     for folder in sorted({out.parent for *_, out in jobs}):
@@ -166,7 +187,7 @@ def _run(argv: list[str]) -> int:
     failed = 0
     for key, image, pred, gt, out in jobs:
         try:
-            print(f"{key}: {overlay_files(image, pred, gt, out)}")
+            print(f"{key}: {overlay_files(image, pred, gt, out, args.number_lesions)}")
         except (DataError, ValueError, OSError) as e:  # one bad case must not stop the others
             report(e)
             failed += 1

@@ -4,7 +4,7 @@ import pytest
 
 from livseg_jax.config import model_config
 from livseg_jax.models import build_model
-from livseg_jax.models.forms import GPU_FORMS, REFERENCE_FORMS, may_run_gpu_forms, resolve_forms
+from livseg_jax.models.forms import GPU_FORMS, REFERENCE_FORMS, check_training_forms, may_run_gpu_forms, resolve_forms
 from livseg_jax.models.layers import Layers
 
 
@@ -57,3 +57,15 @@ def test_only_the_reference_forms_pinned_run_no_gpu_form():
     assert not may_run_gpu_forms(config)
     config.dense_pack_channels = 16
     assert may_run_gpu_forms(config)
+
+
+def test_bf16_training_with_conv_1x1s_is_refused_on_gpus_only():
+    config = model_config()
+    config.dtype, config.pointwise_impl = "bfloat16", "conv"
+    with pytest.raises(ValueError, match="pointwise_impl='conv' with model.dtype='bfloat16' on a GPU"):
+        check_training_forms(config, "gpu")
+    check_training_forms(config, "cpu")  # no kernel engine of that kind elsewhere
+    config.pointwise_impl = "auto"  # the GPU forms: einsum 1x1s
+    check_training_forms(config, "gpu")
+    config.pointwise_impl, config.dtype = "conv", "float32"
+    check_training_forms(config, "gpu")

@@ -93,7 +93,10 @@ def _entry_paths(entry_dir: pathlib.Path, case_id: str) -> tuple[pathlib.Path, .
 
 
 def _source_of(case: CaseFiles) -> dict[str, Any]:
-    return {"image": _fingerprint(case.image), "label": _fingerprint(case.label)}
+    source = {"image": _fingerprint(case.image), "label": _fingerprint(case.label)}
+    if case.label_map is not None:  # a changed remapping rebuilds the entry
+        source["label_map"] = [list(pair) for pair in case.label_map]
+    return source
 
 
 def _load_entry(case: CaseFiles, entry_dir: pathlib.Path) -> CachedCase | None:
@@ -125,7 +128,7 @@ def build_entry(case: CaseFiles, settings: pp.PreprocessSettings, entry_dir: Pat
     """Returns the case id after reading, preprocessing and writing one cache entry atomically."""
     entry_dir = pathlib.Path(entry_dir)
     source = _source_of(case)  # taken before reading: a file changed meanwhile is rebuilt next time
-    loaded = read_case(case.image, case.label, case_id=case.case_id)
+    loaded = read_case(case.image, case.label, case_id=case.case_id, value_map=case.label_map)
     image, label, record = pp.preprocess(loaded.image, loaded.spacing, settings, loaded.label)
     meta_path, image_path, label_path = _entry_paths(entry_dir, case.case_id)
     meta_path.unlink(missing_ok=True)  # the entry is invalid from here until its JSON is rewritten

@@ -6,7 +6,8 @@ SRC is one patient folder (holding `PATIENT_DICOM.zip` and `MASKS_DICOM.zip`, or
 unzipped) or a folder of patient folders (`3Dircadb1.1`, `3Dircadb1.2`, ...). N is the number at the
 end of the patient folder's name. Zips are read in place, nothing is extracted.
 
-- Slices are ordered by ImagePositionPatient projected on the slice normal (never by file name), and
+- Series are read by `livseg_jax.data.dicom` (shared with `predict`): slices ordered by
+  ImagePositionPatient projected on the slice normal (never by file name), and
   the affine comes from the DICOM geometry (ImageOrientationPatient, PixelSpacing, the positions),
   converted from DICOM's LPS to NIfTI's RAS world. The volume is int16 HU (RescaleSlope/Intercept).
 - Labels: 1 where the liver mask is non-zero, 2 where any tumour mask is non-zero inside the liver.
@@ -26,13 +27,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
-import io
 import pathlib
 import re
 import sys
 import zipfile
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -40,53 +39,12 @@ import numpy as np
 from livseg_jax import atomic_write
 from livseg_jax.cli_errors import check_output_dir, run_main, total_size
 from livseg_jax.data.cases import natural_key
+from livseg_jax.data.dicom import POSITION_TOL_MM, Series, nifti_image, read_series, require_pydicom
 from livseg_jax.data.nifti import DataError, PathLike, save_nifti
 
 DEFAULT_TUMOR_MASKS = ("livertumor*",)
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_POSITION_TOL_MM = 1e-2
 
 Members = dict[str, list[tuple[str, Callable[[], bytes]]]]  # folder -> [(display name, reader)]
-
-
-def _pydicom() -> Any:
-    try:
-        import pydicom
-    except ImportError as e:
-        raise ImportError(
-            "the 3D-IRCADb importer needs pydicom, an optional dependency: "
-            "pip install 'livseg_jax[dicom]' (or pip install pydicom)"
-        ) from e
-    return pydicom
-
-
-@dataclasses.dataclass
-class Series:
-    """One DICOM series sorted along its slice normal: voxels (n, rows, cols) and geometry."""
-
-    pixels: np.ndarray  # (n, rows, cols) float32 after RescaleSlope/Intercept
-    positions: np.ndarray  # (n, 3) ImagePositionPatient, LPS mm
-    orientation: np.ndarray  # (6,) ImageOrientationPatient
-    pixel_spacing: np.ndarray  # (2,) row spacing, column spacing (mm)
-    where: str
-
-    def affine(self) -> np.ndarray:
-        """Returns the (4, 4) RAS affine of the NIfTI array (cols, rows, slices) of this series."""
-        col_dir, row_dir = self.orientation[:3], self.orientation[3:]
-        if len(self.positions) > 1:
-            step = (self.positions[-1] - self.positions[0]) / (len(self.positions) - 1)
-        else:
-            step = np.cross(col_dir, row_dir)  # one slice: unit thickness along the normal
-        lps = np.eye(4)
-        lps[:3, 0] = col_dir * self.pixel_spacing[1]
-        lps[:3, 1] = row_dir * self.pixel_spacing[0]
-        lps[:3, 2] = step
-        lps[:3, 3] = self.positions[0]
-        return _LPS_TO_RAS @ lps
-
-    def nifti_array(self) -> np.ndarray:
-        """Returns the voxels in NIfTI order (cols, rows, slices)."""
-        return np.ascontiguousarray(self.pixels.transpose(2, 1, 0))
 
 
 @dataclasses.dataclass
@@ -149,55 +107,6 @@ def _members(patient: pathlib.Path, name: str) -> Members:
     return groups
 
 
-def read_series(files: Sequence[tuple[str, Callable[[], bytes]]], where: str) -> Series:
-    """Returns the slices of one DICOM series sorted by position along the slice normal."""
-    pydicom = _pydicom()
-    if not files:
-        raise DataError(f"{where}: no DICOM files")
-    slices = []
-    for name, read in files:
-        try:
-            ds = pydicom.dcmread(io.BytesIO(read()), force=True)
-            pixels = ds.pixel_array.astype(np.float64)
-            slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-            intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-            position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-            orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-            spacing = np.asarray(ds.PixelSpacing, dtype=np.float64)
-        except Exception as e:  # pydicom raises many types for bad files and missing tags
-            raise DataError(f"{name}: cannot read as a DICOM image slice: {e}") from e
-        if pixels.ndim != 2:
-            raise DataError(f"{name}: expected a 2D slice, got pixel data of shape {pixels.shape}")
-        slices.append((name, (pixels * slope + intercept).astype(np.float32), position, orientation, spacing))
-
-    _, first_pixels, _, orientation, spacing = slices[0]
-    for name, pixels, _, o, s in slices[1:]:
-        if pixels.shape != first_pixels.shape or not np.allclose(o, orientation, atol=1e-4):
-            raise DataError(f"{name}: slice size or orientation differs from the rest of {where}")
-        if not np.allclose(s, spacing, atol=1e-4):
-            raise DataError(f"{name}: pixel spacing {s} differs from {spacing} in {where}")
-    normal = np.cross(orientation[:3], orientation[3:])
-    slices.sort(key=lambda s: float(s[2] @ normal))
-    along = np.array([s[2] @ normal for s in slices])
-    steps = np.diff(along)
-    if steps.size:
-        if steps.min() < _POSITION_TOL_MM:
-            i = int(np.argmin(steps))
-            raise DataError(f"{slices[i + 1][0]}: same slice position as {slices[i][0]}")
-        if steps.max() - steps.min() > max(_POSITION_TOL_MM, 0.01 * np.median(steps)):
-            raise DataError(
-                f"{where}: slice spacing is not uniform (steps {steps.min():.4g} to {steps.max():.4g} mm); "
-                "a slice may be missing"
-            )
-    return Series(
-        pixels=np.stack([s[1] for s in slices]),
-        positions=np.stack([s[2] for s in slices]),
-        orientation=orientation,
-        pixel_spacing=spacing,
-        where=where,
-    )
-
-
 # -------------------------------------------------------------------------------------- merging
 
 
@@ -207,7 +116,7 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 def _mask(series: Series, image: Series, folder: str) -> np.ndarray:
     if series.pixels.shape != image.pixels.shape or not np.allclose(
-        series.positions, image.positions, atol=_POSITION_TOL_MM
+        series.positions, image.positions, atol=POSITION_TOL_MM
     ):
         raise DataError(
             f"{series.where}: mask {folder!r} does not lie on the image grid "
@@ -256,11 +165,7 @@ def import_patient(
     with atomic_write.atomic_paths([label_path, image_path]) as temps:
         for data, tmp in zip((labels, hu.astype(np.int16)), temps, strict=True):
             arr = np.ascontiguousarray(data.transpose(2, 1, 0))  # (slices, rows, cols) -> (cols, rows, slices)
-            img = nib.Nifti1Image(arr, affine)
-            img.header.set_qform(affine, code=1)  # scanner coordinates
-            img.header.set_sform(affine, code=1)
-            img.header.set_xyzt_units("mm")
-            save_nifti(img, tmp)
+            save_nifti(nifti_image(arr, affine), tmp)
     return ImportReport(
         patient=patient,
         image_path=image_path,
@@ -345,7 +250,7 @@ def _run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     atomic_write.exit_on_sigterm()
     patients = find_patients(args.src)
-    _pydicom()  # a missing optional dependency is reported before any work
+    require_pydicom()  # a missing optional dependency is reported before any work
     # Each case is about the size of its DICOM input (int16 voxels, compressed).
     check_output_dir(args.dst, need_bytes=total_size([folder for folder, _ in patients]))
     import_ircadb(args.src, args.dst, args.tumor_masks, args.liver_mask)

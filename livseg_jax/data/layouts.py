@@ -6,6 +6,12 @@
 - MSD: `dataset.json` with a `training` list of `{"image": ..., "label": ...}` paths relative to the
   root (`imagesTr/`, `labelsTr/`); without `dataset.json`, files of `imagesTr/` are paired with
   `labelsTr/` by name. macOS `._*` resource files are skipped.
+- nnU-Net v2 raw (`DatasetXXX_Name/`): `dataset.json` with `channel_names`, `labels` and
+  `file_ending`; images `imagesTr/<case>_0000<file_ending>`, labels `labelsTr/<case><file_ending>`.
+  One CT channel only (`_0000`; a `_0001` file is refused). Label values are remapped to
+  0 background / 1 liver / 2 tumour (`nnunet_label_map`), e.g. `{"background": 0, "liver": 1,
+  "tumour": 2}` as it stands, or liver 2 / tumour 1 swapped. MSD `dataset.json` files
+  (`{"0": "background", "1": "liver", "2": "cancer"}`) get the same remapping.
 - List: a text file with one case per line, `image_path [label_path]`, paths relative to the list
   file's folder; blank lines and `#` comments are ignored; quote paths with spaces.
 
@@ -28,7 +34,18 @@ from collections.abc import Sequence
 from livseg_jax.data.cases import NIFTI_ENDINGS, case_id_of, case_key, is_nifti_file, natural_key, output_name
 from livseg_jax.data.nifti import DataError, PathLike
 
-LAYOUTS = ("auto", "lits", "msd", "list")
+LAYOUTS = ("auto", "lits", "msd", "nnunet", "list")
+NNUNET_CHANNEL = "_0000"  # nnU-Net's first (for CT: only) input channel
+CLASSES = {"background": 0, "liver": 1, "tumour": 2, "tumor": 2}
+# dataset.json label names taken as liver / tumour without a data.label_map (lower case, "_" for
+# spaces and hyphens); any other name needs data.label_map.
+LABEL_NAMES = {
+    "background": 0,
+    "liver": 1,
+    **{n: 2 for n in ("tumour", "tumor", "tumours", "tumors", "liver_tumour", "liver_tumor", "liver_tumours",
+                      "liver_tumors", "lesion", "lesions", "liver_lesion", "liver_lesions", "cancer",
+                      "liver_cancer")},
+}
 _LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 _LITS_SEGMENTATION = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
 
@@ -40,6 +57,8 @@ class CaseFiles:
     case_id: str
     image: pathlib.Path
     label: pathlib.Path | None = None
+    # (value in the label file, 0/1/2) pairs when the dataset's labels need remapping, else None
+    label_map: tuple[tuple[int, int], ...] | None = None
 
 
 def _by_number(files: list[pathlib.Path], pattern: re.Pattern, root: pathlib.Path) -> dict[int, pathlib.Path]:
@@ -77,21 +96,22 @@ def _resolve(base: pathlib.Path, rel: str, where: PathLike) -> pathlib.Path:
     return path
 
 
-def discover_msd(root: PathLike) -> list[CaseFiles]:
+def discover_msd(root: PathLike, label_map: str = "") -> list[CaseFiles]:
     """Returns the training cases of a Medical Segmentation Decathlon folder."""
     root = pathlib.Path(root)
     meta = root / "dataset.json"
     cases = []
     if meta.exists():
+        dataset = read_dataset_json(meta)
         try:
-            training = json.loads(meta.read_text())["training"]
-            entries = [(e["image"], e.get("label")) for e in training]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{meta}: cannot read the 'training' list of a dataset.json: {e}") from e
+            entries = [(e["image"], e.get("label")) for e in dataset["training"]]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{meta}: cannot read the 'training' list of a dataset.json: {e!r}") from e
+        values = nnunet_label_map(dataset["labels"], label_map, meta) if "labels" in dataset else None
         for image_rel, label_rel in entries:
             image = _resolve(root, image_rel, meta)
             label = _resolve(root, label_rel, meta) if label_rel else None
-            cases.append(CaseFiles(case_id_of(image), image, label))
+            cases.append(CaseFiles(case_id_of(image), image, label, values if label else None))
     else:
         images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
         if not images_dir.is_dir():
@@ -102,6 +122,153 @@ def discover_msd(root: PathLike) -> list[CaseFiles]:
         if not cases:
             raise DataError(f"{images_dir}: no .nii or .nii.gz images")
     return _sorted_unique(cases, meta if meta.exists() else root)
+
+
+def read_dataset_json(meta: pathlib.Path) -> dict:
+    """Returns the parsed dataset.json, raising DataError naming it when unreadable."""
+    try:
+        dataset = json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta}: cannot read dataset.json: {e}") from e
+    if not isinstance(dataset, dict):
+        raise DataError(f"{meta}: dataset.json must hold a JSON object")
+    return dataset
+
+
+def _declared_labels(labels: object, where: PathLike) -> dict[str, int]:
+    """Returns {label name: file value} of a dataset.json `labels` (nnU-Net v2 or MSD style)."""
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(f"{where}: 'labels' must be a non-empty object of label names and values")
+    declared: dict[str, int] = {}
+    for key, value in labels.items():
+        if isinstance(value, str) and str(key).isdigit():  # MSD: {"1": "liver"}
+            name, number = value, int(key)
+        elif isinstance(value, int) and not isinstance(value, bool):  # nnU-Net v2: {"liver": 1}
+            name, number = str(key), value
+        else:
+            raise DataError(f"{where}: label {key!r}: {value!r} is neither 'name': value nor 'value': "
+                            "'name' (region-based labels, lists of values, are not supported)")
+        name = re.sub(r"[\s-]+", "_", name.strip().lower())
+        if name in declared:
+            raise DataError(f"{where}: label name {name!r} appears twice")
+        declared[name] = number
+    if len(set(declared.values())) != len(declared):
+        raise DataError(f"{where}: two labels share one value: {declared}")
+    return declared
+
+
+def _parse_label_map(spec: str, declared: dict[str, int], where: PathLike) -> dict[int, int]:
+    """Returns {file value: class} from a data.label_map string `source=target,...`."""
+    by_value = {v: v for v in declared.values()}
+    chosen: dict[int, int] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        source, sep, target = (t.strip().lower() for t in item.partition("="))
+        if not sep or not source or not target:
+            raise ValueError(f"data.label_map: {item!r} is not 'label=class' (e.g. 'liver=liver,tumour=tumour')")
+        source = re.sub(r"[\s-]+", "_", source)
+        value = declared.get(source, by_value.get(int(source)) if source.isdigit() else None)
+        if value is None:
+            raise ValueError(f"data.label_map: {source!r} is not a label of {where}: {declared}")
+        if target not in CLASSES and target not in ("0", "1", "2"):
+            raise ValueError(f"data.label_map: class {target!r} must be background, liver, tumour or 0, 1, 2")
+        if value in chosen:
+            raise ValueError(f"data.label_map: label {source!r} is mapped twice")
+        chosen[value] = CLASSES[target] if target in CLASSES else int(target)
+    return chosen
+
+
+def nnunet_label_map(labels: object, spec: str, where: PathLike) -> tuple[tuple[int, int], ...] | None:
+    """Returns the (file value, 0/1/2 class) pairs of a dataset.json's labels, None when unchanged.
+
+    Without `spec` (data.label_map), labels are known by name (`LABEL_NAMES`); otherwise `spec`
+    says, as `label=class` pairs (label: a dataset.json name or value; class: background, liver,
+    tumour or 0, 1, 2), what every label other than background becomes. Unknown names,
+    unmapped labels, a label mapped twice and two labels found as "liver" are refused.
+    """
+    declared = _declared_labels(labels, where)
+    if spec.strip():
+        chosen = _parse_label_map(spec, declared, where)
+        if declared.get("background", 0) not in chosen:
+            chosen[declared.get("background", 0)] = 0
+        missing = sorted(n for n, v in declared.items() if v not in chosen)
+        if missing:
+            raise ValueError(f"data.label_map: says nothing about label(s) {missing} of {where}; "
+                             "map each to background, liver or tumour")
+    else:
+        unknown = sorted(n for n in declared if n not in LABEL_NAMES)
+        if unknown:
+            raise DataError(f"{where}: label(s) {unknown} are not known as background, liver or tumour; "
+                            "set data.label_map, e.g. 'liver=liver,tumour=tumour,"
+                            f"{unknown[0]}=background'")
+        chosen = {v: LABEL_NAMES[n] for n, v in declared.items()}
+        for cls, what in ((1, "liver"), (2, "tumour")):
+            found = sorted(n for n, v in declared.items() if chosen[v] == cls)
+            if len(found) > 1:
+                raise DataError(f"{where}: labels {found} could all be {what}: ambiguous; set data.label_map")
+    if 1 not in chosen.values():
+        raise DataError(f"{where}: no label maps to liver ({declared}); set data.label_map")
+    pairs = tuple(sorted(chosen.items()))
+    return None if all(a == b for a, b in pairs) else pairs
+
+
+def detect_nnunet(root: pathlib.Path) -> bool:
+    """Returns whether `root` looks like an nnU-Net v2 raw dataset (dataset.json with file_ending)."""
+    meta = root / "dataset.json"
+    if meta.exists():
+        try:
+            dataset = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return False  # discovery reports the unreadable file
+        return isinstance(dataset, dict) and "file_ending" in dataset and "training" not in dataset
+    images = root / "imagesTr"
+    return images.is_dir() and any(case_id_of(p).endswith(NNUNET_CHANNEL) for p in images.iterdir()
+                                   if is_nifti_file(p))
+
+
+def nnunet_images(folder: pathlib.Path, file_ending: str) -> dict[str, pathlib.Path]:
+    """Returns {case id: image} of an nnU-Net images folder, refusing channels other than _0000."""
+    images: dict[str, pathlib.Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.name.endswith(file_ending) or not p.is_file():
+            continue
+        stem = p.name[: -len(file_ending)]
+        match = re.fullmatch(r"(.+)_(\d{4})", stem)
+        if match is None:
+            raise DataError(f"{p}: not an nnU-Net image name <case>_0000{file_ending}")
+        if match.group(2) != NNUNET_CHANNEL[1:]:
+            raise DataError(f"{p}: input channel {match.group(2)}: only one CT channel (_0000) is supported")
+        images[match.group(1)] = p
+    return images
+
+
+def discover_nnunet(root: PathLike, label_map: str = "") -> list[CaseFiles]:
+    """Returns the training cases of an nnU-Net v2 raw dataset folder (imagesTr/, labelsTr/)."""
+    root = pathlib.Path(root)
+    meta = root / "dataset.json"
+    if not meta.exists():
+        raise DataError(f"{root}: no dataset.json (nnU-Net v2 raw layout)")
+    dataset = read_dataset_json(meta)
+    for key in ("labels", "file_ending"):
+        if key not in dataset:
+            raise DataError(f"{meta}: no {key!r} (nnU-Net v2 dataset.json)")
+    channels = dataset.get("channel_names", {"0": "CT"})
+    if not isinstance(channels, dict) or len(channels) != 1:
+        raise DataError(f"{meta}: channel_names {channels!r}: only one (CT) channel is supported")
+    ending = str(dataset["file_ending"])
+    if ending not in NIFTI_ENDINGS:
+        raise DataError(f"{meta}: file_ending {ending!r}: only .nii and .nii.gz are supported")
+    values = nnunet_label_map(dataset["labels"], label_map, meta)
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise DataError(f"{root}: no imagesTr/ folder (nnU-Net v2 raw layout)")
+    images = nnunet_images(images_dir, ending)
+    if not images:
+        raise DataError(f"{images_dir}: no <case>_0000{ending} images")
+    cases = []
+    for case_id, image in images.items():
+        label = labels_dir / f"{case_id}{ending}"
+        cases.append(CaseFiles(case_id, image, label, values) if label.exists() else CaseFiles(case_id, image))
+    return _sorted_unique(cases, root)
 
 
 def discover_list(list_file: PathLike) -> list[CaseFiles]:
@@ -140,24 +307,33 @@ def _sorted_unique(cases: list[CaseFiles], where: PathLike) -> list[CaseFiles]:
 
 
 def detect_layout(root: PathLike) -> str:
-    """Returns "msd" or "lits" for a dataset folder, raising DataError when neither fits."""
+    """Returns "nnunet", "msd" or "lits" for a dataset folder, raising DataError when none fits."""
     root = pathlib.Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
+    if detect_nnunet(root):
+        return "nnunet"
     if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
         return "msd"
     if any(_LITS_VOLUME.match(p.name) for p in root.rglob("volume-*")):
         return "lits"
     raise DataError(
-        f"{root}: cannot tell the dataset layout: no dataset.json or imagesTr/ (MSD) and no "
+        f"{root}: cannot tell the dataset layout: no dataset.json or imagesTr/ (MSD, nnU-Net) and no "
         "volume-N.nii[.gz] (LiTS); pass a list file for other layouts"
     )
 
 
-def discover(root: PathLike, layout: str = "auto", list_file: PathLike = "") -> list[CaseFiles]:
-    """Returns the dataset's cases sorted by id, for layout "auto", "lits", "msd" or "list"."""
+def discover(root: PathLike, layout: str = "auto", list_file: PathLike = "",
+             label_map: str = "") -> list[CaseFiles]:
+    """Returns the dataset's cases sorted by id, for layout "auto", "lits", "msd", "nnunet" or "list".
+
+    `label_map` (config data.label_map) remaps the labels of an nnU-Net or MSD dataset.json.
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if label_map and (layout in ("lits", "list") or (layout == "auto" and list_file)):
+        raise ValueError(f"data.label_map is for nnU-Net and MSD datasets (dataset.json), not layout "
+                         f"{'list' if list_file else layout!r}")
     if layout == "list" or (layout == "auto" and list_file):
         if not list_file:
             raise ValueError('layout "list" needs a list_file')
@@ -171,7 +347,11 @@ def discover(root: PathLike, layout: str = "auto", list_file: PathLike = "") -> 
         layout = detect_layout(root)
     elif not pathlib.Path(root).is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
-    return discover_lits(root) if layout == "lits" else discover_msd(root)
+    if label_map and layout not in ("msd", "nnunet"):
+        raise ValueError(f"data.label_map is for nnU-Net and MSD datasets (dataset.json), not layout {layout!r}")
+    if layout == "nnunet":
+        return discover_nnunet(root, label_map)
+    return discover_lits(root) if layout == "lits" else discover_msd(root, label_map)
 
 
 # ------------------------------------------------- the inputs of predict, evaluate and visualize
@@ -183,7 +363,8 @@ def nifti_files(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def find_inputs(path: PathLike) -> list[CaseFiles]:
-    """Returns the CT images to predict: one file, a LiTS folder's volumes, or a folder's NIfTI files."""
+    """Returns the CT images to predict: one file, a LiTS folder's volumes, an nnU-Net dataset's
+    imagesTs/ (case ids without `_0000`), or a folder's NIfTI files."""
     path = pathlib.Path(path)
     if path.is_file():
         if not path.name.endswith(NIFTI_ENDINGS):
@@ -191,11 +372,22 @@ def find_inputs(path: PathLike) -> list[CaseFiles]:
         return [CaseFiles(case_id_of(path), path)]
     if not path.is_dir():
         raise DataError(f"{path}: input does not exist")
-    if any(path.rglob("volume-*.nii*")):
+    if detect_nnunet(path):  # an nnU-Net dataset: its test images
+        if not (path / "imagesTs").is_dir():
+            raise DataError(f"{path}: nnU-Net dataset without imagesTs/; give the folder of images to predict")
+        path = path / "imagesTs"
+    elif any(path.rglob("volume-*.nii*")):
         return discover_lits(path)
     files = nifti_files(path)
     if not files:
         raise DataError(f"{path}: no .nii or .nii.gz images in this folder")
+    stems = [re.fullmatch(r"(.+)_(\d{4})", case_id_of(p)) for p in files]
+    cases = {m.group(1) for m in stems if m and m.group(2) == NNUNET_CHANNEL[1:]}
+    if cases and all(m and m.group(1) in cases for m in stems):  # nnU-Net images: <case>_0000.nii.gz
+        other = [p for p, m in zip(files, stems, strict=True) if m.group(2) != NNUNET_CHANNEL[1:]]
+        if other:
+            raise DataError(f"{other[0]}: input channel other than _0000: only one CT channel is supported")
+        return _sorted_unique([CaseFiles(m.group(1), p) for p, m in zip(files, stems, strict=True)], path)
     return [CaseFiles(case_id_of(p), p) for p in files]
 
 
@@ -263,7 +455,12 @@ def truth_files(path: PathLike) -> dict[str, pathlib.Path]:
     except DataError:
         layout = None
     if layout is not None:
-        labelled = [c.label for c in discover(path, layout) if c.label is not None]
+        cases = discover(path, layout)
+        remapped = [c for c in cases if c.label_map is not None]
+        if remapped:  # read as they are, their values would be taken for other classes
+            raise DataError(f"{path}: the labels of this dataset need remapping {remapped[0].label_map} "
+                            "(dataset.json); give ground truth as 0/1/2 label files instead")
+        labelled = [c.label for c in cases if c.label is not None]
         if not labelled:
             raise DataError(f"{path}: {layout} layout with no label files")
         return _keyed(labelled, path)

@@ -21,7 +21,9 @@ and nibabel parses the bytes; writing serialises the image with nibabel and comp
 ISA-L on all cores (`igzip_threaded`, level 1). ISA-L reads a CT written by another tool 1.8x
 faster than nibabel's zlib stream and writes 15x faster on 16 cores
 (`python -m experiments.bench_nifti_io`, docs/benchmarks.md). Arrays are handed to nibabel in
-Fortran (NIfTI disk) order, so nibabel does not transpose them again on write.
+Fortran (NIfTI disk) order, so nibabel does not transpose them again on write. `read_image`
+converts an unscaled integer CT straight from the inflated bytes to internal float32, the
+reorientation and the cast in one pass over slabs of slices on all cores (`slabs.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import os
 import pathlib
 import warnings
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import nibabel as nib
@@ -42,6 +45,7 @@ from isal import igzip, igzip_threaded, isal_zlib
 
 from livseg_jax.atomic_write import atomic_path
 from livseg_jax.data.cases import case_id_of
+from livseg_jax.data.slabs import parallel_slabs
 
 PathLike = str | os.PathLike
 LABEL_VALUES = (0, 1, 2)  # LiTS: background, liver, tumour
@@ -245,6 +249,11 @@ def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
     A `.nii.gz` is inflated completely here, so truncated or corrupt compressed data is reported by
     this function.
     """
+    return _load(path)[0]
+
+
+def _load(path: PathLike) -> tuple[nib.spatialimages.SpatialImage, bytes | None]:
+    """Returns (`load_image`'s image, the inflated file bytes of a `.nii.gz` or None)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
@@ -266,8 +275,8 @@ def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
         raise DataError(f"{path}: not a spatial image ({type(img).__name__})")
     header = _raw_header(path, raw) if isinstance(img, nib.Nifti1Image) else None
     for note in header_anomalies(header, path) if header is not None else ():
-        warnings.warn(note, InputWarning, stacklevel=2)
-    return img
+        warnings.warn(note, InputWarning, stacklevel=3)
+    return img, raw
 
 
 def check_spatial_shape(shape: tuple[int, ...], path: PathLike) -> None:
@@ -336,6 +345,23 @@ def check_labels(data: np.ndarray, path: PathLike) -> np.ndarray:
     raise DataError(f"{path}: label values outside {{0, 1, 2}}: {shown}")
 
 
+def remap_labels(data: np.ndarray, value_map: Sequence[tuple[int, int]], path: PathLike) -> np.ndarray:
+    """Returns a label map with each (source value, target value) of `value_map` applied (uint8).
+
+    A value the map does not name raises DataError naming the file (`data.layouts` builds the
+    map from a dataset's declared labels, so such a value is undeclared in its dataset.json).
+    """
+    check_finite(data, path)
+    values = np.unique(data)
+    known = dict(value_map)
+    undeclared = [v for v in values.tolist() if v not in known]
+    if undeclared:
+        raise DataError(f"{path}: label values {undeclared[:8]} are not among the dataset's labels "
+                        f"{sorted(known)}")
+    lookup = np.array([known[v] for v in values.tolist()], np.uint8)
+    return lookup[np.searchsorted(values, data)]
+
+
 def warn_if_not_hu(image: np.ndarray, path: PathLike) -> None:
     """Warns (HUWarning) when the intensity range does not look like CT in Hounsfield units."""
     sample = image[::4, ::4, ::4] if min(image.shape) >= 8 else image
@@ -390,21 +416,77 @@ def from_internal(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.asfortranarray(disk).reshape(geometry.disk_shape, order="F")
 
 
+def internal_float32(disk: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Returns the on-disk array (any real dtype) as a contiguous internal (D, H, W) float32 copy.
+
+    The same values as `to_internal(disk.astype(float32))`; the reorientation and the cast are one
+    pass, split over slabs of slices on all cores.
+    """
+    view = nib.orientations.apply_orientation(disk.reshape(disk.shape[:3]), geometry.ornt).transpose(2, 1, 0)
+    out = np.empty(view.shape, np.float32)
+
+    def copy(start: int, stop: int) -> None:
+        out[start:stop] = view[start:stop]  # casts while copying: no full-size temporary
+
+    parallel_slabs(copy, out.shape[0])
+    return out
+
+
+# Integer voxel types whose float32 value equals nibabel's get_fdata(float32) when unscaled
+# (nibabel goes through float64 for 32-bit integers; rounding once from the exact value is the same).
+_EXACT_INTEGER_TYPES = ("i1", "u1", "i2", "u2", "i4", "u4")
+
+
+def _unscaled_integer_voxels(img: nib.spatialimages.SpatialImage, raw: bytes | None) -> np.ndarray | None:
+    """Returns the on-disk integer voxels of an unscaled NIfTI as a zero-copy view of `raw`, or None
+    when the file is not one (then nibabel reads it)."""
+    if raw is None or not isinstance(img, nib.Nifti1Image):
+        return None
+    proxy = img.dataobj
+    dtype = np.dtype(proxy.dtype)
+    if dtype.kind not in "iu" or dtype.str[1:] not in _EXACT_INTEGER_TYPES:
+        return None
+    if float(proxy.slope) != 1.0 or float(proxy.inter) != 0.0:
+        return None
+    # The proxy's offset and order: the header copy nibabel keeps may have its vox_offset reset.
+    if getattr(proxy, "order", "F") != "F":
+        return None
+    offset, shape = int(proxy.offset), tuple(int(s) for s in proxy.shape)
+    if offset + dtype.itemsize * int(np.prod(shape)) > len(raw):
+        return None  # truncated: nibabel reports it
+    return np.ndarray(shape, dtype=dtype, buffer=raw, offset=offset, order="F")
+
+
 def read_image(path: PathLike) -> tuple[np.ndarray, Geometry]:
-    """Returns a CT volume as (D, H, W) float32 HU and its geometry, validating it."""
-    img = load_image(path)
+    """Returns a CT volume as (D, H, W) float32 HU and its geometry, validating it.
+
+    An unscaled integer `.nii.gz` (most CT) is converted straight from the inflated bytes, with no
+    float32 copy in disk order; its values are finite by type. Otherwise nibabel scales the voxels
+    and they are checked for overflow and non-finite values. Both give nibabel's float32 values.
+    """
+    img, raw = _load(path)
     check_spatial_shape(img.shape, path)
     geometry = geometry_of(img, path)
-    data = read_voxels(img, path, np.float32)
-    check_float32_range(img, data, path)
-    check_finite(data, path)
-    image = to_internal(data, geometry)
+    disk = _unscaled_integer_voxels(img, raw)
+    if disk is None:
+        raw = None  # nibabel's copy is read: free the inflated bytes before the internal copy
+        data = read_voxels(img, path, np.float32)
+        if not np.isfinite(data).all():
+            check_float32_range(img, data, path)
+            check_finite(data, path)
+        disk = data
+    image = internal_float32(disk, geometry)
+    del disk, raw, img  # the inflated bytes (a view holds them) before the HU check
     warn_if_not_hu(image, path)
     return image, geometry
 
 
-def read_label(path: PathLike, expected: Geometry | None = None) -> tuple[np.ndarray, Geometry]:
-    """Returns a label map as (D, H, W) uint8 and its geometry, checked against `expected`."""
+def read_label(path: PathLike, expected: Geometry | None = None,
+               value_map: Sequence[tuple[int, int]] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Returns a label map as (D, H, W) uint8 and its geometry, checked against `expected`.
+
+    `value_map`: (file value, label) pairs applied first (a dataset's label remapping).
+    """
     img = load_image(path)
     check_spatial_shape(img.shape, path)
     geometry = geometry_of(img, path)
@@ -420,16 +502,18 @@ def read_label(path: PathLike, expected: Geometry | None = None) -> tuple[np.nda
                 f"(max difference {np.abs(geometry.affine - expected.affine).max():.3g}):\n"
                 f"label:\n{geometry.affine}\nimage:\n{expected.affine}"
             )
-    data = check_labels(read_voxels(img, path, None), path)
+    data = read_voxels(img, path, None)
+    data = check_labels(data if value_map is None else remap_labels(data, value_map, path), path)
     return to_internal(data, expected or geometry), geometry
 
 
-def read_case(image_path: PathLike, label_path: PathLike | None = None, case_id: str | None = None) -> Case:
+def read_case(image_path: PathLike, label_path: PathLike | None = None, case_id: str | None = None,
+              value_map: Sequence[tuple[int, int]] | None = None) -> Case:
     """Returns the validated `Case` (image in HU, label or None) in internal (D, H, W) order."""
     image, geometry = read_image(image_path)
     label = None
     if label_path is not None:
-        label, _ = read_label(label_path, expected=geometry)
+        label, _ = read_label(label_path, expected=geometry, value_map=value_map)
     return Case(
         case_id=case_id or case_id_of(image_path),
         image=image,

@@ -49,6 +49,7 @@ from scipy import ndimage
 
 from livseg_jax.data.regions import Bbox, crop_to_bbox, largest_component_box, paste_into
 from livseg_jax.data.resample import IMAGE_ORDERS, LABEL_METHODS, resample_image, resample_labels, target_shape
+from livseg_jax.data.slabs import parallel_slabs
 
 RECORD_VERSION = 1  # records gained fields with defaults since: older ones still read
 
@@ -287,7 +288,14 @@ def body_bbox(image: np.ndarray, threshold_hu: float) -> Bbox | None:
     grid (4x faster) and the box is widened by one voxel to cover the skipped rows and columns.
     """
     stride = 2 if min(image.shape[1:]) >= 64 else 1
-    _, box = largest_component_box(_threshold_open(image[:, ::stride, ::stride], threshold_hu), with_mask=False)
+    sub = image[:, ::stride, ::stride]
+    mask = np.empty(sub.shape, bool)
+
+    def threshold_open(start: int, stop: int) -> None:  # in-plane only: slabs of slices are independent
+        mask[start:stop] = _threshold_open(sub[start:stop], threshold_hu)
+
+    parallel_slabs(threshold_open, sub.shape[0])
+    _, box = largest_component_box(mask, with_mask=False)
     if box is None:
         return None
     rows, cols = (
@@ -393,16 +401,38 @@ def window(image: np.ndarray, hu_min: float, hu_max: float, hu_scale: float) -> 
 # ----------------------------------------------------------------------------------- main API
 
 
+def _fixed_factor_image(image: np.ndarray, step: float, factor: int, settings: PreprocessSettings
+                        ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Returns (the windowed image after steps 2-4 of the paper preset, the in-plane padding).
+
+    Computed over slabs of output slices on all cores (`slabs.parallel_slabs`): every output voxel
+    is computed by the same operations, in the same order, as `resample_slices_image`,
+    `downsample_image_inplane` and `window` over the whole volume give it, so the result is equal.
+    """
+    positions = _slice_positions(image.shape[0], step) if step != 1.0 else None
+    depth = image.shape[0] if positions is None else len(positions)
+    pad = (-image.shape[1] % factor, -image.shape[2] % factor)
+    out = np.empty((depth, (image.shape[1] + pad[0]) // factor, (image.shape[2] + pad[1]) // factor), np.float32)
+    source = image if positions is None else image.astype(np.float32, copy=False)
+
+    def compute(start: int, stop: int) -> None:
+        part = source[start:stop] if positions is None else _interp_slices(source, positions[start:stop])
+        part, _ = downsample_image_inplane(part, factor)
+        out[start:stop] = window(part, settings.hu_min, settings.hu_max, settings.hu_scale)
+
+    parallel_slabs(compute, depth)
+    return out, pad
+
+
 def _fixed_factor_grid(image: np.ndarray, label: np.ndarray | None, spacing: tuple[float, ...],
                        settings: PreprocessSettings) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Returns (image, label, record fields) after steps 2-3 of the paper preset on the body crop."""
     target, factor = settings.target_slice_spacing, settings.inplane_factor
     step = target / spacing[0] if target > 0 and abs(target - spacing[0]) > 1e-3 * spacing[0] else 1.0
-    if step != 1.0:
-        image = resample_slices_image(image, step)
-        label = None if label is None else resample_slices_labels(label, step)
+    image, pad = _fixed_factor_image(image, step, factor, settings)
     resampled_depth = image.shape[0]
-    image, pad = downsample_image_inplane(image, factor)
+    if label is not None and step != 1.0:
+        label = resample_slices_labels(label, step)
     label = None if label is None else downsample_labels_inplane(label, factor)
     fields = dict(slice_step=float(step), resampled_depth=int(resampled_depth), inplane_factor=factor,
                   inplane_pad=tuple(int(p) for p in pad),
@@ -450,7 +480,8 @@ def preprocess(
 
     grid = _fixed_factor_grid if settings.spacing_mode == "fixed_factor" else _target_grid
     image, lab, fields = grid(image, lab, spacing, settings)
-    image = window(image, settings.hu_min, settings.hu_max, settings.hu_scale)
+    if settings.spacing_mode != "fixed_factor":  # the fixed-factor grid windows its slabs itself
+        image = window(image, settings.hu_min, settings.hu_max, settings.hu_scale)
 
     record = PreprocessRecord(
         original_shape=tuple(int(s) for s in image_dhw.shape),
@@ -480,8 +511,16 @@ def restore(labels_dhw: np.ndarray, record: PreprocessRecord | Mapping[str, Any]
     depth, height, width = rec.crop_shape
     if rec.spacing_mode != "fixed_factor":
         labels = resample_labels(labels, rec.crop_shape, rec.label_interpolation)
+    elif rec.slice_step == 1.0:  # the common case: blocks repeated straight into the output, slab by slab
+        out = np.zeros(rec.original_shape, np.uint8)
+        target = out[rec.crop_bbox]
+
+        def upsample(start: int, stop: int) -> None:
+            target[start:stop] = upsample_labels_inplane(labels[start:stop], rec.inplane_factor, (height, width))
+
+        parallel_slabs(upsample, depth)
+        return out
     else:
         labels = upsample_labels_inplane(labels, rec.inplane_factor, (height, width))
-        if rec.slice_step != 1.0:
-            labels = unresample_slices_labels(labels, rec.slice_step, depth)
+        labels = unresample_slices_labels(labels, rec.slice_step, depth)
     return paste_into(np.ascontiguousarray(labels), rec.crop_bbox, rec.original_shape, fill=0)

@@ -73,6 +73,29 @@ def window_predict_fn(apply_fn: Callable, mirror: bool = False) -> Callable:
     return predict
 
 
+def ensemble_window_fn(window_fns: Sequence[Callable]) -> Callable:
+    """Returns a jitted `(variables tuple, windows) -> mean of the members' probabilities (N, D, H, W, K)`.
+
+    Member i is `window_fns[i](variables[i], windows)` (e.g. `window_predict_fn`s of folds or of
+    different networks): all members run inside one compiled program on the device, and only
+    their average is blended by `sliding_window`.
+    """
+    fns = tuple(window_fns)
+    if not fns:
+        raise ValueError("an ensemble needs at least one member")
+
+    @jax.jit
+    def predict(variables, x):
+        if len(variables) != len(fns):
+            raise ValueError(f"the ensemble has {len(fns)} members but got {len(variables)} variable trees")
+        total = fns[0](variables[0], x)
+        for fn, v in zip(fns[1:], variables[1:], strict=True):
+            total = total + fn(v, x)
+        return total / len(fns)
+
+    return predict
+
+
 def window_corners(padded_shape: Sequence[int], window: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
     """Returns the (d, h, w) start corner of every window over a volume at least as large as the window."""
     return list(itertools.product(*[window_starts(n, w, overlap) for n, w in zip(padded_shape, window, strict=True)]))
@@ -146,10 +169,11 @@ def sliding_window(
 
     `window_fn(variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K)` is a jittable
     function such as `window_predict_fn(...)`, compiled once per window shape whatever the volume
-    shape. The volume is sent to the device once; windows are cut, evaluated and accumulated
-    there, and only the (D, H, W) uint8 argmax (`output="labels"`) or the (D, H, W, K) float32
-    probabilities (`output="probs"`) come back. Pass `num_classes` when known; otherwise it is
-    found by tracing `window_fn` once per call.
+    shape, or any function returning the probabilities as an array (an ONNX Runtime session's,
+    `inference.backends`; give `num_classes` then). The volume is sent to the device once; windows
+    are cut, evaluated and accumulated there, and only the (D, H, W) uint8 argmax
+    (`output="labels"`) or the (D, H, W, K) float32 probabilities (`output="probs"`) come back.
+    Pass `num_classes` when known; otherwise it is found by tracing `window_fn` once per call.
     """
     window, padded_shape, pads = blending_layout(image.shape, window, output)
     volume = jnp.pad(jnp.asarray(image, jnp.float32), pads, constant_values=pad_value)

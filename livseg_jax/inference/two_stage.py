@@ -21,7 +21,9 @@ only the largest connected component of label >= 1 is kept, with its 1/2 labels 
 
 `StageModel` bundles one stage's compiled window predictor with its sliding-window settings;
 `load_stage_model` builds it from a run directory (trained: best or latest checkpoint; or written
-by `convert --from-torch`), re-parameterised (deploy form) by default.
+by `convert --from-torch`), re-parameterised (deploy form) by default. `load_ensemble` makes one
+StageModel of several run directories (folds, or different networks) that averages their softmax
+inside each window, in one jitted call on the device.
 """
 
 from __future__ import annotations
@@ -37,22 +39,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from livseg_jax.data import nifti
 from livseg_jax.data.preprocess import PreprocessSettings, preprocess, restore
-from livseg_jax.data.regions import largest_component, paste_into
+from livseg_jax.data.regions import paste_into
 from livseg_jax.data.stages import check_stage, liver_crop_box
 from livseg_jax.inference import postprocess as pp
-from livseg_jax.inference.sliding_window import num_windows, sliding_window, window_predict_fn
+from livseg_jax.inference.components import largest_component  # on the accelerator when there is one
+from livseg_jax.inference.memory import memory_record, reset_host_peak
+from livseg_jax.inference.sliding_window import ensemble_window_fn, num_windows, sliding_window, window_predict_fn
 from livseg_jax.models import build_model, check_patch_shape, reparameterize, variable_shapes
 from livseg_jax.models.forms import is_auto, resolve_forms
 from livseg_jax.run_dir import load_variables
 
 # progress(phase, number of windows) -> callback(windows done); phase is "liver", "tumor" or "joint".
 ProgressFn = Callable[[str, int], Callable[[int], None]]
+# One run directory, or several whose softmax is averaged (an ensemble).
+RunPaths = str | os.PathLike | Sequence[str | os.PathLike]
 # png_writer(path, image (D, H, W) HU, spacing, labels (D, H, W), title): renders an overlay.
 PngWriter = Callable[[pathlib.Path, np.ndarray, Any, np.ndarray, str], Any]
+ImageReader = Callable[[Any], tuple[np.ndarray, nifti.Geometry]]  # path -> ((D, H, W) HU, geometry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +68,8 @@ class StageModel:
     """One stage's network, its variables on the device, and its sliding-window and preprocessing settings."""
 
     stage: str  # "liver", "tumor" or "joint"
-    # Jittable (variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K), and its variables.
+    # (variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K), and its variables: the
+    # jitted network and its weights, or an ONNX Runtime forward and its session (`inference.backends`).
     window_fn: Callable
     variables: Any
     num_classes: int
@@ -330,6 +339,43 @@ def inference_model_config(model_config: Any, backend: str) -> Any:
     return config
 
 
+def stage_window(path: str | os.PathLike, config: Any, window: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """Returns the sliding window of a run: `window`, else `inference.window`, else `data.patch_size`, checked."""
+    window = tuple(int(w) for w in (window or config.inference.window or config.data.patch_size))
+    if len(window) != 3:
+        raise ValueError(f"{path}: window must be 3 sizes (D, H, W), got {window}")
+    try:
+        check_patch_shape(window, len(config.model.features), config.model.get("spatial_dims", 3))
+    except ValueError as e:
+        raise ValueError(f"{path}: inference window {window}: {e}") from e
+    return window
+
+
+def checked_stage(path: str | os.PathLike, config: ml_collections.ConfigDict, expected_stage: str | None,
+                  source: str) -> str:
+    """Returns the stage of a model's config ("" for an old run without one); ValueError when it is
+    not `expected_stage` or its class count does not fit it (`source` names where the config came from)."""
+    stage = str(config.get("stage", ""))
+    if expected_stage is not None and stage != expected_stage:
+        hint = "; a one-stage model predicts alone (predict --joint)" if stage == "joint" else ""
+        raise ValueError(f"{path}: is a {stage!r} model ({source} stage), but it was given as the "
+                         f"{expected_stage!r} model{hint}")
+    if stage:
+        try:
+            check_stage(stage, config.model.num_classes)
+        except ValueError as e:
+            raise ValueError(f"{path}: {source}: {e}") from e
+    return stage
+
+
+def checked_batch_size(inference_config: ml_collections.ConfigDict, batch_size: int | None) -> int:
+    """Returns the windows per network call: `batch_size`, or the config's; ValueError below 1."""
+    batch_size = int(inference_config.batch_size) if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    return batch_size
+
+
 def load_stage_model(
     path: str | os.PathLike,
     expected_stage: str | None = None,
@@ -348,30 +394,13 @@ def load_stage_model(
     `postprocess` loads a tumour or joint run's stored post-processing (`postprocess.json`), if any.
     """
     variables, config = load_variables(path, which)
-    stage = str(config.get("stage", ""))
-    if expected_stage is not None and stage != expected_stage:
-        hint = "; a one-stage model predicts alone (predict --joint)" if stage == "joint" else ""
-        raise ValueError(f"{path}: is a {stage!r} model (config.json stage), but it was given as the "
-                         f"{expected_stage!r} model{hint}")
-    if stage:
-        try:
-            check_stage(stage, config.model.num_classes)
-        except ValueError as e:
-            raise ValueError(f"{path}: config.json: {e}") from e
+    stage = checked_stage(path, config, expected_stage, "config.json")
     inf = config.inference
     deploy = bool(inf.deploy) if deploy is None else bool(deploy)
     mirror = bool(inf.mirror_tta) if mirror is None else bool(mirror)
     overlap = float(inf.overlap) if overlap is None else float(overlap)
-    batch_size = int(inf.batch_size) if batch_size is None else int(batch_size)
-    window = tuple(int(w) for w in (window or inf.window or config.data.patch_size))
-    if len(window) != 3:
-        raise ValueError(f"{path}: window must be 3 sizes (D, H, W), got {window}")
-    try:
-        check_patch_shape(window, len(config.model.features), config.model.get("spatial_dims", 3))
-    except ValueError as e:
-        raise ValueError(f"{path}: inference window {window}: {e}") from e
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    batch_size = checked_batch_size(inf, batch_size)
+    window = stage_window(path, config, window)
 
     stored_deploy = bool(config.model.get("deploy", False)) or not variables.get("batch_stats")
     check_variables_fit(variables, config.model, stored_deploy, f"{path} ({which} checkpoint)")
@@ -412,6 +441,50 @@ def compiled_stage(model: StageModel) -> StageModel:
     return dataclasses.replace(model, window_fn=jax.jit(model.window_fn).lower(model.variables, windows).compile())
 
 
+# What the members of one ensemble must share: their probabilities are averaged window by window.
+ENSEMBLE_AGREEMENT = ("stage", "num_classes", "window", "preprocessing", "overlap", "batch_size", "sigma_scale",
+                      "liver_margin_mm", "postprocess")
+
+
+def ensemble_stage_model(models: Sequence[StageModel]) -> StageModel:
+    """Returns one StageModel whose windows are the mean of the members' softmax (one jitted call).
+
+    The members (folds of one run, or different networks) must agree on `ENSEMBLE_AGREEMENT`;
+    otherwise ValueError names the two runs and the setting. One member is returned as it is.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("an ensemble needs at least one run")
+    if len(models) == 1:
+        return models[0]
+    first = models[0]
+    for other in models[1:]:
+        for name in ENSEMBLE_AGREEMENT:
+            a, b = getattr(first, name), getattr(other, name)
+            if a != b:
+                raise ValueError(f"{other.description.get('source')}: {name} {_shown(b)} differs from "
+                                 f"{_shown(a)} of {first.description.get('source')}; the runs of one ensemble "
+                                 "must agree on stage, classes, window, sliding-window, preprocessing and "
+                                 "post-processing settings")
+    description = {"source": " + ".join(str(m.description.get("source")) for m in models),
+                   "ensemble": [m.description for m in models]}
+    return dataclasses.replace(first, window_fn=ensemble_window_fn([m.window_fn for m in models]),
+                               variables=tuple(m.variables for m in models), description=description)
+
+
+def _shown(value: Any) -> Any:
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def load_ensemble(paths: str | os.PathLike | Sequence[str | os.PathLike], expected_stage: str | None = None,
+                  **options: Any) -> StageModel:
+    """Returns the StageModel of one run directory, or the `ensemble_stage_model` of several (`options` as
+    for `load_stage_model`)."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    return ensemble_stage_model([load_stage_model(p, expected_stage, **options) for p in paths])
+
+
 def _check_roles(liver: Any, tumor: Any, joint: Any) -> None:
     if (liver is None) == (joint is None):
         raise ValueError("give a liver model (two-stage) or a joint model (one-stage), exactly one of them")
@@ -430,17 +503,18 @@ class Predictor:
         self.joint = joint
         self.connectivity = connectivity
         self.compile_seconds: dict[str, float] = {}
+        self.device: jax.Device | None = None  # where the variables live (None: the default device)
 
     @classmethod
-    def from_checkpoints(cls, liver_path: str | os.PathLike | None = None,
-                         tumor_path: str | os.PathLike | None = None, connectivity: int = 1,
-                         joint_path: str | os.PathLike | None = None, **options: Any) -> Predictor:
-        """Returns a Predictor loading the two stages or the joint model (`options` as for `load_stage_model`)."""
+    def from_checkpoints(cls, liver_path: RunPaths | None = None, tumor_path: RunPaths | None = None,
+                         connectivity: int = 1, joint_path: RunPaths | None = None, **options: Any) -> Predictor:
+        """Returns a Predictor loading the two stages or the joint model (`options` as for `load_stage_model`);
+        a stage given several run directories is their ensemble (`load_ensemble`)."""
         _check_roles(liver_path, tumor_path, joint_path)
         if joint_path is not None:
-            return cls(connectivity=connectivity, joint=load_stage_model(joint_path, "joint", **options))
-        liver = load_stage_model(liver_path, "liver", **options)
-        tumor = load_stage_model(tumor_path, "tumor", **options) if tumor_path is not None else None
+            return cls(connectivity=connectivity, joint=load_ensemble(joint_path, "joint", **options))
+        liver = load_ensemble(liver_path, "liver", **options)
+        tumor = load_ensemble(tumor_path, "tumor", **options) if tumor_path is not None else None
         return cls(liver, tumor, connectivity)
 
     def predict_array(self, image_dhw: np.ndarray, spacing, progress: ProgressFn | None = None) -> CaseResult:
@@ -457,7 +531,8 @@ class Predictor:
             if model is None or model.stage in self.compile_seconds:
                 continue
             start = time.perf_counter()
-            setattr(self, role, compiled_stage(model))
+            if model.description.get("backend") != "onnxruntime":  # a session needs no compiling
+                setattr(self, role, compiled_stage(model))
             self.compile_seconds[model.stage] = time.perf_counter() - start
         return dict(self.compile_seconds)
 
@@ -467,27 +542,32 @@ class Predictor:
                    for role, model in (("liver", self.liver), ("tumor", self.tumor), ("joint", self.joint))},
                 "largest_component_connectivity": self.connectivity}
 
-    def predict_file(self, image_path: str | os.PathLike, output_path: str | os.PathLike,
+    def predict_file(self, image_path: str | os.PathLike, output_path: str | os.PathLike | None,
                      progress: ProgressFn | None = None, png_path: str | os.PathLike | None = None,
-                     png_writer: PngWriter | None = None) -> tuple[CaseResult, dict[str, Any]]:
+                     png_writer: PngWriter | None = None,
+                     reader: ImageReader = nifti.read_image) -> tuple[CaseResult, dict[str, Any]]:
         """Returns (result, JSON record) after writing the label map of one NIfTI CT atomically.
 
         With `png_path`, also renders an overlay of the prediction there with `png_writer`
-        (the command line passes `visualize.save_overlay`).
+        (the command line passes `visualize.save_overlay`). `reader` returns the (D, H, W) HU
+        volume and its geometry (`predict` passes a DICOM series reader for DICOM inputs); with
+        `output_path` None no label map is written (the caller writes other formats).
         Raises `nifti.DataError` naming the file for unreadable, corrupt or non-finite input;
         nothing is written then.
         """
         start = time.perf_counter()
+        reset_host_peak()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             read_start = time.perf_counter()
-            image, geometry = nifti.read_image(image_path)
+            image, geometry = reader(image_path)
             read_s = time.perf_counter() - read_start
             result = self.predict_array(image, geometry.spacing, progress)
         for w in caught:  # show them as usual, and keep them in the record
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         write_start = time.perf_counter()
-        nifti.write_label_map(result.labels, geometry, output_path)
+        if output_path is not None:
+            nifti.write_label_map(result.labels, geometry, output_path)
         timings = {"read": read_s, **result.timings, "write": time.perf_counter() - write_start}
         if png_path is not None:
             if png_writer is None:
@@ -497,20 +577,28 @@ class Predictor:
                        pathlib.Path(image_path).name)
             timings["png"] = time.perf_counter() - png_start
         timings["total"] = time.perf_counter() - start
-        counts = np.bincount(result.labels.ravel(), minlength=3)
-        record = {
-            "input": str(image_path),
-            "output": str(output_path),
-            **({"png": str(png_path)} if png_path is not None else {}),
-            "disk_shape": list(geometry.disk_shape),
-            "spacing_mm": [float(s) for s in geometry.spacing],
-            "liver_found": result.liver_found,
-            "warnings": [str(w.message) for w in caught] + result.warnings,
-            "timings_s": {k: round(v, 4) for k, v in timings.items()},
-            "label_voxels": {"liver": int(counts[1] + counts[2]), "tumor": int(counts[2])},
-            **result.info,
-        }
+        record = case_record(image_path, output_path, png_path, geometry, result,
+                             [str(w.message) for w in caught], timings)
+        record["memory"] = memory_record(self.device or jax.devices()[0], "this case")
         for note in result.warnings:
             warnings.warn(f"{image_path}: {note}", stacklevel=2)
         return result, record
+
+
+def case_record(image_path, output_path, png_path, geometry: nifti.Geometry, result: CaseResult,
+                read_warnings: Sequence[str], timings: dict[str, float]) -> dict[str, Any]:
+    """Returns the JSON record of one predicted case (the timings JSON, without "case_id" and "run")."""
+    counts = np.bincount(result.labels.ravel(), minlength=3)
+    return {
+        "input": str(image_path),
+        "output": None if output_path is None else str(output_path),
+        **({"png": str(png_path)} if png_path is not None else {}),
+        "disk_shape": list(geometry.disk_shape),
+        "spacing_mm": [float(s) for s in geometry.spacing],
+        "liver_found": result.liver_found,
+        "warnings": list(read_warnings) + result.warnings,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "label_voxels": {"liver": int(counts[1] + counts[2]), "tumor": int(counts[2])},
+        **result.info,
+    }
 

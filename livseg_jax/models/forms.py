@@ -44,3 +44,20 @@ def may_run_gpu_forms(model_config: Mapping[str, Any]) -> bool:
     left "auto" or pinned to a non-reference value."""
     return any(is_auto(model_config.get(key)) or model_config.get(key) != REFERENCE_FORMS[key]
                for key in FORM_KEYS)
+
+
+def check_training_forms(model_config: Mapping[str, Any], backend: str) -> None:
+    """Raises ValueError for a form known to corrupt training on `backend`.
+
+    bf16 training with 1x1 convolutions as `lax.conv` on a GPU writes NaN into the kernels of
+    those convolutions after a few steps, with or without state donation, and only into kernels
+    whose gradient XLA computes with one cuDNN engine (convBackwardFilter, engine 62; see
+    docs/bf16_nan.md and `experiments/bf16_nan.py`). The einsum form
+    computes the same values without cuDNN. Prediction is unaffected (no kernel gradient).
+    """
+    forms = resolve_forms(model_config, backend)
+    if backend == "gpu" and model_config.get("dtype") == "bfloat16" and forms["pointwise_impl"] == "conv":
+        raise ValueError(
+            "model.pointwise_impl='conv' with model.dtype='bfloat16' on a GPU: known to write NaN into the "
+            "1x1 convolution kernels during training (docs/bf16_nan.md); use "
+            "model.pointwise_impl='einsum' (or 'auto') or model.dtype='float32'")

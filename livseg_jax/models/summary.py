@@ -9,6 +9,8 @@ convolutions as they run, the same on every backend.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -100,8 +102,18 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
+def quiet_backend_probe() -> None:
+    """Hides the INFO lines of JAX's search for accelerators (e.g. "Unable to initialize backend 'tpu'"
+    where libtpu is installed without a TPU); returns nothing. Warnings a user can act on (a GPU
+    without a CUDA jaxlib) stay."""
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # C++ (XLA, libtpu) INFO lines; read when JAX starts
+    os.environ.setdefault("TPU_MIN_LOG_LEVEL", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: prints the table for the config's (or --patch) patch size."""
+    quiet_backend_probe()  # the table is on the CPU: the probe's INFO lines tell the user nothing
     return run_main(_run, argv)
 
 

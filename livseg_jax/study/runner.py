@@ -13,9 +13,14 @@ Layout of a study directory (`--workdir`):
     runs/<run>/result.json     the run's table metrics
     tables.md, tables.csv, tables.json, dice.png (per-case Dice), qualitative.png (one test slice)
 
+    runs/<run>/train.log, runs/<run>/worker.json  with runs in worker processes: the worker's output and
+                               its devices, command, times and exit status (`study.scheduler`)
+
 With `split.folds` >= 2 the runs, tables and figure of fold k go to `fold-k/` (split.json stays at the top).
-Runs go one after another, each using every visible device (data parallel); an interrupted study
-resumes at its first unfinished stage (`train_and_evaluate` resumes from the stage's checkpoints).
+`run_study` runs the runs one after another in this process, each data parallel over `study.devices`
+devices; `run_study_in_workers` runs several at once, one worker process per device group
+(`study.scheduler`). An interrupted study resumes at its first unfinished stage (`train_and_evaluate`
+resumes from the stage's checkpoints).
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from livseg_jax import atomic_write, evaluate
 from livseg_jax.data.cases import output_name, sidecar_path
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.models.summary import count_params
-from livseg_jax.study import figures, spec, splits, tables
-from livseg_jax.training.loop import dataset_cases, train_and_evaluate
+from livseg_jax.study import figures, scheduler, spec, splits, tables
+from livseg_jax.training.loop import cache_stage_cases, dataset_cases, split_cases, train_and_evaluate
 
 DONE_FILE = "study_done.json"
 PREDICTIONS_DONE = "predictions.json"
@@ -157,6 +162,7 @@ def run_one(study: ml_collections.ConfigDict, entry: Mapping[str, Any], run_dir:
     result = tables.run_metrics(summary, params, sum(d["train_s"] for d in done.values()),
                                 float(np.mean([r["timings_s"]["total"] for r in records])))
     result["trained_at_commits"] = sorted({d.get("commit", "unrecorded") for d in done.values()})
+    result["devices"] = device_text(devices)
     atomic_write.write_json(run_dir / RESULT_FILE, evaluate.jsonable(result))
     return result, per_case
 
@@ -168,6 +174,12 @@ def study_devices(study: ml_collections.ConfigDict) -> list[Any]:
     if not 1 <= n <= len(available):
         raise ValueError(f"study.devices = {study.devices}: {len(available)} device(s) visible")
     return available[:n]
+
+
+def device_text(devices: Sequence[Any]) -> str:
+    """Returns e.g. "2 x NVIDIA H200 (gpu), ids 0,1": the devices a run trained on, as this process sees them."""
+    return (f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), ids "
+            + ",".join(str(d.id) for d in devices))
 
 
 def git_commit() -> str:
@@ -185,8 +197,11 @@ def git_commit() -> str:
 
 
 def describe(study: ml_collections.ConfigDict, split: Mapping[str, Any],
-             results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Returns the tables' header: study, data, split, scale settings, device, commit(s), time."""
+             results: Mapping[str, Mapping[str, Any]], device: str | None = None) -> dict[str, Any]:
+    """Returns the tables' header: study, data, split, scale settings, device, commit(s), time.
+
+    `device`: how the runs were placed; None: this process's `study_devices`, one run after another.
+    """
     d = study.data
     if d.root or d.list_file:
         data = f"{d.root or d.list_file} (layout {d.layout}), {len(split['cases'])} labelled cases"
@@ -201,9 +216,10 @@ def describe(study: ml_collections.ConfigDict, split: Mapping[str, Any],
     overrides = ", ".join(f"{k}={v}" for k, v in study.scale_overrides)
     arg = f":{study.stage_arg}" if study.stage_arg else ""
     scale = f"{study.scale}: stage configs{arg}" + (f" with {overrides}" if overrides else "")
-    dev = study_devices(study)
-    device = (f"{len(dev)} x {dev[0].device_kind} ({dev[0].platform}) of {jax.device_count()} visible; runs one "
-              "after another, each data parallel over these")
+    if device is None:
+        dev = study_devices(study)
+        device = (f"{len(dev)} x {dev[0].device_kind} ({dev[0].platform}) of {jax.device_count()} visible; runs "
+                  "one after another, each data parallel over these")
     commit = git_commit()
     other = [(n, c) for n, r in results.items() for c in r.get("trained_at_commits", ()) if c != commit]
     if any(c != "unrecorded" for _, c in other):  # runs trained by other code than the one writing the tables
@@ -221,12 +237,9 @@ def results_dir(study: ml_collections.ConfigDict, workdir: pathlib.Path) -> path
     return workdir / f"fold-{int(study.split.fold)}" if int(study.split.folds) else workdir
 
 
-def run_study(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only: Sequence[str] = (),
-              train_fn: TrainFn = train_and_evaluate) -> dict[str, Any]:
-    """Returns {"results", "tables", "figure", "qualitative"} after running the study's runs in `workdir`.
-
-    `only`: just these runs; the tables cover every run with results in the directory, also the others.
-    """
+def prepare(study: ml_collections.ConfigDict, workdir: str | os.PathLike,
+            only: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any], pathlib.Path, pathlib.Path]:
+    """Returns (cases, split, results directory, training list) after writing study.json, split and list."""
     spec.check_study(study, tables.METRIC_KEYS)
     names = [r["name"] for r in study.runs]
     unknown = [n for n in only if n not in names]
@@ -239,18 +252,43 @@ def run_study(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     split = splits.load_or_create(workdir, list(cases), study.split.to_dict())
     out = results_dir(study, workdir)
     train_list = splits.write_training_list(out / "train_list.txt", split, cases)
+    return cases, split, out, train_list
+
+
+def prepare_caches(study: ml_collections.ConfigDict, train_list: pathlib.Path, split: Mapping[str, Any],
+                   only: Sequence[str] = ()) -> int:
+    """Returns how many stage configs' preprocessing caches were checked, building what is missing.
+
+    Through `training.loop.cache_stage_cases`, as each run's training would, so that worker
+    processes started afterwards only read the caches.
+    """
+    count = 0
+    for entry in study.runs:
+        if only and entry["name"] not in only:
+            continue
+        for config in stage_configs(study, entry, str(train_list), len(split["val"])).values():
+            cache_stage_cases(config, *split_cases(config, dataset_cases(config)))
+            count += 1
+    return count
+
+
+def finished_runs(study: ml_collections.ConfigDict,
+                  out: pathlib.Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Returns ({run: table metrics}, {run: per-case evaluation records}) of the runs finished in `out`."""
     results, per_case = {}, {}
     for entry in study.runs:
         run_dir = out / "runs" / entry["name"]
-        if only and entry["name"] not in only:
-            if (run_dir / RESULT_FILE).exists() and (run_dir / "evaluation" / "evaluation.json").exists():
-                results[entry["name"]] = json.loads((run_dir / RESULT_FILE).read_text())
-                per_case[entry["name"]] = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())["cases"]
-            continue
-        print(f"study {study.name}: run {entry['name']} ({entry['pipeline']})", flush=True)
-        results[entry["name"]], per_case[entry["name"]] = run_one(study, entry, run_dir, str(train_list), split,
-                                                                  cases, train_fn)
-    paths = tables.write_tables(out, describe(study, split, results), study.tables, results)
+        if (run_dir / RESULT_FILE).exists() and (run_dir / "evaluation" / "evaluation.json").exists():
+            results[entry["name"]] = json.loads((run_dir / RESULT_FILE).read_text())
+            per_case[entry["name"]] = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())["cases"]
+    return results, per_case
+
+
+def write_report(study: ml_collections.ConfigDict, out: pathlib.Path, split: Mapping[str, Any],
+                 cases: Mapping[str, Any], results: Mapping[str, Any], per_case: Mapping[str, Any],
+                 device: str | None = None) -> dict[str, Any]:
+    """Returns {"tables", "figure", "qualitative"} after writing the tables and figures of these runs."""
+    paths = tables.write_tables(out, describe(study, split, results, device), study.tables, results)
     figure = panel = None
     if per_case:
         figure = figures.dice_box_plot(out / "dice.png", per_case,
@@ -260,4 +298,78 @@ def run_study(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only
             out / "qualitative.png", first.image, first.label,
             {name: out / "runs" / name / "predictions" / output_name(first.case_id) for name in per_case},
             f"{study.name} ({study.scale}), {first.case_id}")
-    return {"results": results, "tables": paths, "figure": figure, "qualitative": panel}
+    return {"tables": paths, "figure": figure, "qualitative": panel}
+
+
+def run_worker(study: ml_collections.ConfigDict, workdir: str | os.PathLike, names: Sequence[str],
+               train_fn: TrainFn = train_and_evaluate) -> dict[str, Any]:
+    """Returns {run: table metrics} of these runs, trained, predicted and evaluated in this process.
+
+    A worker of `run_study_in_workers`: the split and training list must exist (the parent wrote
+    them); it writes no tables.
+    """
+    workdir = pathlib.Path(workdir)
+    out = results_dir(study, workdir)
+    train_list = out / "train_list.txt"
+    for needed in (workdir / splits.SPLIT_FILE, train_list):
+        if not needed.exists():
+            raise ValueError(f"{needed}: missing; a study worker runs in a directory its parent prepared")
+    cases = study_cases(study)
+    split = splits.load_or_create(workdir, list(cases), study.split.to_dict())
+    results = {}
+    for entry in study.runs:
+        if entry["name"] in names:
+            print(f"study {study.name}: run {entry['name']} ({entry['pipeline']}) on "
+                  f"{device_text(study_devices(study))} of {jax.device_count()} visible to this worker", flush=True)
+            results[entry["name"]], _ = run_one(study, entry, out / "runs" / entry["name"], str(train_list), split,
+                                                cases, train_fn)
+    return results
+
+
+def run_study_in_workers(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only: Sequence[str],
+                         worker_command: Callable[[str], list[str]], devices: Mapping[str, Any],
+                         groups: Sequence[tuple[int, ...]], report: Callable[[str], None] = print) -> dict[str, Any]:
+    """Returns as `run_study`, plus "failed" ({run: exit status}), running each run in a worker process.
+
+    `worker_command(run)` is the command line of one worker (`python -m livseg_jax.study ... --runs=RUN
+    --worker`); `devices` is `scheduler.probe_devices()`; each worker gets one of `groups`. This
+    process starts no JAX backend: it prepares the split, the data and the preprocessing caches, runs
+    the workers (`scheduler.run_workers`), then tabulates the finished runs.
+    """
+    scheduler.worker_env(devices["platform"], groups[0])  # a platform it cannot restrict: refused before any work
+    cases, split, out, train_list = prepare(study, workdir, only)
+    prepare_caches(study, train_list, split, only)
+    names = [r["name"] for r in study.runs if not only or r["name"] in only]
+    report(f"study {study.name}: {len(names)} run(s) on {len(groups)} group(s) of {len(groups[0])} x "
+           f"{devices['kind']} ({devices['platform']}) of {devices['count']} visible, one worker process per run")
+    status = scheduler.run_workers(names, groups, worker_command,
+                                   lambda group: scheduler.worker_env(devices["platform"], group),
+                                   lambda name: out / "runs" / name, report=lambda line: report(
+                                       f"study {study.name}: {line}"))
+    results, per_case = finished_runs(study, out)
+    device = (f"{len(groups[0])} x {devices['kind']} ({devices['platform']}) per run of {devices['count']} visible; "
+              f"up to {len(groups)} runs at once, each in its own worker process on its own device(s), data "
+              "parallel over them")
+    written = write_report(study, out, split, cases, results, per_case, device)
+    return {"results": results, **written, "failed": {n: rc for n, rc in status.items() if rc != 0}}
+
+
+def run_study(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only: Sequence[str] = (),
+              train_fn: TrainFn = train_and_evaluate) -> dict[str, Any]:
+    """Returns {"results", "tables", "figure", "qualitative"} after running the study's runs in `workdir`.
+
+    One run after another, in this process. `only`: just these runs; the tables cover every run
+    with results in the directory, also the others.
+    """
+    cases, split, out, train_list = prepare(study, workdir, only)
+    results, per_case = finished_runs(study, out)
+    for entry in study.runs:
+        if only and entry["name"] not in only:
+            continue
+        print(f"study {study.name}: run {entry['name']} ({entry['pipeline']}) on "
+              f"{device_text(study_devices(study))}", flush=True)
+        results[entry["name"]], per_case[entry["name"]] = run_one(study, entry, out / "runs" / entry["name"],
+                                                                  str(train_list), split, cases, train_fn)
+    results = {r["name"]: results[r["name"]] for r in study.runs if r["name"] in results}  # declared order
+    per_case = {name: per_case[name] for name in results}
+    return {"results": results, **write_report(study, out, split, cases, results, per_case)}

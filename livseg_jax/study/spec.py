@@ -10,7 +10,8 @@ A study config (`configs/studies/NAME.py`, `get_config(arg)` with `arg` the scal
     scale_overrides  (("dotted.key", value), ...) applied to every stage of every run (the smoke widths ...)
     runs        ({name, pipeline: "two_stage" | "one_stage", overrides, liver, tumor, joint}, ...)
     tables      ({id, title, note, rows, columns: ({label, key, digits, published}, ...)}, ...)
-    devices     how many devices each run trains on, data parallel (0: all)
+    devices     how many devices each run trains on, data parallel (0: all, one run at a time)
+    parallel_runs  at most this many runs at once, each on its own devices (0: as many as fit; 1: none)
     predict     which checkpoint ("best" | "latest") and the liver component connectivity
     evaluate    lesion connectivity, min_overlap, size_threshold (as `livseg_jax.evaluate`'s flags)
 
@@ -92,7 +93,6 @@ def parse_scale(arg: str, source: str) -> str:
 def study_config(name: str, arg: str, source: str, description: str = "") -> ml_collections.ConfigDict:
     """Returns a study's config with the scale's settings; the caller adds `runs` and `tables`."""
     scale = parse_scale(arg, source)
-    smoke = scale == "smoke"
     c = ml_collections.ConfigDict()
     c.name = name
     c.scale = scale
@@ -109,8 +109,12 @@ def study_config(name: str, arg: str, source: str, description: str = "") -> ml_
                          "paper": ()}[scale]
     c.runs = ()
     c.tables = ()
-    # Devices each run trains on, data parallel (0: all visible ones; the global batch must divide by it).
-    c.devices = 1 if smoke else 0
+    # Devices each run trains on, data parallel (0: all visible, one run at a time; the global batch
+    # must divide by it). One per run at every scale, as the paper trained: with N visible devices
+    # N runs go at once, each in its own worker process (`study.scheduler`).
+    c.devices = 1
+    # At most this many runs at once (0: visible devices // devices; 1: one after another in one process).
+    c.parallel_runs = 0
     c.predict = ml_collections.ConfigDict(dict(which="best", connectivity=1))
     c.evaluate = ml_collections.ConfigDict(dict(connectivity=3, min_overlap=0.0, size_threshold=0.6))
     return c

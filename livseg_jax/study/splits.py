@@ -5,6 +5,8 @@ The paper's protocol on LiTS: 20 test cases, the other 111 split 3:1 into traini
 the first `test_cases` are the test split, the rest train + validation: the last
 `round(val_fraction * n)` of them validate, or with `folds` = K >= 2 fold `fold` of K near-equal
 contiguous folds validates (k-fold cross-validation over train + validation, the test split fixed).
+The shuffle and the folds are `livseg_jax.data.folds`' (`shuffled_cases`, `contiguous_folds`), the
+one k-fold rule that `livseg_jax.train --config.data.num_folds` uses too.
 
 `split.json` records the settings, the case ids and the split; a study directory keeps its first
 split: rerunning with other cases or settings is refused (`load_or_create`).
@@ -18,10 +20,9 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from livseg_jax import atomic_write
 from livseg_jax.data.cases import natural_key
+from livseg_jax.data.folds import contiguous_folds, shuffled_cases
 
 SPLIT_FILE = "split.json"
 SETTINGS = ("test_cases", "val_fraction", "folds", "fold", "seed")
@@ -30,20 +31,18 @@ SETTINGS = ("test_cases", "val_fraction", "folds", "fold", "seed")
 def make_split(case_ids: Sequence[str], test_cases: int, val_fraction: float = 0.25, folds: int = 0,
                fold: int = 0, seed: int = 0) -> dict[str, Any]:
     """Returns {"settings", "cases", "train", "val", "test"} (ids; each list sorted) for these cases."""
-    ids = sorted(set(case_ids), key=natural_key)
-    if len(ids) != len(case_ids):
-        raise ValueError("split: case ids repeat")
+    order = shuffled_cases(case_ids, seed)
+    ids = sorted(order, key=natural_key)
     test_cases, folds, fold = int(test_cases), int(folds), int(fold)
     if not 0 < test_cases < len(ids) - 1:
         raise ValueError(f"split.test_cases = {test_cases} with {len(ids)} cases: need >= 1 test case and "
                          ">= 2 cases for training and validation")
-    order = [ids[i] for i in np.random.default_rng(int(seed)).permutation(len(ids))]
     test, rest = order[:test_cases], order[test_cases:]
     if folds:
         if not 2 <= folds <= len(rest) or not 0 <= fold < folds:
             raise ValueError(f"split.folds = {folds}, split.fold = {fold}: need 2 <= folds <= {len(rest)} "
                              "(train + validation cases) and 0 <= fold < folds")
-        val = list(np.array_split(np.array(rest, dtype=object), folds)[fold])
+        val = contiguous_folds(rest, folds)[fold]
     else:
         if not 0 < val_fraction < 1:
             raise ValueError(f"split.val_fraction must be in (0, 1), got {val_fraction}")

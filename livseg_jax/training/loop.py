@@ -20,6 +20,7 @@ from livseg_jax.config import default_cache_root
 from livseg_jax.data import pipeline
 from livseg_jax.data.augment_device import device_augment_settings
 from livseg_jax.data.cache import build_cache
+from livseg_jax.data.folds import load_or_save_split, make_training_split
 from livseg_jax.data.layouts import discover
 from livseg_jax.data.preprocess import PreprocessSettings
 from livseg_jax.data.regions import largest_component
@@ -29,6 +30,7 @@ from livseg_jax.data.synthetic import write_synthetic_dataset
 from livseg_jax.inference.sliding_window import sliding_window, window_predict_fn
 from livseg_jax.metrics import overlap_metrics
 from livseg_jax.models import build_model, check_patch_shape
+from livseg_jax.models.forms import check_training_forms
 from livseg_jax.run_dir import METRICS_FILE, PERIODIC, RunCheckpoints, check_resumable, save_config
 from livseg_jax.training.distributed import chief_first, process_label
 from livseg_jax.training.logging import MetricWriter, plot_curves
@@ -54,31 +56,65 @@ def cache_root(config: ml_collections.ConfigDict) -> pathlib.Path:
 def dataset_cases(config: ml_collections.ConfigDict):
     """Returns the dataset's CaseFiles: discovered under data.root, or the built-in synthetic set."""
     if config.data.root or config.data.list_file:
-        return discover(config.data.root, config.data.layout, config.data.list_file)
+        return discover(config.data.root, config.data.layout, config.data.list_file,
+                        config.data.get("label_map", ""))
     syn = config.data.synthetic
     key = hashlib.sha1(json.dumps(syn.to_dict(), sort_keys=True, default=list).encode()).hexdigest()[:10]
     return write_synthetic_dataset(cache_root(config) / f"synthetic-{key}", syn.num_cases,
                                    tuple(syn.shape), tuple(syn.spacing), syn.seed)
 
 
-def prepare_stage_cases(config: ml_collections.ConfigDict) -> tuple[list, list]:
-    """Returns (train, validation) StageCases: the last `num_val_cases` cases are held out."""
+def training_split(config: ml_collections.ConfigDict, case_ids: Sequence[str]) -> dict[str, Any]:
+    """Returns the run's split of `case_ids` (`folds.make_training_split`): k-fold with
+    `data.num_folds` >= 2, else the last `data.num_val_cases` cases held out."""
+    return make_training_split(case_ids, int(config.data.get("num_folds", 0)), int(config.data.get("fold", 0)),
+                               int(config.seed), int(config.data.num_val_cases))
+
+
+def split_cases(config: ml_collections.ConfigDict, cases: Sequence, workdir: str | os.PathLike | None = None,
+                write: bool = True) -> tuple[list, list]:
+    """Returns the (train, validation) CaseFiles of `cases` in the run's split; with `workdir`, the
+    split is saved there as `splits.json` (when `write`) or checked against the one saved
+    (`folds.load_or_save_split`). Needs no JAX."""
+    split = training_split(config, [c.case_id for c in cases])
+    if workdir is not None:
+        split = load_or_save_split(workdir, split, write=write)
+    by_id = {c.case_id: c for c in cases}
+    return [by_id[c] for c in split["train"]], [by_id[c] for c in split["val"]]
+
+
+def split_case_files(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None) -> tuple[list, list]:
+    """Returns the (train, validation) CaseFiles of the run's split (`split_cases`), process 0
+    finding the cases and saving the split first."""
+    cases = chief_first("dataset", lambda: dataset_cases(config))
+    return split_cases(config, cases, workdir, write=jax.process_index() == 0)
+
+
+def cache_stage_cases(config: ml_collections.ConfigDict, train_files: Sequence, val_files: Sequence) -> list:
+    """Returns the cases preprocessed into the stage's cache (building what is missing), without JAX.
+
+    With `preprocess.spacing_mode = "median"` it first sets `config.preprocess.target_spacing` from
+    the training cases. The study scheduler calls this in its parent process so that worker
+    processes only read the caches.
+    """
+    if config.preprocess.get("spacing_mode") == "median":  # stored in config.json by train_and_evaluate
+        config.preprocess.target_spacing = resolve_median_spacing(config.preprocess, [c.image for c in train_files])
+        print(f"preprocess.target_spacing = {tuple(config.preprocess.target_spacing)} mm (median rule)")
+    return build_cache([*train_files, *val_files], config.preprocess, cache_root(config) / "preprocessed",
+                       num_workers=config.data.num_workers)
+
+
+def prepare_stage_cases(config: ml_collections.ConfigDict,
+                        workdir: str | os.PathLike | None = None) -> tuple[list, list]:
+    """Returns (train, validation) StageCases of the run's split (`split_case_files`)."""
     source = config.data.tumor_crop_source
     if source not in ("ground_truth", "stage1"):
         raise ValueError(f"data.tumor_crop_source must be 'ground_truth' or 'stage1', got {source!r}")
     if config.stage == "tumor" and source == "stage1" and not config.data.stage1_run:
         raise ValueError("data.tumor_crop_source='stage1' needs data.stage1_run (a liver run or checkpoint)")
-    cases = chief_first("dataset", lambda: dataset_cases(config))
-    n_val = int(config.data.num_val_cases)
-    if len(cases) <= n_val:
-        raise ValueError(
-            f"{len(cases)} cases found but data.num_val_cases = {n_val}: nothing left to train on")
-    if config.preprocess.get("spacing_mode") == "median":  # stored in config.json by train_and_evaluate
-        train_images = [c.image for c in cases[: len(cases) - n_val]]
-        config.preprocess.target_spacing = resolve_median_spacing(config.preprocess, train_images)
-        print(f"preprocess.target_spacing = {tuple(config.preprocess.target_spacing)} mm (median rule)")
-    cached = chief_first("cache", lambda: build_cache(cases, config.preprocess, cache_root(config) / "preprocessed",
-                                                      num_workers=config.data.num_workers))
+    train_files, val_files = split_case_files(config, workdir)
+    n_val = len(val_files)
+    cached = chief_first("cache", lambda: cache_stage_cases(config, train_files, val_files))
     liver_masks = [None] * len(cached)
     if config.stage == "tumor" and source == "stage1":
         liver_masks = stage1_liver_masks(config, cached)
@@ -157,9 +193,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     check_global_batch(config.data.batch_size, mesh)
     is_chief = jax.process_index() == 0
 
-    train_cases, val_cases = prepare_stage_cases(config)
+    train_cases, val_cases = prepare_stage_cases(config, workdir)
     spe = int(config.train.steps_per_epoch)
     total_steps = int(config.train.num_epochs) * spe
+    check_training_forms(config.model, jax.default_backend())
     model = build_model(config.model, deploy=False)
     optimizer = make_optimizer(config.optim, spe)
 
@@ -175,6 +212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state: TrainState = ckpt.restore(start, target)
         print(f"{process_label()}resuming from step {start} ({workdir / PERIODIC})")
     else:
+        if is_chief:
+            print("initialising the model (its first run compiles the initialisation: up to a minute or two on a "
+                  "CPU)", flush=True)
         state = jax.jit(init, out_shardings=state_sharding)()
 
     if is_chief:  # only now: config.json must keep describing the checkpoints beside it
@@ -227,6 +267,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             last_epoch = done == total_steps
             every = int(config.train.eval_every_epochs)  # <= 0: no validation
             if val_cases and every > 0 and (epoch % every == 0 or last_epoch):
+                if is_chief and "last_dice" not in summary:  # the first validation compiles the window prediction
+                    bar.write("compiling the validation step (first validation only with the compilation cache; "
+                              "this can take a minute on a CPU)")
                 scores = validate(model, state.variables, val_cases, config, predict_fn)
                 writer.write(done, "val", {**scores, "epoch": epoch})
                 summary["last_dice"] = scores["dice"]
