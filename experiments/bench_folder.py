@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from experiments.bench_common import enable_compilation_cache, environment, int_tuple, write_result
-from experiments.bench_inference import make_stage_dir
+from experiments.bench_inference import make_stage_dirs
 
 
 def summarise(records: list[dict], wall_s: float) -> dict:
@@ -82,8 +82,7 @@ def main() -> None:
         shutil.copyfile(inputs / f"volume-{i % args.distinct}.nii.gz", inputs / f"volume-{i}.nii.gz")
     print(f"{args.cases} phantoms {shape} written in {time.perf_counter() - t0:.1f} s", flush=True)
     models = tmp / "models"
-    liver_dir = make_stage_dir(models, "liver", args.variant, liver_window, features, args.dtype, True, {})
-    tumor_dir = make_stage_dir(models, "tumor", args.variant, tumor_window, features, args.dtype, False, {})
+    liver_dir, tumor_dir = make_stage_dirs(models, args.variant, liver_window, tumor_window, features, args.dtype, {})
     predictor = Predictor.from_checkpoints(liver_dir, tumor_dir, deploy=True)
     cases = [inputs / f"volume-{i}.nii.gz" for i in range(args.cases)]
     visible = jax.devices()

@@ -54,6 +54,13 @@ def make_stage_dir(root: pathlib.Path, stage: str, variant: str, window, feature
     return write_variables(root / stage, variables, config)
 
 
+def make_stage_dirs(root: pathlib.Path, variant: str, liver_window, tumor_window, features, dtype: str,
+                    overrides: dict) -> tuple[pathlib.Path, pathlib.Path]:
+    """Returns the liver and tumour run directories of the benchmark networks (`make_stage_dir`)."""
+    return (make_stage_dir(root, "liver", variant, liver_window, features, dtype, True, overrides),
+            make_stage_dir(root, "tumor", variant, tumor_window, features, dtype, False, overrides))
+
+
 def torch_window_times(variant, features, window, image, overlap, batch, device: str = "cuda") -> dict:
     """Seconds for the PyTorch twin (eval, deploy form, bf16 autocast) over the same sliding
     windows, blended on the GPU (`torch_sliding_window`)."""
@@ -137,8 +144,8 @@ def main() -> None:
     write_phantom(hu, labels, spacing, tmp / "volume-0.nii.gz", tmp / "segmentation-0.nii.gz")
     print(f"phantom {shape} written in {time.perf_counter() - t0:.1f} s", flush=True)
     models = tmp / "models"
-    liver_dir = make_stage_dir(models, "liver", args.variant, liver_window, features, args.dtype, True, overrides)
-    tumor_dir = make_stage_dir(models, "tumor", args.variant, tumor_window, features, args.dtype, False, overrides)
+    liver_dir, tumor_dir = make_stage_dirs(models, args.variant, liver_window, tumor_window, features, args.dtype,
+                                           overrides)
 
     rows = []
     for deploy in () if args.windows_only else [form == "deploy" for form in forms]:
