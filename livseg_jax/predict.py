@@ -325,15 +325,17 @@ def _run(argv: list[str]) -> int:
     for case, out in jobs:
         dicom_paths = dicom_export.output_paths(out, output_types)
         outputs = ([out] if "nifti" in output_types else []) + list(dicom_paths.values())
+        stats_files = (sidecar_path(out, "_statistics.json"), sidecar_path(out, "_statistics.csv"))
+        wanted = [*outputs, *([sidecar_path(out, ".png")] if args.png else []),
+                  *(stats_files if args.statistics else ()), sidecar_path(out, "_timings.json")]
         # The timings file is written last: its presence marks a complete case.
-        if args.skip_existing and all(p.exists() for p in outputs) and sidecar_path(out, "_timings.json").exists():
+        if args.skip_existing and all(p.exists() for p in wanted):
             print(f"{case.case_id}: {outputs[0]} exists, skipped")
             continue
         printed[case.case_id] = outputs
         reader = DicomReader(args.series, output_types) if dicom_input else None
         extra = functools.partial(write_other_outputs, reader=reader, dicom_paths=dicom_paths,
                                   statistics=args.statistics)
-        stats_files = (sidecar_path(out, "_statistics.json"), sidecar_path(out, "_statistics.csv"))
         todo.append(Job(case.case_id, case.image, out, sidecar_path(out, ".png") if args.png else None,
                         read=reader or nifti.read_image, write_nifti="nifti" in output_types,
                         extra_outputs=extra if (dicom_paths or args.statistics) else None,

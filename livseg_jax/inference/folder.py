@@ -102,12 +102,16 @@ class _Read:
 def device_predictors(predictor: Predictor, devices: Sequence[jax.Device] | None = None) -> list[Predictor]:
     """Returns one Predictor per device (default: every visible one), its models' variables put there.
 
-    The compiled window programs are shared (one jitted function, one executable per device).
-    With only the default device, that is `predictor` itself.
+    Call it before `warmup`: each copy then compiles its stages ahead of time for its own device
+    (an executable is tied to the device of its variables). With only the default device, that
+    is `predictor` itself.
     """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("no devices to predict on")
+    if predictor.compile_seconds:
+        raise ValueError("device_predictors needs a predictor not yet warmed up: its compiled stages are "
+                         "tied to one device")
 
     def on(model, device):
         return None if model is None else dataclasses.replace(model, variables=jax.device_put(model.variables, device))
@@ -269,7 +273,9 @@ def predict_cases(
                         outcome.error = e
                 elif item.error is None:
                     outcome.error = KeyboardInterrupt("stopped before writing")
-            if outcome.error is not None:
+            # A failed case leaves nothing behind; a case the stop kept from running touches nothing
+            # (its files, if any, are an earlier run's complete outputs).
+            if outcome.error is not None and not isinstance(outcome.error, KeyboardInterrupt):
                 _cleanup(item.job)
             done.put(outcome)
         done.put(_DONE)
