@@ -193,10 +193,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     check_global_batch(config.data.batch_size, mesh)
     is_chief = jax.process_index() == 0
 
+    check_training_forms(config.model, jax.default_backend())  # before minutes of preprocessing
     train_cases, val_cases = prepare_stage_cases(config, workdir)
     spe = int(config.train.steps_per_epoch)
     total_steps = int(config.train.num_epochs) * spe
-    check_training_forms(config.model, jax.default_backend())
     model = build_model(config.model, deploy=False)
     optimizer = make_optimizer(config.optim, spe)
 
