@@ -80,9 +80,11 @@ def pair_cases(pred: str | os.PathLike, gt: str | os.PathLike) -> tuple[list[Pai
 
 def evaluate_case(case_id: str, pred_path: str | os.PathLike, gt_path: str | os.PathLike,
                   connectivity: int = metrics.DEFAULT_LESION_CONNECTIVITY,
-                  min_overlap: float = 0.0) -> dict[str, Any]:
-    """Returns one case's record: liver and tumour `binary_metrics`, lesion counts, tumour-size row."""
-    truth, geometry = nifti.read_label(gt_path)
+                  min_overlap: float = 0.0, value_map=None) -> dict[str, Any]:
+    """Returns one case's record: liver and tumour `binary_metrics`, lesion counts, tumour-size row.
+
+    `value_map` remaps the ground truth's values as training does (a dataset's `CaseFiles.label_map`)."""
+    truth, geometry = nifti.read_label(gt_path, value_map=value_map)
     pred, _ = nifti.read_label(pred_path, expected=geometry)
     spacing = geometry.spacing
     liver = metrics.binary_metrics(pred >= 1, truth >= 1, spacing)
@@ -262,8 +264,10 @@ def fold_runs(root: str | os.PathLike) -> list[tuple[int, pathlib.Path, dict[str
     return [(k, *found[k]) for k in sorted(found)]
 
 
-def predict_fold(run: pathlib.Path, split: Mapping[str, Any], folder: pathlib.Path, which: str = "best") -> list[Pair]:
-    """Returns [(case id, prediction, truth)] of a fold's validation cases, predicting those not in `folder` yet."""
+def predict_fold(run: pathlib.Path, split: Mapping[str, Any], folder: pathlib.Path,
+                 which: str = "best") -> list[tuple[str, pathlib.Path, pathlib.Path, Any]]:
+    """Returns [(case id, prediction, truth, the truth's label_map)] of a fold's validation cases,
+    predicting those not in `folder` yet."""
     from livseg_jax.inference.two_stage import Predictor
     from livseg_jax.run_dir import load_config
     from livseg_jax.training.loop import dataset_cases
@@ -287,7 +291,7 @@ def predict_fold(run: pathlib.Path, split: Mapping[str, Any], folder: pathlib.Pa
                 paths = {"liver_path": run} if config.stage == "liver" else {"joint_path": run}
                 predictor = Predictor.from_checkpoints(**paths, which=which)
             predictor.predict_file(cases[cid].image, out)
-        pairs.append((cid, out, cases[cid].label))
+        pairs.append((cid, out, cases[cid].label, cases[cid].label_map))
     return pairs
 
 
@@ -354,8 +358,8 @@ def _run_cv(args: argparse.Namespace) -> int:
     for k, run, split in folds:
         folder = out_dir / CV_PREDICTIONS / f"fold-{k}"
         pairs = predict_fold(run, split, folder, args.which)
-        cases = [evaluate_case(cid, p, g, args.connectivity, args.min_overlap)
-                 for cid, p, g in tqdm.tqdm(pairs, desc=f"evaluate fold {k}", unit="case", disable=None,
+        cases = [evaluate_case(cid, p, g, args.connectivity, args.min_overlap, value_map)
+                 for cid, p, g, value_map in tqdm.tqdm(pairs, desc=f"evaluate fold {k}", unit="case", disable=None,
                                             file=sys.stderr)]
         scored.append((k, run, cases))
     report = cv_report(root, stages.pop(), scored, args.size_threshold)

@@ -141,7 +141,7 @@ def evaluate_test_split(run_dir: pathlib.Path, test: Sequence[Any],
     """
     ev = study.evaluate
     cases = [evaluate.evaluate_case(c.case_id, run_dir / "predictions" / output_name(c.case_id), c.label,
-                                    int(ev.connectivity), float(ev.min_overlap)) for c in test]
+                                    int(ev.connectivity), float(ev.min_overlap), c.label_map) for c in test]
     summary = evaluate.summarize_cases(cases, float(ev.size_threshold))
     evaluate.write_outputs(run_dir / "evaluation", cases, summary)
     return cases, summary
