@@ -38,6 +38,7 @@ from livseg_jax.interop.torch_layers import (  # noqa: F401 (re-exported: the tw
     activation_module,
     add_heads,
     batch_norm3d,
+    heads_forward,
 )
 from livseg_jax.models import names
 
@@ -195,16 +196,7 @@ class TorchUNet3D(nn.Module):
             x = torch.cat([getattr(self, f"{names.UP}{s}")(x), skips[s]], dim=1)
             x = getattr(self, f"dec{s}")(x)
             decoded.append(x)
-        n = len(decoded)
-        every = all_heads or (self.training and self.deep_supervision)
-        heads = [i for i in self.head_ids if every or i == n - 1]
-        logits = []
-        for i in heads:
-            y = getattr(self, f"{names.HEAD}{i}")(decoded[i])
-            if tuple(y.shape[2:]) != out_size:
-                y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)
-            logits.append(y)
-        return tuple(logits) if (self.training or all_heads) else logits[-1]
+        return heads_forward(self, decoded, out_size, all_heads)
 
 
 def torch_model_from_config(model_config: ml_collections.ConfigDict, deploy: bool | None = None,
