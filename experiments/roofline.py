@@ -1,7 +1,7 @@
 """Roofline terms for a compiled JAX step: its FLOPs and bytes (XLA cost analysis) against the
 device's measured peak matmul rate and memory bandwidth.
 
-    python -m experiments.roofline experiments/results/bench_train_step_h100_einsum_side_by_side.json
+    python -m experiments.roofline experiments/results/bench_train_step_h100_side_by_side_v2.json
 
 As a script it completes a `bench_train_step` result on the CPU: XLA's GPU cost analysis does not
 count the FLOPs of cuDNN convolutions, so the model's FLOPs come from the traced program (the

@@ -130,6 +130,19 @@ def exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def refuse_overwrite(paths: Sequence[PathLike], force: bool = False) -> None:
+    """Returns None unless one of `paths` is an existing file or non-empty folder and `force` is
+    off: then raises FileExistsError naming it (and --force). The one check of every `force`."""
+    if force:
+        return
+    for path in map(pathlib.Path, paths):
+        if path.is_dir():
+            if any(path.iterdir()):
+                raise FileExistsError(f"{path}: folder exists and is not empty; pass --force to replace it")
+        elif path.exists():
+            raise FileExistsError(f"{path}: exists; pass --force to overwrite")
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, force: bool = True) -> Iterator[pathlib.Path]:
     """Yields a temporary path next to `path` (same endings); moves it to `path` on success only.
@@ -137,8 +150,7 @@ def atomic_path(path: PathLike, force: bool = True) -> Iterator[pathlib.Path]:
     With `force=False` an existing `path` raises FileExistsError before anything is written.
     """
     path = pathlib.Path(path)
-    if not force and path.exists():
-        raise FileExistsError(f"{path}: exists; pass --force to overwrite")
+    refuse_overwrite([path], force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = temp_path_for(path)
     try:
@@ -195,8 +207,7 @@ def atomic_dir(directory: PathLike, force: bool = False) -> Iterator[pathlib.Pat
     directory = pathlib.Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory}: exists and is not a folder")
-    if directory.is_dir() and any(directory.iterdir()) and not force:
-        raise FileExistsError(f"{directory}: folder exists and is not empty; pass --force to replace it")
+    refuse_overwrite([directory], force)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(directory)
     tmp.mkdir()

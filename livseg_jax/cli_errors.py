@@ -193,6 +193,18 @@ def parse_absl_flags(flag_values: Any, argv: Sequence[str]) -> list[str]:
     return remaining
 
 
+def parse_dhw(text: str, flag: str) -> tuple[int, int, int]:
+    """Returns the (D, H, W) of a "D,H,W" flag value (`--patch`, `--window`); CliError naming
+    `flag` unless it is exactly three positive integers."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise CliError(flag, f"expected three positive integers D,H,W such as 48,256,256, got {text!r}")
+    return sizes
+
+
 def parse_command_flags(flag_values: Any, argv: Sequence[str], doc: str) -> bool:
     """Returns False after printing `doc` and the flags' help when `argv` asks for help; else True
     after parsing `argv` (program name first) into `flag_values`, positional arguments refused."""

@@ -37,11 +37,13 @@ from collections.abc import Sequence
 import ml_collections
 
 from livseg_jax import run_dir
+from livseg_jax.atomic_write import refuse_overwrite
 from livseg_jax.cli_errors import (
     CliError,
     check_output_dir,
     check_output_file,
     parse_command_flags,
+    parse_dhw,
     run_main,
     total_size,
 )
@@ -104,16 +106,6 @@ def export_run(kind: str, run_path: str | os.PathLike, out_path: str | os.PathLi
     raise ValueError(f"unknown export kind {kind!r}; expected 'onnx' or 'stablehlo'")
 
 
-def _sizes(text: str | None, flag: str) -> tuple[int, ...] | None:
-    """Returns the comma-separated integers of a flag (None when unset)."""
-    if not text:
-        return None
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise CliError(flag, f"expected comma-separated integers such as 96,160,160, got {text!r}") from None
-
-
 def _run(argv: list[str]) -> int:
     """Parses the flags (module docstring) and converts; returns the exit status."""
     from absl import flags
@@ -156,24 +148,22 @@ def _run(argv: list[str]) -> int:
     out = pathlib.Path(out_flag.value)
     if onnx_flag.value or hlo_flag.value:
         kind, source = ("onnx", onnx_flag.value) if onnx_flag.value else ("stablehlo", hlo_flag.value)
+        window = parse_dhw(window_flag.value, "--window") if window_flag.value else None
         outputs = [out] if kind == "onnx" else stablehlo_export.output_paths(out)
         for path in outputs:
-            if path.exists() and not force_flag.value:
-                raise CliError(path, "exists", "pass --force to overwrite")
             check_output_file(path, need_bytes=total_size([source]) // 2)  # the optimiser state is not exported
-        written = export_run(kind, source, out, _sizes(window_flag.value, "--window"), which_flag.value,
+        refuse_overwrite(outputs, force_flag.value)
+        written = export_run(kind, source, out, window, which_flag.value,
                              force_flag.value, platforms_flag.value, batch_flag.value)
     elif from_flag.value:
         if config_flag.value is None:
             raise CliError(None, "--from-torch needs --config (it names the model)")
-        if out.is_dir() and any(out.iterdir()) and not force_flag.value:
-            raise CliError(out, "folder exists and is not empty", "pass --force to replace it")
         check_output_dir(out, need_bytes=total_size([from_flag.value]))
+        refuse_overwrite([out], force_flag.value)
         written = convert_from_torch(from_flag.value, out, config_flag.value, force=force_flag.value)
     else:
-        if out.exists() and not force_flag.value:
-            raise CliError(out, "exists", "pass --force to overwrite")
         check_output_file(out, need_bytes=total_size([to_flag.value]) // 2)  # optimiser state is not exported
+        refuse_overwrite([out], force_flag.value)
         written = convert_to_torch(to_flag.value, out, config_flag.value, deploy=deploy_flag.value,
                                    force=force_flag.value, which=which_flag.value)
     print(f"wrote {written}")

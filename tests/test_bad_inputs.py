@@ -658,6 +658,11 @@ def patch_of_two(w):
 
 
 @case("summary")
+def patch_with_a_zero(w):
+    return Spec([LIVER_CONFIG, "--patch=0,32,32"], ["--patch", "three positive integers", "'0,32,32'"], None)
+
+
+@case("summary")
 def patch_not_divisible(w):
     return Spec([LIVER_CONFIG, "--patch=16,30,32"], ["--patch", "not divisible by 16"], None)
 

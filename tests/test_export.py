@@ -236,8 +236,9 @@ def test_stablehlo_static_batch_when_asked():
 
 def test_export_flag_errors_are_one_line_and_write_nothing(runs, tmp_path, capsys):
     out = tmp_path / "x.onnx"
-    for window, message in (("a,b", "--window: expected comma-separated integers"),
-                            ("16,16", "window must be 3 sizes"), ("15,16,16", "inference window (15, 16, 16)")):
+    for window, message in (("a,b", "--window: expected three positive integers D,H,W"),
+                            ("16,16", "--window: expected three positive integers D,H,W"),
+                            ("15,16,16", "inference window (15, 16, 16)")):
         assert convert.main(["--to-onnx", str(runs["tumor"]), "--out", str(out), "--window", window]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err

@@ -183,6 +183,23 @@ def test_sweeping_a_missing_folder_does_nothing(tmp_path):
     assert atomic_write.sweep_stale_temps(tmp_path / "absent") == []
 
 
+def test_refuse_overwrite_names_an_existing_file_or_full_folder_unless_forced(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a").write_text("x")
+    (tmp_path / "empty").mkdir()
+    free = [tmp_path / "absent", tmp_path / "empty"]
+    atomic_write.refuse_overwrite(free)  # nothing there to lose
+    with pytest.raises(FileExistsError, match=r"file: exists; pass --force"):
+        atomic_write.refuse_overwrite([*free, tmp_path / "file"])
+    with pytest.raises(FileExistsError, match=r"full: folder exists and is not empty; pass --force"):
+        atomic_write.refuse_overwrite([tmp_path / "full", tmp_path / "file"])
+    atomic_write.refuse_overwrite([tmp_path / "file", tmp_path / "full"], force=True)
+    with pytest.raises(FileExistsError, match="file: exists"), atomic_write.atomic_path(tmp_path / "file", force=False):
+        pass
+    assert (tmp_path / "file").read_text() == "x"
+
+
 # ------------------------------------------------------------------------------- best checkpoints
 
 

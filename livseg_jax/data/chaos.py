@@ -24,8 +24,8 @@ is not redistributable, so they are checked on a sample built from 3D-IRCADb in 
   RescaleIntercept applied), int16 when it is integral and fits, else float32; the affine is the
   shared module's (LPS -> RAS). One series per folder (one SeriesInstanceUID); more are refused.
 
-Each case is written whole or not at all (segmentation first, then the volume, each renamed into
-place when complete).
+Each case is written whole or not at all, as by the 3D-IRCADb importer (`ircadb.write_lits_case`:
+segmentation first, then the volume, each renamed into place when complete).
 pydicom is an optional dependency: `pip install 'livseg_jax[dicom]'`; Pillow comes with matplotlib.
 """
 
@@ -42,8 +42,9 @@ import numpy as np
 from livseg_jax import atomic_write
 from livseg_jax.cli_errors import check_output_dir, run_main, total_size
 from livseg_jax.data.cases import natural_key
-from livseg_jax.data.dicom import Series, nifti_image, path_files, read_series, require_pydicom
-from livseg_jax.data.nifti import DataError, PathLike, save_nifti
+from livseg_jax.data.dicom import Series, path_files, read_series, require_pydicom
+from livseg_jax.data.ircadb import write_lits_case
+from livseg_jax.data.nifti import DataError, PathLike
 
 
 def read_ct_series(files: Sequence[pathlib.Path], where: pathlib.Path) -> tuple[Series, np.ndarray]:
@@ -105,11 +106,7 @@ def import_patient(patient: PathLike, dst: PathLike, number: int) -> tuple[pathl
     integral = np.array_equal(hu, np.round(hu)) and hu.min() >= -32768 and hu.max() <= 32767
     image = hu.astype(np.int16 if integral else np.float32)
     affine = series.affine()
-    image_path, label_path = dst / f"volume-{number}.nii", dst / f"segmentation-{number}.nii"
-    with atomic_write.atomic_paths([label_path, image_path]) as temps:
-        for data, tmp in zip((liver.astype(np.uint8), image), temps, strict=True):
-            # (slices, rows, cols) -> NIfTI's (cols, rows, slices), on the series' grid
-            save_nifti(nifti_image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine), tmp)
+    image_path, label_path = write_lits_case(dst, number, image, liver.astype(np.uint8), affine, ending=".nii")
     spacing = nib.affines.voxel_sizes(affine)
     summary = (f"{patient.name} -> {image_path.name}, {label_path.name}: {'x'.join(map(str, image.shape[::-1]))} "
                f"voxels of {' x '.join(f'{s:.3g}' for s in spacing)} mm, liver {int(liver.sum())} voxels")

@@ -159,13 +159,7 @@ def import_patient(
     labels[tumour & liver] = 2
 
     affine = image.affine()
-    image_path, label_path = dst / f"volume-{case_number}.nii.gz", dst / f"segmentation-{case_number}.nii.gz"
-    # Labels renamed first: a kill between the two renames leaves a lone segmentation, which
-    # discovery refuses loudly, never a volume that training would take as unlabelled.
-    with atomic_write.atomic_paths([label_path, image_path]) as temps:
-        for data, tmp in zip((labels, hu.astype(np.int16)), temps, strict=True):
-            arr = np.ascontiguousarray(data.transpose(2, 1, 0))  # (slices, rows, cols) -> (cols, rows, slices)
-            save_nifti(nifti_image(arr, affine), tmp)
+    image_path, label_path = write_lits_case(dst, case_number, hu.astype(np.int16), labels, affine)
     return ImportReport(
         patient=patient,
         image_path=image_path,
@@ -179,6 +173,21 @@ def import_patient(
         tumour_voxels_dropped=int((tumour & ~liver).sum()),
         ignored_masks=sorted((k for k in masks if k != liver_key and k not in tumour_keys), key=natural_key),
     )
+
+
+def write_lits_case(dst: pathlib.Path, number: int, image: np.ndarray, labels: np.ndarray,
+                    affine: np.ndarray, ending: str = ".nii.gz") -> tuple[pathlib.Path, pathlib.Path]:
+    """Returns the (volume, segmentation) paths `DST/volume-N<ending>`, `DST/segmentation-N<ending>`
+    after writing a (slices, rows, cols) image and label map on a DICOM series' grid (`affine`)
+    atomically as a pair; the CHAOS importer writes its cases through it too."""
+    image_path, label_path = dst / f"volume-{number}{ending}", dst / f"segmentation-{number}{ending}"
+    # Labels renamed first: a kill between the two renames leaves a lone segmentation, which
+    # discovery refuses loudly, never a volume that training would take as unlabelled.
+    with atomic_write.atomic_paths([label_path, image_path]) as temps:
+        for data, tmp in zip((labels, image), temps, strict=True):
+            arr = np.ascontiguousarray(data.transpose(2, 1, 0))  # (slices, rows, cols) -> (cols, rows, slices)
+            save_nifti(nifti_image(arr, affine), tmp)
+    return image_path, label_path
 
 
 def _is_patient(folder: pathlib.Path) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from livseg_jax.atomic_write import atomic_paths
+from livseg_jax.atomic_write import atomic_paths, refuse_overwrite
 from livseg_jax.models import build_model
 
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -80,10 +80,7 @@ def export_stablehlo(variables: Mapping[str, Any], model_config: Any, window: Se
     its bare module `<out_path>.mlirbc` atomically."""
     out_path = pathlib.Path(out_path)
     paths = output_paths(out_path)
-    if not force:
-        for path in paths:
-            if path.exists():
-                raise FileExistsError(f"{path}: exists (pass force to overwrite)")
+    refuse_overwrite(paths, force)
     exported = export_deploy_forward(variables, model_config, window, platforms, batch=batch)
     record = {"platforms": list(exported.platforms), "input": str(exported.in_avals[0]),
               "platform_index_argument": len(exported.platforms) > 1,

@@ -9,7 +9,7 @@ the twins, so this module is what keeps that one-way. Imports torch at import ti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +170,28 @@ def add_heads(model: nn.Module, head_widths: Sequence[int], num_classes: int, de
     for i in model.head_ids:
         model.add_module(f"{names.HEAD}{i}", nn.Conv3d(head_widths[i], num_classes, kernel,
                                                        padding=tuple(k // 2 for k in kernel)))
+
+
+def add_unet_decoder(model: nn.Module, features: Sequence[int], make_block: Callable[[int, int], nn.Module],
+                     num_classes: int, deploy: bool) -> None:
+    """Adds a U-Net decoder to `model`, coarse to fine: per level s a learned 2x up-sampling `up<s>`
+    and `dec<s>` = `make_block(2 * features[s], features[s])` on it and the skip, then the heads."""
+    for s in reversed(range(len(features) - 1)):
+        model.add_module(f"{names.UP}{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
+        model.add_module(f"dec{s}", make_block(2 * features[s], features[s]))
+    # head i sits on the i-th decoder output, coarse to fine: dec{levels-2-i}.
+    add_heads(model, features[-2::-1], num_classes, deploy)
+
+
+def unet_decoder_forward(model: nn.Module, x: torch.Tensor, skips: Sequence[torch.Tensor], out_size: tuple[int, ...],
+                         all_heads: bool) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Returns the heads' output (`heads_forward`) of the decoder `add_unet_decoder` built, run
+    from the bottleneck output `x` with the encoder's `skips` (fine to coarse)."""
+    decoded = []
+    for s in reversed(range(len(skips))):
+        x = getattr(model, f"dec{s}")(torch.cat([getattr(model, f"{names.UP}{s}")(x), skips[s]], dim=1))
+        decoded.append(x)
+    return heads_forward(model, decoded, out_size, all_heads)
 
 
 def checked_size(x: torch.Tensor, levels: int) -> tuple[int, ...]:

@@ -37,7 +37,9 @@ from livseg_jax.interop.torch_layers import (  # noqa: F401 (re-exported: the tw
     RepConv3d,
     activation_module,
     add_heads,
+    add_unet_decoder,
     batch_norm3d,
+    unet_decoder_forward,
 )
 from livseg_jax.models import names
 
@@ -168,11 +170,7 @@ class TorchUNet3D(nn.Module):
         self.bottleneck = make_block(c, features[-1])
         if levels - 1 in self.msca_stages:
             self.add_module(f"msca{levels - 1}", MSCABlock(features[-1], msca_mode, deploy=deploy))
-        for s in reversed(range(levels - 1)):
-            self.add_module(f"{names.UP}{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
-            self.add_module(f"dec{s}", make_block(2 * features[s], features[s]))
-        # head i sits on the i-th decoder output, coarse to fine: dec{levels-2-i}.
-        add_heads(self, features[-2::-1], num_classes, deploy)
+        add_unet_decoder(self, features, make_block, num_classes, deploy)
 
     def _msca(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, f"msca{stage}")(x) if stage in self.msca_stages else x
@@ -190,21 +188,7 @@ class TorchUNet3D(nn.Module):
             skips.append(x)
             x = getattr(self, f"down{s}")(x)
         x = self._msca(self.levels - 1, self.bottleneck(self.dropout(x)))
-        decoded = []
-        for s in reversed(range(self.levels - 1)):
-            x = torch.cat([getattr(self, f"{names.UP}{s}")(x), skips[s]], dim=1)
-            x = getattr(self, f"dec{s}")(x)
-            decoded.append(x)
-        n = len(decoded)
-        every = all_heads or (self.training and self.deep_supervision)
-        heads = [i for i in self.head_ids if every or i == n - 1]
-        logits = []
-        for i in heads:
-            y = getattr(self, f"{names.HEAD}{i}")(decoded[i])
-            if tuple(y.shape[2:]) != out_size:
-                y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)
-            logits.append(y)
-        return tuple(logits) if (self.training or all_heads) else logits[-1]
+        return unet_decoder_forward(self, x, skips, out_size, all_heads)
 
 
 def torch_model_from_config(model_config: ml_collections.ConfigDict, deploy: bool | None = None,

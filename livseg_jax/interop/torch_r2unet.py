@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ConvBN, TwinNetwork, add_heads, checked_size, heads_forward
-from livseg_jax.models import names
+from livseg_jax.interop.torch_layers import ConvBN, TwinNetwork, add_unet_decoder, checked_size, unet_decoder_forward
 from livseg_jax.models.r2unet import ACTIVATION, RECURRENT_STEPS
 
 
@@ -62,11 +61,8 @@ class TorchR2UNet3D(TwinNetwork):
             self.add_module(f"enc{s}", RRCNNBlock(c, features[s], activation, steps, deploy))
             c = features[s]
         self.bottleneck = RRCNNBlock(c, features[-1], activation, steps, deploy)
-        for s in reversed(range(levels - 1)):
-            self.add_module(f"{names.UP}{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
-            self.add_module(f"dec{s}", RRCNNBlock(2 * features[s], features[s], activation, steps, deploy))
-        # head i sits on the i-th decoder output, coarse to fine: dec{levels-2-i}.
-        add_heads(self, features[-2::-1], num_classes, deploy)
+        add_unet_decoder(self, features, lambda c_in, c_out: RRCNNBlock(c_in, c_out, activation, steps, deploy),
+                         num_classes, deploy)
 
     def forward(self, x: torch.Tensor, all_heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         out_size = checked_size(x, self.levels)
@@ -76,12 +72,7 @@ class TorchR2UNet3D(TwinNetwork):
             skips.append(x)
             x = F.max_pool3d(x, 2)
         x = self.bottleneck(x)
-        decoded = []
-        for s in reversed(range(self.levels - 1)):
-            x = torch.cat([getattr(self, f"{names.UP}{s}")(x), skips[s]], dim=1)
-            x = getattr(self, f"dec{s}")(x)
-            decoded.append(x)
-        return heads_forward(self, decoded, out_size, all_heads)
+        return unet_decoder_forward(self, x, skips, out_size, all_heads)
 
 
 def torch_r2unet_from_config(model_config: ml_collections.ConfigDict, deploy: bool,

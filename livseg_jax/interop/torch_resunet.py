@@ -18,10 +18,10 @@ from livseg_jax.interop.torch_layers import (
     ConvBN,
     TwinNetwork,
     activation_module,
-    add_heads,
+    add_unet_decoder,
     batch_norm3d,
     checked_size,
-    heads_forward,
+    unet_decoder_forward,
 )
 from livseg_jax.models import names
 from livseg_jax.models.resunet import ACTIVATION
@@ -62,11 +62,8 @@ class TorchResUNet3D(TwinNetwork):
             self.add_module(f"enc{s}", ResidualUnit(c, features[s], 1 if s == 0 else 2, s > 0, deploy))
             c = features[s]
         self.bottleneck = ResidualUnit(c, features[-1], 2, True, deploy)
-        for s in reversed(range(levels - 1)):
-            self.add_module(f"{names.UP}{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
-            self.add_module(f"dec{s}", ResidualUnit(2 * features[s], features[s], deploy=deploy))
-        # head i sits on the i-th decoder output, coarse to fine: dec{levels-2-i}.
-        add_heads(self, features[-2::-1], num_classes, deploy)
+        add_unet_decoder(self, features, lambda c_in, c_out: ResidualUnit(c_in, c_out, deploy=deploy),
+                         num_classes, deploy)
 
     def forward(self, x: torch.Tensor, all_heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         out_size = checked_size(x, self.levels)
@@ -75,11 +72,7 @@ class TorchResUNet3D(TwinNetwork):
             x = getattr(self, f"enc{s}")(x)
             skips.append(x)
         x = self.bottleneck(x)
-        decoded = []
-        for s in reversed(range(self.levels - 1)):
-            x = getattr(self, f"dec{s}")(torch.cat([getattr(self, f"{names.UP}{s}")(x), skips[s]], dim=1))
-            decoded.append(x)
-        return heads_forward(self, decoded, out_size, all_heads)
+        return unet_decoder_forward(self, x, skips, out_size, all_heads)
 
 
 def torch_resunet_from_config(model_config: ml_collections.ConfigDict, deploy: bool,

@@ -18,11 +18,10 @@ from livseg_jax.interop.torch_layers import (
     ConvBN,
     TwinNetwork,
     activation_module,
-    add_heads,
+    add_unet_decoder,
     checked_size,
-    heads_forward,
+    unet_decoder_forward,
 )
-from livseg_jax.models import names
 from livseg_jax.models.riunet import ACTIVATION, BRANCH_RATIO, BRANCHES
 
 
@@ -64,11 +63,8 @@ class TorchRIUNet(TwinNetwork):
             self.add_module(f"enc{s}", ResInceptionBlock(c, features[s], deploy=deploy))
             c = features[s]
         self.bottleneck = ResInceptionBlock(c, features[-1], deploy=deploy)
-        for s in reversed(range(levels - 1)):
-            self.add_module(f"{names.UP}{s}", nn.ConvTranspose3d(features[s + 1], features[s], 2, stride=2))
-            self.add_module(f"dec{s}", ResInceptionBlock(2 * features[s], features[s], deploy=deploy))
-        # head i sits on the i-th decoder output, coarse to fine: dec{levels-2-i}.
-        add_heads(self, features[-2::-1], num_classes, deploy)
+        add_unet_decoder(self, features, lambda c_in, c_out: ResInceptionBlock(c_in, c_out, deploy=deploy),
+                         num_classes, deploy)
 
     def forward(self, x: torch.Tensor, all_heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         out_size = checked_size(x, self.levels)
@@ -78,11 +74,7 @@ class TorchRIUNet(TwinNetwork):
             skips.append(x)
             x = F.max_pool3d(x, 2, 2)
         x = self.bottleneck(x)
-        decoded = []
-        for s in reversed(range(self.levels - 1)):
-            x = torch.cat([getattr(self, f"{names.UP}{s}")(x), skips[s]], dim=1)
-            decoded.append(x := getattr(self, f"dec{s}")(x))
-        return heads_forward(self, decoded, out_size, all_heads)
+        return unet_decoder_forward(self, x, skips, out_size, all_heads)
 
 
 def torch_riunet_from_config(model_config: ml_collections.ConfigDict, deploy: bool, in_channels: int) -> TorchRIUNet:

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from livseg_jax.interop.torch_layers import ConvBN, DoubleConv, TwinNetwork, add_heads, checked_size
-from livseg_jax.models import names
+from livseg_jax.interop.torch_layers import ConvBN, DoubleConv, TwinNetwork, add_heads, checked_size, heads_forward
 from livseg_jax.models.unet3plus import ACTIVATION, CAT_CHANNELS, HEAD_KERNEL
 
 
@@ -80,15 +79,7 @@ class TorchUNet3Plus(TwinNetwork):
             sources = encoded[: i + 1] + [decoded[j] for j in range(i + 1, self.levels)]
             decoded[i] = getattr(self, f"dec{i}")(sources)
         stages = [decoded[j] for j in reversed(range(self.levels))]
-        n = len(stages)
-        every = all_heads or (self.training and self.deep_supervision)
-        logits = []
-        for i in [h for h in self.head_ids if every or h == n - 1]:
-            y = getattr(self, f"{names.HEAD}{i}")(stages[i])
-            if tuple(y.shape[2:]) != out_size:
-                y = F.interpolate(y, size=out_size, mode="trilinear", align_corners=False)
-            logits.append(y)
-        return tuple(logits) if (self.training or all_heads) else logits[-1]
+        return heads_forward(self, stages, out_size, all_heads)
 
 
 def torch_unet3plus_from_config(model_config: ml_collections.ConfigDict, deploy: bool,

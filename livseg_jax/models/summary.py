@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from livseg_jax.cli_errors import CliError, parse_command_flags, run_main
+from livseg_jax.cli_errors import CliError, parse_command_flags, parse_dhw, run_main
 from livseg_jax.models.build import NETWORKS, build_model, variable_shapes
 from livseg_jax.models.forms import REFERENCE_FORMS
 from livseg_jax.models.unet import check_patch_shape
@@ -63,17 +63,6 @@ def summary_table(base: ml_collections.ConfigDict, patch: Sequence[int], batch: 
     return "\n".join(rows) + f"\n\nPatch {shape}, batch {batch}, features {tuple(base.model.features)}."
 
 
-def parse_patch(text: str) -> tuple[int, ...]:
-    """Returns the (D, H, W) patch of a "D,H,W" --patch value; CliError naming the flag otherwise."""
-    try:
-        patch = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        patch = ()
-    if len(patch) != 3 or min(patch) < 1:
-        raise CliError("--patch", f"expected three positive integers D,H,W, got {text!r}")
-    return patch
-
-
 def _run(argv: list[str]) -> int:
     """Parses the flags and prints the table; returns the exit status."""
     from absl import flags
@@ -89,7 +78,7 @@ def _run(argv: list[str]) -> int:
         return 0
     config = config_flag.value
     if patch_flag.value:
-        patch = parse_patch(patch_flag.value)
+        patch = parse_dhw(patch_flag.value, "--patch")
     else:
         patch = tuple(config.data.patch_size)
         if len(patch) != 3:
