@@ -12,7 +12,8 @@ group axis sharded over `data`, and the model is `jax.vmap`ped over the groups, 
 crosses a device. The loss is the mean of the groups' losses, which for equal groups is the loss of
 the whole batch as a function of the logits (every loss averages per-example terms: Dice and
 Tversky are per example, BCE per voxel); only the logits differ, through the statistics. The new
-running statistics are the mean of the groups' (DDP keeps each rank's own and checkpoints rank 0's).
+running statistics are the mean of the groups' (as timm's `distribute_bn(reduce=True)`; DDP with its
+default `broadcast_buffers=True` instead copies rank 0's to every rank at each forward pass).
 """
 
 from __future__ import annotations
