@@ -14,7 +14,7 @@ import ml_collections
 MODEL_NAMES = ("unet", "msca_unet", "elanres_unet", "elanres_msca_unet", "attention_unet", "resunet",
                "unet3plus", "riunet", "r2unet", "resunet_pp")
 # train.batch_norm_stats: statistics over the whole sharded batch, or each device's shard its own
-# (livseg_jax/training/step.py, docs/training.md "Multi-GPU training").
+# (livseg_jax/training/step.py, docs/training.md "Devices").
 BATCH_NORM_STATS = ("global", "per_device")
 
 
