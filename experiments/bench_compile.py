@@ -59,8 +59,8 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str) -> dict:
     optimizer = make_optimizer(config.optim, spe)
     mesh = make_mesh(jax.devices()[:1])
     state = jax.jit(lambda: create_train_state(model, optimizer, shape, 0), out_shardings=replicated(mesh))()
-    step = jit_train_step(make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data)),
-                          mesh)
+    step = jit_train_step(make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
+                                          config.train.get("batch_norm_stats", "global"), mesh), mesh)
     rng = np.random.default_rng(0)
     batch = int(config.data.batch_size)
     arrays = {"image": jax.device_put(rng.normal(size=(batch, *shape, 1)).astype(np.float32)),

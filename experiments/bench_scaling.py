@@ -2,6 +2,10 @@
 
     python -m experiments.bench_scaling [--devices 1,2,4,8] [--dtypes bfloat16,float32]
         [--per-device-batch 2] [--patch 48,256,256] [--pipeline-cases 2]
+        [--batch-norm global,per_device] [--latency-hiding] [--profile DIR]
+    JAX_NUM_CPU_DEVICES=2 python -m experiments.bench_scaling --devices 1,2 --batch-norm global,per_device \
+        --latency-hiding --variant unet --features 4,8 --overrides "" --patch 16,16,16 --steps 3 \
+        --pipeline-cases 0 --profile /tmp/prof --tag cpu_smoke  # smoke: the plumbing on a CPU
 
 The same jitted step as training (`livseg_jax.training.step`): batch sharded over a `data` mesh
 axis, state replicated, XLA inserting the gradient all-reduce. Two measurements per GPU count:
@@ -11,6 +15,20 @@ axis, state replicated, XLA inserting the gradient all-reduce. Two measurements 
   training, in-process workers) and are placed with `to_global_batch`, exactly as the training
   loop does. GPU idle fraction = 1 - fixed / pipeline step time.
 
+Variants side by side in one run (one compilation each): `--batch-norm` lists the values of
+`train.batch_norm_stats` ("global": statistics synchronised over the devices; "per_device": each
+device's own, no all-reduce inside the forward and backward passes), and `--latency-hiding` adds
+each of them again compiled with `xla_gpu_enable_latency_hiding_scheduler=true` (a per-compilation
+option: no restart; "+lhs" in the variant's name). On one device "per_device" is the "global" step
+itself, so it is measured on more devices only and compared with the global 1-device row.
+Every row counts the all-reduce operations in the compiled step.
+
+`--profile DIR` traces `--profile-steps` steps of each variant at the largest device count with
+`jax.profiler` (DIR/<dtype>_<step variant>_<n>dev) and adds to the JSON, per device and step: time in
+collective kernels (NCCL), busy time of the other kernels, the collective time no other kernel
+overlaps (exposed), collective kernel launches, and the kernel kinds of
+`experiments/profile_train_step.py`. A CPU trace holds no device kernels: those fields are 0 there.
+
 Efficiency = throughput(n) / (n * throughput(1)). The result file is rewritten after every
 measured configuration, so a run stopped early keeps what it measured.
 """
@@ -18,8 +36,10 @@ measured configuration, so a run stopped early keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import pathlib
+import re
 import tempfile
 import time
 
@@ -33,6 +53,83 @@ from experiments.bench_common import (
     parse_overrides,
     write_result,
 )
+from experiments.profile_train_step import (
+    device_threads,
+    hlo_op_names,
+    is_kernel_line,
+    kernel_kind,
+    read_trace,
+    summarise,
+)
+from livseg_jax.config import BATCH_NORM_STATS
+
+LATENCY_HIDING = {"xla_gpu_enable_latency_hiding_scheduler": True}
+
+
+def step_variants(batch_norm: str, latency_hiding: bool) -> list[tuple[str, str, dict]]:
+    """Returns (name, train.batch_norm_stats, XLA compile options) of every variant to measure."""
+    names = [v for v in batch_norm.split(",") if v]
+    unknown = [v for v in names if v not in BATCH_NORM_STATS]
+    if unknown or not names:
+        raise SystemExit(f"--batch-norm {batch_norm!r}: use a comma-separated list of {BATCH_NORM_STATS}")
+    variants = [(v, v, {}) for v in names]
+    if latency_hiding:
+        variants += [(f"{v}+lhs", v, dict(LATENCY_HIDING)) for v in names]
+    return variants
+
+
+def all_reduce_count(hlo_text: str) -> int:
+    """Returns how many all-reduce operations (synchronous, or started asynchronously) an HLO module runs."""
+    return len(re.findall(r" all-reduce(?:-start)?\(", hlo_text))
+
+
+def merge_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Returns the union of (start, end) intervals as sorted disjoint intervals."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def overlap_length(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Returns the total length two lists of sorted disjoint intervals share."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def collective_overlap(events: list[dict], steps: int) -> dict:
+    """Returns per device and step (mean over devices): ms in collective kernels, busy ms of the other
+    kernels, collective ms that no other kernel overlaps, and collective kernel launches."""
+    device_pids, thread = device_threads(events)
+    kernels: dict = collections.defaultdict(lambda: {"collective": [], "compute": []})
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device_pids:
+            continue
+        if not is_kernel_line(thread.get((e["pid"], e.get("tid")), "")):
+            continue
+        start = float(e["ts"]) / 1e3  # the trace's times are microseconds
+        kind = "collective" if kernel_kind(e["name"]) == "collective" else "compute"
+        kernels[e["pid"]][kind].append((start, start + float(e.get("dur", 0)) / 1e3))
+    rows = []
+    for device in kernels.values():
+        collective, compute = merge_intervals(device["collective"]), merge_intervals(device["compute"])
+        busy = sum(end - start for start, end in collective)
+        rows.append({"collective_ms_per_step": busy / steps,
+                     "compute_busy_ms_per_step": sum(end - start for start, end in compute) / steps,
+                     "exposed_collective_ms_per_step": (busy - overlap_length(collective, compute)) / steps,
+                     "collective_kernels_per_step": len(device["collective"]) / steps})
+    keys = ("collective_ms_per_step", "compute_busy_ms_per_step", "exposed_collective_ms_per_step",
+            "collective_kernels_per_step")
+    return {"devices_traced": len(rows), **{k: float(np.mean([r[k] for r in rows])) if rows else 0.0 for k in keys}}
 
 
 def build_pipeline_cases(args, config):
@@ -62,8 +159,15 @@ def main() -> None:
     parser.add_argument("--pipeline-cases", type=int, default=2, help="0 skips the pipeline-fed measurement")
     parser.add_argument("--pipeline-shape", default="512,512,200", help="raw x,y,z of each synthetic case")
     parser.add_argument("--pipeline-workers", type=int, default=0)
+    parser.add_argument("--batch-norm", default="global",
+                        help=f"train.batch_norm_stats values to compare, comma-separated: {BATCH_NORM_STATS}")
+    parser.add_argument("--latency-hiding", action="store_true",
+                        help="add each --batch-norm variant compiled with XLA's latency hiding scheduler")
+    parser.add_argument("--profile", default="", help="trace each variant at the largest device count here")
+    parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
+    variants = step_variants(args.batch_norm, args.latency_hiding)
     enable_compilation_cache()
     import jax
 
@@ -95,7 +199,9 @@ def main() -> None:
     runs = []
     for dtype in args.dtypes.split(","):
         model_config, model = model_for(dtype)
-        for n in counts:
+        for (variant, batch_norm_stats, options), n in ((v, n) for v in variants for n in counts):
+            if n == 1 and batch_norm_stats == "per_device":
+                continue  # the global step itself (make_train_step): its row is the global one
             mesh = make_mesh(jax.devices()[:n])
             batch = n * args.per_device_batch
             init = jax.jit(lambda model=model: create_train_state(model, optimizer, patch, 0),
@@ -108,9 +214,12 @@ def main() -> None:
                 "image": jax.ShapeDtypeStruct((batch, *patch, 1), np.float32, sharding=batch_sharding(mesh)),
                 "label": jax.ShapeDtypeStruct((batch, *patch), np.int32, sharding=batch_sharding(mesh)),
             }
-            step = jit_train_step(make_train_step(model, optimizer, config.loss, 100), mesh)
-            runs.append({"dtype": dtype, "devices": n, "global_batch": batch, "mesh": mesh, "init": init,
-                         "lowered": step.lower(abstract_state, abstract_batch), "model": model_config.to_dict()})
+            step = jit_train_step(make_train_step(model, optimizer, config.loss, 100, None, batch_norm_stats, mesh),
+                                  mesh)
+            runs.append({"dtype": dtype, "step_variant": variant, "batch_norm_stats": batch_norm_stats,
+                         "compile_options": options, "devices": n, "global_batch": batch, "mesh": mesh,
+                         "init": init, "lowered": step.lower(abstract_state, abstract_batch),
+                         "model": model_config.to_dict()})
 
     # The synthetic cases are built in a thread while the step functions compile. Compilation is
     # sequential: on a 4x H200 host, three 48x256x256 steps compiled in parallel threads had not
@@ -122,34 +231,52 @@ def main() -> None:
     def write_rows(rows: list[dict]) -> None:
         """Adds speed-up and efficiency, writes the result file (after every row: partial runs count)."""
         for row in rows:
-            base = next((b for b in rows if b["devices"] == 1 and b["dtype"] == row["dtype"]), None)
+            # The 1-device row of the same dtype and compile options; "per_device" on one device is "global".
+            base = next((b for b in rows if b["devices"] == 1 and b["dtype"] == row["dtype"]
+                         and b["compile_options"] == row["compile_options"]
+                         and b["batch_norm_stats"] in (row["batch_norm_stats"], "global")), None)
             if base:
                 row["speedup"] = row["patches_per_s"] / base["patches_per_s"]
                 row["efficiency"] = row["speedup"] / row["devices"]
         payload = {"benchmark": "scaling", "patch": list(patch), "per_device_batch": args.per_device_batch,
                    "variant": args.variant, "overrides": args.overrides,
+                   "step_variants": {name: {"batch_norm_stats": bn, "compile_options": options}
+                                     for name, bn, options in variants},
                    "pipeline": {"cases": args.pipeline_cases, "raw_shape": args.pipeline_shape,
                                 "workers": args.pipeline_workers},
                    "skipped_device_counts": skipped, "models": {r["dtype"]: r["model"] for r in runs},
-                   "environment": environment(), "rows": rows}
-        print("\n| dtype | GPUs | global batch | ms/step | patches/s | speedup | efficiency | pipeline-fed ms/step "
-              "| GPU idle |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                   "environment": environment(), "rows": rows, "profiles": profiles}
+        print("\n| dtype | step variant | GPUs | global batch | all-reduces | ms/step | patches/s | speedup | "
+              "efficiency | pipeline-fed ms/step | GPU idle |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         def cell(r, key, spec, scale=1.0, unit=""):  # "–" for what this run did not measure
             return f"{scale * r[key]:{spec}}{unit}" if key in r else "–"
 
         for r in rows:
-            print(f"| {r['dtype']} | {r['devices']} | {r['global_batch']} | {r['median_ms']:.1f} | "
+            print(f"| {r['dtype']} | {r['step_variant']} | {r['devices']} | {r['global_batch']} | "
+                  f"{r['all_reduce_ops']} | {r['median_ms']:.1f} | "
                   f"{r['patches_per_s']:.1f} | {cell(r, 'speedup', '.2f')} | {cell(r, 'efficiency', '.2f')} | "
                   f"{cell(r, 'pipeline_ms', '.1f')} | {cell(r, 'gpu_idle_fraction', '.0f', 100, '%')} |")
+        for p in profiles:
+            print(f"profile {p['dtype']} {p['step_variant']} x{p['devices']}: {p['all_reduce_ops']} all-reduces, "
+                  f"collectives {p['collective_ms_per_step']:.2f} ms/step ({p['exposed_collective_ms_per_step']:.2f}"
+                  f" ms exposed), other kernels busy {p['compute_busy_ms_per_step']:.2f} ms/step, per device")
         print(f"wrote {write_result('bench_scaling' + (f'_{args.tag}' if args.tag else ''), payload)}")
 
-    rows = []
+    rows: list[dict] = []
+    profiles: list[dict] = []
     rng = np.random.default_rng(0)
     for r in runs:
+        label = f"{r['dtype']} {r['step_variant']} {r['devices']} devices"
         t0 = time.perf_counter()
-        fn = r["lowered"].compile()
+        try:
+            fn = r["lowered"].compile(compiler_options=r["compile_options"] or None)
+        except jax.errors.JaxRuntimeError as err:
+            if "No such compile option" not in str(err):
+                raise
+            print(f"{label}: skipped, this jaxlib lacks a compile option: {err}", flush=True)
+            continue
         compile_s = time.perf_counter() - t0
-        print(f"{r['dtype']} {r['devices']} devices: compiled in {compile_s:.0f} s", flush=True)
+        print(f"{label}: compiled in {compile_s:.0f} s", flush=True)
         if staged is not None and sampler is None:
             sampler = pipeline.PatchSampler(staged.result(), "liver", config.data, 0, -1.0)
         mesh, batch = r["mesh"], r["global_batch"]
@@ -164,7 +291,10 @@ def main() -> None:
 
         timing = median_time(fixed, lambda h=holder: jax.block_until_ready(h["metrics"]), 3, args.steps)
         loss = float(holder["metrics"]["loss"])
-        row = {"dtype": r["dtype"], "devices": r["devices"], "global_batch": batch, "compile_s": compile_s, **timing,
+        hlo_text = fn.as_text()
+        row = {"dtype": r["dtype"], "step_variant": r["step_variant"], "batch_norm_stats": r["batch_norm_stats"],
+               "compile_options": r["compile_options"], "devices": r["devices"], "global_batch": batch,
+               "compile_s": compile_s, "all_reduce_ops": all_reduce_count(hlo_text), **timing,
                "steps_per_s": 1e3 / timing["median_ms"], "patches_per_s": batch * 1e3 / timing["median_ms"],
                "loss": loss, "finite": bool(np.isfinite(loss)),
                "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
@@ -183,8 +313,20 @@ def main() -> None:
             fed_ms = (time.perf_counter() - start) * 1e3 / args.steps
             row.update(pipeline_ms=fed_ms, pipeline_patches_per_s=batch * 1e3 / fed_ms,
                        gpu_idle_fraction=max(0.0, 1.0 - timing["median_ms"] / fed_ms))
+        if args.profile and r["devices"] == counts[-1]:
+            trace_dir = pathlib.Path(args.profile, f"{r['dtype']}_{r['step_variant']}_{r['devices']}dev")
+            with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+                for _ in range(args.profile_steps):
+                    fixed()
+                jax.block_until_ready(holder["metrics"])
+            events = read_trace(trace_dir)
+            kinds = summarise(events, args.profile_steps * r["devices"], 2, hlo_op_names(hlo_text))["by_kind"]
+            profiles.append({"dtype": r["dtype"], "step_variant": r["step_variant"], "devices": r["devices"],
+                             "steps": args.profile_steps, "trace_dir": str(trace_dir),
+                             "all_reduce_ops": row["all_reduce_ops"], **collective_overlap(events, args.profile_steps),
+                             "by_kind_ms_per_step_per_device": kinds})
         rows.append(row)
-        print(f"{r['dtype']} {r['devices']} devices: {timing['median_ms']:.1f} ms/step, "
+        print(f"{label}: {timing['median_ms']:.1f} ms/step, "
               f"{row['patches_per_s']:.1f} patches/s"
               + (f"; pipeline-fed {row['pipeline_ms']:.1f} ms/step" if "pipeline_ms" in row else ""), flush=True)
         del holder, arrays

@@ -29,7 +29,9 @@ import tempfile
 from experiments import bench_train_step as bench
 from experiments.bench_common import enable_compilation_cache, environment, parse_overrides, write_result
 
-KIND_PATTERNS = (  # first match wins; kernel names from cuDNN, cuBLAS, CUTLASS, Triton and XLA
+KIND_PATTERNS = (  # first match wins; kernel names from NCCL, cuDNN, cuBLAS, CUTLASS, Triton and XLA
+    ("collective", re.compile(r"nccl|all-?reduce|all_reduce|all-?gather|all_gather|reduce-?scatter|reduce_scatter"
+                              r"|collective|sendrecv", re.I)),  # before "reduction": ncclDevKernel_AllReduce_...
     ("convolution", re.compile(r"conv|xmma_fprop|xmma_dgrad|xmma_wgrad|implicit_gemm|cudnn|winograd", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|cublas|sm\d+_xmma|triton_gemm|ampere_|hopper_|dot", re.I)),
     ("copy/transpose", re.compile(r"copy|transpose|memcpy", re.I)),
@@ -96,15 +98,25 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     return {**{k.replace(".", "_"): v for k, v in named.items()}, **named}
 
 
-def summarise(events: list[dict], steps: int, depth: int, op_names: dict[str, str]) -> dict:
-    """Per-step device time by kernel kind, by layer, and the largest kernels and ops."""
+def device_threads(events: list[dict]) -> tuple[set, dict]:
+    """Returns the pids of the trace's GPUs and TPUs, and {(pid, tid): thread name} of all threads."""
     process, thread = {}, {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
             process[e["pid"]] = e["args"]["name"]
         elif e.get("ph") == "M" and e.get("name") == "thread_name":
             thread[(e["pid"], e["tid"])] = e["args"]["name"]
-    device_pids = {pid for pid, name in process.items() if "GPU" in name or "TPU" in name}
+    return {pid for pid, name in process.items() if "GPU" in name or "TPU" in name}, thread
+
+
+def is_kernel_line(line: str) -> bool:
+    """Returns whether a device thread of the trace is a stream (its events are kernels)."""
+    return line.startswith("Stream") or "stream" in line.lower()
+
+
+def summarise(events: list[dict], steps: int, depth: int, op_names: dict[str, str]) -> dict:
+    """Per-step device time by kernel kind, by layer, and the largest kernels and ops."""
+    device_pids, thread = device_threads(events)
     kernels: collections.Counter = collections.Counter()
     kernel_count: collections.Counter = collections.Counter()
     ops: collections.Counter = collections.Counter()
@@ -118,7 +130,7 @@ def summarise(events: list[dict], steps: int, depth: int, op_names: dict[str, st
         dur_ms = float(e.get("dur", 0)) / 1e3
         lines[line] += dur_ms
         args = e.get("args", {})
-        if line.startswith("Stream") or "stream" in line.lower():
+        if is_kernel_line(line):
             kernels[e["name"]] += dur_ms
             kernel_count[e["name"]] += 1
             kinds[kernel_kind(e["name"])] += dur_ms

@@ -13,6 +13,9 @@ import ml_collections
 
 MODEL_NAMES = ("unet", "msca_unet", "elanres_unet", "elanres_msca_unet", "attention_unet", "resunet",
                "unet3plus", "riunet", "r2unet", "resunet_pp")
+# train.batch_norm_stats: statistics over the whole sharded batch, or each device's shard its own
+# (livseg_jax/training/step.py, docs/training.md "Devices").
+BATCH_NORM_STATS = ("global", "per_device")
 
 
 def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
@@ -173,6 +176,9 @@ def base_config() -> ml_collections.ConfigDict:
             checkpoint_every_epochs=1,
             keep_checkpoints=3,
             donate_state=True,  # False: the step does not reuse the old state's buffers
+            # BatchNorm statistics in training: "global" (over the whole batch, synchronised across
+            # devices) or "per_device" (each device's shard its own, as PyTorch DDP without SyncBN).
+            batch_norm_stats="global",
             # The user's own XLA flags, added to XLA_FLAGS by `livseg_jax.train` before JAX starts
             # (flags the environment sets win). The flags the model's computation forms need are
             # added without being listed here (livseg_jax/xla_flags.py), also by `predict`.

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from livseg_jax.config import MODEL_NAMES
+from livseg_jax.config import BATCH_NORM_STATS, MODEL_NAMES
 from livseg_jax.data.layouts import LAYOUTS
 from livseg_jax.data.preprocess import SPACING_MODES
 from livseg_jax.data.resample import IMAGE_ORDERS, LABEL_METHODS
@@ -95,6 +95,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.num_epochs": _int_at_least(0),  # 0: set up the run directory only
     "train.steps_per_epoch": _int_at_least(1),
     "train.keep_checkpoints": _int_at_least(1),
+    "train.batch_norm_stats": _choice(BATCH_NORM_STATS),
     "inference.overlap": _number_in(0.0, 1.0, high_open=True),
     "inference.batch_size": _int_at_least(1),
 }

@@ -227,7 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     dataset = pipeline.make_dataset(sampler, config.data.batch_size, total_steps, start,
                                     jax.process_index(), jax.process_count())
     batches = pipeline.batch_iterator(dataset, config.data.num_workers, config.data.prefetch)
-    step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe, augment), mesh,
+    step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe, augment,
+                                             config.train.get("batch_norm_stats", "global"), mesh), mesh,
                              bool(config.train.get("donate_state", True)))
     predict_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), config.inference.mirror_tta)
     in_sharding = batch_sharding(mesh)
