@@ -79,6 +79,30 @@ def make_training_split(case_ids: Sequence[str], num_folds: int, fold: int, seed
             "train": ids[: len(ids) - n_val], "val": ids[len(ids) - n_val:]}
 
 
+def given_split(case_ids: Sequence[str], train: Sequence[str], val: Sequence[str],
+                num_folds: int = 0) -> dict[str, Any]:
+    """Returns a run's split (as `make_training_split`) training on `train` and validating on `val`,
+    the case ids of `data.train_cases` / `data.val_cases` (a study's split), checked against the
+    dataset's `case_ids`; ValueError names the setting."""
+    train, val = [str(c) for c in train], [str(c) for c in val]
+    if int(num_folds):
+        raise ValueError(f"data.train_cases / data.val_cases name the split: leave data.num_folds 0, got {num_folds}")
+    if not train:
+        raise ValueError("data.val_cases given without data.train_cases: nothing to train on")
+    known = set(case_ids)
+    for key, ids in (("data.train_cases", train), ("data.val_cases", val)):
+        unknown = [c for c in ids if c not in known]
+        if unknown:
+            raise ValueError(f"{key}: case(s) {', '.join(unknown[:5])} are not in the dataset ({len(known)} cases)")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{key}: case ids repeat")
+    both = sorted(set(train) & set(val), key=natural_key)
+    if both:
+        raise ValueError(f"data.train_cases and data.val_cases share case(s) {', '.join(both[:5])}")
+    return {"num_folds": 0, "fold": 0, "seed": None, "cases": sorted(train + val, key=natural_key), "folds": None,
+            "train": train, "val": val}
+
+
 def read_split(path: str | os.PathLike) -> dict[str, Any]:
     """Returns a saved `splits.json` (the file, or the run directory holding it); ValueError names it."""
     path = pathlib.Path(path)

@@ -51,7 +51,8 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     study = _CONFIG.value
     # Before anything starts a backend: the XLA flags every run's network forms need.
-    models = [c.model for entry in study.runs for c in (spec.stage_run_config(study, entry, stage, "", 1)
+    no_split = {"train": (), "val": ()}
+    models = [c.model for entry in study.runs for c in (spec.stage_run_config(study, entry, stage, no_split)
                                                         for stage in spec.run_stages(entry))]
     apply_model_xla_flags(models)
     cache = pathlib.Path(study.data.cache_dir).expanduser() if study.data.cache_dir else default_cache_root()
