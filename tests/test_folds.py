@@ -228,3 +228,18 @@ def test_postprocess_chooses_on_the_fold_runs_validation_fold(tmp_path):
     save_config(tmp_path / "run", config)
     chosen = [c.case_id for c in postprocess.validation_files(tmp_path / "run", None)]
     assert chosen == folds.kfold(ids, 3, config.seed)[2]
+
+
+def test_a_split_given_by_case_ids_trains_and_validates_on_exactly_those():
+    config = base_config()
+    config.data.train_cases, config.data.val_cases = ("case-3", "case-1"), ("case-10",)
+    split = training_split(config, IDS)
+    assert (split["train"], split["val"], split["cases"]) == (["case-3", "case-1"], ["case-10"],
+                                                              ["case-1", "case-3", "case-10"])
+    for train, val, num_folds, problem in ((("case-1",), ("case-99",), 0, "data.val_cases: case.s. case-99"),
+                                           (("case-1",), ("case-1",), 0, "share case.s. case-1"),
+                                           ((), ("case-1",), 0, "without data.train_cases"),
+                                           (("case-1",), (), 3, "leave data.num_folds 0")):
+        config.data.train_cases, config.data.val_cases, config.data.num_folds = train, val, num_folds
+        with pytest.raises(ValueError, match=problem):
+            training_split(config, IDS)
