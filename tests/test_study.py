@@ -195,6 +195,43 @@ def test_study_runs_read_the_datasets_label_map_and_share_one_median_spacing(tmp
     assert (workdir / "runs" / "J" / runner.RESULT_FILE).is_file()  # the test case predicted and evaluated
 
 
+def test_a_stage_finished_through_the_former_training_list_is_kept_only_for_the_same_run_on_the_same_cases(
+        tmp_path):
+    import dataclasses
+
+    from livseg_jax import atomic_write
+    from livseg_jax.data.layouts import CaseFiles
+
+    study = spec.load_config_file(REPO / "configs" / "studies" / "ablation.py")
+    split = {"train": ["volume-2", "volume-0"], "val": ["volume-5"]}
+    config = runner.stage_configs(study, study.runs[0], split)["liver"]
+    listed = tmp_path / runner.LEGACY_LIST
+    listed.write_text("".join(f"train_list/{p}-{c}.nii.gz train_list/{p}-{c}_label.nii.gz\n"
+                              for p, ids in (("t", split["train"]), ("v", split["val"])) for c in ids))
+    old = json.loads(config.to_json_best_effort())  # as the study wrote it before runs got case ids
+    for key in ("train_cases", "val_cases"):
+        del old["data"][key]
+    old["data"].update(root="", layout="list", list_file=str(listed), num_val_cases=1)
+    stage = tmp_path / "runs" / "UNet" / "liver"
+    record = {"config": old, "final_step": 2, "start_step": 0, "best_dice": 0.0, "train_s": 1.0,
+              "finished": "2026-11-30T00:00:00Z"}
+    atomic_write.write_json(stage / runner.DONE_FILE, record)
+    plain = {c: CaseFiles(c, tmp_path / f"{c}.nii.gz", tmp_path / f"{c}_seg.nii.gz") for c in ("volume-0", "volume-2",
+                                                                                              "volume-5")}
+    remapped = {c: dataclasses.replace(f, label_map=((0, 0), (1, 2), (2, 1))) for c, f in plain.items()}
+    other_seed = config.copy_and_resolve_references()
+    other_seed.seed = 7
+
+    assert not runner.adopt_listed_stage(stage, config, split, remapped)  # the list read raw labels
+    assert not runner.adopt_listed_stage(stage, config, {**split, "train": split["train"][::-1]}, plain)
+    assert not runner.adopt_listed_stage(stage, other_seed, split, plain)  # another run
+    with pytest.raises(ValueError, match="finished training with another config"):
+        runner.train_stage(config, stage, [], train_fn=lambda *args: pytest.fail("trained"))
+    assert runner.adopt_listed_stage(stage, config, split, plain)
+    done = runner.train_stage(config, stage, [], train_fn=lambda *args: pytest.fail("trained again"))
+    assert done["finished"] == record["finished"] and done["adopted"]["list_file"] == str(listed)
+
+
 # ------------------------------------------------------------------------------ end to end (slow)
 
 

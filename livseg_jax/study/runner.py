@@ -47,7 +47,7 @@ import numpy as np
 
 from livseg_jax import atomic_write, evaluate
 from livseg_jax.data import spacing as spacing_rule
-from livseg_jax.data.cases import output_name, sidecar_path
+from livseg_jax.data.cases import case_id_of, output_name, sidecar_path
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.models.summary import count_params
 from livseg_jax.study import figures, scheduler, spec, splits, tables
@@ -134,6 +134,57 @@ def median_spacing(out: pathlib.Path, split: Mapping[str, Any], cases: Mapping[s
     return target
 
 
+# The data keys that say where a stage's cases are read from: what changed when runs stopped reading a
+# linked training list (`train_list.txt`) and got the split's case ids instead.
+CASE_SOURCE_KEYS = ("root", "layout", "list_file", "label_map", "train_cases", "val_cases", "num_val_cases",
+                    "num_folds", "fold")
+LEGACY_LIST = "train_list.txt"
+
+
+def _listed_split(path: pathlib.Path) -> dict[str, list[str]]:
+    """Returns {"train", "val"} case ids of a study's former training list (`t-<id>` / `v-<id>` links;
+    any other name under a key of its own)."""
+    listed: dict[str, list[str]] = {"t": [], "v": []}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            prefix, _, case_id = case_id_of(pathlib.PurePosixPath(line.split()[0]).name).partition("-")
+            listed.setdefault(prefix, []).append(case_id)
+    return {"train": listed.pop("t"), "val": listed.pop("v"), **listed}
+
+
+def adopt_listed_stage(stage_dir: pathlib.Path, config: ml_collections.ConfigDict, split: Mapping[str, Any],
+                       cases: Mapping[str, Any]) -> bool:
+    """Returns whether a stage finished by an earlier study (reading its cases through the linked
+    training list `train_list.txt`) was taken as finished with `config`, its `study_done.json` rewritten.
+
+    Taken only when the configs differ in where the cases are read from alone (`CASE_SOURCE_KEYS`),
+    the list names exactly the split's training and validation cases in order, and no case's labels
+    need remapping (the list read the same labels then). Anything else is left to `train_stage`,
+    which refuses a stage finished with another config.
+    """
+    marker = stage_dir / DONE_FILE
+    if not marker.exists():
+        return False
+    done = json.loads(marker.read_text())
+    old, new = done["config"], _canonical(config)
+    listed = pathlib.Path(str(old.get("data", {}).get("list_file", "")))
+    if old == new or old["data"].get("layout") != "list" or listed.name != LEGACY_LIST or not listed.is_file():
+        return False
+    if any(c.label_map is not None for c in cases.values()):
+        return False
+
+    def without_source(c: Mapping[str, Any]) -> dict[str, Any]:
+        return {**c, "data": {k: v for k, v in c["data"].items() if k not in CASE_SOURCE_KEYS}}
+
+    if without_source(old) != without_source(new):
+        return False
+    if _listed_split(listed) != {"train": list(split["train"]), "val": list(split["val"])}:
+        return False
+    atomic_write.write_json(marker, {**done, "config": new, "adopted": {"list_file": str(listed), "at": _now()}})
+    print(f"{stage_dir}: finished by an earlier study version on the same cases ({listed}); kept as finished")
+    return True
+
+
 def train_stage(config: ml_collections.ConfigDict, stage_dir: pathlib.Path, devices: Sequence[Any],
                 train_fn: TrainFn = train_and_evaluate) -> dict[str, Any]:
     """Returns the stage's completion record, training it first unless `study_done.json` says it is done.
@@ -214,6 +265,8 @@ def run_one(study: ml_collections.ConfigDict, entry: Mapping[str, Any], run_dir:
     configs = stage_configs(study, entry, split, median)
     stage_dirs = {stage: run_dir / stage for stage in configs}
     devices = study_devices(study)
+    for stage, config in configs.items():
+        adopt_listed_stage(stage_dirs[stage], config, split, cases)
     done = {stage: train_stage(config, stage_dirs[stage], devices, train_fn) for stage, config in configs.items()}
     test = [cases[cid] for cid in split["test"]]
     records = predict_test_split(run_dir, stage_dirs, {s: d["finished"] for s, d in done.items()}, test, study)
