@@ -8,7 +8,9 @@ then `contiguous_folds`; sizes differ by at most one). Fold k validates; the oth
 A training run saves its split as `splits.json` in the run directory (`load_or_save_split`) and a
 resumed run must find the same one there: another case list, fold or seed is refused, so the
 checkpoints and the split they were trained on cannot drift apart. Without folds (`num_folds` 0)
-the file records the hold-out split: the last `data.num_val_cases` cases validate.
+the file records the hold-out split: the last `data.num_val_cases` cases validate. A split given by
+case id (`data.train_cases` / `data.val_cases`, how a study hands its runs their cases) is
+`given_split`, saved and checked the same way.
 """
 
 from __future__ import annotations
