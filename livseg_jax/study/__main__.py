@@ -1,6 +1,7 @@
 """Run a study: `python -m livseg_jax.study --config=configs/studies/NAME.py[:paper] --workdir=DIR`.
 
-Options: `--config.data.root=DIR` (real data; default the built-in synthetic set), any other
+Options: `--config.data.root=DIR` (real data; default the built-in synthetic set; with
+`--config.data.layout`, `--config.data.label_map` as for training), any other
 `--config.<key>=value`, and `--runs=a,b` to run only those runs (the tables still show every run
 finished in DIR). Rerunning the same command resumes: finished runs are not trained again.
 
