@@ -106,6 +106,10 @@ def base_config() -> ml_collections.ConfigDict:
             # validates, the others train (num_val_cases unused); 0: the last num_val_cases validate.
             num_folds=0,
             fold=0,
+            # The split by case id (a study's runs): given, these train and these validate (num_folds
+            # 0; num_val_cases unused); () -> the rules above (data/folds.py `given_split`).
+            train_cases=(),
+            val_cases=(),
             synthetic=ml_collections.ConfigDict(
                 dict(num_cases=10, shape=(160, 160, 64), spacing=(1.5, 1.5, 3.0), seed=1234)
             ),

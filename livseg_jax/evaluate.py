@@ -20,8 +20,12 @@ Cross-validation (`--cv ROOT`): ROOT holds the run directories of one k-fold tra
 joint runs trained with `data.num_folds`, each with its `splits.json`; every fold exactly once, all
 from the same partition). Each fold's validation cases are predicted with that fold's run (the full
 prediction pipeline of `livseg_jax.predict`, onto the original grid) into
-`<out>/predictions/fold-<k>/`; a label map already there is read instead of predicted again
-(delete the folder after retraining). They are evaluated against the cases' labels as above:
+`<out>/predictions/fold-<k>/`, beside `made_from.json`: the run directory and checkpoint
+(sub-folder, step and the checkpoint folder's modification time) the fold's label maps come from,
+written before the first of them. A label map already there is read instead of predicted again only
+when that record names the checkpoint the fold's run gives now; otherwise (other runs, --which,
+a retrained run, or no record) the folder's label maps are deleted and predicted again, with a
+line on stderr saying why. They are evaluated against the cases' labels as above:
 `cv_evaluation.csv` (one row per case, with its fold) and `cv_evaluation.json` (per-fold and pooled
 summaries, the mean of the fold means, rows) in `<out>` (default `ROOT/cv`). Liver runs report
 the liver only.
@@ -46,7 +50,7 @@ import tqdm
 from livseg_jax import atomic_write, metrics
 from livseg_jax.cli_errors import CliError, check_output_dir, run_main
 from livseg_jax.data import nifti
-from livseg_jax.data.cases import natural_key, output_name
+from livseg_jax.data.cases import is_nifti_file, natural_key, output_name
 from livseg_jax.data.layouts import prediction_files, truth_files
 from livseg_jax.data.nifti import DataError
 
@@ -225,6 +229,7 @@ def write_outputs(out_dir: str | os.PathLike, cases: Sequence[Mapping[str, Any]]
 # ------------------------------------------------------------------------------ cross-validation
 
 CV_PREDICTIONS = "predictions"
+CV_SOURCE = "made_from.json"  # in each fold's prediction folder: the checkpoint its label maps come from
 CV_STAGES = {"liver": ("liver",), "joint": STRUCTURES}  # stage of the fold runs -> structures scored
 
 
@@ -264,10 +269,49 @@ def fold_runs(root: str | os.PathLike) -> list[tuple[int, pathlib.Path, dict[str
     return [(k, *found[k]) for k in sorted(found)]
 
 
+def checkpoint_source(run: pathlib.Path, which: str) -> dict[str, Any]:
+    """Returns what predictions made with a run's `which` checkpoint come from: the run directory
+    (resolved), the checkpoint's sub-folder and step, and that folder's modification time (a run
+    retrained from scratch reaches the same step with other weights)."""
+    from livseg_jax.run_dir import checkpoint_step
+
+    sub, step = checkpoint_step(run, which)
+    return {"run": str(pathlib.Path(run).resolve()), "checkpoint": f"{sub}/{step}",
+            "step": int(step), "checkpoint_mtime_ns": (pathlib.Path(run) / sub / str(step)).stat().st_mtime_ns}
+
+
+def _recorded_source(folder: pathlib.Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / CV_SOURCE).read_text())
+    except (OSError, ValueError):
+        return None  # absent or damaged: the folder's label maps are of unknown origin
+
+
+def reset_stale_predictions(folder: pathlib.Path, source: Mapping[str, Any], fold: int) -> None:
+    """Deletes the fold folder's label maps unless its `made_from.json` records `source`, then records it.
+
+    The record is written before any prediction, so every label map in the folder was made from
+    the checkpoint it names (a run stopped half way resumes with the same checkpoint)."""
+    recorded = _recorded_source(folder)
+    if recorded == dict(source):
+        return
+    stale = [p for p in folder.iterdir() if is_nifti_file(p)] if folder.is_dir() else []
+    if stale:
+        made_from = (f"{recorded.get('run')} ({recorded.get('checkpoint')})" if isinstance(recorded, dict)
+                     else f"unrecorded checkpoints (no readable {CV_SOURCE})")
+        print(f"fold {fold}: the {len(stale)} label map(s) in {folder} were made from {made_from}, not "
+              f"{source['run']} ({source['checkpoint']}): predicting again", file=sys.stderr)
+    (folder / CV_SOURCE).unlink(missing_ok=True)  # first: an interrupted reset leaves no false record
+    for path in stale:
+        path.unlink()
+    atomic_write.write_json(folder / CV_SOURCE, dict(source))
+
+
 def predict_fold(run: pathlib.Path, split: Mapping[str, Any], folder: pathlib.Path,
-                 which: str = "best") -> list[tuple[str, pathlib.Path, pathlib.Path, Any]]:
+                 which: str = "best", fold: int = 0) -> list[tuple[str, pathlib.Path, pathlib.Path, Any]]:
     """Returns [(case id, prediction, truth, the truth's label_map)] of a fold's validation cases,
-    predicting those not in `folder` yet."""
+    predicting those not in `folder` yet (all of them when its label maps came from another
+    checkpoint: `reset_stale_predictions`)."""
     from livseg_jax.inference.two_stage import Predictor
     from livseg_jax.run_dir import load_config
     from livseg_jax.training.loop import dataset_cases
@@ -282,6 +326,7 @@ def predict_fold(run: pathlib.Path, split: Mapping[str, Any], folder: pathlib.Pa
     if missing:
         raise DataError(f"{run}: validation case(s) {', '.join(missing)} of splits.json have no labelled case "
                         "in the run's dataset (config.json data.root / list_file)")
+    reset_stale_predictions(folder, checkpoint_source(run, which), fold)
     predictor = None
     pairs = []
     for cid in split["val"]:
@@ -357,7 +402,7 @@ def _run_cv(args: argparse.Namespace) -> int:
     scored = []
     for k, run, split in folds:
         folder = out_dir / CV_PREDICTIONS / f"fold-{k}"
-        pairs = predict_fold(run, split, folder, args.which)
+        pairs = predict_fold(run, split, folder, args.which, k)
         cases = [evaluate_case(cid, p, g, args.connectivity, args.min_overlap, value_map)
                  for cid, p, g, value_map in tqdm.tqdm(pairs, desc=f"evaluate fold {k}", unit="case", disable=None,
                                             file=sys.stderr)]

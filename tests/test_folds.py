@@ -146,6 +146,59 @@ def test_evaluate_cv_scores_every_case_once_with_its_folds_run(cv_root, capsys):
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "predictions").rglob("*.nii.gz")}
 
 
+
+def _stamps(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.nii.gz")}
+
+
+@pytest.mark.filterwarnings("ignore:.*found no liver")
+def test_evaluate_cv_predicts_again_only_when_the_predictions_came_from_other_checkpoints(cv_root, tmp_path,
+                                                                                          capsys):
+    import shutil
+
+    from livseg_jax.run_dir import write_variables
+
+    out = tmp_path / "cv"
+    folders = [out / "predictions" / f"fold-{k}" for k in (0, 1)]
+    assert evaluate.main(["--cv", str(cv_root), "--out", str(out)]) == 0
+    made = json.loads((folders[0] / evaluate.CV_SOURCE).read_text())
+    assert made["run"] == str((cv_root / "fold-0").resolve()) and made["checkpoint"] == "checkpoints/0"
+    first = [_stamps(f) for f in folders]
+    assert evaluate.main(["--cv", str(cv_root), "--out", str(out), "--which", "latest"]) == 0  # the same checkpoints
+    assert [_stamps(f) for f in folders] == first and "predicting again" not in capsys.readouterr().err
+
+    # Other fold runs into the same --out: every fold predicted again.
+    other = tmp_path / "other"
+    for k in (0, 1):
+        shutil.copytree(cv_root / f"fold-{k}", other / f"fold-{k}")
+    assert evaluate.main(["--cv", str(other), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert all(f"fold {k}: the 2 label map(s) in {folders[k]} were made from {(cv_root / f'fold-{k}').resolve()} "
+               f"(checkpoints/0), not {(other / f'fold-{k}').resolve()} (checkpoints/0): predicting again" in err
+               for k in (0, 1))
+    second = [_stamps(f) for f in folders]
+    assert all(second[k][name] != first[k][name] for k in (0, 1) for name in first[k])
+
+    # Fold 0 retrained to the same step with another network (liver nowhere): only fold 0 predicted again.
+    config = tiny_config(cv_root.parent / "cache", fold=0)
+    variables = jax.tree.map(lambda s: np.full(s.shape, 0.01, s.dtype),
+                             variable_shapes(build_model(config.model, deploy=False), (16, 16, 16)))
+    variables["params"]["head0"]["bias"] = np.array([20.0, -20.0], np.float32)
+    write_variables(other / "fold-0", variables, config, force=True)
+    split_case_files(config, other / "fold-0")
+    assert evaluate.main(["--cv", str(other), "--out", str(out)]) == 0
+    assert "fold 0: the 2 label map(s)" in capsys.readouterr().err
+    third = [_stamps(f) for f in folders]
+    assert third[1] == second[1] and all(third[0][n] != second[0][n] for n in second[0])
+    report = json.loads((out / "cv_evaluation.json").read_text())
+    assert report["folds"][0]["summary"]["liver"]["dice"]["mean"] == 0.0  # scored with the new network
+
+    # Label maps of unknown origin (no record: an older evaluate wrote them) are predicted again.
+    (folders[1] / evaluate.CV_SOURCE).unlink()
+    assert evaluate.main(["--cv", str(other), "--out", str(out)]) == 0
+    assert f"no readable {evaluate.CV_SOURCE}" in capsys.readouterr().err
+    assert all(_stamps(folders[1])[n] != third[1][n] for n in third[1]) and _stamps(folders[0]) == third[0]
+
 def test_evaluate_cv_refuses_a_missing_or_repeated_fold(cv_root, tmp_path, capsys):
     import shutil
 
@@ -175,3 +228,18 @@ def test_postprocess_chooses_on_the_fold_runs_validation_fold(tmp_path):
     save_config(tmp_path / "run", config)
     chosen = [c.case_id for c in postprocess.validation_files(tmp_path / "run", None)]
     assert chosen == folds.kfold(ids, 3, config.seed)[2]
+
+
+def test_a_split_given_by_case_ids_trains_and_validates_on_exactly_those():
+    config = base_config()
+    config.data.train_cases, config.data.val_cases = ("case-3", "case-1"), ("case-10",)
+    split = training_split(config, IDS)
+    assert (split["train"], split["val"], split["cases"]) == (["case-3", "case-1"], ["case-10"],
+                                                              ["case-1", "case-3", "case-10"])
+    for train, val, num_folds, problem in ((("case-1",), ("case-99",), 0, "data.val_cases: case.s. case-99"),
+                                           (("case-1",), ("case-1",), 0, "share case.s. case-1"),
+                                           ((), ("case-1",), 0, "without data.train_cases"),
+                                           (("case-1",), (), 3, "leave data.num_folds 0")):
+        config.data.train_cases, config.data.val_cases, config.data.num_folds = train, val, num_folds
+        with pytest.raises(ValueError, match=problem):
+            training_split(config, IDS)

@@ -151,3 +151,26 @@ def test_predictions_and_truths_are_keyed_by_case_in_natural_order(tmp_path):
         prediction_files(tmp_path / "pred")
     with pytest.raises(DataError, match="prediction file or folder does not exist"):
         prediction_files(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("layout", ["nnunet", "msd"])
+def test_auto_discovery_parses_dataset_json_once(layout, tmp_path, monkeypatch):
+    """Layout detection hands its parsed dataset.json on to discovery instead of reading it again."""
+    import types
+
+    from livseg_jax.data import layouts
+
+    _touch(tmp_path / "imagesTr" / "a_0000.nii.gz")
+    _touch(tmp_path / "labelsTr" / "a.nii.gz")
+    labels = {"background": 0, "liver": 2, "tumour": 1}
+    meta = ({"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz"} if layout == "nnunet" else
+            {"labels": {"0": "background", "1": "tumour", "2": "liver"},
+             "training": [{"image": "./imagesTr/a_0000.nii.gz", "label": "./labelsTr/a.nii.gz"}]})
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    parsed = []
+    monkeypatch.setattr(layouts, "json", types.SimpleNamespace(loads=lambda text: parsed.append(text) or
+                                                               json.loads(text)))
+    cases = discover(tmp_path)
+    assert [(c.case_id, c.label_map) for c in cases] == [("a" if layout == "nnunet" else "a_0000",
+                                                          ((0, 0), (1, 2), (2, 1)))]
+    assert len(parsed) == 1

@@ -8,7 +8,9 @@ then `contiguous_folds`; sizes differ by at most one). Fold k validates; the oth
 A training run saves its split as `splits.json` in the run directory (`load_or_save_split`) and a
 resumed run must find the same one there: another case list, fold or seed is refused, so the
 checkpoints and the split they were trained on cannot drift apart. Without folds (`num_folds` 0)
-the file records the hold-out split: the last `data.num_val_cases` cases validate.
+the file records the hold-out split: the last `data.num_val_cases` cases validate. A split given by
+case id (`data.train_cases` / `data.val_cases`, how a study hands its runs their cases) is
+`given_split`, saved and checked the same way.
 """
 
 from __future__ import annotations
@@ -77,6 +79,30 @@ def make_training_split(case_ids: Sequence[str], num_folds: int, fold: int, seed
         raise ValueError(f"{len(ids)} cases found but data.num_val_cases = {n_val}: nothing left to train on")
     return {"num_folds": 0, "fold": 0, "seed": None, "cases": sorted(ids, key=natural_key), "folds": None,
             "train": ids[: len(ids) - n_val], "val": ids[len(ids) - n_val:]}
+
+
+def given_split(case_ids: Sequence[str], train: Sequence[str], val: Sequence[str],
+                num_folds: int = 0) -> dict[str, Any]:
+    """Returns a run's split (as `make_training_split`) training on `train` and validating on `val`,
+    the case ids of `data.train_cases` / `data.val_cases` (a study's split), checked against the
+    dataset's `case_ids`; ValueError names the setting."""
+    train, val = [str(c) for c in train], [str(c) for c in val]
+    if int(num_folds):
+        raise ValueError(f"data.train_cases / data.val_cases name the split: leave data.num_folds 0, got {num_folds}")
+    if not train:
+        raise ValueError("data.val_cases given without data.train_cases: nothing to train on")
+    known = set(case_ids)
+    for key, ids in (("data.train_cases", train), ("data.val_cases", val)):
+        unknown = [c for c in ids if c not in known]
+        if unknown:
+            raise ValueError(f"{key}: case(s) {', '.join(unknown[:5])} are not in the dataset ({len(known)} cases)")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{key}: case ids repeat")
+    both = sorted(set(train) & set(val), key=natural_key)
+    if both:
+        raise ValueError(f"data.train_cases and data.val_cases share case(s) {', '.join(both[:5])}")
+    return {"num_folds": 0, "fold": 0, "seed": None, "cases": sorted(train + val, key=natural_key), "folds": None,
+            "train": train, "val": val}
 
 
 def read_split(path: str | os.PathLike) -> dict[str, Any]:

@@ -96,13 +96,15 @@ def _resolve(base: pathlib.Path, rel: str, where: PathLike) -> pathlib.Path:
     return path
 
 
-def discover_msd(root: PathLike, label_map: str = "") -> list[CaseFiles]:
-    """Returns the training cases of a Medical Segmentation Decathlon folder."""
+def discover_msd(root: PathLike, label_map: str = "", dataset: dict | None = None) -> list[CaseFiles]:
+    """Returns the training cases of a Medical Segmentation Decathlon folder.
+
+    `dataset`: its dataset.json already parsed (by `discover`'s layout detection), else read here."""
     root = pathlib.Path(root)
     meta = root / "dataset.json"
     cases = []
     if meta.exists():
-        dataset = read_dataset_json(meta)
+        dataset = read_dataset_json(meta) if dataset is None else dataset
         try:
             entries = [(e["image"], e.get("label")) for e in dataset["training"]]
         except (KeyError, TypeError, AttributeError) as e:
@@ -211,14 +213,25 @@ def nnunet_label_map(labels: object, spec: str, where: PathLike) -> tuple[tuple[
     return None if all(a == b for a, b in pairs) else pairs
 
 
-def detect_nnunet(root: pathlib.Path) -> bool:
-    """Returns whether `root` looks like an nnU-Net v2 raw dataset (dataset.json with file_ending)."""
+def _parsed_dataset_json(root: pathlib.Path) -> dict | None:
+    """Returns root/dataset.json parsed, None when absent or unreadable (discovery reports that)."""
+    meta = root / "dataset.json"
+    if not meta.exists():
+        return None
+    try:
+        dataset = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    return dataset if isinstance(dataset, dict) else None
+
+
+def detect_nnunet(root: pathlib.Path, dataset: dict | None = None) -> bool:
+    """Returns whether `root` looks like an nnU-Net v2 raw dataset (dataset.json with file_ending).
+
+    `dataset`: root/dataset.json already parsed (None: read here when it exists)."""
     meta = root / "dataset.json"
     if meta.exists():
-        try:
-            dataset = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            return False  # discovery reports the unreadable file
+        dataset = _parsed_dataset_json(root) if dataset is None else dataset
         return isinstance(dataset, dict) and "file_ending" in dataset and "training" not in dataset
     images = root / "imagesTr"
     return images.is_dir() and any(case_id_of(p).endswith(NNUNET_CHANNEL) for p in images.iterdir()
@@ -241,13 +254,15 @@ def nnunet_images(folder: pathlib.Path, file_ending: str) -> dict[str, pathlib.P
     return images
 
 
-def discover_nnunet(root: PathLike, label_map: str = "") -> list[CaseFiles]:
-    """Returns the training cases of an nnU-Net v2 raw dataset folder (imagesTr/, labelsTr/)."""
+def discover_nnunet(root: PathLike, label_map: str = "", dataset: dict | None = None) -> list[CaseFiles]:
+    """Returns the training cases of an nnU-Net v2 raw dataset folder (imagesTr/, labelsTr/).
+
+    `dataset`: its dataset.json already parsed (by `discover`'s layout detection), else read here."""
     root = pathlib.Path(root)
     meta = root / "dataset.json"
     if not meta.exists():
         raise DataError(f"{root}: no dataset.json (nnU-Net v2 raw layout)")
-    dataset = read_dataset_json(meta)
+    dataset = read_dataset_json(meta) if dataset is None else dataset
     for key in ("labels", "file_ending"):
         if key not in dataset:
             raise DataError(f"{meta}: no {key!r} (nnU-Net v2 dataset.json)")
@@ -308,15 +323,21 @@ def _sorted_unique(cases: list[CaseFiles], where: PathLike) -> list[CaseFiles]:
 
 def detect_layout(root: PathLike) -> str:
     """Returns "nnunet", "msd" or "lits" for a dataset folder, raising DataError when none fits."""
-    root = pathlib.Path(root)
+    return _detect_layout(pathlib.Path(root))[0]
+
+
+def _detect_layout(root: pathlib.Path) -> tuple[str, dict | None]:
+    """Returns (layout, the dataset.json it parsed or None): discovery takes it on instead of
+    reading the file again."""
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
-    if detect_nnunet(root):
-        return "nnunet"
+    dataset = _parsed_dataset_json(root)
+    if detect_nnunet(root, dataset):
+        return "nnunet", dataset
     if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
-        return "msd"
+        return "msd", dataset
     if any(_LITS_VOLUME.match(p.name) for p in root.rglob("volume-*")):
-        return "lits"
+        return "lits", None
     raise DataError(
         f"{root}: cannot tell the dataset layout: no dataset.json or imagesTr/ (MSD, nnU-Net) and no "
         "volume-N.nii[.gz] (LiTS); pass a list file for other layouts"
@@ -343,15 +364,16 @@ def discover(root: PathLike, layout: str = "auto", list_file: PathLike = "",
         if not path.exists():
             raise DataError(f"{path}: list file does not exist")
         return discover_list(path)
+    dataset = None  # dataset.json as layout detection parsed it: read once
     if layout == "auto":
-        layout = detect_layout(root)
+        layout, dataset = _detect_layout(pathlib.Path(root))
     elif not pathlib.Path(root).is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
     if label_map and layout not in ("msd", "nnunet"):
         raise ValueError(f"data.label_map is for nnU-Net and MSD datasets (dataset.json), not layout {layout!r}")
     if layout == "nnunet":
-        return discover_nnunet(root, label_map)
-    return discover_lits(root) if layout == "lits" else discover_msd(root, label_map)
+        return discover_nnunet(root, label_map, dataset)
+    return discover_lits(root) if layout == "lits" else discover_msd(root, label_map, dataset)
 
 
 # ------------------------------------------------- the inputs of predict, evaluate and visualize

@@ -1,6 +1,7 @@
 """Run a study: `python -m livseg_jax.study --config=configs/studies/NAME.py[:paper] --workdir=DIR`.
 
-Options: `--config.data.root=DIR` (real data; default the built-in synthetic set), any other
+Options: `--config.data.root=DIR` (real data; default the built-in synthetic set; with
+`--config.data.layout`, `--config.data.label_map` as for training), any other
 `--config.<key>=value`, and `--runs=a,b` to run only those runs (the tables still show every run
 finished in DIR). Rerunning the same command resumes: finished runs are not trained again.
 
@@ -51,7 +52,8 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     study = _CONFIG.value
     # Before anything starts a backend: the XLA flags every run's network forms need.
-    models = [c.model for entry in study.runs for c in (spec.stage_run_config(study, entry, stage, "", 1)
+    no_split = {"train": (), "val": ()}
+    models = [c.model for entry in study.runs for c in (spec.stage_run_config(study, entry, stage, no_split)
                                                         for stage in spec.run_stages(entry))]
     apply_model_xla_flags(models)
     cache = pathlib.Path(study.data.cache_dir).expanduser() if study.data.cache_dir else default_cache_root()

@@ -4,9 +4,13 @@ Layout of a study directory (`--workdir`):
 
     study.json                 the study config as run
     split.json                 the train / validation / test split (`study.splits`), reused on rerun
-    train_list.txt, train_list/  the training list (links ordering validation cases last)
+    median_spacing.json        with runs of `preprocess.spacing_mode` "median": nnU-Net's median
+                               spacing of the split's training cases, read from their headers once
     runs/<run>/<stage>/        each stage's run directory (`livseg_jax.run_dir`); `study_done.json`
-                               in it, written atomically when its training finished, marks it complete
+                               in it, written atomically when its training finished, marks it complete.
+                               Its config names the study's dataset (root, layout, label_map) and the
+                               split's cases (`data.train_cases`, `data.val_cases`): training reads
+                               the data as `livseg_jax.train` does, saving the split as `splits.json`
     runs/<run>/predictions/    the test split's label maps and `_timings.json` (as `predict` writes)
     runs/<run>/predictions.json  written when every test case is predicted
     runs/<run>/evaluation/     `evaluate`'s evaluation.csv / .json on the test split
@@ -16,7 +20,10 @@ Layout of a study directory (`--workdir`):
     runs/<run>/train.log, runs/<run>/worker.json  with runs in worker processes: the worker's output and
                                its devices, command, times and exit status (`study.scheduler`)
 
-With `split.folds` >= 2 the runs, tables and figure of fold k go to `fold-k/` (split.json stays at the top).
+With `split.folds` >= 2 the runs, tables, figure and median_spacing.json of fold k go to `fold-k/`
+(split.json stays at the top). A run's "median" spacing is resolved once per study, in the process
+that prepares it, and given to each stage as spacing_mode "target" with that spacing (the same grid
+training would compute): neither the runs nor the worker processes read every case's header again.
 `run_study` runs the runs one after another in this process, each data parallel over `study.devices`
 devices; `run_study_in_workers` runs several at once, one worker process per device group
 (`study.scheduler`). An interrupted study resumes at its first unfinished stage (`train_and_evaluate`
@@ -39,13 +46,15 @@ import ml_collections
 import numpy as np
 
 from livseg_jax import atomic_write, evaluate
-from livseg_jax.data.cases import output_name, sidecar_path
+from livseg_jax.data import spacing as spacing_rule
+from livseg_jax.data.cases import case_id_of, output_name, sidecar_path
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.models.summary import count_params
 from livseg_jax.study import figures, scheduler, spec, splits, tables
 from livseg_jax.training.loop import cache_stage_cases, dataset_cases, split_cases, train_and_evaluate
 
 DONE_FILE = "study_done.json"
+SPACING_FILE = "median_spacing.json"
 PREDICTIONS_DONE = "predictions.json"
 RESULT_FILE = "result.json"
 # train_fn(config, run directory, devices) -> summary, as `train_and_evaluate`.
@@ -70,10 +79,110 @@ def study_cases(study: ml_collections.ConfigDict) -> dict[str, Any]:
     return {c.case_id: c for c in cases}
 
 
-def stage_configs(study: ml_collections.ConfigDict, entry: Mapping[str, Any], train_list: str,
-                  num_val: int) -> dict[str, ml_collections.ConfigDict]:
-    """Returns {stage: training config} of one run."""
-    return {stage: spec.stage_run_config(study, entry, stage, train_list, num_val) for stage in spec.run_stages(entry)}
+def stage_configs(study: ml_collections.ConfigDict, entry: Mapping[str, Any], split: Mapping[str, Any],
+                  median: Sequence[float] | None = None) -> dict[str, ml_collections.ConfigDict]:
+    """Returns {stage: training config} of one run on the split's cases.
+
+    A stage of `preprocess.spacing_mode` "median" gets spacing_mode "target" with `median`, the
+    study's median spacing (`median_spacing`): training would compute the same from the same
+    training cases, reading all their headers in every stage of every run.
+    """
+    configs = {stage: spec.stage_run_config(study, entry, stage, split) for stage in spec.run_stages(entry)}
+    for stage, config in configs.items():
+        if config.preprocess.spacing_mode != "median":
+            continue
+        where = f"study {study.name!r}, run {entry['name']!r}, stage {stage!r}"
+        if median is None:
+            raise ValueError(f"{where}: preprocess.spacing_mode 'median' needs the study's median spacing")
+        given = tuple(float(t) for t in config.preprocess.target_spacing)
+        if any(given) and not np.allclose(given, median, rtol=1e-6, atol=0.0):
+            raise ValueError(f"{where}: preprocess.spacing_mode 'median': preprocess.target_spacing {given} differs "
+                             f"from {tuple(median)}, the median rule over the split's training cases; leave it "
+                             "(0, 0, 0), or use spacing_mode 'target' to fix a spacing")
+        config.preprocess.spacing_mode, config.preprocess.target_spacing = "target", tuple(float(t) for t in median)
+    return configs
+
+
+def uses_median_spacing(study: ml_collections.ConfigDict, only: Sequence[str] = ()) -> bool:
+    """Returns whether a stage of the study's (selected) runs declares `preprocess.spacing_mode` "median"."""
+    empty = {"train": (), "val": ()}
+    return any(spec.stage_run_config(study, entry, stage, empty).preprocess.spacing_mode == "median"
+               for entry in study.runs if not only or entry["name"] in only for stage in spec.run_stages(entry))
+
+
+def median_spacing(out: pathlib.Path, split: Mapping[str, Any], cases: Mapping[str, Any],
+                   compute: bool = True) -> tuple[float, float, float]:
+    """Returns nnU-Net's median spacing (z, y, x) mm of the split's training cases (`data.spacing`).
+
+    Read from `out/median_spacing.json` when that was made from the same training cases, else
+    computed from their headers and saved there. `compute` False (a worker process) refuses to
+    compute it: its parent did, once for every run.
+    """
+    path = out / SPACING_FILE
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("train") == list(split["train"]):
+            return tuple(float(t) for t in saved["target_spacing"])
+    if not compute:
+        raise ValueError(f"{path}: missing or made from other training cases; a study worker runs in a "
+                         "directory its parent prepared")
+    grids = [spacing_rule.header_grid(cases[cid].image) for cid in split["train"]]
+    target = spacing_rule.median_target_spacing([g[0] for g in grids], [g[1] for g in grids])
+    atomic_write.write_json(path, {"train": list(split["train"]), "target_spacing": list(target),
+                                   "rule": "nnU-Net's median spacing (livseg_jax.data.spacing)"})
+    print(f"median spacing of the {len(grids)} training cases: {target} mm (z, y, x), {path}")
+    return target
+
+
+# The data keys that say where a stage's cases are read from: what changed when runs stopped reading a
+# linked training list (`train_list.txt`) and got the split's case ids instead.
+CASE_SOURCE_KEYS = ("root", "layout", "list_file", "label_map", "train_cases", "val_cases", "num_val_cases",
+                    "num_folds", "fold")
+LEGACY_LIST = "train_list.txt"
+
+
+def _listed_split(path: pathlib.Path) -> dict[str, list[str]]:
+    """Returns {"train", "val"} case ids of a study's former training list (`t-<id>` / `v-<id>` links;
+    any other name under a key of its own)."""
+    listed: dict[str, list[str]] = {"t": [], "v": []}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            prefix, _, case_id = case_id_of(pathlib.PurePosixPath(line.split()[0]).name).partition("-")
+            listed.setdefault(prefix, []).append(case_id)
+    return {"train": listed.pop("t"), "val": listed.pop("v"), **listed}
+
+
+def adopt_listed_stage(stage_dir: pathlib.Path, config: ml_collections.ConfigDict, split: Mapping[str, Any],
+                       cases: Mapping[str, Any]) -> bool:
+    """Returns whether a stage finished by an earlier study (reading its cases through the linked
+    training list `train_list.txt`) was taken as finished with `config`, its `study_done.json` rewritten.
+
+    Taken only when the configs differ in where the cases are read from alone (`CASE_SOURCE_KEYS`),
+    the list names exactly the split's training and validation cases in order, and no case's labels
+    need remapping (the list read the same labels then). Anything else is left to `train_stage`,
+    which refuses a stage finished with another config.
+    """
+    marker = stage_dir / DONE_FILE
+    if not marker.exists():
+        return False
+    done = json.loads(marker.read_text())
+    old, new = done["config"], _canonical(config)
+    listed = pathlib.Path(str(old.get("data", {}).get("list_file", "")))
+    if old == new or old["data"].get("layout") != "list" or listed.name != LEGACY_LIST or not listed.is_file():
+        return False
+    if any(c.label_map is not None for c in cases.values()):
+        return False
+
+    def without_source(c: Mapping[str, Any]) -> dict[str, Any]:
+        return {**c, "data": {k: v for k, v in c["data"].items() if k not in CASE_SOURCE_KEYS}}
+
+    if without_source(old) != without_source(new):
+        return False
+    if _listed_split(listed) != {"train": list(split["train"]), "val": list(split["val"])}:
+        return False
+    atomic_write.write_json(marker, {**done, "config": new, "adopted": {"list_file": str(listed), "at": _now()}})
+    print(f"{stage_dir}: finished by an earlier study version on the same cases ({listed}); kept as finished")
+    return True
 
 
 def train_stage(config: ml_collections.ConfigDict, stage_dir: pathlib.Path, devices: Sequence[Any],
@@ -147,13 +256,17 @@ def evaluate_test_split(run_dir: pathlib.Path, test: Sequence[Any],
     return cases, summary
 
 
-def run_one(study: ml_collections.ConfigDict, entry: Mapping[str, Any], run_dir: pathlib.Path, train_list: str,
-            split: Mapping[str, Any], cases: Mapping[str, Any],
+def run_one(study: ml_collections.ConfigDict, entry: Mapping[str, Any], run_dir: pathlib.Path,
+            split: Mapping[str, Any], cases: Mapping[str, Any], median: Sequence[float] | None = None,
             train_fn: TrainFn = train_and_evaluate) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Returns (table metrics, per-case evaluation records) of one run after training, predicting, evaluating."""
-    configs = stage_configs(study, entry, train_list, len(split["val"]))
+    """Returns (table metrics, per-case evaluation records) of one run after training, predicting, evaluating.
+
+    `median`: the study's median spacing (`median_spacing`), for runs of spacing_mode "median"."""
+    configs = stage_configs(study, entry, split, median)
     stage_dirs = {stage: run_dir / stage for stage in configs}
     devices = study_devices(study)
+    for stage, config in configs.items():
+        adopt_listed_stage(stage_dirs[stage], config, split, cases)
     done = {stage: train_stage(config, stage_dirs[stage], devices, train_fn) for stage, config in configs.items()}
     test = [cases[cid] for cid in split["test"]]
     records = predict_test_split(run_dir, stage_dirs, {s: d["finished"] for s, d in done.items()}, test, study)
@@ -205,6 +318,8 @@ def describe(study: ml_collections.ConfigDict, split: Mapping[str, Any],
     d = study.data
     if d.root or d.list_file:
         data = f"{d.root or d.list_file} (layout {d.layout}), {len(split['cases'])} labelled cases"
+        if d.get("label_map"):
+            data += f", labels remapped by data.label_map {d.label_map!r}"
     else:
         s = d.synthetic
         data = (f"built-in synthetic phantoms: {s.num_cases} cases of {tuple(s.shape)} voxels (x, y, z) at "
@@ -237,9 +352,10 @@ def results_dir(study: ml_collections.ConfigDict, workdir: pathlib.Path) -> path
     return workdir / f"fold-{int(study.split.fold)}" if int(study.split.folds) else workdir
 
 
-def prepare(study: ml_collections.ConfigDict, workdir: str | os.PathLike,
-            only: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any], pathlib.Path, pathlib.Path]:
-    """Returns (cases, split, results directory, training list) after writing study.json, split and list."""
+def prepare(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only: Sequence[str] = ()
+            ) -> tuple[dict[str, Any], dict[str, Any], pathlib.Path, tuple[float, float, float] | None]:
+    """Returns (cases, split, results directory, median spacing or None) after writing study.json,
+    the split and, when a selected run needs it, median_spacing.json (`median_spacing`)."""
     spec.check_study(study, tables.METRIC_KEYS)
     names = [r["name"] for r in study.runs]
     unknown = [n for n in only if n not in names]
@@ -251,12 +367,12 @@ def prepare(study: ml_collections.ConfigDict, workdir: str | os.PathLike,
     cases = study_cases(study)
     split = splits.load_or_create(workdir, list(cases), study.split.to_dict())
     out = results_dir(study, workdir)
-    train_list = splits.write_training_list(out / "train_list.txt", split, cases)
-    return cases, split, out, train_list
+    median = median_spacing(out, split, cases) if uses_median_spacing(study, only) else None
+    return cases, split, out, median
 
 
-def prepare_caches(study: ml_collections.ConfigDict, train_list: pathlib.Path, split: Mapping[str, Any],
-                   only: Sequence[str] = ()) -> int:
+def prepare_caches(study: ml_collections.ConfigDict, split: Mapping[str, Any],
+                   median: Sequence[float] | None = None, only: Sequence[str] = ()) -> int:
     """Returns how many stage configs' preprocessing caches were checked, building what is missing.
 
     Through `training.loop.cache_stage_cases`, as each run's training would, so that worker
@@ -266,7 +382,7 @@ def prepare_caches(study: ml_collections.ConfigDict, train_list: pathlib.Path, s
     for entry in study.runs:
         if only and entry["name"] not in only:
             continue
-        for config in stage_configs(study, entry, str(train_list), len(split["val"])).values():
+        for config in stage_configs(study, entry, split, median).values():
             cache_stage_cases(config, *split_cases(config, dataset_cases(config)))
             count += 1
     return count
@@ -305,24 +421,24 @@ def run_worker(study: ml_collections.ConfigDict, workdir: str | os.PathLike, nam
                train_fn: TrainFn = train_and_evaluate) -> dict[str, Any]:
     """Returns {run: table metrics} of these runs, trained, predicted and evaluated in this process.
 
-    A worker of `run_study_in_workers`: the split and training list must exist (the parent wrote
-    them); it writes no tables.
+    A worker of `run_study_in_workers`: the split (and the median spacing its runs need) must
+    exist, the parent wrote them; it writes no tables.
     """
     workdir = pathlib.Path(workdir)
     out = results_dir(study, workdir)
-    train_list = out / "train_list.txt"
-    for needed in (workdir / splits.SPLIT_FILE, train_list):
-        if not needed.exists():
-            raise ValueError(f"{needed}: missing; a study worker runs in a directory its parent prepared")
+    if not (workdir / splits.SPLIT_FILE).exists():
+        raise ValueError(f"{workdir / splits.SPLIT_FILE}: missing; a study worker runs in a directory its parent "
+                         "prepared")
     cases = study_cases(study)
     split = splits.load_or_create(workdir, list(cases), study.split.to_dict())
+    median = median_spacing(out, split, cases, compute=False) if uses_median_spacing(study, names) else None
     results = {}
     for entry in study.runs:
         if entry["name"] in names:
             print(f"study {study.name}: run {entry['name']} ({entry['pipeline']}) on "
                   f"{device_text(study_devices(study))} of {jax.device_count()} visible to this worker", flush=True)
-            results[entry["name"]], _ = run_one(study, entry, out / "runs" / entry["name"], str(train_list), split,
-                                                cases, train_fn)
+            results[entry["name"]], _ = run_one(study, entry, out / "runs" / entry["name"], split, cases, median,
+                                                train_fn)
     return results
 
 
@@ -337,8 +453,8 @@ def run_study_in_workers(study: ml_collections.ConfigDict, workdir: str | os.Pat
     the workers (`scheduler.run_workers`), then tabulates the finished runs.
     """
     scheduler.worker_env(devices["platform"], groups[0])  # a platform it cannot restrict: refused before any work
-    cases, split, out, train_list = prepare(study, workdir, only)
-    prepare_caches(study, train_list, split, only)
+    cases, split, out, median = prepare(study, workdir, only)
+    prepare_caches(study, split, median, only)
     names = [r["name"] for r in study.runs if not only or r["name"] in only]
     report(f"study {study.name}: {len(names)} run(s) on {len(groups)} group(s) of {len(groups[0])} x "
            f"{devices['kind']} ({devices['platform']}) of {devices['count']} visible, one worker process per run")
@@ -361,7 +477,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     One run after another, in this process. `only`: just these runs; the tables cover every run
     with results in the directory, also the others.
     """
-    cases, split, out, train_list = prepare(study, workdir, only)
+    cases, split, out, median = prepare(study, workdir, only)
     results, per_case = finished_runs(study, out)
     for entry in study.runs:
         if only and entry["name"] not in only:
@@ -369,7 +485,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str | os.PathLike, only
         print(f"study {study.name}: run {entry['name']} ({entry['pipeline']}) on "
               f"{device_text(study_devices(study))}", flush=True)
         results[entry["name"]], per_case[entry["name"]] = run_one(study, entry, out / "runs" / entry["name"],
-                                                                  str(train_list), split, cases, train_fn)
+                                                                  split, cases, median, train_fn)
     results = {r["name"]: results[r["name"]] for r in study.runs if r["name"] in results}  # declared order
     per_case = {name: per_case[name] for name in results}
     return {"results": results, **write_report(study, out, split, cases, results, per_case)}

@@ -3,7 +3,7 @@
 A study config (`configs/studies/NAME.py`, `get_config(arg)` with `arg` the scale) is plain data:
 
     name, scale ("smoke" | "demo" | "paper"), description
-    data        root / layout / list_file / cache_dir / synthetic: replaces every run's `data` keys
+    data        root / layout / list_file / label_map / cache_dir / synthetic: replaces every run's `data` keys
     split       test_cases, val_fraction, folds, fold, seed (`study.splits`)
     stage_configs  {"liver", "tumor", "joint"}: the config files each stage starts from
     stage_arg   "" or "paper": the argument those files get
@@ -16,7 +16,9 @@ A study config (`configs/studies/NAME.py`, `get_config(arg)` with `arg` the scal
     evaluate    lesion connectivity, min_overlap, size_threshold (as `livseg_jax.evaluate`'s flags)
 
 A run's config for one stage: the stage's config file, then `scale_overrides`, the study's `data`,
-the split's training list, the run's `overrides`, then its per-stage overrides (`liver`, ...).
+the split's training and validation case ids (`data.train_cases`, `data.val_cases`), the run's
+`overrides`, then its per-stage overrides (`liver`, ...). The run reads the study's dataset exactly
+as `livseg_jax.train` would with that config (its layout and `data.label_map` included).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def study_config(name: str, arg: str, source: str, description: str = "") -> ml_
     c.scale = scale
     c.description = description
     c.data = ml_collections.ConfigDict(dict(
-        root="", layout="auto", list_file="", cache_dir="",
+        root="", layout="auto", list_file="", label_map="", cache_dir="",
         synthetic=dict({"smoke": SMOKE_SYNTHETIC, "demo": DEMO_SYNTHETIC, "paper": PAPER_SYNTHETIC}[scale])))
     c.split = ml_collections.ConfigDict(dict(
         test_cases={"smoke": 2, "demo": 4, "paper": 20}[scale], val_fraction=0.25, folds=0, fold=0, seed=0))
@@ -190,20 +192,21 @@ def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any, where: s
 
 
 def stage_run_config(study: ml_collections.ConfigDict, entry: Mapping[str, Any], stage: str,
-                     train_list: str, num_val_cases: int) -> ml_collections.ConfigDict:
-    """Returns the training config of one stage of one run, training on the split's list file."""
+                     split: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Returns the training config of one stage of one run, training on `split["train"]` and
+    validating on `split["val"]` (case ids of the study's dataset)."""
     config = load_config_file(study.stage_configs[stage], study.stage_arg)
     if config.stage != stage:
         raise ValueError(f"{study.stage_configs[stage]}: is a {config.stage!r} config, given as the {stage!r} one")
     where = f"study {study.name!r}, run {entry['name']!r}, stage {stage!r}"
     for key, value in study.scale_overrides:
         set_dotted(config, key, value, f"study {study.name!r} scale_overrides")
-    for key in ("cache_dir",):
+    for key in ("root", "layout", "list_file", "label_map", "cache_dir"):
         config.data[key] = study.data[key]
     config.data.synthetic = ml_collections.ConfigDict(study.data.synthetic.to_dict())
-    # Training reads the split's train+validation list, the validation cases last.
-    config.data.root, config.data.layout, config.data.list_file = "", "list", str(train_list)
-    config.data.num_val_cases = int(num_val_cases)
+    # The split by case id: training reads the study's dataset as `livseg_jax.train` does.
+    config.data.train_cases, config.data.val_cases = tuple(split["train"]), tuple(split["val"])
+    config.data.num_folds, config.data.fold, config.data.num_val_cases = 0, 0, len(split["val"])
     for key, value in {**entry["overrides"], **entry[stage]}.items():
         set_dotted(config, key, value, where)
     if config.model.name not in MODEL_NAMES:

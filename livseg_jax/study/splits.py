@@ -79,39 +79,3 @@ def load_or_create(study_dir: str | os.PathLike, case_ids: Sequence[str],
     atomic_write.write_json(path, split)
     return split
 
-
-def write_training_list(path: str | os.PathLike, split: Mapping[str, Any], cases: Mapping[str, Any]) -> pathlib.Path:
-    """Returns a training list file (layout "list") of the split's train then validation cases.
-
-    Training holds out the last `data.num_val_cases` cases of its (sorted) list, so each case is
-    listed through a symbolic link named `t-<id>` (training) or `v-<id>` (validation) in a folder
-    beside the list: the links sort the validation cases last whatever their ids. `cases` maps
-    case id -> `CaseFiles` (image and label paths).
-    """
-    path = pathlib.Path(path)
-    links = path.with_suffix("")
-    links.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for prefix, ids in (("t", split["train"]), ("v", split["val"])):
-        for cid in ids:
-            case = cases[cid]
-            pair = []
-            for role, source in (("image", case.image), ("label", case.label)):
-                if source is None:
-                    raise ValueError(f"case {cid}: has no label file; a study trains and tests on labelled cases")
-                name = f"{prefix}-{cid}{'_label' if role == 'label' else ''}{_ending(source)}"
-                link = links / name
-                target = pathlib.Path(source).resolve()
-                if link.is_symlink() and pathlib.Path(os.readlink(link)) != target:
-                    link.unlink()
-                if not link.is_symlink():
-                    link.symlink_to(target)
-                pair.append(f"{links.name}/{name}")
-            lines.append(" ".join(pair))
-    atomic_write.write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _ending(path: str | os.PathLike) -> str:
-    name = pathlib.Path(path).name
-    return ".nii.gz" if name.endswith(".nii.gz") else pathlib.Path(name).suffix

@@ -20,7 +20,7 @@ from livseg_jax.config import default_cache_root
 from livseg_jax.data import pipeline
 from livseg_jax.data.augment_device import device_augment_settings
 from livseg_jax.data.cache import build_cache
-from livseg_jax.data.folds import load_or_save_split, make_training_split
+from livseg_jax.data.folds import given_split, load_or_save_split, make_training_split
 from livseg_jax.data.layouts import discover
 from livseg_jax.data.preprocess import PreprocessSettings
 from livseg_jax.data.regions import largest_component
@@ -65,8 +65,12 @@ def dataset_cases(config: ml_collections.ConfigDict):
 
 
 def training_split(config: ml_collections.ConfigDict, case_ids: Sequence[str]) -> dict[str, Any]:
-    """Returns the run's split of `case_ids` (`folds.make_training_split`): k-fold with
-    `data.num_folds` >= 2, else the last `data.num_val_cases` cases held out."""
+    """Returns the run's split of `case_ids`: `data.train_cases` / `data.val_cases` when given
+    (`folds.given_split`), else `folds.make_training_split`: k-fold with `data.num_folds` >= 2,
+    else the last `data.num_val_cases` cases held out."""
+    if config.data.get("train_cases") or config.data.get("val_cases"):
+        return given_split(case_ids, config.data.get("train_cases", ()), config.data.get("val_cases", ()),
+                           int(config.data.get("num_folds", 0)))
     return make_training_split(case_ids, int(config.data.get("num_folds", 0)), int(config.data.get("fold", 0)),
                                int(config.seed), int(config.data.num_val_cases))
 
