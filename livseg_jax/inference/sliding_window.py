@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from livseg_jax.data.slabs import parallel_slabs
+
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
     """Returns window start offsets along one axis, evenly spaced, covering [0, size)."""
@@ -248,6 +250,20 @@ def sliding_window(
     return result
 
 
+def _accumulate(accum: np.ndarray, norm: np.ndarray, box: tuple[slice, ...], probs: np.ndarray,
+                weights: np.ndarray) -> None:
+    """Adds one window's weighted probabilities into accum[box] and its weights into norm[box], in
+    place, over slabs of the window's slices on the shared thread pool (disjoint, so exact)."""
+    depth, rows, cols = box
+
+    def add(start: int, stop: int) -> None:
+        part = (slice(depth.start + start, depth.start + stop), rows, cols)
+        accum[part] += probs[start:stop] * weights[start:stop, ..., None]
+        norm[part] += weights[start:stop]
+
+    parallel_slabs(add, probs.shape[0])
+
+
 def host_sliding_window(
     image: np.ndarray | jax.Array,
     window_fn: Callable,
@@ -264,8 +280,9 @@ def host_sliding_window(
     """Returns what `sliding_window` returns, for a forward function on host (NumPy) arrays.
 
     Windows are cut from the padded volume, evaluated by `window_fn` and blended in NumPy with the
-    device version's arithmetic (`accum + probs * weight`, window after window), so nothing goes to
-    a device; the batches keep the compiled shape (repeats filling the last are skipped).
+    device version's arithmetic (`accum + probs * weight`, window after window; each window's
+    slices split over the shared thread pool, `data.slabs`), so nothing goes to a device and no
+    program is compiled; the batches keep the exported shape (repeats filling the last are skipped).
     """
     window, padded_shape, pads = blending_layout(image.shape, window, output)
     volume = np.pad(np.asarray(image, np.float32), pads, constant_values=pad_value)
@@ -279,8 +296,7 @@ def host_sliding_window(
             accum = np.zeros((*padded_shape, num_classes or probs.shape[-1]), np.float32)
         count = int(valid.sum())
         for box, p in zip(boxes[:count], probs[:count], strict=True):
-            accum[box] += p * weights[..., None]
-            norm[box] += weights
+            _accumulate(accum, norm, box, p, weights)
         if progress is not None:
             progress(count)
     inner = tuple(slice(b, b + n) for (b, _), n in zip(pads, image.shape, strict=True))
