@@ -71,3 +71,24 @@ def test_thread_count_follows_the_usable_cpus(monkeypatch):
     monkeypatch.setenv("LIVSEG_THREADS", "0")
     with pytest.raises(ValueError, match="LIVSEG_THREADS"):
         slabs.slab_threads()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")  # JAX's/3.12's fork notes
+def test_a_forked_child_makes_its_own_pool_instead_of_waiting_on_the_parents_threads():
+    slabs.parallel_slabs(lambda a, b: None, 12)  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # child: the inherited pool has no threads; a hang here would fail the test by timeout
+        seen = []
+        slabs.parallel_slabs(lambda a, b: seen.extend(range(a, b)), 12)
+        os._exit(0 if sorted(seen) == list(range(12)) else 1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's parallel_slabs hung on the parent's pool")

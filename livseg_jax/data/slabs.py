@@ -28,6 +28,7 @@ MAX_THREADS = 16  # beyond this, memory bandwidth, not cores, limits these passe
 _lock = threading.Lock()
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_threads = 0
+_pool_pid = 0  # a forked child inherits the pool object but not its threads: it makes its own
 _in_slab = threading.local()
 
 
@@ -55,16 +56,17 @@ def _mark_slab_thread() -> None:
 
 
 def shared_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Returns the process's slab pool of `slab_threads()` workers (made anew only when that number changes)."""
-    global _pool, _pool_threads
+    """Returns the process's slab pool of `slab_threads()` workers (made anew only when that number
+    changes, or in a forked child)."""
+    global _pool, _pool_threads, _pool_pid
     threads = slab_threads()
     with _lock:
-        if _pool is None or _pool_threads != threads:
+        if _pool is None or _pool_threads != threads or _pool_pid != os.getpid():
             # An old pool is not shut down: a caller may still be queueing on it; its idle
             # threads exit once it is garbage collected.
             _pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="livseg-slab",
                                                           initializer=_mark_slab_thread)
-            _pool_threads = threads
+            _pool_threads, _pool_pid = threads, os.getpid()
         return _pool
 
 
