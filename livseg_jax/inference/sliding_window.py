@@ -240,7 +240,7 @@ def sliding_window(
             # Report the previous batch once done: windows done, not queued, with one batch still
             # queued behind it, so the device never waits for the host between batches.
             if queued is not None:
-                queued[0].block_until_ready()
+                jax.block_until_ready(queued[0])  # a no-op for a host array
                 progress(queued[1])
             queued = (probs, count)
     inner = tuple((b, n) for (b, _), n in zip(pads, image.shape, strict=True))
