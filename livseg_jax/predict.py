@@ -81,7 +81,7 @@ from livseg_jax.data.layouts import CaseFiles, find_inputs, plan_outputs
 from livseg_jax.inference import dicom_export
 from livseg_jax.inference.backends import BACKENDS, onnx_predictor
 from livseg_jax.inference.folder import Job, Outcome, device_predictors, predict_cases
-from livseg_jax.inference.statistics import case_statistics, write_statistics
+from livseg_jax.inference.statistics import case_statistics, lesion_components, write_statistics
 from livseg_jax.inference.two_stage import Predictor
 from livseg_jax.run_dir import load_config
 from livseg_jax.xla_flags import apply_model_xla_flags
@@ -144,9 +144,10 @@ class DicomReader:
 
     def __call__(self, path):
         """Returns the series' (D, H, W) HU volume and geometry, refusing one the outputs cannot refer to."""
-        self.series = dicom.read_dicom_series(path, self.series_uid)
-        dicom_export.check_exportable(self.series, self.output_types)  # before the models run
-        image, self.geometry = dicom.image_and_geometry(self.series)
+        series = dicom.read_dicom_series(path, self.series_uid)
+        dicom_export.check_exportable(series, self.output_types)  # before the models run
+        image, self.geometry = dicom.image_and_geometry(series)
+        self.series = series.without_pixels()  # the outputs need the headers; the voxels are `image`
         return image, self.geometry
 
     def write(self, labels_dhw, paths: dict[str, pathlib.Path]) -> None:
@@ -161,25 +162,34 @@ def dicom_case_id(path: str | os.PathLike) -> str:
     return name[: -len(".zip")] if name.lower().endswith(".zip") else name
 
 
-def _save_overlay(path, image, spacing, labels, title, number_lesions=False):
+def _save_overlay(path, image, spacing, labels, title, number_lesions=False, lesion_maps=None):
     from livseg_jax.visualize import save_overlay  # matplotlib only when asked for
 
-    return save_overlay(path, image, spacing, labels, title=title, number_lesions=number_lesions)
+    lesions = lesion_maps.pop(pathlib.Path(path), None) if lesion_maps is not None else None
+    return save_overlay(path, image, spacing, labels, title=title, number_lesions=number_lesions, lesions=lesions)
 
 
 def write_other_outputs(job: Job, labels, image, geometry, *, reader: DicomReader | None,
-                        dicom_paths: dict[str, pathlib.Path], statistics: bool) -> dict:
+                        dicom_paths: dict[str, pathlib.Path], statistics: bool,
+                        lesion_maps: dict | None = None) -> dict:
     """Returns the timings-record entries of a case's DICOM and statistics files after writing them
-    (`folder.Job.extra_outputs`: called by the writer after the label map, before the timings JSON)."""
+    (`folder.Job.extra_outputs`: called by the writer after the label map, before the timings JSON).
+
+    `lesion_maps`: {PNG path: lesion map}, shared with `_save_overlay`, which the writer calls
+    next for the case's PNG: the statistics' lesions are numbered on it without labelling again.
+    """
     extra: dict = {}
     if reader is not None and dicom_paths:
         reader.write(labels, dicom_paths)
         extra["dicom_outputs"] = {k: str(v) for k, v in dicom_paths.items()}
     if statistics:
-        stats = case_statistics(labels, image, geometry.affine_dhw)
+        lesions = lesion_components(labels == 2)
+        stats = case_statistics(labels, image, geometry.affine_dhw, lesions=lesions)
         files = write_statistics(sidecar_path(job.output, "_statistics.json"),
                                  sidecar_path(job.output, "_statistics.csv"), job.case_id, stats)
         extra["statistics"] = [str(f) for f in files]
+        if job.png is not None and lesion_maps is not None:
+            lesion_maps[pathlib.Path(job.png)] = lesions[0]
     return extra
 
 
@@ -322,6 +332,7 @@ def _run(argv: list[str]) -> int:
         if model is not None and model.postprocess is not None:
             print(f"post-processing from {model.description['source']}/postprocess.json: {model.postprocess.to_dict()}")
     todo, printed = [], {}
+    lesion_maps: dict = {}  # the statistics' lesion map of a case, until its PNG numbers them
     for case, out in jobs:
         dicom_paths = dicom_export.output_paths(out, output_types)
         outputs = ([out] if "nifti" in output_types else []) + list(dicom_paths.values())
@@ -335,7 +346,7 @@ def _run(argv: list[str]) -> int:
         printed[case.case_id] = outputs
         reader = DicomReader(args.series, output_types) if dicom_input else None
         extra = functools.partial(write_other_outputs, reader=reader, dicom_paths=dicom_paths,
-                                  statistics=args.statistics)
+                                  statistics=args.statistics, lesion_maps=lesion_maps)
         todo.append(Job(case.case_id, case.image, out, sidecar_path(out, ".png") if args.png else None,
                         read=reader or nifti.read_image, write_nifti="nifti" in output_types,
                         extra_outputs=extra if (dicom_paths or args.statistics) else None,
@@ -369,7 +380,8 @@ def _run(argv: list[str]) -> int:
               f"{record['label_voxels']['tumor']} voxels in {record['timings_s']['total']:.1f} s "
               f"-> {', '.join(map(str, printed[job.case_id]))}{status}")
 
-    predict_cases(predictors, todo, on_result, run, functools.partial(_save_overlay, number_lesions=args.statistics),
+    predict_cases(predictors, todo, on_result, run,
+                  functools.partial(_save_overlay, number_lesions=args.statistics, lesion_maps=lesion_maps),
                   progress_for)
     if failed:
         print(f"{failed} of {len(jobs)} case(s) failed", file=sys.stderr)

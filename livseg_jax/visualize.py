@@ -68,10 +68,12 @@ def plane_slice(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
 
 def render_overlay(image: np.ndarray, spacing: Sequence[float], pred: np.ndarray | None,
                    gt: np.ndarray | None = None, title: str = "",
-                   hu_window: tuple[float, float] = DISPLAY_HU, number_lesions: bool = False) -> Figure:
+                   hu_window: tuple[float, float] = DISPLAY_HU, number_lesions: bool = False,
+                   lesions: np.ndarray | None = None) -> Figure:
     """Returns a matplotlib Figure of CT slices (D, H, W) with prediction / truth contours.
 
-    `number_lesions`: the prediction's lesions are numbered as in `predict --statistics`.
+    `number_lesions`: the prediction's lesions are numbered as in `predict --statistics`;
+    `lesions`: their map when already computed (`statistics.lesion_components(pred == 2)[0]`).
     """
     reference = gt if gt is not None else pred
     if reference is None:
@@ -81,7 +83,10 @@ def render_overlay(image: np.ndarray, spacing: Sequence[float], pred: np.ndarray
             raise ValueError(f"{name} shape {arr.shape} differs from the image shape {image.shape}")
     sz, sy, sx = (float(s) for s in spacing)
     panels = pick_slices(reference)
-    lesions = lesion_components(pred == 2)[0] if number_lesions and pred is not None else None
+    if not number_lesions or pred is None:
+        lesions = None
+    elif lesions is None:
+        lesions = lesion_components(pred == 2)[0]
     fig = Figure(figsize=(4.0 * len(panels), 4.6), dpi=110, facecolor="black")
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (label, plane, index) in zip(axes, panels, strict=True):
@@ -130,10 +135,10 @@ def _number_lesions(ax, lesion_slice: np.ndarray) -> None:
 
 def save_overlay(path: str | os.PathLike, image: np.ndarray, spacing: Sequence[float],
                  pred: np.ndarray | None, gt: np.ndarray | None = None, title: str = "",
-                 number_lesions: bool = False) -> pathlib.Path:
+                 number_lesions: bool = False, lesions: np.ndarray | None = None) -> pathlib.Path:
     """Returns `path` after writing the `render_overlay` PNG atomically."""
     path = pathlib.Path(path)
-    fig = render_overlay(image, spacing, pred, gt, title, number_lesions=number_lesions)
+    fig = render_overlay(image, spacing, pred, gt, title, number_lesions=number_lesions, lesions=lesions)
     with atomic_write.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
     return path

@@ -195,3 +195,97 @@ def test_real_ircad_zip_read_for_predict_equals_the_importers_nifti(shared_data,
     np.testing.assert_array_equal(image, imported)
     np.testing.assert_allclose(geometry.affine, imported_geometry.affine, rtol=0, atol=1e-6)
     np.testing.assert_allclose(geometry.spacing, imported_geometry.spacing, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------- one read of the pixels, one float32 volume
+
+
+def reference_image(folder):
+    """Returns the internal volume the way the reader made it before reading each file once: every
+    file read whole, slices sorted along the normal, rescaled in float64, stacked, then reoriented."""
+    datasets = [pydicom.dcmread(p, force=True) for p in sorted(folder.iterdir())]
+    o = np.asarray(datasets[0].ImageOrientationPatient, np.float64)
+    normal = np.cross(o[:3], o[3:])
+    datasets.sort(key=lambda ds: float(np.asarray(ds.ImagePositionPatient, np.float64) @ normal))
+    pixels = np.stack([(ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+                       .astype(np.float32) for ds in datasets])
+    series = dicom.Series(pixels=pixels, positions=np.stack([np.asarray(ds.ImagePositionPatient, np.float64)
+                                                             for ds in datasets]),
+                          orientation=o, pixel_spacing=np.asarray(datasets[0].PixelSpacing, np.float64), where="ref")
+    img = dicom.nifti_image(series.nifti_array(), series.affine())
+    geometry = nifti.geometry_of(img, "ref")
+    return nifti.to_internal(np.asarray(img.dataobj, np.float32), geometry), geometry
+
+
+@pytest.mark.filterwarnings("ignore::livseg_jax.data.nifti.HUWarning")
+@pytest.mark.parametrize("orientation, slope, intercept", [
+    (FLIPPED, 1, -1024.0),  # integer rescale: exact float32 arithmetic
+    ((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), 1, 0.0),  # the usual axial orientation, no rescale
+    ((0.0, 0.0, -1.0, 1.0, 0.0, 0.0), 2.5, -1000.3),  # sagittal slices, fractional rescale (float64 path)
+    ((1.0, 0.0, 0.0, 0.0, 0.0, -1.0), 1000, 7.0),  # coronal slices, integers beyond float32's 2**24
+])
+def test_image_equals_the_read_whole_stack_and_reorient_reference_without_a_copy(
+        tmp_path, orientation, slope, intercept):
+    stored = np.random.default_rng(0).integers(-2000, 30000, (6, 5, 7)).astype(np.int16)
+    datasets = ct_series(stored, orientation=orientation, spacing=(0.7, 0.9), intercept=0.0)  # pixels = stored
+    for ds in datasets:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    folder = write_series(tmp_path / "s", datasets, order=[3, 0, 5, 4, 1, 2])
+    series = dicom.read_dicom_series(folder)
+    image, geometry = dicom.image_and_geometry(series)
+    expected, expected_geometry = reference_image(folder)
+    assert image.dtype == np.float32 and image.flags.c_contiguous
+    np.testing.assert_array_equal(image, expected)
+    np.testing.assert_array_equal(geometry.affine, expected_geometry.affine)
+    assert geometry.disk_shape == expected_geometry.disk_shape
+    assert np.shares_memory(image, series.pixels)  # the volume was built once, in internal order
+    assert series.without_pixels().pixels is None and series.without_pixels().shape == series.shape == (6, 5, 7)
+
+
+def counting(files, log):
+    """Returns `files` with openers whose streams add the bytes read to log[name]."""
+
+    class Counted(io.BufferedReader):
+        def __init__(self, raw, name):
+            super().__init__(raw)
+            self.counted_name = name
+
+        def read(self, size=-1):
+            data = super().read(size)
+            log[self.counted_name] = log.get(self.counted_name, 0) + len(data)
+            return data
+
+        def read1(self, size=-1):
+            data = super().read1(size)
+            log[self.counted_name] = log.get(self.counted_name, 0) + len(data)
+            return data
+
+        def readinto(self, b):
+            n = super().readinto(b)
+            log[self.counted_name] = log.get(self.counted_name, 0) + n
+            return n
+
+    return [(name, lambda name=name, o=open_file: Counted(o(), name)) for name, open_file in files]
+
+
+def test_listing_reads_headers_only_and_the_pixels_are_read_once(tmp_path, monkeypatch):
+    hu = np.zeros((4, 64, 64), np.int16)
+    folder = write_series(tmp_path / "s", ct_series(hu))
+    archive = zip_folder(folder, tmp_path / "s.zip")
+    size = (folder / "image_0").stat().st_size  # about 8 kB of pixels, 1 kB of header
+    listed, read = {}, {}
+    real_input_files = dicom.input_files
+    monkeypatch.setattr(dicom, "input_files", lambda path: counting(real_input_files(path), listed))
+    (series,) = dicom.list_series(archive)
+    assert len(listed) == 4 and all(n < size / 2 for n in listed.values()), (listed, size)
+    dicom.read_series(counting(series.files, read), "s")
+    # one header read and one whole read per file: the pixel data once
+    assert len(read) == 4 and all(size <= n < size * 1.5 for n in read.values()), (read, size)
+
+
+def test_a_slope_beyond_float32_is_refused_naming_the_slice(tmp_path):
+    datasets = ct_series(phantom())
+    datasets[2].RescaleSlope = 1e39
+    folder = write_series(tmp_path / "s", datasets)
+    with pytest.raises(DataError, match="image_.: .*non-finite voxels"):
+        dicom.read_dicom_series(folder)

@@ -11,6 +11,7 @@ from sliding_window_oracle import make_window_predictor, sliding_window_probs
 
 from livseg_jax.config import model_config
 from livseg_jax.inference.sliding_window import (
+    HostWindowFn,
     gaussian_importance,
     num_windows,
     sliding_window,
@@ -197,3 +198,42 @@ def test_device_blending_reports_each_window_once_and_checks_its_arguments():
         sliding_window(np.zeros(shape, np.float32), window_fn, variables, WINDOW, output="logits")
     with pytest.raises(ValueError, match="D, H, W"):
         sliding_window(np.zeros((4, 4), np.float32), window_fn, variables, WINDOW)
+
+
+@pytest.mark.parametrize("shape,overlap,batch", [((40, 23, 51), 0.5, 3), ((9, 30, 12), 0.25, 2)])
+def test_host_blending_of_a_host_forward_function_equals_the_device_blending(shape, overlap, batch):
+    variables = {"scale": jnp.float32(1.7)}
+    window_fn = jax.jit(position_dependent_window_fn)
+    seen = []
+
+    def on_host(v, x):  # as ONNX Runtime: NumPy in, NumPy out, never a device array
+        seen.append(type(x))
+        return np.asarray(window_fn(v, jnp.asarray(x)))
+
+    image = np.random.default_rng(6).normal(size=shape).astype(np.float32)
+    host_fn = HostWindowFn(on_host)
+    reported = []
+    for output in ("probs", "labels"):
+        device = sliding_window(image, window_fn, variables, WINDOW, overlap, batch, pad_value=-2.0, output=output,
+                                num_classes=2)
+        host = sliding_window(image, host_fn, variables, WINDOW, overlap, batch, pad_value=-2.0, output=output,
+                              progress=reported.append)
+        assert host.dtype == device.dtype and host.shape == device.shape
+        if output == "probs":
+            np.testing.assert_allclose(host, device, rtol=1e-6, atol=1e-7)
+            clear = np.abs(device[..., 1] - device[..., 0]) > 1e-4
+        else:
+            np.testing.assert_array_equal(host[clear], device[clear])
+            assert 0 < host.mean() < 1
+    assert set(seen) == {np.ndarray}
+    assert sum(reported) == 2 * num_windows(shape, WINDOW, overlap)
+
+
+def test_device_blending_reports_progress_one_batch_behind_and_every_window_once():
+    window_fn = jax.jit(position_dependent_window_fn)
+    reported = []
+    shape = (40, 23, 51)
+    labels = sliding_window(np.zeros(shape, np.float32), window_fn, {"scale": jnp.float32(1.0)}, WINDOW, 0.5, 3,
+                            progress=reported.append)
+    total = num_windows(shape, WINDOW, 0.5)
+    assert sum(reported) == total and len(reported) == -(-total // 3) and labels.shape == shape

@@ -127,6 +127,10 @@ def test_overlay_numbers_the_predicted_lesions():
     fig = render_overlay(np.zeros(labels.shape, np.float32), (1, 1, 1), labels, number_lesions=True)
     texts = {t.get_text() for ax in fig.axes for t in ax.texts}
     assert {"1", "2"} <= texts
+    given = render_overlay(np.zeros(labels.shape, np.float32), (1, 1, 1), labels, number_lesions=True,
+                           lesions=st.lesion_components(labels == 2)[0])  # predict's map, computed once
+    assert sorted(t.get_text() for ax in given.axes for t in ax.texts) == sorted(
+        t.get_text() for ax in fig.axes for t in ax.texts)
     plain = render_overlay(np.zeros(labels.shape, np.float32), (1, 1, 1), labels)
     assert not {"1", "2"} & {t.get_text() for ax in plain.axes for t in ax.texts}
 
@@ -150,3 +154,32 @@ def test_predict_writes_the_statistics_beside_the_label_map(tmp_path):
     assert saved["number_of_lesions"] == 1 and saved["lesions"][0]["mean_hu"] == pytest.approx(30.0)
     assert saved["lesions"][0]["volume_ml"] == pytest.approx(3 * 2 * 2 * 2 / 1000)
     assert parse_args(["--liver", "run", "-i", "ct.nii.gz", "-o", "out", "--statistics"]).statistics
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_statistics_and_png_label_the_lesions_once_and_number_them_alike(tmp_path, monkeypatch):
+    from livseg_jax import visualize
+    from livseg_jax.inference.folder import Job
+    from livseg_jax.predict import _save_overlay, write_other_outputs
+
+    labels = np.zeros((6, 16, 16), np.uint8)
+    labels[:, 2:14, 2:14] = 1
+    labels[2, 3:6, 3:6] = 2  # lesion 1 (9 voxels)
+    labels[3, 10, 10] = 2  # lesion 2 (1 voxel)
+    image = np.where(labels == 2, 30.0, 80.0).astype(np.float32)
+    geometry = nifti.Geometry(affine=AFFINE, disk_shape=(16, 16, 6), ornt=np.array([[0, 1], [1, 1], [2, 1]]),
+                              header=nib.Nifti1Header())
+    calls = []
+    real = st.label_components
+    monkeypatch.setattr(st, "label_components", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rendered = []
+    monkeypatch.setattr(visualize, "render_overlay",
+                        lambda *a, **k: rendered.append(k["lesions"]) or visualize.Figure())
+    job = Job("ct", tmp_path / "ct.nii.gz", tmp_path / "ct_seg.nii.gz", png=tmp_path / "ct_seg.png")
+    maps: dict = {}
+    write_other_outputs(job, labels, image, geometry, reader=None, dicom_paths={}, statistics=True, lesion_maps=maps)
+    _save_overlay(job.png, image, (1, 1, 1), labels, "ct", number_lesions=True, lesion_maps=maps)
+    assert len(calls) == 1 and not maps  # labelled once; the map handed over and released
+    np.testing.assert_array_equal(rendered[0], st.lesion_components(labels == 2)[0])  # the reference numbering
+    stats = json.loads((tmp_path / "ct_seg_statistics.json").read_text())
+    assert [lesion["voxels"] for lesion in stats["lesions"]] == [9, 1]

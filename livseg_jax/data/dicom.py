@@ -5,7 +5,8 @@ series here, so a DICOM patient predicted directly lies on exactly the grid the 
 
 - `list_series(path)`: the image series of a folder (searched recursively) or a zip, by
   SeriesInstanceUID, with SeriesDescription and slice count. Files that are not DICOM (no `DICM`
-  preamble) or not image slices (DICOMDIR, reports) are skipped and counted.
+  preamble) or not image slices (DICOMDIR, reports) are skipped and counted. Only headers are
+  read (pydicom's `stop_before_pixels`; a zip member is inflated only that far).
 - `select_series(series, uid)`: one series by UID; without a UID only a single-series input is
   accepted, otherwise the error lists the series and asks for `--series UID`.
 - `read_series(files, where)`: slices sorted by ImagePositionPatient projected on the slice
@@ -13,7 +14,11 @@ series here, so a DICOM patient predicted directly lies on exactly the grid the 
   file name; RescaleSlope/Intercept applied. Refused with a DataError naming the file: a
   non-orthonormal orientation, a gantry tilt (GantryDetectorTilt non-zero, or slice positions that
   drift off the normal), differing orientation, size or pixel spacing, two slices at one position,
-  and non-uniform slice steps (a missing slice).
+  and non-uniform slice steps (a missing slice). The headers are checked and sorted first; then
+  each slice's pixels are read once and written straight into one float32 volume laid out as
+  the internal (D, H, W) array, so `image_and_geometry` returns it without a copy: reading a
+  series needs one float32 volume of memory plus one slice (3.5 volumes before; docs/benchmarks.md,
+  "Reading DICOM").
 - `Series.names` are the slice files' names in slice order: an importer that pairs other files
   (CHAOS's PNG masks) with the DICOM files by name sorts them the same way.
 - `Series.affine()`: the (4, 4) RAS affine of `Series.nifti_array()` (cols, rows, slices),
@@ -25,11 +30,11 @@ pydicom is an optional dependency: `pip install 'livseg_jax[dicom]'`.
 from __future__ import annotations
 
 import dataclasses
-import io
+import functools
 import pathlib
 import zipfile
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import nibabel as nib
 import numpy as np
@@ -37,13 +42,14 @@ import numpy as np
 from livseg_jax.data import nifti
 from livseg_jax.data.cases import natural_key
 from livseg_jax.data.nifti import DataError, PathLike
+from livseg_jax.data.slabs import parallel_slabs
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 POSITION_TOL_MM = 1e-2  # slice positions agree within this (DS strings round to about 1e-6 mm)
 _ORIENTATION_TOL = 1e-4
 _PREAMBLE = slice(128, 132)
 
-SliceFile = tuple[str, Callable[[], bytes]]  # (display name, reader of its bytes)
+SliceFile = tuple[str, Callable[[], BinaryIO]]  # (display name, opener of its bytes as a binary stream)
 
 
 def require_pydicom() -> Any:
@@ -62,13 +68,23 @@ def require_pydicom() -> Any:
 class Series:
     """One DICOM series sorted along its slice normal: voxels (n, rows, cols), geometry and headers."""
 
-    pixels: np.ndarray  # (n, rows, cols) float32 after RescaleSlope/Intercept
+    # (n, rows, cols) float32 after RescaleSlope/Intercept; None once dropped (`without_pixels`)
+    pixels: np.ndarray | None
     positions: np.ndarray  # (n, 3) ImagePositionPatient, LPS mm
     orientation: np.ndarray  # (6,) ImageOrientationPatient
     pixel_spacing: np.ndarray  # (2,) row spacing, column spacing (mm)
     where: str
     datasets: list = dataclasses.field(default_factory=list)  # pydicom Datasets in slice order, no pixels
     names: list = dataclasses.field(default_factory=list)  # the slice files' display names in slice order
+    shape: tuple[int, ...] = ()  # (n, rows, cols); taken from `pixels` when not given
+
+    def __post_init__(self) -> None:
+        if not self.shape and self.pixels is not None:
+            self.shape = tuple(int(s) for s in self.pixels.shape)
+
+    def without_pixels(self) -> Series:
+        """Returns this series with its headers and geometry but no pixel array (what DICOM outputs need)."""
+        return dataclasses.replace(self, pixels=None)
 
     def affine(self) -> np.ndarray:
         """Returns the (4, 4) RAS affine of the NIfTI array (cols, rows, slices) of this series."""
@@ -85,7 +101,7 @@ class Series:
         return _LPS_TO_RAS @ lps
 
     def nifti_array(self) -> np.ndarray:
-        """Returns the voxels in NIfTI order (cols, rows, slices)."""
+        """Returns the voxels in NIfTI order (cols, rows, slices) as a contiguous copy."""
         return np.ascontiguousarray(self.pixels.transpose(2, 1, 0))
 
 
@@ -105,9 +121,19 @@ class SeriesInfo:
 # ------------------------------------------------------------------------------------- finding
 
 
+def path_file(path: pathlib.Path) -> SliceFile:
+    """Returns one file as a slice file for `read_series`, named by its path."""
+    return (str(path), functools.partial(open, path, "rb"))
+
+
 def path_files(paths: Sequence[pathlib.Path]) -> list[SliceFile]:
     """Returns `paths` as slice files for `read_series`, named by their paths, in the given order."""
-    return [(str(p), p.read_bytes) for p in paths]
+    return [path_file(p) for p in paths]
+
+
+def zip_member(zf: zipfile.ZipFile, archive: PathLike, member: str) -> SliceFile:
+    """Returns a zip archive's member as a slice file named `archive:member` (inflated as it is read)."""
+    return (f"{archive}:{member}", functools.partial(zf.open, member))
 
 
 def _folder_files(folder: pathlib.Path) -> list[SliceFile]:
@@ -127,7 +153,7 @@ def _zip_files(archive: pathlib.Path) -> list[SliceFile]:
         parts = pathlib.PurePosixPath(info.filename).parts
         if info.is_dir() or "__MACOSX" in parts or parts[-1].startswith("."):
             continue
-        files.append((f"{archive}:{info.filename}", lambda n=info.filename: zf.read(n)))
+        files.append(zip_member(zf, archive, info.filename))
     return files
 
 
@@ -156,26 +182,35 @@ def is_dicom_input(path: PathLike) -> bool:
     return False
 
 
+def _listed_header(pydicom: Any, name: str, stream: BinaryIO) -> Any:
+    """Returns the header (no pixel data read or inflated) of a file with a DICM preamble, else None."""
+    if stream.read(132)[_PREAMBLE] != b"DICM":
+        return None
+    stream.seek(0)
+    try:
+        return pydicom.dcmread(stream, stop_before_pixels=True)
+    except Exception as e:  # pydicom raises many types for damaged files
+        raise DataError(f"{name}: cannot read the DICOM header: {e}") from e
+
+
 def list_series(path: PathLike) -> list[SeriesInfo]:
-    """Returns the image series of a DICOM folder or zip, sorted by UID; DataError when there are none."""
+    """Returns the image series of a DICOM folder or zip, sorted by UID; DataError when there are none.
+
+    Only the headers are read (pydicom stops before the pixel data, and a zip member is inflated
+    only that far): the pixels are read once, by `read_series` of the chosen series.
+    """
     pydicom = require_pydicom()
     groups: dict[str, list[SliceFile]] = {}
     descriptions: dict[str, str] = {}
     skipped = 0
-    for name, read in input_files(path):
-        data = read()
-        if data[_PREAMBLE] != b"DICM":
-            skipped += 1
-            continue
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except Exception as e:  # pydicom raises many types for damaged files
-            raise DataError(f"{name}: cannot read the DICOM header: {e}") from e
-        if "ImagePositionPatient" not in ds or "Rows" not in ds or "SeriesInstanceUID" not in ds:
-            skipped += 1  # DICOMDIR, structured reports, segmentations: not image slices
+    for name, open_file in input_files(path):
+        with open_file() as stream:
+            ds = _listed_header(pydicom, name, stream)
+        if ds is None or "ImagePositionPatient" not in ds or "Rows" not in ds or "SeriesInstanceUID" not in ds:
+            skipped += 1  # not DICOM; DICOMDIR, structured reports, segmentations: not image slices
             continue
         uid = str(ds.SeriesInstanceUID)
-        groups.setdefault(uid, []).append((name, read))  # read again for the pixels: memory stays one slice
+        groups.setdefault(uid, []).append((name, open_file))
         descriptions.setdefault(uid, str(getattr(ds, "SeriesDescription", "") or ""))
     if not groups:
         raise DataError(f"{path}: no DICOM image series found ({skipped} file(s) were not DICOM image slices)")
@@ -198,26 +233,77 @@ def select_series(series: Sequence[SeriesInfo], uid: str | None, where: PathLike
 # ------------------------------------------------------------------------------------- reading
 
 
-def _read_slice(pydicom: Any, name: str, data: bytes) -> tuple:
+@dataclasses.dataclass(frozen=True)
+class _SliceHeader:
+    """What `read_series` needs of one slice's header, read before any pixel data."""
+
+    name: str
+    open_file: Callable[[], BinaryIO]
+    position: np.ndarray
+    orientation: np.ndarray
+    spacing: np.ndarray
+    size: tuple[int, int]  # (Rows, Columns)
+    slope: float
+    intercept: float
+    dataset: Any  # the pydicom header, without pixel data
+
+
+def _read_header(pydicom: Any, name: str, open_file: Callable[[], BinaryIO]) -> _SliceHeader:
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        pixels = ds.pixel_array.astype(np.float64)
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-        orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-        spacing = np.asarray(ds.PixelSpacing, dtype=np.float64)
+        with open_file() as stream:
+            ds = pydicom.dcmread(stream, stop_before_pixels=True, force=True)
+        header = _SliceHeader(
+            name=name, open_file=open_file,
+            position=np.asarray(ds.ImagePositionPatient, dtype=np.float64),
+            orientation=np.asarray(ds.ImageOrientationPatient, dtype=np.float64),
+            spacing=np.asarray(ds.PixelSpacing, dtype=np.float64),
+            size=(int(ds.Rows), int(ds.Columns)),
+            slope=float(getattr(ds, "RescaleSlope", 1) or 1),
+            intercept=float(getattr(ds, "RescaleIntercept", 0) or 0),
+            dataset=ds,
+        )
         tilt = float(getattr(ds, "GantryDetectorTilt", 0) or 0)
     except Exception as e:  # pydicom raises many types for bad files and missing tags
         raise DataError(f"{name}: cannot read as a DICOM image slice: {e}") from e
-    if pixels.ndim != 2:
-        raise DataError(f"{name}: expected a 2D slice, got pixel data of shape {pixels.shape}")
-    if position.shape != (3,) or orientation.shape != (6,) or spacing.shape != (2,):
+    if header.position.shape != (3,) or header.orientation.shape != (6,) or header.spacing.shape != (2,):
         raise DataError(f"{name}: ImagePositionPatient, ImageOrientationPatient or PixelSpacing has the wrong length")
     if abs(tilt) > 1e-6:
         raise DataError(f"{name}: gantry tilt of {tilt} degrees is not supported; resample the series first")
-    del ds.PixelData  # the headers are kept for DICOM outputs; the voxels live in `pixels`
-    return name, (pixels * slope + intercept).astype(np.float32), position, orientation, spacing, ds
+    return header
+
+
+def _read_pixels(pydicom: Any, header: _SliceHeader, out: np.ndarray) -> None:
+    """Writes one slice's rescaled pixels into `out` (rows, cols); the file's bytes are then dropped."""
+    try:
+        with header.open_file() as stream:
+            pixels = pydicom.dcmread(stream, force=True).pixel_array
+    except Exception as e:  # pydicom raises many types for bad files and missing tags
+        raise DataError(f"{header.name}: cannot read as a DICOM image slice: {e}") from e
+    if pixels.ndim != 2:
+        raise DataError(f"{header.name}: expected a 2D slice, got pixel data of shape {pixels.shape}")
+    if pixels.shape != header.size:
+        raise DataError(f"{header.name}: pixel data of shape {pixels.shape} but Rows, Columns {header.size}")
+    if _exact_in_float32(pixels.dtype, header.slope, header.intercept):
+        out[...] = pixels  # every intermediate value is an integer float32 holds exactly
+        if header.slope != 1:
+            out *= np.float32(header.slope)
+        if header.intercept != 0:
+            out += np.float32(header.intercept)
+    else:  # float64 arithmetic rounded once to float32 (the assignment casts)
+        with np.errstate(over="ignore"):  # overflow to inf is refused just below, naming the file
+            out[...] = pixels.astype(np.float64) * header.slope + header.intercept
+        nifti.check_finite(out, header.name)  # float pixels, or a slope beyond float32's range
+
+
+def _exact_in_float32(dtype: np.dtype, slope: float, intercept: float) -> bool:
+    """Returns whether pixel * slope + intercept, for every pixel of an integer `dtype`, is an integer
+    below 2**24 at each step: float32 arithmetic then gives the float64 result rounded to float32."""
+    if dtype.kind not in "iu" or dtype.itemsize > 2:
+        return False
+    if not (float(slope).is_integer() and float(intercept).is_integer()):
+        return False
+    largest = max(abs(int(np.iinfo(dtype).min)), int(np.iinfo(dtype).max))
+    return largest * abs(slope) + abs(intercept) < 2**24
 
 
 def _check_orientation(orientation: np.ndarray, name: str) -> None:
@@ -227,49 +313,88 @@ def _check_orientation(orientation: np.ndarray, name: str) -> None:
         raise DataError(f"{name}: ImageOrientationPatient {orientation.tolist()} is not two orthogonal unit vectors")
 
 
-def read_series(files: Sequence[SliceFile], where: str) -> Series:
-    """Returns the slices of one DICOM series sorted by position along the slice normal."""
-    pydicom = require_pydicom()
-    if not files:
-        raise DataError(f"{where}: no DICOM files")
-    slices = [_read_slice(pydicom, name, read()) for name, read in files]
-    first_name, first_pixels, _, orientation, spacing, _ = slices[0]
-    _check_orientation(orientation, first_name)
-    for name, pixels, _, o, s, _ in slices[1:]:
-        if pixels.shape != first_pixels.shape or not np.allclose(o, orientation, atol=_ORIENTATION_TOL):
-            raise DataError(f"{name}: slice size or orientation differs from the rest of {where}")
-        if not np.allclose(s, spacing, atol=1e-4):
-            raise DataError(f"{name}: pixel spacing {s} differs from {spacing} in {where}")
+def _sorted_headers(headers: list[_SliceHeader], where: str) -> list[_SliceHeader]:
+    """Returns the headers sorted along the slice normal, refusing a series that is not one regular grid."""
+    first = headers[0]
+    orientation, spacing = first.orientation, first.spacing
+    _check_orientation(orientation, first.name)
+    for h in headers[1:]:
+        if h.size != first.size or not np.allclose(h.orientation, orientation, atol=_ORIENTATION_TOL):
+            raise DataError(f"{h.name}: slice size or orientation differs from the rest of {where}")
+        if not np.allclose(h.spacing, spacing, atol=1e-4):
+            raise DataError(f"{h.name}: pixel spacing {h.spacing} differs from {spacing} in {where}")
     normal = np.cross(orientation[:3], orientation[3:])
-    slices.sort(key=lambda s: float(s[2] @ normal))
-    positions = np.stack([s[2] for s in slices])
+    headers = sorted(headers, key=lambda h: float(h.position @ normal))
+    positions = np.stack([h.position for h in headers])
     offsets = positions - positions[0]
     off_normal = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
     if off_normal.max() > POSITION_TOL_MM:
         i = int(np.argmax(off_normal))
         raise DataError(
-            f"{slices[i][0]}: slice lies {off_normal[i]:.3g} mm off the slice normal through the first slice "
+            f"{headers[i].name}: slice lies {off_normal[i]:.3g} mm off the slice normal through the first slice "
             f"of {where} (gantry tilt or sheared stack); resample the series first"
         )
     steps = np.diff(offsets @ normal)
     if steps.size:
         if steps.min() < POSITION_TOL_MM:
             i = int(np.argmin(steps))
-            raise DataError(f"{slices[i + 1][0]}: same slice position as {slices[i][0]}")
+            raise DataError(f"{headers[i + 1].name}: same slice position as {headers[i].name}")
         if steps.max() - steps.min() > max(POSITION_TOL_MM, 0.01 * np.median(steps)):
             raise DataError(
                 f"{where}: slice spacing is not uniform (steps {steps.min():.4g} to {steps.max():.4g} mm); "
                 "a slice may be missing"
             )
-    return Series(
-        pixels=np.stack([s[1] for s in slices]),
-        positions=positions,
-        orientation=orientation,
-        pixel_spacing=spacing,
+    return headers
+
+
+def internal_slices_view(shape_slices: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """Returns an uninitialised (slices, rows, cols) float32 view of a C-contiguous internal (D, H, W)
+    array on the grid of `affine` (the NIfTI (cols, rows, slices) affine of `Series.affine`).
+
+    Filling the view fills the internal volume `image_and_geometry` returns, without a copy.
+    """
+    n, rows, cols = (int(s) for s in shape_slices)
+    ornt = nib.orientations.io_orientation(affine)
+    ras_shape = [0, 0, 0]
+    for disk_axis, size in enumerate((cols, rows, n)):
+        ras_shape[int(ornt[disk_axis, 0])] = size
+    internal = np.empty(ras_shape[::-1], np.float32)  # (z, y, x) = (D, H, W)
+    to_disk = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    disk = nib.orientations.apply_orientation(internal.transpose(2, 1, 0), to_disk)  # views: flips, transposes
+    return disk.transpose(2, 1, 0)
+
+
+def read_series(files: Sequence[SliceFile], where: str) -> Series:
+    """Returns the slices of one DICOM series sorted by position along the slice normal.
+
+    The headers are read first (no pixel data) to check and sort the slices; then each slice's
+    pixels are read once (slabs of slices on the shared thread pool, `slabs.parallel_slabs`),
+    rescaled, and written straight into the volume, laid out in memory as the internal (D, H, W)
+    array (`internal_slices_view`), so `image_and_geometry` copies nothing.
+    """
+    pydicom = require_pydicom()
+    if not files:
+        raise DataError(f"{where}: no DICOM files")
+    headers = _sorted_headers([_read_header(pydicom, name, open_file) for name, open_file in files], where)
+    series = Series(
+        pixels=None,
+        positions=np.stack([h.position for h in headers]),
+        orientation=headers[0].orientation,
+        pixel_spacing=headers[0].spacing,
         where=where,
-        datasets=[s[5] for s in slices],
-        names=[s[0] for s in slices],
+        datasets=[h.dataset for h in headers],
+        names=[h.name for h in headers],
+        shape=(len(headers), *headers[0].size),
     )
+    pixels = internal_slices_view(series.shape, series.affine())
+
+    def read_slab(start: int, stop: int) -> None:  # inflating and casting release the GIL
+        for k in range(start, stop):
+            _read_pixels(pydicom, headers[k], pixels[k])
+
+    parallel_slabs(read_slab, len(headers))
+    series.pixels = pixels
+    return series
 
 
 def read_dicom_series(path: PathLike, series_uid: str | None = None) -> Series:
@@ -292,12 +417,21 @@ def nifti_image(array_xyz: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
 
 def image_and_geometry(series: Series) -> tuple[np.ndarray, nifti.Geometry]:
     """Returns the series as an internal (D, H, W) float32 HU volume and the NIfTI geometry the
-    importer would write for it (what `nifti.read_image` returns for the imported volume)."""
-    img = nifti_image(series.nifti_array(), series.affine())
-    geometry = nifti.geometry_of(img, series.where)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    nifti.check_finite(data, series.where)
-    image = nifti.to_internal(data, geometry)
+    importer would write for it (what `nifti.read_image` returns for the imported volume).
+
+    A series from `read_series` already lies in memory as that volume, its slices checked for
+    non-finite values as they were read: it is returned as it is (no copy; it shares memory with
+    `series.pixels`). Other pixel arrays are copied once (`nifti.internal_float32`) and checked.
+    """
+    if series.pixels is None:
+        raise ValueError(f"{series.where}: the series' pixels were dropped (Series.without_pixels)")
+    disk = series.pixels.transpose(2, 1, 0)  # (cols, rows, slices), a view
+    geometry = nifti.geometry_of(nifti_image(disk, series.affine()), series.where)
+    image = nib.orientations.apply_orientation(disk, geometry.ornt).transpose(2, 1, 0)
+    if image.dtype != np.float32 or not image.flags.c_contiguous:
+        image = nifti.internal_float32(disk, geometry)
+        nifti.check_finite(image, series.where)
+    # else: `read_series` checked each slice as it was read (no volume-sized boolean temporary)
     nifti.warn_if_not_hu(image, series.where)
     return image, geometry
 

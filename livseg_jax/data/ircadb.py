@@ -39,12 +39,21 @@ import numpy as np
 from livseg_jax import atomic_write
 from livseg_jax.cli_errors import check_output_dir, run_main, total_size
 from livseg_jax.data.cases import natural_key
-from livseg_jax.data.dicom import POSITION_TOL_MM, Series, nifti_image, read_series, require_pydicom
+from livseg_jax.data.dicom import (
+    POSITION_TOL_MM,
+    Series,
+    SliceFile,
+    nifti_image,
+    path_file,
+    read_series,
+    require_pydicom,
+    zip_member,
+)
 from livseg_jax.data.nifti import DataError, PathLike, save_nifti
 
 DEFAULT_TUMOR_MASKS = ("livertumor*",)
 
-Members = dict[str, list[tuple[str, Callable[[], bytes]]]]  # folder -> [(display name, reader)]
+Members = dict[str, list[SliceFile]]  # folder -> [(display name, opener)]
 
 
 @dataclasses.dataclass
@@ -88,7 +97,7 @@ def _members(patient: pathlib.Path, name: str) -> Members:
         for path in sorted(folder.rglob("*")):
             if path.is_file() and not path.name.startswith("."):
                 key = path.parent.relative_to(folder).as_posix()
-                groups.setdefault("" if key == "." else key, []).append((str(path), path.read_bytes))
+                groups.setdefault("" if key == "." else key, []).append(path_file(path))
         return groups
     if not archive.is_file():
         raise DataError(f"{patient}: neither {name}.zip nor {name}/ found")
@@ -103,7 +112,7 @@ def _members(patient: pathlib.Path, name: str) -> Members:
         if parts[0] == name:  # the dataset's zips hold a top folder of the zip's own name
             parts = parts[1:]
         key = "/".join(parts[:-1])
-        groups.setdefault(key, []).append((f"{archive}:{info.filename}", lambda n=info.filename: zf.read(n)))
+        groups.setdefault(key, []).append(zip_member(zf, archive, info.filename))
     return groups
 
 

@@ -20,7 +20,9 @@ every member's CRC and length are checked, so a damaged file is reported there, 
 and nibabel parses the bytes; writing serialises the image with nibabel and compresses it with
 ISA-L on all cores (`igzip_threaded`, level 1). ISA-L reads a CT written by another tool 1.8x
 faster than nibabel's zlib stream and writes 15x faster on 16 cores
-(`python -m experiments.bench_nifti_io`, docs/benchmarks.md). Arrays are handed to nibabel in
+(`python -m experiments.bench_nifti_io`, docs/benchmarks.md). With the optional rapidgzip
+installed and at least 8 usable cores, a large file is inflated on all cores instead, its result
+verified (`parallel_gzip`). Arrays are handed to nibabel in
 Fortran (NIfTI disk) order, so nibabel does not transpose them again on write. `read_image`
 converts an unscaled integer CT straight from the inflated bytes to internal float32, the
 reorientation and the cast in one pass over slabs of slices on all cores (`slabs.py`).
@@ -44,6 +46,7 @@ import numpy as np
 from isal import igzip, igzip_threaded, isal_zlib
 
 from livseg_jax.atomic_write import atomic_path
+from livseg_jax.data import parallel_gzip
 from livseg_jax.data.cases import case_id_of
 from livseg_jax.data.slabs import parallel_slabs
 
@@ -164,8 +167,10 @@ def _gzip_damage(error: Exception) -> str | None:
 def _load_nifti_gz(path: pathlib.Path) -> tuple[nib.Nifti1Image, bytes]:
     """Returns (image, decompressed bytes) of a `.nii.gz` inflated in memory, or raises DataError
     naming the file."""
+    raw = parallel_gzip.inflate(path)  # rapidgzip on many cores when installed, verified; else None
     try:
-        raw = igzip.decompress(path.read_bytes())  # every member's CRC and length are checked
+        if raw is None:
+            raw = igzip.decompress(path.read_bytes())  # every member's CRC and length are checked
     except (OSError, EOFError, zlib.error, isal_zlib.error) as e:
         damage = _gzip_damage(e)
         if damage is not None and _nifti_class_of(_partial_header(path)) is not None:

@@ -2,14 +2,17 @@
 
 The sliding window (`inference.sliding_window`) calls one "forward function"
 `window_fn(variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K)` and blends what it
-returns on the device; only that function differs between backends:
+returns; only that function differs between backends:
 
-- "jax": the jitted deploy network of a run directory (`two_stage.load_stage_model`).
+- "jax": the jitted deploy network of a run directory (`two_stage.load_stage_model`); the windows
+  are cut and blended on the device.
 - "onnxruntime": an `onnxruntime.InferenceSession` of a model written by
   `python -m livseg_jax.convert --to-onnx` (`variables` is the session; softmax and mirror TTA in
-  NumPy). The `.onnx` file is self-contained: the run's config (preprocessing, classes, stage,
-  sliding-window settings), the window it was exported for and the tumour post-processing are in
-  its `metadata_props` (`export_metadata`), so no run directory, Flax model or checkpoint is read.
+  NumPy). It is a `sliding_window.HostWindowFn`: the windows are cut and blended in NumPy on the
+  host, so no window batch goes to a JAX device and back. The `.onnx` file is self-contained: the
+  run's config (preprocessing, classes, stage, sliding-window settings), the window it was exported
+  for and the tumour post-processing are in its `metadata_props` (`export_metadata`), so no run
+  directory, Flax model or checkpoint is read.
 
 Exports are always of the deploy form: `deploy_variables` re-parameterises a training-form run.
 """
@@ -20,7 +23,7 @@ import itertools
 import json
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -28,6 +31,7 @@ import numpy as np
 
 from livseg_jax.data.preprocess import PreprocessSettings
 from livseg_jax.inference import postprocess as pp
+from livseg_jax.inference.sliding_window import HostWindowFn
 from livseg_jax.inference.two_stage import (
     Predictor,
     StageModel,
@@ -76,11 +80,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def onnx_window_fn(mirror: bool = False) -> Callable:
+def onnx_window_fn(mirror: bool = False) -> HostWindowFn:
     """Returns `(session, windows (N, D, H, W, 1)) -> softmax probabilities (N, D, H, W, K)` as NumPy.
 
     With `mirror`, probabilities are averaged over the 8 flips of the spatial axes, as
-    `sliding_window.window_predict_fn` does on the device.
+    `sliding_window.window_predict_fn` does on the device. It is a `HostWindowFn`: the sliding
+    window cuts and blends its windows on the host, so ONNX Runtime's inputs and outputs never
+    make a round trip through a JAX device.
     """
 
     def probabilities(session, windows) -> np.ndarray:
@@ -96,7 +102,7 @@ def onnx_window_fn(mirror: bool = False) -> Callable:
             total = total + (np.flip(p, axes) if axes else p)
         return (total / len(flip_sets)).astype(np.float32)
 
-    return probabilities
+    return HostWindowFn(probabilities)
 
 
 def onnx_session(path: str | os.PathLike, providers: Sequence[str] | None = None):

@@ -109,8 +109,8 @@ def segmentation_dataset(labels_slices: np.ndarray, series: Series) -> Any:
     from pydicom.sr.codedict import codes
 
     _check_references(series)
-    if labels_slices.shape != series.pixels.shape:
-        raise ValueError(f"label map shape {labels_slices.shape} does not match the series {series.pixels.shape}")
+    if labels_slices.shape != series.shape:
+        raise ValueError(f"label map shape {labels_slices.shape} does not match the series {series.shape}")
     algorithm = hd.AlgorithmIdentificationSequence(
         name="livseg_jax", version=__version__, family=codes.cid7162.ArtificialIntelligence
     )
@@ -155,8 +155,8 @@ def rtstruct_dataset(labels_slices: np.ndarray, series: Series) -> Any:
     from rt_utils import ds_helper
 
     _check_references(series)
-    if labels_slices.shape != series.pixels.shape:
-        raise ValueError(f"label map shape {labels_slices.shape} does not match the series {series.pixels.shape}")
+    if labels_slices.shape != series.shape:
+        raise ValueError(f"label map shape {labels_slices.shape} does not match the series {series.shape}")
     _check_square_pixels(series)
     masks = structure_masks(labels_slices)
     if not masks["Liver"].any():

@@ -4,12 +4,20 @@ The network is compiled for one window shape and one batch of windows: volumes s
 window are padded, and the last batch of windows is filled up with repeats (weighted 0). Softmax
 probabilities of overlapping windows are blended with a Gaussian importance map (centre voxels,
 which see the most context, weigh most), as in nnU-Net. The volume goes to the device once and
-only the argmax (or the probabilities) come back; `tests/sliding_window_oracle.py` holds the plain
-NumPy version this is tested against.
+only the argmax (or the probabilities) come back; the window corners of every batch and the
+importance map are put on the device once per volume (the map once per device), so the loop over
+batches only dispatches programs and, with a progress callback, waits for the batch before the
+one just queued. `tests/sliding_window_oracle.py` holds the plain NumPy version this is tested
+against.
+
+A forward function that works on host arrays (ONNX Runtime's, `inference.backends`) comes wrapped
+in `HostWindowFn`: its windows are then cut and blended in NumPy on the host, the same arithmetic
+in the same order, so no window batch travels to a device and back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -19,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from livseg_jax.data.slabs import parallel_slabs
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -96,6 +106,17 @@ def ensemble_window_fn(window_fns: Sequence[Callable]) -> Callable:
     return predict
 
 
+@dataclasses.dataclass(frozen=True)
+class HostWindowFn:
+    """A forward function `(variables, windows (N, D, H, W, 1) NumPy) -> probabilities (N, D, H, W, K)
+    NumPy` that runs on the host (ONNX Runtime): `sliding_window` then blends on the host too."""
+
+    fn: Callable
+
+    def __call__(self, variables, windows):
+        return self.fn(variables, windows)
+
+
 def window_corners(padded_shape: Sequence[int], window: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
     """Returns the (d, h, w) start corner of every window over a volume at least as large as the window."""
     return list(itertools.product(*[window_starts(n, w, overlap) for n, w in zip(padded_shape, window, strict=True)]))
@@ -152,6 +173,26 @@ def _finish(accum, norm, inner, labels):
     return accum[box] / norm[box][..., None]
 
 
+def batched_corners(starts: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Returns (corners (batch_size, 3) int32, valid (batch_size,) float32) per batch of window corners:
+    the last batch is filled up with repeats of its last corner, valid 0 (one compiled batch shape)."""
+    batches = []
+    for first in range(0, len(starts), batch_size):
+        chunk = starts[first:first + batch_size]
+        valid = np.zeros(batch_size, np.float32)
+        valid[:len(chunk)] = 1.0
+        if len(chunk) < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+        batches.append((np.ascontiguousarray(chunk, np.int32), valid))
+    return batches
+
+
+@functools.lru_cache(maxsize=16)
+def _device_importance(window: tuple[int, ...], sigma_scale: float, device: jax.Device) -> jax.Array:
+    """Returns `importance_map` on `device`, uploaded once per window, sigma and device."""
+    return jax.device_put(importance_map(window, sigma_scale), device)
+
+
 def sliding_window(
     image: np.ndarray | jax.Array,
     window_fn: Callable,
@@ -169,34 +210,99 @@ def sliding_window(
 
     `window_fn(variables, windows (N, D, H, W, 1)) -> probabilities (N, D, H, W, K)` is a jittable
     function such as `window_predict_fn(...)`, compiled once per window shape whatever the volume
-    shape, or any function returning the probabilities as an array (an ONNX Runtime session's,
-    `inference.backends`; give `num_classes` then). The volume is sent to the device once; windows
-    are cut, evaluated and accumulated there, and only the (D, H, W) uint8 argmax
-    (`output="labels"`) or the (D, H, W, K) float32 probabilities (`output="probs"`) come back.
-    Pass `num_classes` when known; otherwise it is found by tracing `window_fn` once per call.
+    shape, or any function returning the probabilities as an array; a `HostWindowFn` (ONNX
+    Runtime's, `inference.backends`) is blended on the host (`host_sliding_window`). The volume
+    is sent to the device once; windows are cut, evaluated and accumulated there, and only the
+    (D, H, W) uint8 argmax (`output="labels"`) or the (D, H, W, K) float32 probabilities
+    (`output="probs"`) come back. Pass `num_classes` when known; otherwise it is found by tracing
+    `window_fn` once per call.
     """
+    if isinstance(window_fn, HostWindowFn):
+        return host_sliding_window(image, window_fn, variables, window, overlap, batch_size, sigma_scale,
+                                   pad_value, progress, output, num_classes)
     window, padded_shape, pads = blending_layout(image.shape, window, output)
     volume = jnp.pad(jnp.asarray(image, jnp.float32), pads, constant_values=pad_value)
-    starts = np.array(window_corners(padded_shape, window, overlap), np.int32)
+    device = next(iter(volume.devices()))
+    batches = batched_corners(np.array(window_corners(padded_shape, window, overlap), np.int32), batch_size)
+    counts = [int(valid.sum()) for _, valid in batches]
+    batches = jax.device_put(batches, device)  # every batch's corners in one transfer, none in the loop
     if num_classes is None:
         num_classes = jax.eval_shape(window_fn, variables,
                                      jax.ShapeDtypeStruct((batch_size, *window, 1), jnp.float32)).shape[-1]
-    weights = jnp.asarray(importance_map(window, sigma_scale))
+    weights = _device_importance(window, float(sigma_scale), device)
     accum = jnp.zeros((*padded_shape, num_classes), jnp.float32)
     norm = jnp.zeros(padded_shape, jnp.float32)
-    for first in range(0, len(starts), batch_size):
-        chunk = starts[first:first + batch_size]
-        valid = np.zeros(batch_size, np.float32)
-        valid[:len(chunk)] = 1.0
-        if len(chunk) < batch_size:  # keep one compiled batch shape; the repeats get weight 0
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
-        probs = window_fn(variables, _cut_windows(volume, chunk, window))
-        accum, norm = _add_windows(accum, norm, probs, chunk, valid, weights)
+    queued = None  # (probabilities, window count) of the batch before the current one
+    for (corners, valid), count in zip(batches, counts, strict=True):
+        probs = window_fn(variables, _cut_windows(volume, corners, window))
+        accum, norm = _add_windows(accum, norm, probs, corners, valid, weights)
         if progress is not None:
-            norm.block_until_ready()  # report windows done, not windows queued
-            progress(int(valid.sum()))
+            # Report the previous batch once done: windows done, not queued, with one batch still
+            # queued behind it, so the device never waits for the host between batches.
+            if queued is not None:
+                jax.block_until_ready(queued[0])  # a no-op for a host array
+                progress(queued[1])
+            queued = (probs, count)
     inner = tuple((b, n) for (b, _), n in zip(pads, image.shape, strict=True))
-    return np.asarray(_finish(accum, norm, inner, output == "labels"))
+    result = np.asarray(_finish(accum, norm, inner, output == "labels"))
+    if queued is not None:
+        progress(queued[1])
+    return result
+
+
+def _accumulate(accum: np.ndarray, norm: np.ndarray, box: tuple[slice, ...], probs: np.ndarray,
+                weights: np.ndarray) -> None:
+    """Adds one window's weighted probabilities into accum[box] and its weights into norm[box], in
+    place, over slabs of the window's slices on the shared thread pool (disjoint, so exact)."""
+    depth, rows, cols = box
+
+    def add(start: int, stop: int) -> None:
+        part = (slice(depth.start + start, depth.start + stop), rows, cols)
+        accum[part] += probs[start:stop] * weights[start:stop, ..., None]
+        norm[part] += weights[start:stop]
+
+    parallel_slabs(add, probs.shape[0])
+
+
+def host_sliding_window(
+    image: np.ndarray | jax.Array,
+    window_fn: Callable,
+    variables,
+    window: Sequence[int],
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    sigma_scale: float = 0.125,
+    pad_value: float = -1.0,
+    progress: Callable[[int], None] | None = None,
+    output: str = "labels",
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Returns what `sliding_window` returns, for a forward function on host (NumPy) arrays.
+
+    Windows are cut from the padded volume, evaluated by `window_fn` and blended in NumPy with the
+    device version's arithmetic (`accum + probs * weight`, window after window; each window's
+    slices split over the shared thread pool, `data.slabs`), so nothing goes to a device and no
+    program is compiled; the batches keep the exported shape (repeats filling the last are skipped).
+    """
+    window, padded_shape, pads = blending_layout(image.shape, window, output)
+    volume = np.pad(np.asarray(image, np.float32), pads, constant_values=pad_value)
+    weights = importance_map(window, float(sigma_scale))
+    accum, norm = None, np.zeros(padded_shape, np.float32)
+    for corners, valid in batched_corners(np.array(window_corners(padded_shape, window, overlap), np.int32),
+                                          batch_size):
+        boxes = [tuple(slice(int(c), int(c) + w) for c, w in zip(corner, window, strict=True)) for corner in corners]
+        probs = np.asarray(window_fn(variables, np.stack([volume[box] for box in boxes])[..., None]), np.float32)
+        if accum is None:
+            accum = np.zeros((*padded_shape, num_classes or probs.shape[-1]), np.float32)
+        count = int(valid.sum())
+        for box, p in zip(boxes[:count], probs[:count], strict=True):
+            _accumulate(accum, norm, box, p, weights)
+        if progress is not None:
+            progress(count)
+    inner = tuple(slice(b, b + n) for (b, _), n in zip(pads, image.shape, strict=True))
+    if output == "labels":  # norm > 0 everywhere, so dividing by it does not change the argmax
+        return np.argmax(accum[inner], axis=-1).astype(np.uint8)
+    return accum[inner] / norm[inner][..., None]
 
 
 def num_windows(shape: Sequence[int], window: Sequence[int], overlap: float) -> int:

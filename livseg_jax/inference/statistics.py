@@ -122,8 +122,13 @@ def lesion_statistics(lesions: np.ndarray, n: int, image: np.ndarray, affine_dhw
 
 
 def case_statistics(labels: np.ndarray, image: np.ndarray, affine_dhw: np.ndarray,
-                    connectivity: int = DEFAULT_LESION_CONNECTIVITY) -> dict[str, Any]:
-    """Returns the case's liver volume, tumour burden and per-lesion records (module docstring)."""
+                    connectivity: int = DEFAULT_LESION_CONNECTIVITY,
+                    lesions: tuple[np.ndarray, int] | None = None) -> dict[str, Any]:
+    """Returns the case's liver volume, tumour burden and per-lesion records (module docstring).
+
+    `lesions`: `lesion_components(labels == 2, connectivity)` when the caller already has it (the
+    PNG of `predict --statistics --png` numbers the same lesions): the tumour is labelled once.
+    """
     labels = np.asarray(labels)
     if labels.ndim != 3 or labels.shape != np.shape(image):
         raise ValueError(f"statistics: label map {labels.shape} and image {np.shape(image)} must be "
@@ -132,7 +137,9 @@ def case_statistics(labels: np.ndarray, image: np.ndarray, affine_dhw: np.ndarra
     liver_ml = int(np.count_nonzero(labels >= 1)) * voxel_ml
     tumour = labels == 2
     tumour_ml = int(np.count_nonzero(tumour)) * voxel_ml
-    lesions, n = lesion_components(tumour, connectivity)
+    lesions, n = lesion_components(tumour, connectivity) if lesions is None else lesions
+    if lesions.shape != labels.shape:
+        raise ValueError(f"statistics: lesion map {lesions.shape} and label map {labels.shape} differ in shape")
     return {
         "voxel_volume_ml": voxel_ml,
         "lesion_connectivity": int(connectivity),
