@@ -83,7 +83,6 @@ def main() -> None:
     print(f"{args.cases} phantoms {shape} written in {time.perf_counter() - t0:.1f} s", flush=True)
     models = tmp / "models"
     liver_dir, tumor_dir = make_stage_dirs(models, args.variant, liver_window, tumor_window, features, args.dtype, {})
-    predictor = Predictor.from_checkpoints(liver_dir, tumor_dir, deploy=True)
     cases = [inputs / f"volume-{i}.nii.gz" for i in range(args.cases)]
     visible = jax.devices()
 
@@ -103,7 +102,8 @@ def main() -> None:
                          "not_run": f"only {len(visible)} device(s) visible"})
             print(rows[-1], flush=True)
             continue
-        predictors = device_predictors(predictor, visible[:count])
+        # A fresh predictor per row: device_predictors refuses one whose stages an earlier row compiled.
+        predictors = device_predictors(Predictor.from_checkpoints(liver_dir, tumor_dir, deploy=True), visible[:count])
         compile_s = [p.warmup() for p in predictors]
         out = tmp / f"pipeline-{count}"
         out.mkdir()

@@ -41,7 +41,9 @@ def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
             # this many channels (models/packed_conv.py); 0: plain convolutions.
             dense_pack_channels=ml_collections.FieldReference(None, field_type=int),
             dropout=0.0,  # dropout rate before the bottleneck block
-            dtype="float32",  # compute dtype: "float32" or "bfloat16" (params stay float32)
+            # compute dtype: "auto" (bfloat16 on GPUs, float32 elsewhere; models/forms.py), "float32" or
+            # "bfloat16"; parameters, BatchNorm statistics and loss sums stay float32
+            dtype="auto",
             deep_supervision=True,
             deploy=False,  # re-parameterised form: no BatchNorm, one conv per RepConv3d
         )
@@ -231,10 +233,9 @@ def stage_config(stage: str, arg: str, demo_patch: tuple, paper_patch: tuple, de
         config.train.num_epochs = 300
         config.train.steps_per_epoch = 250
         config.train.eval_every_epochs = 10
-        # float32, as the paper trains. bf16 (`--config.model.dtype=bfloat16`) is 1.7x faster on
-        # an H100 and has stayed finite with the einsum 1x1 convs of the GPU forms, but its earlier
-        # NaN with convolution 1x1s is not explained (docs/performance_notes.md).
-        config.model.dtype = "float32"
+        # dtype stays "auto": bfloat16 on GPUs, where a 5,000-step real-CT run matched float32's
+        # validation Dice (experiments/results/bf16_long_h200.json); `--config.model.dtype=float32`
+        # trains as the paper does.
     else:
         # CPU demo: a narrow network and small patches; a 10x higher learning rate than the
         # paper's so that a few hundred steps give a visibly working model.

@@ -76,7 +76,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "model.features": _ints(None, 1, "channels per level"),
     "model.num_classes": _int_at_least(2),
     "model.spatial_dims": _choice((2, 3)),
-    "model.dtype": _choice(("float32", "bfloat16")),
+    "model.dtype": _choice(("auto", "float32", "bfloat16")),
     "model.dropout": _number_in(0.0, 1.0, high_open=True),
     "data.layout": _choice(LAYOUTS),
     "data.patch_size": _ints(3, 1, "D, H, W"),

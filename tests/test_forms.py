@@ -1,10 +1,18 @@
 """Computation forms: chosen by the backend unless the config pins them."""
 
+import jax.numpy as jnp
 import pytest
 
 from livseg_jax.config import model_config
 from livseg_jax.models import build_model
-from livseg_jax.models.forms import GPU_FORMS, REFERENCE_FORMS, check_training_forms, may_run_gpu_forms, resolve_forms
+from livseg_jax.models.forms import (
+    GPU_FORMS,
+    REFERENCE_FORMS,
+    check_training_forms,
+    may_run_gpu_forms,
+    resolve_dtype,
+    resolve_forms,
+)
 from livseg_jax.models.layers import Layers
 
 
@@ -29,10 +37,34 @@ def test_a_pinned_form_is_kept_on_every_backend():
     assert resolve_forms({"dense_pack_channels": "auto"}, "gpu") == GPU_FORMS
 
 
-@pytest.mark.parametrize("backend,forms", [("gpu", GPU_FORMS), ("cpu", REFERENCE_FORMS)])
-def test_build_model_resolves_auto_for_the_backend(backend, forms):
+@pytest.mark.parametrize("backend,forms,dtype",
+                         [("gpu", GPU_FORMS, jnp.bfloat16), ("cpu", REFERENCE_FORMS, jnp.float32)])
+def test_build_model_resolves_auto_for_the_backend(backend, forms, dtype):
     model = build_model(model_config(), backend=backend)
-    assert model.layers == Layers(**forms)
+    assert model.layers == Layers(dtype=dtype, **forms)
+
+
+def test_auto_dtype_is_bfloat16_on_gpus_only_and_a_pinned_dtype_is_kept():
+    config = model_config()
+    assert config.dtype == "auto"
+    assert [resolve_dtype(config, b) for b in ("gpu", "cpu", "tpu")] == ["bfloat16", "float32", "float32"]
+    assert resolve_dtype({}, "gpu") == "bfloat16"  # a config saved before the key was "auto"
+    config.dtype = "float32"
+    assert resolve_dtype(config, "gpu") == "float32"
+    assert build_model(config, backend="gpu").layers.dtype == jnp.float32
+    config.dtype = "float16"
+    with pytest.raises(ValueError, match="model.dtype"):
+        build_model(config, backend="gpu")
+
+
+def test_the_bf16_guard_sees_through_auto_dtype():
+    config = model_config()
+    config.pointwise_impl = "conv"
+    with pytest.raises(ValueError, match="NaN"):
+        check_training_forms(config, "gpu")  # dtype "auto" is bfloat16 there
+    check_training_forms(config, "cpu")
+    config.dtype = "float32"
+    check_training_forms(config, "gpu")
 
 
 def test_build_model_defaults_to_the_running_backend():

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from livseg_jax.models.attention_unet import attention_unet_from_config
-from livseg_jax.models.forms import resolve_forms
+from livseg_jax.models.forms import resolve_dtype, resolve_forms
 from livseg_jax.models.layers import Layers
 from livseg_jax.models.r2unet import r2unet_from_config
 from livseg_jax.models.resunet import resunet_from_config
@@ -48,16 +48,18 @@ def build_model(model_config: ml_collections.ConfigDict, deploy: bool | None = N
                 backend: str | None = None) -> nn.Module:
     """Returns the network named by `model_config.name` (deploy form if asked).
 
-    Computation forms left to the backend ("auto", the default) are resolved for `backend`
+    Computation forms and the compute dtype left to the backend ("auto", the default) are resolved for `backend`
     (default: JAX's default backend; see `livseg_jax.models.forms`).
     """
     name = model_config.name
     if name not in NETWORKS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(NETWORKS)}")
-    if model_config.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_config.dtype!r}")
-    forms = resolve_forms(model_config, jax.default_backend() if backend is None else backend)
-    layers = Layers(dtype=DTYPES[model_config.dtype], deploy=model_config.deploy if deploy is None else deploy,
+    backend = jax.default_backend() if backend is None else backend
+    dtype = resolve_dtype(model_config, backend)
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be 'auto' or one of {sorted(DTYPES)}, got {model_config.dtype!r}")
+    forms = resolve_forms(model_config, backend)
+    layers = Layers(dtype=DTYPES[dtype], deploy=model_config.deploy if deploy is None else deploy,
                     spatial_dims=model_config.get("spatial_dims", 3), **forms)
     return NETWORKS[name](model_config, layers)
 
