@@ -19,7 +19,6 @@ Exports are always of the deploy form: `deploy_variables` re-parameterises a tra
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import pathlib
@@ -31,7 +30,7 @@ import numpy as np
 
 from livseg_jax.data.preprocess import PreprocessSettings
 from livseg_jax.inference import postprocess as pp
-from livseg_jax.inference.sliding_window import HostWindowFn
+from livseg_jax.inference.sliding_window import HostWindowFn, mirror_averaged
 from livseg_jax.inference.two_stage import (
     Predictor,
     StageModel,
@@ -80,6 +79,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def contiguous_flip(x: np.ndarray, axes) -> np.ndarray:
+    """Returns `np.flip(x, axes)` as a C-contiguous copy (ONNX Runtime takes contiguous inputs)."""
+    return np.ascontiguousarray(np.flip(x, axes))
+
+
 def onnx_window_fn(mirror: bool = False) -> HostWindowFn:
     """Returns `(session, windows (N, D, H, W, 1)) -> softmax probabilities (N, D, H, W, K)` as NumPy.
 
@@ -92,15 +96,12 @@ def onnx_window_fn(mirror: bool = False) -> HostWindowFn:
     def probabilities(session, windows) -> np.ndarray:
         x = np.asarray(windows, np.float32)
         name = session.get_inputs()[0].name
+        def window_probabilities(xf):
+            return softmax(session.run(None, {name: xf})[0])
+
         if not mirror:
-            return softmax(session.run(None, {name: x})[0])
-        flip_sets = [axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r)]
-        total = 0.0
-        for axes in flip_sets:
-            xf = np.ascontiguousarray(np.flip(x, axes)) if axes else x
-            p = softmax(session.run(None, {name: xf})[0])
-            total = total + (np.flip(p, axes) if axes else p)
-        return (total / len(flip_sets)).astype(np.float32)
+            return window_probabilities(x)
+        return mirror_averaged(window_probabilities, x, contiguous_flip).astype(np.float32)
 
     return HostWindowFn(probabilities)
 

@@ -60,6 +60,21 @@ def importance_map(window: tuple[int, ...], sigma_scale: float) -> np.ndarray:
     return weights
 
 
+# Test-time mirroring: every subset of the three spatial axes of (N, D, H, W, C) windows, none first.
+MIRROR_AXES = tuple(axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r))
+
+
+def mirror_averaged(probabilities: Callable, x, flip: Callable):
+    """Returns the mean over MIRROR_AXES of `probabilities(flip(x, axes))` flipped back.
+
+    `flip` is `jnp.flip` inside a jitted program or a NumPy flip on the host (ONNX Runtime)."""
+    total = 0.0
+    for axes in MIRROR_AXES:
+        p = probabilities(flip(x, axes) if axes else x)
+        total = total + (flip(p, axes) if axes else p)
+    return total / len(MIRROR_AXES)
+
+
 def window_predict_fn(apply_fn: Callable, mirror: bool = False) -> Callable:
     """Returns a jitted `(variables, windows (N, D, H, W, 1)) -> softmax probabilities (N, D, H, W, K)`.
 
@@ -70,15 +85,10 @@ def window_predict_fn(apply_fn: Callable, mirror: bool = False) -> Callable:
 
     @jax.jit
     def predict(variables, x):
-        if not mirror:
-            return jax.nn.softmax(apply_fn(variables, x).astype(jnp.float32), axis=-1)
-        total = 0.0
-        flip_sets = [axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r)]
-        for axes in flip_sets:
-            xf = jnp.flip(x, axes) if axes else x
-            p = jax.nn.softmax(apply_fn(variables, xf).astype(jnp.float32), axis=-1)
-            total = total + (jnp.flip(p, axes) if axes else p)
-        return total / len(flip_sets)
+        def probabilities(xf):
+            return jax.nn.softmax(apply_fn(variables, xf).astype(jnp.float32), axis=-1)
+
+        return mirror_averaged(probabilities, x, jnp.flip) if mirror else probabilities(x)
 
     return predict
 
