@@ -78,7 +78,7 @@ from livseg_jax.config import default_cache_root
 from livseg_jax.data import dicom, nifti
 from livseg_jax.data.cases import NIFTI_ENDINGS, sidecar_path
 from livseg_jax.data.layouts import CaseFiles, find_inputs, plan_outputs
-from livseg_jax.inference import dicom_export
+from livseg_jax.inference import dicom_export, onnx_cache
 from livseg_jax.inference.backends import BACKENDS, onnx_predictor
 from livseg_jax.inference.folder import Job, Outcome, device_predictors, predict_cases
 from livseg_jax.inference.statistics import case_statistics, lesion_components, write_statistics
@@ -198,6 +198,36 @@ def write_other_outputs(job: Job, labels, image, geometry, *, reader: DicomReade
 CPU_BATCH_SIZE = 1
 
 
+def choose_backend(args: argparse.Namespace) -> str:
+    """Returns "jax" or "onnxruntime" for `--backend`; "auto" says on one line what it chose and why.
+
+    "auto" is ONNX Runtime where it is measured faster, run directories on a CPU-only machine (about
+    2x end to end on 2 cores, docs/benchmarks.md), and JAX everywhere else; whatever keeps it from
+    ONNX Runtime on a CPU is named.
+    """
+    if args.backend != "auto":
+        return args.backend
+    stages = [path for runs in (args.liver, args.tumor, args.joint) for path in runs or ()]
+    if jax.default_backend() != "cpu":
+        return "jax"
+    if any(not pathlib.Path(path).is_dir() for path in stages):
+        return "jax"  # .onnx files with --backend auto: the explicit backend's checks name the problem
+    reasons = []
+    if missing := onnx_cache.missing_onnx_modules():
+        reasons.append(f"{', '.join(missing)} not installed (pip install -e \".[onnx,torch]\")")
+    if any(len(runs or ()) > 1 for runs in (args.liver, args.tumor, args.joint)):
+        reasons.append("ensembles run in JAX")
+    if args.deploy is False:
+        reasons.append("--no-deploy runs the training form")
+    if any(int(load_config(path).model.get("spatial_dims", 3)) != 3 for path in stages):
+        reasons.append("the axial 2D forms have no ONNX export")
+    backend = "jax" if reasons else "onnxruntime"
+    print(f"prediction backend on this CPU: {backend}"
+          + (f" (ONNX Runtime is faster here, but {'; '.join(reasons)})" if reasons else
+             " (about 2x faster than XLA:CPU here; --backend jax to compare)"), flush=True)
+    return backend
+
+
 def default_batch_size(batch_size: int | None, backend: str | None = None) -> int | None:
     """Returns the windows per network call: `batch_size` when given, else CPU_BATCH_SIZE on a CPU,
     else None (the config's `inference.batch_size`)."""
@@ -223,8 +253,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="nifti, dicom_seg, rtstruct: comma-separated or repeated (default: nifti); "
                         "DICOM types need a DICOM input")
     p.add_argument("-o", "--output", required=True, help="output folder (or .nii.gz file for one input)")
-    p.add_argument("--backend", choices=BACKENDS, default="jax",
-                   help="what runs the networks: jax (run directories, default) or onnxruntime (.onnx exports)")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default=os.environ.get("LIVSEG_PREDICT_BACKEND", "auto"),
+                   help="what runs the networks: auto (default: onnxruntime for run directories on a CPU-only "
+                        "machine where the onnx and torch extras are installed, each run exported once and "
+                        "cached; else jax), jax, or onnxruntime (.onnx exports or run directories)")
     p.add_argument("--which", choices=("best", "latest"), default="best",
                    help="checkpoint of a run directory (default: best; the latest when the run has no best)")
     p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: from the config)")
@@ -298,15 +330,19 @@ def _run(argv: list[str]) -> int:
     # new CT shape, each taking 0.1-1 s on a busy 2-core CPU, and a second run on the same shape loads them.
     use_compilation_cache(args.compilation_cache, default_cache_root(), min_compile_secs=0.0)
     batch_size = default_batch_size(args.batch_size)
+    args.backend = choose_backend(args)
     if args.backend == "onnxruntime":
         if args.deploy is False:
             raise CliError("--no-deploy", "an ONNX export is always the deploy (re-parameterised) network")
-        if args.which != "best":
-            raise CliError("--which", "an ONNX export holds one checkpoint: choose it at export (convert --which)")
         several = [f"--{stage}" for stage in ("liver", "tumor", "joint") if len(getattr(args, stage) or ()) > 1]
         if several:
             raise CliError(several[0], "ensembles need --backend jax: give one .onnx file per stage")
         one = {stage: (getattr(args, stage) or [None])[0] for stage in ("liver", "tumor", "joint")}
+        if any(path is not None and pathlib.Path(path).is_dir() for path in one.values()):
+            one = {stage: None if path is None else onnx_cache.cached_onnx(path, args.which, default_cache_root())
+                   for stage, path in one.items()}
+        elif args.which != "best":
+            raise CliError("--which", "an ONNX export holds one checkpoint: choose it at export (convert --which)")
         predictor = onnx_predictor(one["liver"], one["tumor"], connectivity=args.connectivity, joint=one["joint"],
                                    mirror=args.mirror, overlap=args.overlap, batch_size=batch_size,
                                    postprocess=args.postprocess)

@@ -13,6 +13,10 @@ os.environ.setdefault(
 # `predict.main` turns on JAX's persistent compilation cache by default; the tests call it in
 # process and must not change JAX's global configuration for the tests that follow.
 os.environ.setdefault("LIVSEG_COMPILATION_CACHE", "off")
+# `predict --backend auto` (the default) exports run directories to ONNX on a CPU; the tests compare
+# against JAX and call predict many times, so their default is JAX and the auto choice has its own
+# tests (tests/test_export.py).
+os.environ.setdefault("LIVSEG_PREDICT_BACKEND", "jax")
 
 import jax  # noqa: E402
 

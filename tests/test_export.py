@@ -186,6 +186,47 @@ def test_predict_onnxruntime_equals_the_jax_backend(runs, tmp_path, capsys):
     assert f"error: {garbage}: not a readable ONNX model" in capsys.readouterr().err
 
 
+def test_auto_backend_exports_run_directories_once_and_runs_them_in_onnxruntime(runs, tmp_path, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("LIVSEG_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    ct = rng.normal(-200, 300, (96, 96, 20)).astype(np.float32)
+    ct[24:72, 24:72, 4:16] = rng.normal(60, 20, (48, 48, 12))
+    nib.save(nib.Nifti1Image(ct, np.diag([1.5, 1.5, 2.5, 1.0])), tmp_path / "volume-0.nii.gz")
+    labels, printed = {}, {}
+    for name, backend in (("jax", "jax"), ("auto1", "auto"), ("auto2", "auto")):
+        out = tmp_path / name
+        argv = ["--backend", backend, "--liver", str(runs["liver"]), "--tumor", str(runs["tumor"]), "-i",
+                str(tmp_path / "volume-0.nii.gz"), "-o", str(out), "--no-progress", "--compilation-cache", "off"]
+        assert predict.main(argv) == 0, capsys.readouterr().err
+        printed[name] = capsys.readouterr().out
+        labels[name] = np.asarray(nib.load(out / "segmentation-0.nii.gz").dataobj)
+        settings = json.loads((out / "segmentation-0_timings.json").read_text())["run"]["settings"]
+        assert (settings["liver"].get("backend") == "onnxruntime") == (name != "jax")
+    assert "prediction backend on this CPU: onnxruntime" in printed["auto1"]
+    assert printed["auto1"].count("exporting ") == 2 and "exporting " not in printed["auto2"]  # cached
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 2
+    assert labels["jax"].any()
+    np.testing.assert_array_equal(labels["auto1"], labels["jax"])
+    np.testing.assert_array_equal(labels["auto2"], labels["jax"])
+
+
+def test_the_export_cache_key_follows_the_weights_not_the_logs(runs, tmp_path):
+    import shutil
+
+    from livseg_jax.inference.onnx_cache import run_fingerprint
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["liver"], run)
+    key = run_fingerprint(run, "best")
+    (run / "metrics.jsonl").open("a").write('{"step": 99}\n')
+    assert run_fingerprint(run, "best") == key
+    assert run_fingerprint(run, "latest") != key
+    weights = next(p for p in sorted(run.rglob("*")) if p.is_file() and p.suffix not in (".json", ".jsonl", ".png"))
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert run_fingerprint(run, "best") != key
+
+
 def test_stablehlo_reloads_in_a_fresh_process_without_the_model_code(runs, tmp_path):
     out = tmp_path / "liver.stablehlo"
     assert convert.main(["--to-stablehlo", str(runs["liver"]), "--out", str(out), "--platforms", "cpu"]) == 0

@@ -331,7 +331,9 @@ def test_the_gpu_forms_together_match_the_reference_forms(variant, inputs, eval_
     np.testing.assert_allclose(got, eval_outputs, rtol=1e-4, atol=1e-5)
     auto_cfg = cfg.copy_and_resolve_references()
     auto_cfg.update(depthwise_impl="auto", pointwise_impl="auto", dense_pack_channels=None)
-    assert build_model(auto_cfg, backend="gpu") == fast  # what "auto" means on a GPU
+    fast_bf16 = fast_cfg.copy_and_resolve_references()
+    fast_bf16.dtype = "bfloat16"  # "auto" dtype is bfloat16 on a GPU
+    assert build_model(auto_cfg, backend="gpu") == build_model(fast_bf16)  # what "auto" means on a GPU
 
 
 @pytest.mark.parametrize("value", [-32, True])  # a float is refused by the ConfigDict itself

@@ -198,8 +198,9 @@ def batched_corners(starts: np.ndarray, batch_size: int) -> list[tuple[np.ndarra
 
 
 @functools.lru_cache(maxsize=16)
-def _device_importance(window: tuple[int, ...], sigma_scale: float, device: jax.Device) -> jax.Array:
-    """Returns `importance_map` on `device`, uploaded once per window, sigma and device."""
+def _device_importance(window: tuple[int, ...], sigma_scale: float, device: jax.Device | None) -> jax.Array:
+    """Returns `importance_map` on `device` (None: uncommitted, like the volume), uploaded once per window,
+    sigma and device."""
     return jax.device_put(importance_map(window, sigma_scale), device)
 
 
@@ -232,7 +233,10 @@ def sliding_window(
                                    pad_value, progress, output, num_classes)
     window, padded_shape, pads = blending_layout(image.shape, window, output)
     volume = jnp.pad(jnp.asarray(image, jnp.float32), pads, constant_values=pad_value)
-    device = next(iter(volume.devices()))
+    # A volume committed to a device (the folder pipeline's per-device predictors) keeps the corners and
+    # weights there too; an uncommitted one (a NumPy image) leaves them uncommitted, so that variables
+    # replicated over several devices (validation during training on a mesh) still combine with them.
+    device = next(iter(volume.devices())) if volume.committed else None
     batches = batched_corners(np.array(window_corners(padded_shape, window, overlap), np.int32), batch_size)
     counts = [int(valid.sum()) for _, valid in batches]
     batches = jax.device_put(batches, device)  # every batch's corners in one transfer, none in the loop
