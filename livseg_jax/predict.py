@@ -208,10 +208,10 @@ def choose_backend(args: argparse.Namespace) -> str:
     if args.backend != "auto":
         return args.backend
     stages = [path for runs in (args.liver, args.tumor, args.joint) for path in runs or ()]
-    if jax.default_backend() != "cpu":
-        return "jax"
-    if any(not pathlib.Path(path).is_dir() for path in stages):
-        return "jax"  # .onnx files with --backend auto: the explicit backend's checks name the problem
+    if stages and all(str(path).endswith(".onnx") for path in stages):
+        return "onnxruntime"  # exported models run where they were made to run, on any machine
+    if jax.default_backend() != "cpu" or any(not pathlib.Path(path).is_dir() for path in stages):
+        return "jax"  # a missing or mixed input: the JAX loader's checks name the problem
     reasons = []
     if missing := onnx_cache.missing_onnx_modules():
         reasons.append(f"{', '.join(missing)} not installed (pip install -e \".[onnx,torch]\")")

@@ -168,7 +168,8 @@ def test_predict_onnxruntime_equals_the_jax_backend(runs, tmp_path, capsys):
     nib.save(nib.Nifti1Image(ct, np.diag([1.5, 1.5, 2.5, 1.0])), tmp_path / "volume-0.nii.gz")
     labels = {}
     for backend, liver, tumor in (("jax", runs["liver"], runs["tumor"]),
-                                  ("onnxruntime", runs["liver.onnx"], runs["tumor.onnx"])):
+                                  ("onnxruntime", runs["liver.onnx"], runs["tumor.onnx"]),
+                                  ("auto", runs["liver.onnx"], runs["tumor.onnx"])):  # .onnx files: ONNX Runtime
         out = tmp_path / backend
         argv = ["--backend", backend, "--liver", str(liver), "--tumor", str(tumor), "-i",
                 str(tmp_path / "volume-0.nii.gz"), "-o", str(out), "--no-progress", "--compilation-cache", "off"]
@@ -178,6 +179,7 @@ def test_predict_onnxruntime_equals_the_jax_backend(runs, tmp_path, capsys):
         assert record["run"]["settings"]["liver"]["source"] == str(liver)
     assert labels["jax"].any()  # the comparison is not between two empty maps
     np.testing.assert_array_equal(labels["onnxruntime"], labels["jax"])
+    np.testing.assert_array_equal(labels["auto"], labels["jax"])
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model")
     argv = ["--backend", "onnxruntime", "--liver", str(garbage), "-i", str(tmp_path / "volume-0.nii.gz"),
