@@ -13,8 +13,11 @@ TorchScript exporter (`dynamo=False`) is deprecated since torch 2.9. Needs the `
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pathlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,6 +71,22 @@ def channels_last(twin):
     return ChannelsLast(twin).eval()
 
 
+@contextlib.contextmanager
+def quiet_exporter():
+    """Silences what torch's ONNX exporter prints that a user cannot act on: one warning per torchvision
+    operator it skips when torchvision is absent (we export no such operator), and a FutureWarning
+    from torch's own pytree code."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def export_onnx(variables: Mapping[str, Any], model_config: Any, window: Sequence[int],
                 out_path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
                 in_channels: int = 1, force: bool = False) -> pathlib.Path:
@@ -81,7 +100,7 @@ def export_onnx(variables: Mapping[str, Any], model_config: Any, window: Sequenc
     module = channels_last(deploy_twin(variables, model_config))
     example = torch.zeros((2, *window, in_channels), dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes={"x": {0: batch}}, dynamo=True, opset_version=OPSET,
                                     verbose=False)
