@@ -45,7 +45,9 @@ def main(argv) -> None:
     summary = train_and_evaluate(config, workdir)
     best = summary["best_dice"]  # -1 when no validation ran
     dice = f"best validation Dice {best:.4f}" if best >= 0 else "no validation run"
-    print(f"{process_label()}done: step {summary['final_step']}, {dice}; run directory {workdir}")
+    peak = summary.get("device_peak_gib")
+    memory = f"; peak device memory {peak:.1f} GiB" if peak is not None else ""
+    print(f"{process_label()}done: step {summary['final_step']}, {dice}{memory}; run directory {workdir}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from livseg_jax.data.regions import largest_component
 from livseg_jax.data.spacing import resolve_median_spacing
 from livseg_jax.data.stages import check_stage, stage_target
 from livseg_jax.data.synthetic import write_synthetic_dataset
+from livseg_jax.inference.memory import memory_record
 from livseg_jax.inference.sliding_window import sliding_window, window_predict_fn
 from livseg_jax.metrics import overlap_metrics
 from livseg_jax.models import build_model, check_patch_shape
@@ -247,8 +248,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     try:
         for step in range(start, total_steps):
             batch = pipeline.to_global_batch(next(batches), in_sharding)
+            call_start = time.perf_counter()
             state, metrics = step_fn(state, batch)
             if bar is None:  # made once the first call compiled the step: its rate and ETA exclude compilation
+                # The first call returns once the step is traced, compiled (or loaded from the cache) and dispatched.
+                summary["train_step_compile_s"] = round(time.perf_counter() - call_start, 1)
+                if is_chief:
+                    print(f"train step ready in {summary['train_step_compile_s']:.1f} s "
+                          "(tracing and compiling, or loading from the compilation cache)", flush=True)
                 bar = tqdm.tqdm(total=total_steps, initial=step, desc=f"train {config.stage}", unit="step",
                                 disable=not is_chief, dynamic_ncols=True)
                 tick = time.perf_counter()  # and steps_per_sec too (the step runs on after its call returns)
@@ -296,5 +303,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if is_chief and (workdir / METRICS_FILE).exists():
         summary["curves"] = str(plot_curves(workdir))
     summary["final_step"] = int(jax.device_get(state.step))
+    summary["device_peak_gib"] = memory_record(jax.local_devices()[0])["device_peak_gib"]  # None on CPUs
     summary["state"] = state
     return summary
