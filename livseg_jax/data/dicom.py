@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
+import threading
 import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
@@ -131,9 +132,23 @@ def path_files(paths: Sequence[pathlib.Path]) -> list[SliceFile]:
     return [path_file(p) for p in paths]
 
 
+# `ZipFile.open` is not thread-safe from Python 3.12 on: it skips the local header's extra field
+# with a seek relative to the archive's shared file position, which another thread's read may have
+# moved, and then fails with "Overlapped entries ... (possible zip bomb)" or inflates garbage
+# ("invalid stored block lengths"). Slices are read on a thread pool, so opening is serialised;
+# reading an opened member is safe (each read seeks to its own absolute position under the
+# archive's lock) and stays parallel.
+_ZIP_OPEN_LOCK = threading.Lock()
+
+
+def _open_zip_member(zf: zipfile.ZipFile, member: str) -> BinaryIO:
+    with _ZIP_OPEN_LOCK:
+        return zf.open(member)
+
+
 def zip_member(zf: zipfile.ZipFile, archive: PathLike, member: str) -> SliceFile:
     """Returns a zip archive's member as a slice file named `archive:member` (inflated as it is read)."""
-    return (f"{archive}:{member}", functools.partial(zf.open, member))
+    return (f"{archive}:{member}", functools.partial(_open_zip_member, zf, member))
 
 
 def _folder_files(folder: pathlib.Path) -> list[SliceFile]:
