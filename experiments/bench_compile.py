@@ -9,7 +9,7 @@ results the `default` variant's cold process dumped (`--xla_gpu_load_autotune_re
 with an empty compilation cache: what shipping autotuning results per GPU model would give.
 
     python -m experiments.bench_compile --config configs/liver.py:paper --tag h200 \
-        [--variants default,shipped_autotune,autotune_level_2] [--steps 10]
+        [--variants default,shipped_autotune,autotune_level_0,executables] [--steps 10]
     python -m experiments.bench_compile --config configs/liver.py --patch 16,32,32 --tag cpu  # smoke
 
 Writes experiments/results/bench_compile_<tag>.json and prints a table.
@@ -33,13 +33,26 @@ VARIANTS = {
     "shipped_autotune": None,
     "autotune_level_2": "--xla_gpu_autotune_level=2",  # no correctness check of the candidates
     "autotune_level_1": "--xla_gpu_autotune_level=1",  # no buffer initialisation either
+    "autotune_level_0": "--xla_gpu_autotune_level=0",  # no autotuning: XLA's heuristics pick the kernels
+    "executables": "",  # also a third process loading the programs the cold one serialised
 }
 
 
-def first_step(config_arg: str, patch: str, steps: int, cache_dir: str) -> dict:
-    """Returns the first-step and steady-step times of one stage config in this process."""
+def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executables: str = "") -> dict:
+    """Returns the first-step time of one stage config in this process, phase by phase, and the steady step.
+
+    Phases: the backend (devices, mesh), then for the initialisation and the train step each
+    trace, lower, compile (or load from the persistent cache) and the first run. `executables`
+    "store" also serialises the compiled programs into `cache_dir`/executables.pkl
+    (`jax.experimental.serialize_executable`); "load" loads them from there instead of tracing,
+    lowering and compiling: what an executable cache keyed by everything the programs depend on
+    would give on a restart.
+    """
+    import pickle
+
     import jax
     import numpy as np
+    from jax.experimental import serialize_executable
 
     from livseg_jax.compilation_cache import enable_compilation_cache
     from livseg_jax.data.augment_device import device_augment_settings
@@ -49,7 +62,15 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str) -> dict:
     from livseg_jax.training.state import create_train_state
     from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
 
-    t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+    tick = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        phases[name] = round(now - tick, 3)
+        tick = now
+
     enable_compilation_cache(pathlib.Path(cache_dir))
     path, _, arg = config_arg.partition(":")
     config = load_config_file(REPO / path, arg)
@@ -58,32 +79,65 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str) -> dict:
     model = build_model(config.model, deploy=False)
     optimizer = make_optimizer(config.optim, spe)
     mesh = make_mesh(jax.devices()[:1])
-    state = jax.jit(lambda: create_train_state(model, optimizer, shape, 0), out_shardings=replicated(mesh))()
-    step = jit_train_step(make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
-                                          config.train.get("batch_norm_stats", "global"), mesh), mesh)
     rng = np.random.default_rng(0)
     batch = int(config.data.batch_size)
     arrays = {"image": jax.device_put(rng.normal(size=(batch, *shape, 1)).astype(np.float32)),
               "label": jax.device_put((rng.random((batch, *shape)) < 0.1).astype(np.int32))}
-    state, metrics = step(state, arrays)
+    jax.block_until_ready(arrays)
+    phase("backend")
+    stored = pathlib.Path(cache_dir) / "executables.pkl"
+    if executables == "load":
+        blobs = pickle.loads(stored.read_bytes())
+        init_c, step_c = (serialize_executable.deserialize_and_load(*blobs[k]) for k in ("init", "step"))
+        phase("load_executables")
+        state = init_c()
+        jax.block_until_ready(state)
+        phase("init_run")
+    else:
+        init = jax.jit(lambda: create_train_state(model, optimizer, shape, 0), out_shardings=replicated(mesh))
+        traced = init.trace()
+        phase("init_trace")
+        lowered = traced.lower()
+        phase("init_lower")
+        init_c = lowered.compile()
+        phase("init_compile")
+        state = init_c()
+        jax.block_until_ready(state)
+        phase("init_run")
+        step = jit_train_step(make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
+                                              config.train.get("batch_norm_stats", "global"), mesh), mesh)
+        traced = step.trace(state, arrays)
+        phase("step_trace")
+        lowered = traced.lower()
+        phase("step_lower")
+        step_c = lowered.compile()
+        phase("step_compile")
+        if executables == "store":
+            blobs = {"init": serialize_executable.serialize(init_c), "step": serialize_executable.serialize(step_c)}
+            stored.write_bytes(pickle.dumps(blobs))
+            tick = time.perf_counter()  # storing is not part of the first step
+    state, metrics = step_c(state, arrays)
     jax.block_until_ready(metrics)
-    first_s = time.perf_counter() - t0
+    phase("step_first_run")
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        state, metrics = step(state, arrays)
+        state, metrics = step_c(state, arrays)
         jax.block_until_ready(metrics)
         times.append((time.perf_counter() - t) * 1e3)
     times.sort()
-    return {"first_step_s": first_s, "median_step_ms": times[len(times) // 2] if times else None,
+    return {"first_step_s": round(sum(phases.values()), 3), "phases_s": phases,
+            "median_step_ms": times[len(times) // 2] if times else None,
             "loss": float(metrics["loss"]), "patch": list(shape), "batch": batch}
 
 
-def run_process(args, flags: str, cache_dir: str) -> dict:
+def run_process(args, flags: str, cache_dir: str, executables: str = "") -> dict:
     """Runs one measuring child with `flags` added to XLA_FLAGS; returns its result row."""
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
     cmd = [sys.executable, "-m", "experiments.bench_compile", "--child", "--config", args.config,
            "--patch", args.patch, "--steps", str(args.steps), "--cache", cache_dir]
+    if executables:
+        cmd += ["--executables", executables]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -106,9 +160,10 @@ def main() -> None:
     parser.add_argument("--tag", default="local")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--executables", default="", choices=("", "store", "load"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print_result(first_step(args.config, args.patch, args.steps, args.cache))
+        print_result(first_step(args.config, args.patch, args.steps, args.cache, args.executables))
         return
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -127,20 +182,21 @@ def main() -> None:
                 continue
             flags = f"--xla_gpu_load_autotune_results_from={autotune_file}"
         cache = str(work / f"cache_{name}")
-        for phase in ("cold", "warm"):
-            row = {"variant": name, "phase": phase, **run_process(args, flags, cache)}
+        # executables: cold stores the programs, warm uses the persistent cache, warm_executables loads them
+        phases = {"cold": "store", "warm": "", "warm_executables": "load"} if name == "executables" \
+            else {"cold": "", "warm": ""}
+        for phase, executables in phases.items():
+            row = {"variant": name, "phase": phase, **run_process(args, flags, cache, executables)}
             rows.append(row)
             print(f"{name:18s} {phase}: first step {row.get('first_step_s', float('nan')):7.1f} s, "
-                  f"then {row.get('median_step_ms') or float('nan'):7.1f} ms/step {row.get('error', '')[:200]}",
-                  flush=True)
+                  f"then {row.get('median_step_ms') or float('nan'):7.1f} ms/step {row.get('error', '')[:200]}\n"
+                  f"    phases {row.get('phases_s')}", flush=True)
             write_result(f"bench_compile_{args.tag}", {"benchmark": "compile", "config": args.config,
                                                        "environment": environment(), "rows": rows})
-    print("| variant | cold first step (s) | warm first step (s) | step (ms) |\n|---|---:|---:|---:|")
-    for name in names:
-        cold = next((r for r in rows if r["variant"] == name and r.get("phase") == "cold"), {})
-        warm = next((r for r in rows if r["variant"] == name and r.get("phase") == "warm"), {})
-        print(f"| {name} | {cold.get('first_step_s', float('nan')):.1f} | {warm.get('first_step_s', float('nan')):.1f}"
-              f" | {cold.get('median_step_ms') or float('nan'):.1f} |")
+    print("| variant | phase | first step (s) | step (ms) |\n|---|---|---:|---:|")
+    for row in rows:
+        print(f"| {row['variant']} | {row.get('phase', '')} | {row.get('first_step_s', float('nan')):.1f}"
+              f" | {row.get('median_step_ms') or float('nan'):.1f} |")
 
 
 if __name__ == "__main__":
