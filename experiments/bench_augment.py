@@ -113,7 +113,7 @@ def run_case(mode: str, patch, batch: int, steps: int, smoke: bool) -> dict:
     model = build_model(config.model)
     optimizer = make_optimizer(config.optim, 100)
     mesh = make_mesh(jax.devices()[:1])
-    state = jax.jit(lambda: create_train_state(model, optimizer, tuple(patch), 0), out_shardings=replicated(mesh))()
+    state = jax.jit(lambda: create_train_state(model, optimizer, 0), out_shardings=replicated(mesh))()
     step = jit_train_step(make_train_step(model, optimizer, config.loss, 100, settings), mesh)
     t0 = time.perf_counter()
     state, metrics = step(state, arrays)

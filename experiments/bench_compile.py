@@ -94,7 +94,7 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
         jax.block_until_ready(state)
         phase("init_run")
     else:
-        init = jax.jit(lambda: create_train_state(model, optimizer, shape, 0), out_shardings=replicated(mesh))
+        init = jax.jit(lambda: create_train_state(model, optimizer, 0), out_shardings=replicated(mesh))
         traced = init.trace()
         phase("init_trace")
         lowered = traced.lower()

@@ -204,7 +204,7 @@ def main() -> None:
                 continue  # the global step itself (make_train_step): its row is the global one
             mesh = make_mesh(jax.devices()[:n])
             batch = n * args.per_device_batch
-            init = jax.jit(lambda model=model: create_train_state(model, optimizer, patch, 0),
+            init = jax.jit(lambda model=model: create_train_state(model, optimizer, 0),
                            out_shardings=replicated(mesh))
             abstract_state = jax.eval_shape(init)
             abstract_state = jax.tree.map(lambda a, m=mesh: jax.ShapeDtypeStruct(a.shape, a.dtype,

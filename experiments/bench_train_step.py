@@ -66,7 +66,7 @@ def lower_jax_step(variant: str, mode: str, patch, batch: int):
     optimizer = make_optimizer(ml_collections.ConfigDict(base_config().optim), 100)
     mesh = make_mesh(jax.devices()[:1])
     # Created with the step's state sharding so that the second step does not recompile.
-    state = jax.jit(lambda: create_train_state(model, optimizer, patch, 0), out_shardings=replicated(mesh))()
+    state = jax.jit(lambda: create_train_state(model, optimizer, 0), out_shardings=replicated(mesh))()
     step = jit_train_step(make_train_step(model, optimizer, base_config().loss, 100), mesh)
     image, labels = make_data(batch, patch)
     batch_arrays = {"image": jax.device_put(image), "label": jax.device_put(labels)}

@@ -280,7 +280,7 @@ def test_train_step_augments_with_the_step_key():
     s = aug.device_augment_settings(config.data)
     model = build_model(config.model)
     optimizer = make_optimizer(config.optim, 10)
-    state = create_train_state(model, optimizer, (16, 16, 16), 0)
+    state = create_train_state(model, optimizer, 0)
     image, label = regions(s, batch=2)
     label = (label > 0).astype(np.int32)
     step = jax.jit(make_train_step(model, optimizer, config.loss, 10, s))

@@ -61,7 +61,7 @@ def run(batch_norm_stats: str, devices: int):
     """Returns (metrics, new state, gradients, compiled HLO text) of one step on `devices` devices."""
     model, loss_config, optimizer, batch = setup()
     mesh = make_mesh(jax.devices()[:devices])
-    state = jax.jit(lambda: create_train_state(model, optimizer, PATCH, 0), out_shardings=replicated(mesh))()
+    state = jax.jit(lambda: create_train_state(model, optimizer, 0), out_shardings=replicated(mesh))()
     step = jit_train_step(make_train_step(model, optimizer, loss_config, 10, None, batch_norm_stats, mesh), mesh,
                           donate_state=False)
     sharded = jax.device_put(batch, batch_sharding(mesh))
@@ -80,7 +80,7 @@ def max_rel_diff(a, b) -> float:
 def reference_per_device(ds_alpha: float):
     """Returns (loss, gradients, new batch_stats): the model on each shard in turn, averaged."""
     model, loss_config, optimizer, batch = setup()
-    state = create_train_state(model, optimizer, PATCH, 0)
+    state = create_train_state(model, optimizer, 0)
 
     @jax.jit
     def shard_loss(params, image, label):

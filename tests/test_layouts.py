@@ -174,3 +174,18 @@ def test_auto_discovery_parses_dataset_json_once(layout, tmp_path, monkeypatch):
     assert [(c.case_id, c.label_map) for c in cases] == [("a" if layout == "nnunet" else "a_0000",
                                                           ((0, 0), (1, 2), (2, 1)))]
     assert len(parsed) == 1
+
+
+def test_nnunet_test_images_predict_to_names_that_pair_with_labels_ts(tmp_path):
+    # docs/own_data.md: predict -i <dataset>/imagesTs, then evaluate --gt <dataset>/labelsTs.
+    for case in ("liver_7", "liver_12"):
+        _touch(tmp_path / "Dataset001_Liver" / "imagesTs" / f"{case}_0000.nii.gz")
+        _touch(tmp_path / "Dataset001_Liver" / "labelsTs" / f"{case}.nii.gz")
+    cases = find_inputs(tmp_path / "Dataset001_Liver" / "imagesTs")
+    assert [c.case_id for c in cases] == ["liver_7", "liver_12"]
+    outputs = [out for _, out in plan_outputs(cases, tmp_path / "preds")]
+    assert [p.name for p in outputs] == ["liver_7_seg.nii.gz", "liver_12_seg.nii.gz"]
+    for out in outputs:
+        _touch(out)
+    truths = truth_files(tmp_path / "Dataset001_Liver" / "labelsTs")
+    assert prediction_files(tmp_path / "preds").keys() == truths.keys() == {"liver_7", "liver_12"}

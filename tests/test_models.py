@@ -373,3 +373,15 @@ def test_variable_shapes_are_those_of_init_at_any_patch(deploy):
     # The deploy form is initialised in evaluation mode: only the finest head exists.
     assert {k for k in shapes["params"] if k.startswith("head")} == ({"head3"} if deploy else
                                                                      {"head0", "head1", "head2", "head3"})
+
+
+@pytest.mark.parametrize("name", ["elanres_msca_unet", "unet3plus"])
+def test_variables_do_not_depend_on_the_patch_they_are_initialised_on(name):
+    # create_train_state initialises on the smallest patch (a full-size one compiles the whole
+    # forward pass); that is only right while no variable's shape or value depends on the patch.
+    model = build_model(tiny_config(name))
+    smallest = init_variables(model, jax.random.key(3))
+    larger = init_variables(model, jax.random.key(3), (32, 48, 32))
+    assert jax.tree.structure(smallest) == jax.tree.structure(larger)
+    for a, b in zip(jax.tree.leaves(smallest), jax.tree.leaves(larger), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -228,7 +228,7 @@ def test_step_without_donation_keeps_its_input_and_computes_the_same_update():
     c = base_config()
     c.model.name, c.model.features = "unet", (2, 4, 4, 4, 4)
     model, optimizer, mesh = build_model(c.model), make_optimizer(c.optim, 10), make_mesh(jax.devices()[:1])
-    init = jax.jit(lambda: create_train_state(model, optimizer, (16, 16, 16), 0), out_shardings=replicated(mesh))
+    init = jax.jit(lambda: create_train_state(model, optimizer, 0), out_shardings=replicated(mesh))
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(2, 16, 16, 16, 1)), jnp.float32),
              "label": jnp.asarray(rng.random((2, 16, 16, 16)) < 0.3, jnp.int32)}

@@ -61,7 +61,7 @@ def test_150_training_steps_lower_the_loss(name, batches):
     model = build_model(config.model)
     optimizer = make_optimizer(config.optim, STEPS)
     mesh = make_mesh(jax.devices()[:1])
-    state = jax.jit(lambda: create_train_state(model, optimizer, PATCH, config.seed),
+    state = jax.jit(lambda: create_train_state(model, optimizer, config.seed),
                     out_shardings=replicated(mesh))()
     step = jit_train_step(make_train_step(model, optimizer, config.loss, STEPS), mesh)
     losses = []

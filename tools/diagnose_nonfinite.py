@@ -78,7 +78,7 @@ def main() -> None:
     model = build_model(config.model)
     optimizer = make_optimizer(config.optim, 100)
     mesh = make_mesh(jax.devices()[:1])
-    state = jax.jit(lambda: create_train_state(model, optimizer, patch, 0), out_shardings=replicated(mesh))()
+    state = jax.jit(lambda: create_train_state(model, optimizer, 0), out_shardings=replicated(mesh))()
     rng = np.random.default_rng(0)
     image = jnp.asarray(rng.normal(size=(args.batch, *patch, 1)).astype(np.float32))
     labels = jnp.asarray((rng.random((args.batch, *patch)) < 0.2).astype(np.int32))

@@ -205,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     model = build_model(config.model, deploy=False)
     optimizer = make_optimizer(config.optim, spe)
 
-    init = functools.partial(create_train_state, model, optimizer, tuple(config.data.patch_size), config.seed)
+    init = functools.partial(create_train_state, model, optimizer, config.seed)
     abstract = jax.eval_shape(init)
     state_sharding = jax.tree.map(lambda _: replicated(mesh), abstract)
     ckpt = RunCheckpoints(workdir, config.train.keep_checkpoints)

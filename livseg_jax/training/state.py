@@ -28,12 +28,17 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def create_train_state(model: UNet3D, optimizer: optax.GradientTransformation, patch_shape,
-                       seed: int) -> TrainState:
-    """Returns a fresh TrainState (step 0) with parameters initialised from `seed`."""
+def create_train_state(model: UNet3D, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """Returns a fresh TrainState (step 0) with parameters initialised from `seed`.
+
+    The variables are initialised on the smallest patch the model takes: their shapes and values
+    do not depend on the patch, and initialising on the training patch compiled the whole
+    forward pass at that size (43 s of the first step's 150 s on an H200 for the liver `:paper`
+    run, experiments/results/bench_compile_h200_s5.json).
+    """
     rng = jax.random.PRNGKey(seed)
     init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-    variables = init_variables(model, init_rng, patch_shape, dropout_rng=dropout_rng)
+    variables = init_variables(model, init_rng, dropout_rng=dropout_rng)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
