@@ -43,11 +43,12 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from isal import igzip, igzip_threaded, isal_zlib
+from isal import igzip, isal_zlib
 
 from livseg_jax.atomic_write import atomic_path
 from livseg_jax.data import parallel_gzip
 from livseg_jax.data.cases import case_id_of
+from livseg_jax.data.gzip_writer import GzipStream
 from livseg_jax.data.slabs import parallel_slabs
 
 PathLike = str | os.PathLike
@@ -410,14 +411,21 @@ def to_internal(data: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.ascontiguousarray(ras.transpose(2, 1, 0))
 
 
-def from_internal(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Returns an internal (D, H, W) array in the file's on-disk axis order and shape (Fortran order)."""
+def disk_view(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Returns an internal (D, H, W) array as a view in the file's on-disk axis order and shape (no copy:
+    flips are negative strides; nibabel writes such a view slice by slice in NIfTI's order)."""
     if tuple(array_dhw.shape) != geometry.shape_dhw:
         raise ValueError(f"array shape {tuple(array_dhw.shape)} does not match the grid {geometry.shape_dhw}")
     to_disk = nib.orientations.ornt_transform(_RAS, geometry.ornt)
     disk = nib.orientations.apply_orientation(array_dhw.transpose(2, 1, 0), to_disk)
+    return disk.reshape(geometry.disk_shape)  # trailing axes of length 1: still a view
+
+
+def from_internal(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Returns an internal (D, H, W) array in the file's on-disk axis order and shape (Fortran order)."""
+    disk = disk_view(array_dhw, geometry)
     # A C-ordered (D, H, W) array transposed is Fortran-ordered on disk axes, NIfTI's own order: keep it
-    # (a copy only for flips/permutations) so that neither this nor nibabel's write transposes it.
+    # (a copy only for flips/permutations).
     return np.asfortranarray(disk).reshape(geometry.disk_shape, order="F")
 
 
@@ -531,13 +539,20 @@ def read_case(image_path: PathLike, label_path: PathLike | None = None, case_id:
 def save_nifti(img: nib.Nifti1Image, path: PathLike) -> pathlib.Path:
     """Returns `path` after writing `img` to it atomically (temp file, then rename).
 
-    A single-file NIfTI to `.nii.gz` is serialised by nibabel and compressed by ISA-L on all cores
-    (level 1, like nibabel's default); anything else is written by `nib.save`.
+    A single-file NIfTI to `.nii.gz` is serialised by nibabel slice by slice into a `GzipStream`,
+    which deflates blocks with ISA-L on all cores while nibabel writes the next (level 1, like
+    nibabel's default; one gzip member); anything else is written by `nib.save`.
     """
     with atomic_path(path) as tmp:  # the temporary name keeps `.nii.gz`: nibabel compresses by it
         if is_nifti_gz(path) and isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
-            with igzip_threaded.open(tmp, "wb", compresslevel=GZIP_LEVEL, threads=-1) as f:
-                f.write(img.to_bytes())
+            with open(tmp, "wb") as raw:
+                stream = GzipStream(raw, GZIP_LEVEL)
+                try:
+                    img.to_stream(stream)  # header, then the voxels slice by slice
+                except BaseException:
+                    stream.abandon()
+                    raise
+                stream.finish()
         else:
             nib.save(img, tmp)
     return pathlib.Path(path)
@@ -547,7 +562,7 @@ def write_array(
     array_dhw: np.ndarray, geometry: Geometry, path: PathLike, dtype: Any = np.uint8
 ) -> pathlib.Path:
     """Returns `path` after atomically writing a (D, H, W) array with the input's affine/header."""
-    disk = from_internal(np.asarray(array_dhw), geometry).astype(dtype, copy=False)
+    disk = disk_view(np.asarray(array_dhw), geometry).astype(dtype, copy=False)
     header = geometry.header.copy()
     header.set_data_dtype(dtype)
     header.set_slope_inter(None, None)
