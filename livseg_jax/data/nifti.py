@@ -258,8 +258,9 @@ def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
     return _load(path)[0]
 
 
-def _load(path: PathLike) -> tuple[nib.spatialimages.SpatialImage, bytes | None]:
-    """Returns (`load_image`'s image, the inflated file bytes of a `.nii.gz` or None)."""
+def _load(path: PathLike, stacklevel: int = 3) -> tuple[nib.spatialimages.SpatialImage, bytes | None]:
+    """Returns (`load_image`'s image, the inflated file bytes of a `.nii.gz` or None); its warnings
+    name the line `stacklevel` frames up (the public reader's caller)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
@@ -281,7 +282,7 @@ def _load(path: PathLike) -> tuple[nib.spatialimages.SpatialImage, bytes | None]
         raise DataError(f"{path}: not a spatial image ({type(img).__name__})")
     header = _raw_header(path, raw) if isinstance(img, nib.Nifti1Image) else None
     for note in header_anomalies(header, path) if header is not None else ():
-        warnings.warn(note, InputWarning, stacklevel=3)
+        warnings.warn(note, InputWarning, stacklevel=stacklevel)
     return img, raw
 
 
@@ -371,6 +372,7 @@ def remap_labels(data: np.ndarray, value_map: Sequence[tuple[int, int]], path: P
 def warn_if_not_hu(image: np.ndarray, path: PathLike) -> None:
     """Warns (HUWarning) when the intensity range does not look like CT in Hounsfield units."""
     sample = image[::4, ::4, ::4] if min(image.shape) >= 8 else image
+    sample = sample.astype(np.float32, copy=False)  # an integer volume: the percentiles of its float32 values
     lo, hi = np.percentile(sample, [0.5, 99.5])
     reasons = []
     if lo > -200:
@@ -477,10 +479,34 @@ def read_image(path: PathLike) -> tuple[np.ndarray, Geometry]:
     float32 copy in disk order; its values are finite by type. Otherwise nibabel scales the voxels
     and they are checked for overflow and non-finite values. Both give nibabel's float32 values.
     """
-    img, raw = _load(path)
+    return _read_image(path, native=False)
+
+
+# On-disk types whose every value is exact in float32 and which numpy combines with float32 in float32:
+# `read_image_native` keeps them, and the preprocessing computes with them what it computes with
+# `read_image`'s float32 (`data.preprocess`).
+NATIVE_TYPES = ("i1", "u1", "i2", "u2")
+
+
+def read_image_native(path: PathLike) -> tuple[np.ndarray, Geometry]:
+    """Returns a CT volume as (D, H, W) HU and its geometry as `read_image` does, except that an
+    unscaled 8- or 16-bit integer `.nii.gz` (most CT: int16) stays in its on-disk type, a read-only
+    view of the inflated bytes in internal orientation (flips and axis order are strides): no
+    float32 copy, half the bytes for preprocessing to read. Every voxel equals `read_image`'s float32
+    value; the same files are refused and the same warnings given.
+    """
+    return _read_image(path, native=True)
+
+
+def _read_image(path: PathLike, native: bool) -> tuple[np.ndarray, Geometry]:
+    img, raw = _load(path, stacklevel=4)  # the caller of read_image / read_image_native
     check_spatial_shape(img.shape, path)
     geometry = geometry_of(img, path)
     disk = _unscaled_integer_voxels(img, raw)
+    if native and disk is not None and disk.dtype.str[1:] in NATIVE_TYPES:
+        image = nib.orientations.apply_orientation(disk.reshape(disk.shape[:3]), geometry.ornt).transpose(2, 1, 0)
+        warn_if_not_hu(image, path)
+        return image, geometry
     if disk is None:
         raw = None  # nibabel's copy is read: free the inflated bytes before the internal copy
         data = read_voxels(img, path, np.float32)

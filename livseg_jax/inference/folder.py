@@ -71,7 +71,7 @@ class Job:
     image: pathlib.Path
     output: pathlib.Path
     png: pathlib.Path | None = None
-    read: Callable[[Any], tuple[np.ndarray, nifti.Geometry]] = nifti.read_image
+    read: Callable[[Any], tuple[np.ndarray, nifti.Geometry]] = nifti.read_image_native
     write_nifti: bool = True
     extra_outputs: ExtraOutputs | None = None
     extra_paths: tuple[pathlib.Path, ...] = ()

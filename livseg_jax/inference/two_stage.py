@@ -545,7 +545,7 @@ class Predictor:
     def predict_file(self, image_path: str | os.PathLike, output_path: str | os.PathLike | None,
                      progress: ProgressFn | None = None, png_path: str | os.PathLike | None = None,
                      png_writer: PngWriter | None = None,
-                     reader: ImageReader = nifti.read_image) -> tuple[CaseResult, dict[str, Any]]:
+                     reader: ImageReader = nifti.read_image_native) -> tuple[CaseResult, dict[str, Any]]:
         """Returns (result, JSON record) after writing the label map of one NIfTI CT atomically.
 
         With `png_path`, also renders an overlay of the prediction there with `png_writer`
