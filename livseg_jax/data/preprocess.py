@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from livseg_jax.data import slab_components
 from livseg_jax.data.regions import Bbox, crop_to_bbox, largest_component_box, paste_into
 from livseg_jax.data.resample import IMAGE_ORDERS, LABEL_METHODS, resample_image, resample_labels, target_shape
 from livseg_jax.data.slabs import parallel_slabs
@@ -301,7 +302,7 @@ def body_bbox(image: np.ndarray, threshold_hu: float) -> Bbox | None:
         mask[start:stop] = _threshold_open(sub[start:stop], threshold_hu)
 
     parallel_slabs(threshold_open, sub.shape[0])
-    _, box = largest_component_box(mask, with_mask=False)
+    box = slab_components.largest_component_box(mask)  # = regions.largest_component_box's, on all cores
     if box is None:
         return None
     rows, cols = (
