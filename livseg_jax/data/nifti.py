@@ -17,15 +17,18 @@ timings JSON). Float64 voxels beyond float32's range are refused as such, not as
 
 A `.nii.gz` file is inflated completely when it is loaded, with ISA-L (python-isal's `igzip`:
 every member's CRC and length are checked, so a damaged file is reported there, not half-read),
-and nibabel parses the bytes; writing serialises the image with nibabel and compresses it with
-ISA-L on all cores (`igzip_threaded`, level 1). ISA-L reads a CT written by another tool 1.8x
-faster than nibabel's zlib stream and writes 15x faster on 16 cores
-(`python -m experiments.bench_nifti_io`, docs/benchmarks.md). With the optional rapidgzip
-installed and at least 8 usable cores, a large file is inflated on all cores instead, its result
-verified (`parallel_gzip`). Arrays are handed to nibabel in
-Fortran (NIfTI disk) order, so nibabel does not transpose them again on write. `read_image`
+and nibabel parses the bytes; writing streams nibabel's serialisation (header, then the voxels
+slice by slice) into a `gzip_writer.GzipStream`, which deflates blocks with ISA-L (level 1) on
+all cores while the next arrive: one gzip member, no full-size bytes object. ISA-L reads a CT
+written by another tool 1.8x faster than nibabel's zlib stream (`python -m
+experiments.bench_nifti_io`, docs/benchmarks.md). With the optional rapidgzip installed and at
+least 8 usable cores, a large file is inflated on all cores instead, its result verified
+(`parallel_gzip`). Arrays are handed to nibabel as views in disk axis order (`disk_view`:
+flips are strides), which nibabel writes slice by slice without a full copy. `read_image`
 converts an unscaled integer CT straight from the inflated bytes to internal float32, the
-reorientation and the cast in one pass over slabs of slices on all cores (`slabs.py`).
+reorientation and the cast in one pass over slabs of slices on all cores (`slabs.py`);
+`read_image_native` (prediction) keeps an unscaled 8- or 16-bit CT in its own type as a view of
+those bytes, with values equal to `read_image`'s.
 """
 
 from __future__ import annotations

@@ -588,7 +588,8 @@ class Predictor:
 def case_record(image_path, output_path, png_path, geometry: nifti.Geometry, result: CaseResult,
                 read_warnings: Sequence[str], timings: dict[str, float]) -> dict[str, Any]:
     """Returns the JSON record of one predicted case (the timings JSON, without "case_id" and "run")."""
-    counts = np.bincount(result.labels.ravel(), minlength=3)
+    # count_nonzero, not bincount: bincount converts a CT-sized uint8 map to intp first (0.2 s vs 0.02 s).
+    liver, tumour = np.count_nonzero(result.labels), np.count_nonzero(result.labels == 2)
     return {
         "input": str(image_path),
         "output": None if output_path is None else str(output_path),
@@ -598,7 +599,7 @@ def case_record(image_path, output_path, png_path, geometry: nifti.Geometry, res
         "liver_found": result.liver_found,
         "warnings": list(read_warnings) + result.warnings,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "label_voxels": {"liver": int(counts[1] + counts[2]), "tumor": int(counts[2])},
+        "label_voxels": {"liver": int(liver), "tumor": int(tumour)},
         **result.info,
     }
 
