@@ -207,7 +207,7 @@ def predict_case(
         raw = stage_mask(liver, image, progress)
     with timer("liver_postprocess"):
         liver_mask = largest_component(raw, connectivity)
-    info.update(liver_voxels_raw=int(raw.sum()), liver_voxels=int(liver_mask.sum()))
+    info.update(liver_voxels_raw=int(np.count_nonzero(raw)), liver_voxels=int(np.count_nonzero(liver_mask)))
     del raw
 
     if not liver_mask.any():
@@ -245,7 +245,7 @@ def predict_case(
         tumour &= t_liver[box]
         tumour = _postprocess_tumor(tumour, t_record.spacing, tumor, info)
         tumour_full = paste_into(tumour, box, t_record.shape, False)
-    info["tumor_voxels"] = int(tumour.sum())
+    info["tumor_voxels"] = int(np.count_nonzero(tumour))
 
     with timer("restore"):
         if same:
@@ -289,7 +289,7 @@ def predict_joint_case(
         if joint.postprocess is not None:  # removed tumour components become liver again
             tumour = labels == 2
             labels[tumour & ~_postprocess_tumor(tumour, record.spacing, joint, info)] = 1
-    info.update(liver_voxels_raw=int(np.count_nonzero(raw >= 1)), liver_voxels=int(liver.sum()),
+    info.update(liver_voxels_raw=int(np.count_nonzero(raw >= 1)), liver_voxels=int(np.count_nonzero(liver)),
                 tumor_voxels_raw=int(np.count_nonzero(raw == 2)), tumor_voxels=int(np.count_nonzero(labels == 2)))
     del raw
     if not liver.any():
