@@ -4,6 +4,13 @@ JAX window predictor against the PyTorch twin at the same sliding-window setting
 
     python -m experiments.bench_inference [--shape 512,512,400] [--variant elanres_msca_unet]
 
+`--host-phases` replaces both networks by intensity thresholds (liver: the whole body, as the
+biased liver head below gives; tumour: bright voxels), so that the host phases of one case (read,
+preprocess, restore, write) are timed through the same `Predictor.predict_file` on a machine
+without an accelerator (the sliding windows then run on XLA:CPU and their times mean nothing):
+
+    python -m experiments.bench_inference --host-phases --shape 512,512,400 --repeats 3 --tag cpu_host_phases
+
 The stage models have random weights, with the liver head biased to foreground everywhere: stage 1
 then keeps the whole body and stage 2 runs on all of it, the slowest case (a trained liver model
 crops stage 2 to the liver). Timings exclude compilation (`Predictor.warmup`), which is reported.
@@ -104,6 +111,42 @@ def best_of(run, sync, repeats: int = 3) -> float:
     return min(times)
 
 
+def host_phase_row(path: pathlib.Path, liver_window, tumor_window, repeats: int) -> dict:
+    """Returns the timings of the fastest of `repeats` `predict_file` runs (after one untimed run)
+    with threshold stand-ins for the networks (`bench_memory.threshold_stage`), and the case's
+    memory: the host phases as a network run has them."""
+    from experiments.bench_memory import threshold_stage
+    from livseg_jax.inference.two_stage import Predictor
+
+    predictor = Predictor(threshold_stage("liver", -2.0, liver_window),  # scaled HU >= -1: all body
+                          threshold_stage("tumor", 0.6, tumor_window))
+    out = path.with_name("pred.nii.gz")
+    predictor.predict_file(path, out)  # compiles the blending programs
+    runs = []
+    for _ in range(repeats):
+        rss_before = _rss_gib()
+        _, record = predictor.predict_file(path, out)
+        runs.append({**record, "host_rss_before_case_gib": rss_before})
+        print({k: round(v, 3) for k, v in record["timings_s"].items()}, flush=True)
+    best = min(runs, key=lambda r: r["timings_s"]["total"])
+    host = ("read", "preprocess", "restore", "write")
+    return {"timings_s": best["timings_s"], "host_phases_s": round(sum(best["timings_s"].get(k, 0.0) for k in host), 4),
+            "per_phase_min_s": {k: min(r["timings_s"][k] for r in runs) for k in best["timings_s"]},
+            "memory": best["memory"], "host_rss_before_case_gib": best["host_rss_before_case_gib"],
+            "preprocessed_shape": best.get("preprocessed_shape"), "tumor_windows": best.get("tumor_windows")}
+
+
+def _rss_gib() -> float | None:
+    """Returns the process's resident set now in GiB (None without /proc)."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / (1 << 20), 3)
+    except OSError:
+        return None
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +164,8 @@ def main() -> None:
     parser.add_argument("--forms", default="deploy,training",
                         help="model forms to time end to end: deploy (re-parameterised), training")
     parser.add_argument("--repeats", type=int, default=2, help="end-to-end runs per form (the fastest is kept)")
+    parser.add_argument("--host-phases", action="store_true",
+                        help="threshold stand-ins for both networks: time the host phases on any machine")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
@@ -142,7 +187,14 @@ def main() -> None:
     t0 = time.perf_counter()
     hu, labels = make_phantom(shape, spacing, seed=0)
     write_phantom(hu, labels, spacing, tmp / "volume-0.nii.gz", tmp / "segmentation-0.nii.gz")
+    del hu, labels  # not part of any case's memory
     print(f"phantom {shape} written in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.host_phases:
+        payload = {"benchmark": "inference_host_phases", "raw_shape": shape, "spacing_mm": spacing,
+                   "liver_window": liver_window, "tumor_window": tumor_window, "environment": environment(),
+                   "rows": [host_phase_row(tmp / "volume-0.nii.gz", liver_window, tumor_window, args.repeats)]}
+        print(f"wrote {write_result('bench_inference' + (f'_{args.tag}' if args.tag else ''), payload)}")
+        return
     models = tmp / "models"
     liver_dir, tumor_dir = make_stage_dirs(models, args.variant, liver_window, tumor_window, features, args.dtype,
                                            overrides)
@@ -154,8 +206,9 @@ def main() -> None:
         runs = []
         for i in range(args.repeats):
             out = tmp / f"pred-{int(deploy)}-{i}.nii.gz"
+            rss_before = _rss_gib()
             _, record = predictor.predict_file(tmp / "volume-0.nii.gz", out)
-            runs.append(record)
+            runs.append({**record, "memory": {**record["memory"], "host_rss_before_case_gib": rss_before}})
         best = min(runs, key=lambda r: r["timings_s"]["total"])
         rows.append({"deploy": deploy, "compile_s": compile_s, "timings_s": best["timings_s"],
                      "liver_windows": best.get("liver_windows"), "tumor_windows": best.get("tumor_windows"),

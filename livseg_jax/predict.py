@@ -384,7 +384,7 @@ def _run(argv: list[str]) -> int:
         extra = functools.partial(write_other_outputs, reader=reader, dicom_paths=dicom_paths,
                                   statistics=args.statistics, lesion_maps=lesion_maps)
         todo.append(Job(case.case_id, case.image, out, sidecar_path(out, ".png") if args.png else None,
-                        read=reader or nifti.read_image, write_nifti="nifti" in output_types,
+                        read=reader or nifti.read_image_native, write_nifti="nifti" in output_types,
                         extra_outputs=extra if (dicom_paths or args.statistics) else None,
                         extra_paths=(*dicom_paths.values(), *(stats_files if args.statistics else ()))))
     bars: dict[str, CaseProgress] = {}

@@ -17,15 +17,18 @@ timings JSON). Float64 voxels beyond float32's range are refused as such, not as
 
 A `.nii.gz` file is inflated completely when it is loaded, with ISA-L (python-isal's `igzip`:
 every member's CRC and length are checked, so a damaged file is reported there, not half-read),
-and nibabel parses the bytes; writing serialises the image with nibabel and compresses it with
-ISA-L on all cores (`igzip_threaded`, level 1). ISA-L reads a CT written by another tool 1.8x
-faster than nibabel's zlib stream and writes 15x faster on 16 cores
-(`python -m experiments.bench_nifti_io`, docs/benchmarks.md). With the optional rapidgzip
-installed and at least 8 usable cores, a large file is inflated on all cores instead, its result
-verified (`parallel_gzip`). Arrays are handed to nibabel in
-Fortran (NIfTI disk) order, so nibabel does not transpose them again on write. `read_image`
+and nibabel parses the bytes; writing streams nibabel's serialisation (header, then the voxels
+slice by slice) into a `gzip_writer.GzipStream`, which deflates blocks with ISA-L (level 1) on
+all cores while the next arrive: one gzip member, no full-size bytes object. ISA-L reads a CT
+written by another tool 1.8x faster than nibabel's zlib stream (`python -m
+experiments.bench_nifti_io`, docs/benchmarks.md). With the optional rapidgzip installed and at
+least 8 usable cores, a large file is inflated on all cores instead, its result verified
+(`parallel_gzip`). Arrays are handed to nibabel as views in disk axis order (`disk_view`:
+flips are strides), which nibabel writes slice by slice without a full copy. `read_image`
 converts an unscaled integer CT straight from the inflated bytes to internal float32, the
-reorientation and the cast in one pass over slabs of slices on all cores (`slabs.py`).
+reorientation and the cast in one pass over slabs of slices on all cores (`slabs.py`);
+`read_image_native` (prediction) keeps an unscaled 8- or 16-bit CT in its own type as a view of
+those bytes, with values equal to `read_image`'s.
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from isal import igzip, igzip_threaded, isal_zlib
+from isal import igzip, isal_zlib
 
 from livseg_jax.atomic_write import atomic_path
 from livseg_jax.data import parallel_gzip
 from livseg_jax.data.cases import case_id_of
+from livseg_jax.data.gzip_writer import GzipStream
 from livseg_jax.data.slabs import parallel_slabs
 
 PathLike = str | os.PathLike
@@ -257,8 +261,9 @@ def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
     return _load(path)[0]
 
 
-def _load(path: PathLike) -> tuple[nib.spatialimages.SpatialImage, bytes | None]:
-    """Returns (`load_image`'s image, the inflated file bytes of a `.nii.gz` or None)."""
+def _load(path: PathLike, stacklevel: int = 3) -> tuple[nib.spatialimages.SpatialImage, bytes | None]:
+    """Returns (`load_image`'s image, the inflated file bytes of a `.nii.gz` or None); its warnings
+    name the line `stacklevel` frames up (the public reader's caller)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
@@ -280,7 +285,7 @@ def _load(path: PathLike) -> tuple[nib.spatialimages.SpatialImage, bytes | None]
         raise DataError(f"{path}: not a spatial image ({type(img).__name__})")
     header = _raw_header(path, raw) if isinstance(img, nib.Nifti1Image) else None
     for note in header_anomalies(header, path) if header is not None else ():
-        warnings.warn(note, InputWarning, stacklevel=3)
+        warnings.warn(note, InputWarning, stacklevel=stacklevel)
     return img, raw
 
 
@@ -370,6 +375,7 @@ def remap_labels(data: np.ndarray, value_map: Sequence[tuple[int, int]], path: P
 def warn_if_not_hu(image: np.ndarray, path: PathLike) -> None:
     """Warns (HUWarning) when the intensity range does not look like CT in Hounsfield units."""
     sample = image[::4, ::4, ::4] if min(image.shape) >= 8 else image
+    sample = sample.astype(np.float32, copy=False)  # an integer volume: the percentiles of its float32 values
     lo, hi = np.percentile(sample, [0.5, 99.5])
     reasons = []
     if lo > -200:
@@ -410,14 +416,21 @@ def to_internal(data: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.ascontiguousarray(ras.transpose(2, 1, 0))
 
 
-def from_internal(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Returns an internal (D, H, W) array in the file's on-disk axis order and shape (Fortran order)."""
+def disk_view(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Returns an internal (D, H, W) array as a view in the file's on-disk axis order and shape (no copy:
+    flips are negative strides; nibabel writes such a view slice by slice in NIfTI's order)."""
     if tuple(array_dhw.shape) != geometry.shape_dhw:
         raise ValueError(f"array shape {tuple(array_dhw.shape)} does not match the grid {geometry.shape_dhw}")
     to_disk = nib.orientations.ornt_transform(_RAS, geometry.ornt)
     disk = nib.orientations.apply_orientation(array_dhw.transpose(2, 1, 0), to_disk)
+    return disk.reshape(geometry.disk_shape)  # trailing axes of length 1: still a view
+
+
+def from_internal(array_dhw: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Returns an internal (D, H, W) array in the file's on-disk axis order and shape (Fortran order)."""
+    disk = disk_view(array_dhw, geometry)
     # A C-ordered (D, H, W) array transposed is Fortran-ordered on disk axes, NIfTI's own order: keep it
-    # (a copy only for flips/permutations) so that neither this nor nibabel's write transposes it.
+    # (a copy only for flips/permutations).
     return np.asfortranarray(disk).reshape(geometry.disk_shape, order="F")
 
 
@@ -469,10 +482,34 @@ def read_image(path: PathLike) -> tuple[np.ndarray, Geometry]:
     float32 copy in disk order; its values are finite by type. Otherwise nibabel scales the voxels
     and they are checked for overflow and non-finite values. Both give nibabel's float32 values.
     """
-    img, raw = _load(path)
+    return _read_image(path, native=False)
+
+
+# On-disk types whose every value is exact in float32 and which numpy combines with float32 in float32:
+# `read_image_native` keeps them, and the preprocessing computes with them what it computes with
+# `read_image`'s float32 (`data.preprocess`).
+NATIVE_TYPES = ("i1", "u1", "i2", "u2")
+
+
+def read_image_native(path: PathLike) -> tuple[np.ndarray, Geometry]:
+    """Returns a CT volume as (D, H, W) HU and its geometry as `read_image` does, except that an
+    unscaled 8- or 16-bit integer `.nii.gz` (most CT: int16) stays in its on-disk type, a read-only
+    view of the inflated bytes in internal orientation (flips and axis order are strides): no
+    float32 copy, half the bytes for preprocessing to read. Every voxel equals `read_image`'s float32
+    value; the same files are refused and the same warnings given.
+    """
+    return _read_image(path, native=True)
+
+
+def _read_image(path: PathLike, native: bool) -> tuple[np.ndarray, Geometry]:
+    img, raw = _load(path, stacklevel=4)  # the caller of read_image / read_image_native
     check_spatial_shape(img.shape, path)
     geometry = geometry_of(img, path)
     disk = _unscaled_integer_voxels(img, raw)
+    if native and disk is not None and disk.dtype.str[1:] in NATIVE_TYPES:
+        image = nib.orientations.apply_orientation(disk.reshape(disk.shape[:3]), geometry.ornt).transpose(2, 1, 0)
+        warn_if_not_hu(image, path)
+        return image, geometry
     if disk is None:
         raw = None  # nibabel's copy is read: free the inflated bytes before the internal copy
         data = read_voxels(img, path, np.float32)
@@ -531,13 +568,20 @@ def read_case(image_path: PathLike, label_path: PathLike | None = None, case_id:
 def save_nifti(img: nib.Nifti1Image, path: PathLike) -> pathlib.Path:
     """Returns `path` after writing `img` to it atomically (temp file, then rename).
 
-    A single-file NIfTI to `.nii.gz` is serialised by nibabel and compressed by ISA-L on all cores
-    (level 1, like nibabel's default); anything else is written by `nib.save`.
+    A single-file NIfTI to `.nii.gz` is serialised by nibabel slice by slice into a `GzipStream`,
+    which deflates blocks with ISA-L on all cores while nibabel writes the next (level 1, like
+    nibabel's default; one gzip member); anything else is written by `nib.save`.
     """
     with atomic_path(path) as tmp:  # the temporary name keeps `.nii.gz`: nibabel compresses by it
         if is_nifti_gz(path) and isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
-            with igzip_threaded.open(tmp, "wb", compresslevel=GZIP_LEVEL, threads=-1) as f:
-                f.write(img.to_bytes())
+            with open(tmp, "wb") as raw:
+                stream = GzipStream(raw, GZIP_LEVEL)
+                try:
+                    img.to_stream(stream)  # header, then the voxels slice by slice
+                except BaseException:
+                    stream.abandon()
+                    raise
+                stream.finish()
         else:
             nib.save(img, tmp)
     return pathlib.Path(path)
@@ -547,7 +591,7 @@ def write_array(
     array_dhw: np.ndarray, geometry: Geometry, path: PathLike, dtype: Any = np.uint8
 ) -> pathlib.Path:
     """Returns `path` after atomically writing a (D, H, W) array with the input's affine/header."""
-    disk = from_internal(np.asarray(array_dhw), geometry).astype(dtype, copy=False)
+    disk = disk_view(np.asarray(array_dhw), geometry).astype(dtype, copy=False)
     header = geometry.header.copy()
     header.set_data_dtype(dtype)
     header.set_slope_inter(None, None)

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from livseg_jax.data import slab_components
 from livseg_jax.data.regions import Bbox, crop_to_bbox, largest_component_box, paste_into
 from livseg_jax.data.resample import IMAGE_ORDERS, LABEL_METHODS, resample_image, resample_labels, target_shape
 from livseg_jax.data.slabs import parallel_slabs
@@ -266,9 +267,15 @@ def _open_inplane(mask: np.ndarray) -> np.ndarray:
     return dilate(erode(np.asarray(mask, bool)))
 
 
+def _as_float32_operand(image: np.ndarray, value: float) -> float | np.float32:
+    """Returns `value` such that comparing a small-integer image with it compares in float32, as
+    comparing the image converted to float32 does (numpy compares int16 with a Python float in float64)."""
+    return np.float32(value) if image.dtype.kind in "iu" and image.dtype.itemsize <= 2 else value
+
+
 def _threshold_open(image: np.ndarray, threshold_hu: float) -> np.ndarray:
     # Opening in-plane only: slices can be thick, and the table touches the body within a slice.
-    return _open_inplane(image > threshold_hu)
+    return _open_inplane(image > _as_float32_operand(image, threshold_hu))
 
 
 def body_mask(image: np.ndarray, threshold_hu: float) -> np.ndarray:
@@ -295,7 +302,7 @@ def body_bbox(image: np.ndarray, threshold_hu: float) -> Bbox | None:
         mask[start:stop] = _threshold_open(sub[start:stop], threshold_hu)
 
     parallel_slabs(threshold_open, sub.shape[0])
-    _, box = largest_component_box(mask, with_mask=False)
+    box = slab_components.largest_component_box(mask)  # = regions.largest_component_box's, on all cores
     if box is None:
         return None
     rows, cols = (
@@ -393,6 +400,18 @@ def upsample_labels_inplane(labels: np.ndarray, factor: int, hw: Sequence[int]) 
     return labels[:, : hw[0], : hw[1]]
 
 
+def upsample_labels_into(out: np.ndarray, labels: np.ndarray, factor: int) -> None:
+    """Writes `upsample_labels_inplane(labels, factor, out.shape[1:])` into `out` (D, H, W) in place.
+
+    Columns are repeated once into a (D, H', W) temporary, whose rows are then copied to each of
+    their f output rows: half the passes over the output of repeating both axes and copying.
+    """
+    rows, cols = out.shape[1:]
+    wide = labels.repeat(factor, axis=2)[:, :, :cols] if factor > 1 else labels[:, :, :cols]
+    for i in range(factor):
+        out[:, i::factor] = wide[:, : len(range(i, rows, factor))]
+
+
 def window(image: np.ndarray, hu_min: float, hu_max: float, hu_scale: float) -> np.ndarray:
     """Returns float32 HU clipped to [hu_min, hu_max] and divided by hu_scale."""
     return (np.clip(image, hu_min, hu_max) / np.float32(hu_scale)).astype(np.float32, copy=False)
@@ -413,7 +432,10 @@ def _fixed_factor_image(image: np.ndarray, step: float, factor: int, settings: P
     depth = image.shape[0] if positions is None else len(positions)
     pad = (-image.shape[1] % factor, -image.shape[2] % factor)
     out = np.empty((depth, (image.shape[1] + pad[0]) // factor, (image.shape[2] + pad[1]) // factor), np.float32)
-    source = image if positions is None else image.astype(np.float32, copy=False)
+    # Slices are interpolated in float32: a small-integer image (read in its on-disk type) is
+    # converted slice by slice inside `_interp_slices`' products, with the same float32 values.
+    small_int = image.dtype.kind in "iu" and image.dtype.itemsize <= 2
+    source = image if positions is None or small_int else image.astype(np.float32, copy=False)
 
     def compute(start: int, stop: int) -> None:
         part = source[start:stop] if positions is None else _interp_slices(source, positions[start:stop])
@@ -516,7 +538,7 @@ def restore(labels_dhw: np.ndarray, record: PreprocessRecord | Mapping[str, Any]
         target = out[rec.crop_bbox]
 
         def upsample(start: int, stop: int) -> None:
-            target[start:stop] = upsample_labels_inplane(labels[start:stop], rec.inplane_factor, (height, width))
+            upsample_labels_into(target[start:stop], labels[start:stop], rec.inplane_factor)
 
         parallel_slabs(upsample, depth)
         return out

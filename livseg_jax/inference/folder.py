@@ -4,10 +4,10 @@
 
     reader threads --(queue, depth 2 per device)--> one worker per device --(queue)--> writer thread
 
-- Readers (`len(predictors) + 1` threads) inflate and convert the next CTs (`nifti.read_image`)
-  while the devices predict; at most `depth` (2) volumes per device are read or waiting, which
-  bounds the host memory: about depth + 1 CT volumes per device as float32, plus one label map
-  being written.
+- Readers (`len(predictors) + 1` threads) inflate the next CTs (`nifti.read_image_native`: int16
+  as on disk, other types as float32) while the devices predict; at most `depth` (2) volumes per
+  device are read or waiting, which bounds the host memory: about depth + 1 CT volumes per
+  device, plus one label map being written.
 - Workers: one per `Predictor`, each with the models' variables on its own device
   (`device_predictors`), take the next read case and run the whole two-stage (or joint)
   prediction of it there. Cases are sharded over the devices by whoever is free first: the
@@ -71,7 +71,7 @@ class Job:
     image: pathlib.Path
     output: pathlib.Path
     png: pathlib.Path | None = None
-    read: Callable[[Any], tuple[np.ndarray, nifti.Geometry]] = nifti.read_image
+    read: Callable[[Any], tuple[np.ndarray, nifti.Geometry]] = nifti.read_image_native
     write_nifti: bool = True
     extra_outputs: ExtraOutputs | None = None
     extra_paths: tuple[pathlib.Path, ...] = ()

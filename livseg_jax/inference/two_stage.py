@@ -207,7 +207,7 @@ def predict_case(
         raw = stage_mask(liver, image, progress)
     with timer("liver_postprocess"):
         liver_mask = largest_component(raw, connectivity)
-    info.update(liver_voxels_raw=int(raw.sum()), liver_voxels=int(liver_mask.sum()))
+    info.update(liver_voxels_raw=int(np.count_nonzero(raw)), liver_voxels=int(np.count_nonzero(liver_mask)))
     del raw
 
     if not liver_mask.any():
@@ -245,7 +245,7 @@ def predict_case(
         tumour &= t_liver[box]
         tumour = _postprocess_tumor(tumour, t_record.spacing, tumor, info)
         tumour_full = paste_into(tumour, box, t_record.shape, False)
-    info["tumor_voxels"] = int(tumour.sum())
+    info["tumor_voxels"] = int(np.count_nonzero(tumour))
 
     with timer("restore"):
         if same:
@@ -289,7 +289,7 @@ def predict_joint_case(
         if joint.postprocess is not None:  # removed tumour components become liver again
             tumour = labels == 2
             labels[tumour & ~_postprocess_tumor(tumour, record.spacing, joint, info)] = 1
-    info.update(liver_voxels_raw=int(np.count_nonzero(raw >= 1)), liver_voxels=int(liver.sum()),
+    info.update(liver_voxels_raw=int(np.count_nonzero(raw >= 1)), liver_voxels=int(np.count_nonzero(liver)),
                 tumor_voxels_raw=int(np.count_nonzero(raw == 2)), tumor_voxels=int(np.count_nonzero(labels == 2)))
     del raw
     if not liver.any():
@@ -545,7 +545,7 @@ class Predictor:
     def predict_file(self, image_path: str | os.PathLike, output_path: str | os.PathLike | None,
                      progress: ProgressFn | None = None, png_path: str | os.PathLike | None = None,
                      png_writer: PngWriter | None = None,
-                     reader: ImageReader = nifti.read_image) -> tuple[CaseResult, dict[str, Any]]:
+                     reader: ImageReader = nifti.read_image_native) -> tuple[CaseResult, dict[str, Any]]:
         """Returns (result, JSON record) after writing the label map of one NIfTI CT atomically.
 
         With `png_path`, also renders an overlay of the prediction there with `png_writer`
@@ -588,7 +588,8 @@ class Predictor:
 def case_record(image_path, output_path, png_path, geometry: nifti.Geometry, result: CaseResult,
                 read_warnings: Sequence[str], timings: dict[str, float]) -> dict[str, Any]:
     """Returns the JSON record of one predicted case (the timings JSON, without "case_id" and "run")."""
-    counts = np.bincount(result.labels.ravel(), minlength=3)
+    # count_nonzero, not bincount: bincount converts a CT-sized uint8 map to intp first (0.2 s vs 0.02 s).
+    liver, tumour = np.count_nonzero(result.labels), np.count_nonzero(result.labels == 2)
     return {
         "input": str(image_path),
         "output": None if output_path is None else str(output_path),
@@ -598,7 +599,7 @@ def case_record(image_path, output_path, png_path, geometry: nifti.Geometry, res
         "liver_found": result.liver_found,
         "warnings": list(read_warnings) + result.warnings,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "label_voxels": {"liver": int(counts[1] + counts[2]), "tumor": int(counts[2])},
+        "label_voxels": {"liver": int(liver), "tumor": int(tumour)},
         **result.info,
     }
 
