@@ -28,6 +28,8 @@ import time
 from experiments.bench_common import REPO, RESULT_PREFIX, environment, print_result, write_result
 
 # name -> XLA flags added to the environment's; `shipped_autotune` is filled in at run time.
+# ENV: environment variables a variant sets (JAX reads its configuration from them too).
+ENV = {"threefry_kernel": {"JAX_THREEFRY_GPU_KERNEL_LOWERING": "true"}}
 VARIANTS = {
     "default": "",
     "shipped_autotune": None,
@@ -35,6 +37,7 @@ VARIANTS = {
     "autotune_level_1": "--xla_gpu_autotune_level=1",  # no buffer initialisation either
     "autotune_level_0": "--xla_gpu_autotune_level=0",  # no autotuning: XLA's heuristics pick the kernels
     "executables": "",  # also a third process loading the programs the cold one serialised
+    "threefry_kernel": "",  # JAX lowers the initialisers' threefry hashing to one GPU kernel each (ENV)
 }
 
 
@@ -131,9 +134,10 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
             "loss": float(metrics["loss"]), "patch": list(shape), "batch": batch}
 
 
-def run_process(args, flags: str, cache_dir: str, executables: str = "") -> dict:
+def run_process(args, flags: str, cache_dir: str, executables: str = "", extra_env: dict | None = None) -> dict:
     """Runs one measuring child with `flags` added to XLA_FLAGS; returns its result row."""
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
+               **(extra_env or {}))
     cmd = [sys.executable, "-m", "experiments.bench_compile", "--child", "--config", args.config,
            "--patch", args.patch, "--steps", str(args.steps), "--cache", cache_dir]
     if executables:
@@ -186,7 +190,7 @@ def main() -> None:
         phases = {"cold": "store", "warm": "", "warm_executables": "load"} if name == "executables" \
             else {"cold": "", "warm": ""}
         for phase, executables in phases.items():
-            row = {"variant": name, "phase": phase, **run_process(args, flags, cache, executables)}
+            row = {"variant": name, "phase": phase, **run_process(args, flags, cache, executables, ENV.get(name))}
             rows.append(row)
             print(f"{name:18s} {phase}: first step {row.get('first_step_s', float('nan')):7.1f} s, "
                   f"then {row.get('median_step_ms') or float('nan'):7.1f} ms/step {row.get('error', '')[:200]}\n"

@@ -56,15 +56,20 @@ def largest_component_box(mask: np.ndarray, threads: int | None = None) -> Bbox 
     sizes = np.concatenate([parts[s][2] for s in starts])
     lo = np.concatenate([parts[s][3] for s in starts])
     hi = np.concatenate([parts[s][4] for s in starts])
-    pairs = []
+    pairs = []  # each touching pair of parts once, as the number part_below * total + part_above
     for k in range(len(starts) - 1):  # the last slice of slab k against the first of slab k + 1
         below, above = parts[starts[k]][6], parts[starts[k + 1]][5]
         touching = (below > 0) & (above > 0)
         if touching.any():
-            pairs.append(np.stack([below[touching] + offsets[k] - 1, above[touching] + offsets[k + 1] - 1]))
+            # A body touches the boundary in tens of thousands of voxels but in a handful of part
+            # pairs: deduplicated as single integers (np.unique over columns of a 2-row array
+            # sorts structured rows and took 1.1 s for 32 slabs of a CT's body mask).
+            below_part = below[touching].astype(np.int64) + (offsets[k] - 1)
+            above_part = above[touching].astype(np.int64) + (offsets[k + 1] - 1)
+            pairs.append(np.unique(below_part * total + above_part))
     if pairs:
-        edges = np.unique(np.concatenate(pairs, axis=1), axis=1)
-        graph = coo_matrix((np.ones(edges.shape[1], np.int8), (edges[0], edges[1])), shape=(total, total))
+        keys = np.unique(np.concatenate(pairs))
+        graph = coo_matrix((np.ones(keys.size, np.int8), (keys // total, keys % total)), shape=(total, total))
         count, component = connected_components(graph, directed=False)
     else:
         count, component = total, np.arange(total)

@@ -31,10 +31,11 @@ class TrainState:
 def create_train_state(model: UNet3D, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     """Returns a fresh TrainState (step 0) with parameters initialised from `seed`.
 
-    The variables are initialised on the smallest patch the model takes: their shapes and values
-    do not depend on the patch, and initialising on the training patch compiled the whole
-    forward pass at that size (43 s of the first step's 150 s on an H200 for the liver `:paper`
-    run, experiments/results/bench_compile_h200_s5.json).
+    The variables are initialised on the smallest patch the model takes (`init_variables`' default):
+    their shapes and values do not depend on the patch (tests/test_models.py), so the state needs
+    none. This does not make the initialisation compile faster: its forward pass is dead code that
+    XLA removes either way, and what remains is the random initialisers' hashing (about 15,000
+    operations for the `:paper` network; 43 s on an H200, 28 s on a CPU; docs/benchmarks.md).
     """
     rng = jax.random.PRNGKey(seed)
     init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
