@@ -62,7 +62,7 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
     from livseg_jax.models import build_model
     from livseg_jax.study.spec import load_config_file
     from livseg_jax.training.schedules import make_optimizer
-    from livseg_jax.training.state import create_train_state
+    from livseg_jax.training.state import jit_create_train_state
     from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
 
     phases: dict[str, float] = {}
@@ -97,7 +97,7 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
         jax.block_until_ready(state)
         phase("init_run")
     else:
-        init = jax.jit(lambda: create_train_state(model, optimizer, 0), out_shardings=replicated(mesh))
+        init = jit_create_train_state(model, optimizer, 0, replicated(mesh))  # as train compiles it
         traced = init.trace()
         phase("init_trace")
         lowered = traced.lower()

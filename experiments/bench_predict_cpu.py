@@ -6,6 +6,7 @@ peak resident memory of the process.
     taskset -c 0,1 python -m experiments.bench_predict_cpu --tag 2core
     python -m experiments.bench_predict_cpu --cpus 0,1 --warm-runs 2 --tag 2core
     python -m experiments.bench_predict_cpu --smoke      # tiny networks on a small CT: checks the script
+    python -m experiments.bench_predict_cpu --cpus 0,1 --warm-runs 0 --shape 512,512,1000 --tag 2core_512x512x1000
 
 The stage run directories (written under --workdir, never in the checkout) hold initialised
 `configs/{liver,tumor}.py:paper` variables: the weights do not change the time, except through
@@ -63,16 +64,19 @@ def make_stage_dir(root: pathlib.Path, stage: str, smoke: bool) -> pathlib.Path:
     return write_variables(root / stage, variables, config, force=True)
 
 
-def prepare_ct(workdir: pathlib.Path, smoke: bool) -> pathlib.Path:
-    """Returns the NIfTI CT to predict: 3D-IRCADb 1.17 imported once, or a small synthetic one."""
-    if smoke:
+def prepare_ct(workdir: pathlib.Path, smoke: bool, shape: tuple[int, ...] | None = None) -> pathlib.Path:
+    """Returns the NIfTI CT to predict: 3D-IRCADb 1.17 imported once, or a synthetic one of `shape`
+    (x, y, z; the smoke test's small one with `smoke`)."""
+    if smoke or shape:
         from livseg_jax.data.synthetic import make_phantom, write_phantom
 
-        path = workdir / "ct" / "volume-0.nii.gz"
+        shape = shape or SMOKE_SHAPE
+        name = "x".join(map(str, shape))
+        path = workdir / f"ct_{name}" / "volume-0.nii.gz"
         if not path.exists():
-            spacing = (0.75, 0.75, 1.6)
-            hu, labels = make_phantom(SMOKE_SHAPE, spacing, seed=0)
-            write_phantom(hu, labels, spacing, path, workdir / "ct" / "segmentation-0.nii.gz")
+            spacing = (0.75, 0.75, 1.0 if shape[2] > 400 else 1.6)
+            hu, labels = make_phantom(shape, spacing, seed=0)
+            write_phantom(hu, labels, spacing, path, path.parent / "segmentation-0.nii.gz")
         return path
     path = workdir / "ct" / "volume-17.nii.gz"
     if not path.exists():
@@ -143,6 +147,8 @@ def main() -> None:
     parser.add_argument("--warm-runs", type=int, default=1, help="runs after the first (warm cache)")
     parser.add_argument("--predict-args", default="", help="extra predict options, e.g. '--batch-size 2'")
     parser.add_argument("--smoke", action="store_true", help="tiny networks on a small synthetic CT")
+    parser.add_argument("--shape", default="", help="a synthetic CT of this size x,y,z instead of 3D-IRCADb "
+                        "(e.g. 512,512,1000 for the memory of a long scan)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     os.environ["JAX_PLATFORMS"] = "cpu"  # a CPU benchmark, also on a GPU machine (children inherit it)
@@ -151,7 +157,7 @@ def main() -> None:
         raise SystemExit(f"--workdir {workdir}: choose a folder outside the checkout")
     workdir.mkdir(parents=True, exist_ok=True)
     cpus = [int(c) for c in args.cpus.split(",") if c] or None
-    ct = prepare_ct(workdir, args.smoke)
+    ct = prepare_ct(workdir, args.smoke, tuple(int(v) for v in args.shape.split(",")) if args.shape else None)
     models = workdir / ("models_smoke" if args.smoke else "models")
     if not (models / "tumor" / "config.json").exists():
         for stage in ("liver", "tumor"):

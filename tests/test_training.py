@@ -297,3 +297,26 @@ def test_compilation_is_announced_and_the_bar_starts_after_the_first_step(cache_
     # The first call compiles the step; a bar made before it would count compilation in its rate and ETA.
     assert events == ["step", "bar from 0", "step"]
     assert "compiling the train step" in capsys.readouterr().out
+
+
+def test_unoptimised_initialisation_program_gives_the_optimised_programs_state():
+    # train compiles the initialisation at XLA backend level 0 (it runs once; compiling is its cost):
+    # same structure, the step counter and key exact, every float within 2 units in the last place.
+    from livseg_jax.models import build_model
+    from livseg_jax.training.schedules import make_optimizer
+    from livseg_jax.training.state import create_train_state, jit_create_train_state
+
+    c = base_config()
+    c.model.name, c.model.features = "unet", (2, 4, 4, 4, 4)
+    model, optimizer = build_model(c.model), make_optimizer(c.optim, 10)
+    fast = jit_create_train_state(model, optimizer, 3)()
+    reference = jax.jit(lambda: create_train_state(model, optimizer, 3))()
+    assert jax.tree.structure(fast) == jax.tree.structure(reference)
+    np.testing.assert_array_equal(fast.rng, reference.rng)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(reference), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=2)
+        else:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(np.asarray(a).std() > 0 for a in jax.tree.leaves(fast.params))  # random, not all zeros
