@@ -159,6 +159,8 @@ def test_onnx_window_fn_with_mirror_equals_the_jax_one(runs):
     assert {k: tumor_onnx.settings()[k] for k in settings if k in tumor_onnx.settings()} == settings
     assert tumor_onnx.preprocessing == tumor_jax.preprocessing
     assert tumor_onnx.liver_margin_mm == tumor_jax.liver_margin_mm
+    # No CPU arena: each session would keep its peak activations reserved (docs/benchmarks.md).
+    assert tumor_onnx.variables.get_session_options().enable_cpu_mem_arena is False
 
 
 def test_predict_onnxruntime_equals_the_jax_backend(runs, tmp_path, capsys):
