@@ -10,6 +10,7 @@ with an empty compilation cache: what shipping autotuning results per GPU model 
 
     python -m experiments.bench_compile --config configs/liver.py:paper --tag h200 \
         [--variants default,shipped_autotune,autotune_level_0,executables] [--steps 10]
+    # variants combine with "+": --variants default,shipped_autotune+parallel_llvm+threefry_kernel
     python -m experiments.bench_compile --config configs/liver.py --patch 16,32,32 --tag cpu  # smoke
 
 Writes experiments/results/bench_compile_<tag>.json and prints a table.
@@ -38,7 +39,27 @@ VARIANTS = {
     "autotune_level_0": "--xla_gpu_autotune_level=0",  # no autotuning: XLA's heuristics pick the kernels
     "executables": "",  # also a third process loading the programs the cold one serialised
     "threefry_kernel": "",  # JAX lowers the initialisers' threefry hashing to one GPU kernel each (ENV)
+    # LLVM's code generation split over the compile thread pool (XLA's default is one thread)
+    "parallel_llvm": "--xla_gpu_enable_llvm_module_compilation_parallelism=true",
+    "parallel_llvm_16": "--xla_gpu_enable_llvm_module_compilation_parallelism=true"
+                        " --xla_gpu_force_compilation_parallelism=16",
 }
+
+
+def variant_settings(name: str, autotune_file: pathlib.Path) -> tuple[str, dict[str, str], str | None]:
+    """Returns (XLA flags, environment, error) of a variant; `a+b` combines variants a and b."""
+    flags, env = [], {}
+    for part in name.split("+"):
+        if part == "default":
+            flags.append(f"--xla_gpu_dump_autotune_results_to={autotune_file}")
+        elif part == "shipped_autotune":
+            if not autotune_file.exists():
+                return "", {}, "needs the default variant first (its dumped results)"
+            flags.append(f"--xla_gpu_load_autotune_results_from={autotune_file}")
+        else:
+            flags.append(VARIANTS[part])
+        env.update(ENV.get(part, {}))
+    return " ".join(f for f in flags if f), env, None
 
 
 def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executables: str = "") -> dict:
@@ -170,27 +191,23 @@ def main() -> None:
         print_result(first_step(args.config, args.patch, args.steps, args.cache, args.executables))
         return
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [p for n in names for p in n.split("+") if p not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_compile_"))
     autotune_file = work / "autotune.textproto"
     rows = []
     for name in names:
-        flags = VARIANTS[name]
-        if name == "default":
-            flags = f"--xla_gpu_dump_autotune_results_to={autotune_file}"
-        elif name == "shipped_autotune":
-            if not autotune_file.exists():
-                rows.append({"variant": name, "error": "needs the default variant first (its dumped results)"})
-                continue
-            flags = f"--xla_gpu_load_autotune_results_from={autotune_file}"
+        flags, env, error = variant_settings(name, autotune_file)
+        if error:
+            rows.append({"variant": name, "error": error})
+            continue
         cache = str(work / f"cache_{name}")
         # executables: cold stores the programs, warm uses the persistent cache, warm_executables loads them
-        phases = {"cold": "store", "warm": "", "warm_executables": "load"} if name == "executables" \
+        phases = {"cold": "store", "warm": "", "warm_executables": "load"} if "executables" in name.split("+") \
             else {"cold": "", "warm": ""}
         for phase, executables in phases.items():
-            row = {"variant": name, "phase": phase, **run_process(args, flags, cache, executables, ENV.get(name))}
+            row = {"variant": name, "phase": phase, **run_process(args, flags, cache, executables, env)}
             rows.append(row)
             print(f"{name:18s} {phase}: first step {row.get('first_step_s', float('nan')):7.1f} s, "
                   f"then {row.get('median_step_ms') or float('nan'):7.1f} ms/step {row.get('error', '')[:200]}\n"
