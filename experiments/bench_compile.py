@@ -30,7 +30,8 @@ from experiments.bench_common import REPO, RESULT_PREFIX, environment, print_res
 
 # name -> XLA flags added to the environment's; `shipped_autotune` is filled in at run time.
 # ENV: environment variables a variant sets (JAX reads its configuration from them too).
-ENV = {"threefry_kernel": {"JAX_THREEFRY_GPU_KERNEL_LOWERING": "true"}}
+ENV = {"threefry_kernel": {"JAX_THREEFRY_GPU_KERNEL_LOWERING": "true"},
+       "init_on_cpu": {"BENCH_COMPILE_INIT_ON": "cpu"}}
 VARIANTS = {
     "default": "",
     "shipped_autotune": None,
@@ -39,6 +40,7 @@ VARIANTS = {
     "autotune_level_0": "--xla_gpu_autotune_level=0",  # no autotuning: XLA's heuristics pick the kernels
     "executables": "",  # also a third process loading the programs the cold one serialised
     "threefry_kernel": "",  # JAX lowers the initialisers' threefry hashing to one GPU kernel each (ENV)
+    "init_on_cpu": "",  # the initialisation compiled for and run on the host CPU, then copied (ENV)
     # LLVM's code generation split over the compile thread pool (XLA's default is one thread)
     "parallel_llvm": "--xla_gpu_enable_llvm_module_compilation_parallelism=true",
     "parallel_llvm_16": "--xla_gpu_enable_llvm_module_compilation_parallelism=true"
@@ -62,7 +64,8 @@ def variant_settings(name: str, autotune_file: pathlib.Path) -> tuple[str, dict[
     return " ".join(f for f in flags if f), env, None
 
 
-def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executables: str = "") -> dict:
+def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executables: str = "",
+               init_only: bool = False) -> dict:
     """Returns the first-step time of one stage config in this process, phase by phase, and the steady step.
 
     Phases: the backend (devices, mesh), then for the initialisation and the train step each
@@ -70,7 +73,7 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
     "store" also serialises the compiled programs into `cache_dir`/executables.pkl
     (`jax.experimental.serialize_executable`); "load" loads them from there instead of tracing,
     lowering and compiling: what an executable cache keyed by everything the programs depend on
-    would give on a restart.
+    would give on a restart. `init_only` stops after the initialisation's first run.
     """
     import pickle
 
@@ -118,7 +121,9 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
         jax.block_until_ready(state)
         phase("init_run")
     else:
-        init = jit_create_train_state(model, optimizer, 0, replicated(mesh))  # as train compiles it
+        on_cpu = os.environ.get("BENCH_COMPILE_INIT_ON") == "cpu"
+        init_sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]) if on_cpu else replicated(mesh)
+        init = jit_create_train_state(model, optimizer, 0, init_sharding)  # as train compiles it
         traced = init.trace()
         phase("init_trace")
         lowered = traced.lower()
@@ -128,6 +133,12 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
         state = init_c()
         jax.block_until_ready(state)
         phase("init_run")
+        if on_cpu:
+            state = jax.block_until_ready(jax.device_put(state, replicated(mesh)))
+            phase("init_to_device")
+        if init_only:
+            return {"first_step_s": None, "init_s": round(sum(phases.values()), 3), "phases_s": phases,
+                    "median_step_ms": None}
         step = jit_train_step(make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
                                               config.train.get("batch_norm_stats", "global"), mesh), mesh)
         traced = step.trace(state, arrays)
@@ -163,6 +174,8 @@ def run_process(args, flags: str, cache_dir: str, executables: str = "", extra_e
            "--patch", args.patch, "--steps", str(args.steps), "--cache", cache_dir]
     if executables:
         cmd += ["--executables", executables]
+    if args.init_only:
+        cmd += ["--init-only"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -183,12 +196,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--variants", default="default,shipped_autotune,autotune_level_2")
     parser.add_argument("--tag", default="local")
+    parser.add_argument("--init-only", action="store_true", help="time the initialisation only")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache", default="", help=argparse.SUPPRESS)
     parser.add_argument("--executables", default="", choices=("", "store", "load"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print_result(first_step(args.config, args.patch, args.steps, args.cache, args.executables))
+        print_result(first_step(args.config, args.patch, args.steps, args.cache, args.executables, args.init_only))
         return
     names = args.variants.split(",")
     unknown = [p for n in names for p in n.split("+") if p not in VARIANTS]
@@ -209,15 +223,18 @@ def main() -> None:
         for phase, executables in phases.items():
             row = {"variant": name, "phase": phase, **run_process(args, flags, cache, executables, env)}
             rows.append(row)
-            print(f"{name:18s} {phase}: first step {row.get('first_step_s', float('nan')):7.1f} s, "
+            print(f"{name:18s} {phase}: first step {row.get('first_step_s') or float('nan'):7.1f} s, "
+                  f"init {row.get('init_s') or float('nan'):6.1f} s, "
                   f"then {row.get('median_step_ms') or float('nan'):7.1f} ms/step {row.get('error', '')[:200]}\n"
                   f"    phases {row.get('phases_s')}", flush=True)
             write_result(f"bench_compile_{args.tag}", {"benchmark": "compile", "config": args.config,
                                                        "environment": environment(), "rows": rows})
-    print("| variant | phase | first step (s) | step (ms) |\n|---|---|---:|---:|")
+    print("| variant | phase | initialisation (s) | first step (s) | step (ms) |\n|---|---|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['variant']} | {row.get('phase', '')} | {row.get('first_step_s', float('nan')):.1f}"
-              f" | {row.get('median_step_ms') or float('nan'):.1f} |")
+        init_s = row.get("init_s") or sum(v for k, v in (row.get("phases_s") or {}).items()
+                                          if k == "backend" or k.startswith("init"))
+        print(f"| {row['variant']} | {row.get('phase', '')} | {init_s or float('nan'):.1f}"
+              f" | {row.get('first_step_s') or float('nan'):.1f} | {row.get('median_step_ms') or float('nan'):.1f} |")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Decides `livseg_jax.data.parallel_gzip.MIN_THREADS`: the number of usable cores 
 written by nibabel (one zlib member, as other tools write it). Per method, the median of
 `--repeats` runs with the file in the page cache: `isal` (`isal.igzip.decompress`, what
 `nifti` uses), `rapidgzip_T` (`rapidgzip.open(parallelization=T)`, T = 1, 2, 4, ... up to the
-usable cores), and `read_image` end to end with the fast path off and forced on (all cores). The
+usable cores), and `read_image` and `read_image_native` (what `predict` reads) end to end with the fast path off
+and forced on (all cores). The
 JSON records the usable cores, versions and file size.
 """
 
@@ -73,10 +74,13 @@ def main() -> None:
         try:
             parallel_gzip.MIN_THREADS = 10**9
             seconds["read_image_isal"] = _median_seconds(lambda: nifti.read_image(path), args.repeats)
+            seconds["read_image_native_isal"] = _median_seconds(lambda: nifti.read_image_native(path), args.repeats)
             if rapidgzip is not None:
                 parallel_gzip.MIN_THREADS, min_bytes, parallel_gzip.MIN_BYTES = 1, parallel_gzip.MIN_BYTES, 0
                 seconds["read_image_rapidgzip_all_cores"] = _median_seconds(lambda: nifti.read_image(path),
                                                                             args.repeats)
+                seconds["read_image_native_rapidgzip_all_cores"] = _median_seconds(
+                    lambda: nifti.read_image_native(path), args.repeats)
                 parallel_gzip.MIN_BYTES = min_bytes
         finally:
             parallel_gzip.MIN_THREADS = min_threads

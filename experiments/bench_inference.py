@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="end-to-end runs per form (the fastest is kept)")
     parser.add_argument("--host-phases", action="store_true",
                         help="threshold stand-ins for both networks: time the host phases on any machine")
+    parser.add_argument("--batch-sizes", default="2",
+                        help="windows per network call to time end to end, e.g. 2,4,8 (a row each)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
@@ -200,8 +202,9 @@ def main() -> None:
                                            overrides)
 
     rows = []
-    for deploy in () if args.windows_only else [form == "deploy" for form in forms]:
-        predictor = Predictor.from_checkpoints(liver_dir, tumor_dir, deploy=deploy)
+    settings = [(form == "deploy", b) for form in forms for b in int_tuple(args.batch_sizes)]
+    for deploy, batch_size in () if args.windows_only else settings:
+        predictor = Predictor.from_checkpoints(liver_dir, tumor_dir, deploy=deploy, batch_size=batch_size)
         compile_s = predictor.warmup()
         runs = []
         for i in range(args.repeats):
@@ -210,11 +213,11 @@ def main() -> None:
             _, record = predictor.predict_file(tmp / "volume-0.nii.gz", out)
             runs.append({**record, "memory": {**record["memory"], "host_rss_before_case_gib": rss_before}})
         best = min(runs, key=lambda r: r["timings_s"]["total"])
-        rows.append({"deploy": deploy, "compile_s": compile_s, "timings_s": best["timings_s"],
+        rows.append({"deploy": deploy, "batch_size": batch_size, "compile_s": compile_s, "timings_s": best["timings_s"],
                      "liver_windows": best.get("liver_windows"), "tumor_windows": best.get("tumor_windows"),
                      "preprocessed_shape": best.get("preprocessed_shape"),
                      "memory": max((r["memory"] for r in runs), key=lambda m: m["host_peak_rss_gib"])})
-        print(f"deploy={deploy}: total {best['timings_s']['total']:.2f} s  {best['timings_s']}  "
+        print(f"deploy={deploy} batch {batch_size}: total {best['timings_s']['total']:.2f} s  {best['timings_s']}  "
               f"memory {rows[-1]['memory']}", flush=True)
 
     torch_row = None
