@@ -19,6 +19,7 @@ Writes experiments/results/bench_compile_<tag>.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -31,6 +32,7 @@ from experiments.bench_common import REPO, RESULT_PREFIX, environment, print_res
 # name -> XLA flags added to the environment's; `shipped_autotune` is filled in at run time.
 # ENV: environment variables a variant sets (JAX reads its configuration from them too).
 ENV = {"threefry_kernel": {"JAX_THREEFRY_GPU_KERNEL_LOWERING": "true"},
+       "xla_init_lowering": {"BENCH_COMPILE_INIT_LOWERING": "xla"},
        "init_on_cpu": {"BENCH_COMPILE_INIT_ON": "cpu"}}
 VARIANTS = {
     "default": "",
@@ -40,6 +42,7 @@ VARIANTS = {
     "autotune_level_0": "--xla_gpu_autotune_level=0",  # no autotuning: XLA's heuristics pick the kernels
     "executables": "",  # also a third process loading the programs the cold one serialised
     "threefry_kernel": "",  # JAX lowers the initialisers' threefry hashing to one GPU kernel each (ENV)
+    "xla_init_lowering": "",  # the initialisation's threefry as unrolled HLO, as train did before (ENV)
     "init_on_cpu": "",  # the initialisation compiled for and run on the host CPU, then copied (ENV)
     # LLVM's code generation split over the compile thread pool (XLA's default is one thread)
     "parallel_llvm": "--xla_gpu_enable_llvm_module_compilation_parallelism=true",
@@ -86,7 +89,7 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
     from livseg_jax.models import build_model
     from livseg_jax.study.spec import load_config_file
     from livseg_jax.training.schedules import make_optimizer
-    from livseg_jax.training.state import jit_create_train_state
+    from livseg_jax.training.state import init_lowering, jit_create_train_state
     from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
 
     phases: dict[str, float] = {}
@@ -124,21 +127,31 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
         on_cpu = os.environ.get("BENCH_COMPILE_INIT_ON") == "cpu"
         init_sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]) if on_cpu else replicated(mesh)
         init = jit_create_train_state(model, optimizer, 0, init_sharding)  # as train compiles it
-        traced = init.trace()
-        phase("init_trace")
-        lowered = traced.lower()
-        phase("init_lower")
-        init_c = lowered.compile()
-        phase("init_compile")
+        # as train lowers it (the threefry kernel on GPUs), unless BENCH_COMPILE_INIT_LOWERING=xla
+        scope = contextlib.nullcontext() if os.environ.get("BENCH_COMPILE_INIT_LOWERING") == "xla" \
+            else init_lowering()
+        with scope:
+            traced = init.trace()
+            phase("init_trace")
+            lowered = traced.lower()
+            phase("init_lower")
+            init_c = lowered.compile()
+            phase("init_compile")
         state = init_c()
         jax.block_until_ready(state)
         phase("init_run")
         if on_cpu:
             state = jax.block_until_ready(jax.device_put(state, replicated(mesh)))
             phase("init_to_device")
-        if init_only:
+        if init_only:  # with a digest of the state's bytes: variants must initialise identically
+            import hashlib
+
+            digest = hashlib.sha256()
+            for leaf in jax.tree.leaves(jax.device_get(state)):
+                digest.update(np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(
+                    leaf.dtype, jax.dtypes.prng_key) else leaf).tobytes())
             return {"first_step_s": None, "init_s": round(sum(phases.values()), 3), "phases_s": phases,
-                    "median_step_ms": None}
+                    "median_step_ms": None, "state_sha256": digest.hexdigest()}
         step = jit_train_step(make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
                                               config.train.get("batch_norm_stats", "global"), mesh), mesh)
         traced = step.trace(state, arrays)
@@ -224,6 +237,7 @@ def main() -> None:
             row = {"variant": name, "phase": phase, **run_process(args, flags, cache, executables, env)}
             rows.append(row)
             print(f"{name:18s} {phase}: first step {row.get('first_step_s') or float('nan'):7.1f} s, "
+                  f"state {row.get('state_sha256', '')[:12]} "
                   f"init {row.get('init_s') or float('nan'):6.1f} s, "
                   f"then {row.get('median_step_ms') or float('nan'):7.1f} ms/step {row.get('error', '')[:200]}\n"
                   f"    phases {row.get('phases_s')}", flush=True)

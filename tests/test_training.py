@@ -299,17 +299,39 @@ def test_compilation_is_announced_and_the_bar_starts_after_the_first_step(cache_
     assert "compiling the train step" in capsys.readouterr().out
 
 
+def test_initialisation_lowers_threefry_to_the_gpu_kernel_and_the_step_does_not():
+    # On GPUs the initialisation's random bits come from JAX's threefry CUDA kernel (one call per
+    # variable: far less to compile than unrolled hashing, the same bits); the setting is scoped,
+    # so the train step lowers as before. Lowered for CUDA here, without a GPU.
+    from livseg_jax.models import build_model
+    from livseg_jax.training.schedules import make_optimizer
+    from livseg_jax.training.state import init_lowering, jit_create_train_state
+
+    c = base_config()
+    c.model.name, c.model.features = "unet", (2, 4, 4, 4, 4)
+    model, optimizer = build_model(c.model), make_optimizer(c.optim, 10)
+
+    def cuda_text() -> str:
+        return jit_create_train_state(model, optimizer, 3).trace().lower(lowering_platforms=("cuda",)).as_text()
+
+    with init_lowering():
+        kernel = cuda_text()
+    unrolled = cuda_text()  # outside the context: JAX's default lowering
+    assert "cu_threefry2x32" in kernel and "cu_threefry2x32" not in unrolled
+    assert kernel.count("stablehlo.shift_left") < unrolled.count("stablehlo.shift_left")  # the rotations are gone
+
+
 def test_unoptimised_initialisation_program_gives_the_optimised_programs_state():
     # train compiles the initialisation at XLA backend level 0 (it runs once; compiling is its cost):
     # same structure, the step counter and key exact, every float within 2 units in the last place.
     from livseg_jax.models import build_model
     from livseg_jax.training.schedules import make_optimizer
-    from livseg_jax.training.state import create_train_state, jit_create_train_state
+    from livseg_jax.training.state import create_train_state, initial_train_state
 
     c = base_config()
     c.model.name, c.model.features = "unet", (2, 4, 4, 4, 4)
     model, optimizer = build_model(c.model), make_optimizer(c.optim, 10)
-    fast = jit_create_train_state(model, optimizer, 3)()
+    fast = initial_train_state(model, optimizer, 3)
     reference = jax.jit(lambda: create_train_state(model, optimizer, 3))()
     assert jax.tree.structure(fast) == jax.tree.structure(reference)
     np.testing.assert_array_equal(fast.rng, reference.rng)

@@ -36,7 +36,7 @@ from livseg_jax.run_dir import METRICS_FILE, PERIODIC, RunCheckpoints, check_res
 from livseg_jax.training.distributed import chief_first, process_label
 from livseg_jax.training.logging import MetricWriter, plot_curves
 from livseg_jax.training.schedules import make_optimizer
-from livseg_jax.training.state import TrainState, create_train_state, jit_create_train_state
+from livseg_jax.training.state import TrainState, create_train_state, initial_train_state
 from livseg_jax.training.step import (
     batch_sharding,
     check_global_batch,
@@ -220,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if is_chief:
             print("initialising the model (its first run compiles the initialisation: up to a minute or two on a "
                   "CPU)", flush=True)
-        state = jit_create_train_state(model, optimizer, config.seed, state_sharding)()
+        state = initial_train_state(model, optimizer, config.seed, state_sharding)
 
     if is_chief:  # only now: config.json must keep describing the checkpoints beside it
         save_config(workdir, config)
