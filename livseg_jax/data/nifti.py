@@ -149,7 +149,7 @@ def is_nifti_gz(path: PathLike) -> bool:
     return pathlib.Path(path).name.lower().endswith(".nii.gz")
 
 
-def _nifti_class_of(raw: bytes) -> type[nib.Nifti1Image] | None:
+def _nifti_class_of(raw: bytes | memoryview) -> type[nib.Nifti1Image] | None:
     """Returns the single-file NIfTI class whose header `raw` starts with (nib.load's order), or None."""
     for klass in (nib.Nifti1Image, nib.Nifti2Image):
         if klass.header_class.may_contain_header(raw[: klass.header_class.sizeof_hdr]):
@@ -168,7 +168,7 @@ def _gzip_damage(error: Exception) -> str | None:
     return None
 
 
-def _load_nifti_gz(path: pathlib.Path) -> tuple[nib.Nifti1Image, bytes]:
+def _load_nifti_gz(path: pathlib.Path) -> tuple[nib.Nifti1Image, bytes | memoryview]:
     """Returns (image, decompressed bytes) of a `.nii.gz` inflated in memory, or raises DataError
     naming the file."""
     raw = parallel_gzip.inflate(path)  # rapidgzip on many cores when installed, verified; else None
@@ -188,7 +188,7 @@ def _load_nifti_gz(path: pathlib.Path) -> tuple[nib.Nifti1Image, bytes]:
             f"in the {len(raw)} decompressed bytes"
         )
     try:
-        return klass.from_stream(io.BytesIO(raw)), raw
+        return klass.from_stream(io.BytesIO(raw) if isinstance(raw, bytes) else parallel_gzip.BufferStream(raw)), raw
     except Exception as e:  # nibabel raises many types for bad bytes
         raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
 
@@ -203,7 +203,7 @@ def _partial_header(path: pathlib.Path) -> bytes:
         return b""
 
 
-def _raw_header(path: pathlib.Path, raw: bytes | None) -> nib.Nifti1Header | None:
+def _raw_header(path: pathlib.Path, raw: bytes | memoryview | None) -> nib.Nifti1Header | None:
     """Returns the NIfTI header exactly as stored (nibabel's repairs not applied), or None."""
     if raw is None:
         try:
@@ -261,7 +261,7 @@ def load_image(path: PathLike) -> nib.spatialimages.SpatialImage:
     return _load(path)[0]
 
 
-def _load(path: PathLike, stacklevel: int = 3) -> tuple[nib.spatialimages.SpatialImage, bytes | None]:
+def _load(path: PathLike, stacklevel: int = 3) -> tuple[nib.spatialimages.SpatialImage, bytes | memoryview | None]:
     """Returns (`load_image`'s image, the inflated file bytes of a `.nii.gz` or None); its warnings
     name the line `stacklevel` frames up (the public reader's caller)."""
     path = pathlib.Path(path)
@@ -455,7 +455,7 @@ def internal_float32(disk: np.ndarray, geometry: Geometry) -> np.ndarray:
 _EXACT_INTEGER_TYPES = ("i1", "u1", "i2", "u2", "i4", "u4")
 
 
-def _unscaled_integer_voxels(img: nib.spatialimages.SpatialImage, raw: bytes | None) -> np.ndarray | None:
+def _unscaled_integer_voxels(img: nib.spatialimages.SpatialImage, raw: bytes | memoryview | None) -> np.ndarray | None:
     """Returns the on-disk integer voxels of an unscaled NIfTI as a zero-copy view of `raw`, or None
     when the file is not one (then nibabel reads it)."""
     if raw is None or not isinstance(img, nib.Nifti1Image):
