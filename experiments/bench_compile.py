@@ -10,7 +10,7 @@ with an empty compilation cache: what shipping autotuning results per GPU model 
 
     python -m experiments.bench_compile --config configs/liver.py:paper --tag h200 \
         [--variants default,shipped_autotune,autotune_level_0,executables] [--steps 10]
-    # variants combine with "+": --variants default,shipped_autotune+parallel_llvm+threefry_kernel
+    # variants combine with "+": --variants default,shipped_autotune+init_on_cpu
     python -m experiments.bench_compile --config configs/liver.py --patch 16,32,32 --tag cpu  # smoke
 
 Writes experiments/results/bench_compile_<tag>.json and prints a table.
@@ -44,10 +44,6 @@ VARIANTS = {
     "threefry_kernel": "",  # JAX lowers the initialisers' threefry hashing to one GPU kernel each (ENV)
     "xla_init_lowering": "",  # the initialisation's threefry as unrolled HLO, as train did before (ENV)
     "init_on_cpu": "",  # the initialisation compiled for and run on the host CPU, then copied (ENV)
-    # LLVM's code generation split over the compile thread pool (XLA's default is one thread)
-    "parallel_llvm": "--xla_gpu_enable_llvm_module_compilation_parallelism=true",
-    "parallel_llvm_16": "--xla_gpu_enable_llvm_module_compilation_parallelism=true"
-                        " --xla_gpu_force_compilation_parallelism=16",
 }
 
 

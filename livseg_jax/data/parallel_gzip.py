@@ -1,7 +1,7 @@
 """Inflating a large `.nii.gz` on many cores with rapidgzip, an optional fast path of `nifti`.
 
-ISA-L (python-isal, a dependency) inflates one gzip stream on one core, about 0.45 s for a
-512x512x400 CT on the GPU host. rapidgzip (`pip install 'livseg_jax[fast-gzip]'`) inflates one
+ISA-L (python-isal, a dependency) inflates one gzip stream on one core, 0.61-0.70 s for a
+512x512x400 CT on the 16-core GPU host. rapidgzip (`pip install 'livseg_jax[fast-gzip]'`) inflates one
 stream in parallel (it finds deflate blocks speculatively and checks every member's CRC32). It is
 used by `nifti.read_image` (through `nifti.load_image`) only when all of these hold, else ISA-L
 reads the file as before:
@@ -32,7 +32,7 @@ import numpy as np
 
 from livseg_jax.data.slabs import slab_threads
 
-MIN_THREADS = 8  # below this ISA-L's one core is as fast (2-core measurement; 16-core run pending)
+MIN_THREADS = 8  # below this ISA-L's one core is as fast (2-core and 16-core runs, docs/benchmarks.md)
 MIN_BYTES = 16 << 20
 CHUNK_BYTES = 1 << 20  # 0.5-2 MiB measured alike on 16 cores, 4-8 MiB (rapidgzip's default: 4) slower
 MAX_DEFLATE_RATIO = 1032  # deflate's largest expansion: 258 bytes from a 2-bit match code

@@ -39,7 +39,7 @@ def create_train_state(model: UNet3D, optimizer: optax.GradientTransformation, s
     their shapes and values do not depend on the patch (tests/test_models.py), so the state needs
     none. This does not make the initialisation compile faster: its forward pass is dead code that
     XLA removes either way, and what remains is the random initialisers' hashing (about 15,000
-    operations for the `:paper` network; 43 s on an H200, 28 s on a CPU; docs/benchmarks.md).
+    operations for the `:paper` network; see `initial_train_state` for how train compiles it fast).
     """
     rng = jax.random.PRNGKey(seed)
     init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
