@@ -43,6 +43,7 @@ VARIANTS = {
     "executables": "",  # also a third process loading the programs the cold one serialised
     "threefry_kernel": "",  # JAX lowers the initialisers' threefry hashing to one GPU kernel each (ENV)
     "xla_init_lowering": "",  # the initialisation's threefry as unrolled HLO, as train did before (ENV)
+    "fusion_autotune_cache": None,  # cold, then cold again with only the autotuning cache filled
     "init_on_cpu": "",  # the initialisation compiled for and run on the host CPU, then copied (ENV)
 }
 
@@ -53,6 +54,8 @@ def variant_settings(name: str, autotune_file: pathlib.Path) -> tuple[str, dict[
     for part in name.split("+"):
         if part == "default":
             flags.append(f"--xla_gpu_dump_autotune_results_to={autotune_file}")
+        elif part == "fusion_autotune_cache":  # XLA's per-fusion autotuning cache, kept across processes
+            flags.append(f"--xla_gpu_per_fusion_autotune_cache_dir={autotune_file.parent / 'fusion_autotune'}")
         elif part == "shipped_autotune":
             if not autotune_file.exists():
                 return "", {}, "needs the default variant first (its dumped results)"
@@ -229,7 +232,11 @@ def main() -> None:
         # executables: cold stores the programs, warm uses the persistent cache, warm_executables loads them
         phases = {"cold": "store", "warm": "", "warm_executables": "load"} if "executables" in name.split("+") \
             else {"cold": "", "warm": ""}
+        if "fusion_autotune_cache" in name.split("+"):  # a changed program: compilation cache empty again
+            phases = {"cold": "", "cold_autotune_cached": ""}
         for phase, executables in phases.items():
+            if phase == "cold_autotune_cached":
+                cache = str(work / f"cache_{name}_second")
             row = {"variant": name, "phase": phase, **run_process(args, flags, cache, executables, env)}
             rows.append(row)
             print(f"{name:18s} {phase}: first step {row.get('first_step_s') or float('nan'):7.1f} s, "
