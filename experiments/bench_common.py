@@ -134,11 +134,16 @@ def print_result(row: dict) -> None:
     print(RESULT_PREFIX + json.dumps({**row, "environment": environment()}), flush=True)
 
 
-def run_child(module: str, args: Sequence[str]) -> dict:
+def run_child(module: str, args: Sequence[str], env: dict[str, str] | None = None,
+              cpus: Sequence[int] | None = None) -> dict:
     """Returns {"wall_s", **the child's result} after `python -m module *args` in a fresh process
-    (each measurement gets the device's memory to itself), or {"wall_s", "error"} when it failed."""
+    (each measurement gets the device's memory to itself), or {"wall_s", "error"} when it failed.
+
+    `env`: the child's whole environment (default: this process's); `cpus`: cores to pin it to.
+    """
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     row = {"wall_s": time.perf_counter() - t0}
     if proc.returncode or not found:

@@ -22,12 +22,10 @@ import argparse
 import contextlib
 import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 import time
 
-from experiments.bench_common import REPO, RESULT_PREFIX, environment, print_result, write_result
+from experiments.bench_common import REPO, environment, print_result, run_child, write_result
 
 # name -> XLA flags added to the environment's; `shipped_autotune` is filled in at run time.
 # ENV: environment variables a variant sets (JAX reads its configuration from them too).
@@ -147,8 +145,7 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
 
             digest = hashlib.sha256()
             for leaf in jax.tree.leaves(jax.device_get(state)):
-                digest.update(np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(
-                    leaf.dtype, jax.dtypes.prng_key) else leaf).tobytes())
+                digest.update(np.asarray(leaf).tobytes())  # the state's key is a raw uint32 array
             return {"first_step_s": None, "init_s": round(sum(phases.values()), 3), "phases_s": phases,
                     "median_step_ms": None, "state_sha256": digest.hexdigest()}
         step = jit_train_step(make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
@@ -182,23 +179,13 @@ def run_process(args, flags: str, cache_dir: str, executables: str = "", extra_e
     """Runs one measuring child with `flags` added to XLA_FLAGS; returns its result row."""
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
                **(extra_env or {}))
-    cmd = [sys.executable, "-m", "experiments.bench_compile", "--child", "--config", args.config,
-           "--patch", args.patch, "--steps", str(args.steps), "--cache", cache_dir]
+    child_args = ["--child", "--config", args.config, "--patch", args.patch, "--steps", str(args.steps),
+                  "--cache", cache_dir]
     if executables:
-        cmd += ["--executables", executables]
+        child_args += ["--executables", executables]
     if args.init_only:
-        cmd += ["--init-only"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    row = {"xla_flags_added": flags, "process_wall_s": time.perf_counter() - t0}
-    if proc.returncode or not found:
-        row["error"] = (proc.stderr or proc.stdout)[-1500:]
-    else:
-        import json
-
-        row.update(json.loads(found[-1][len(RESULT_PREFIX):]))
-    return row
+        child_args += ["--init-only"]
+    return {"xla_flags_added": flags, **run_child("experiments.bench_compile", child_args, env=env)}
 
 
 def main() -> None:

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
-from experiments.bench_common import REPO, RESULT_PREFIX, environment, print_result, write_result
+from experiments.bench_common import environment, print_result, run_child, write_result
 
 
 def child(onnx_dir: str, ct: str, out: str, arena: bool) -> dict:
@@ -71,14 +68,11 @@ def main() -> None:
     for repeat in range(args.repeats):
         for mode in (("on", "off") if repeat % 2 == 0 else ("off", "on")):
             out = work / f"{mode}_{repeat}.nii.gz"
-            cmd = [sys.executable, "-m", "experiments.bench_ort_arena", "--child", mode, "--onnx-dir", args.onnx_dir,
-                   "--ct", args.ct, "--out", str(out)]
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                                  preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-            found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-            if proc.returncode or not found:
-                raise SystemExit(f"arena {mode}: {(proc.stderr or proc.stdout)[-1500:]}")
-            rows.append({"repeat": repeat, **json.loads(found[-1][len(RESULT_PREFIX):]), "output": str(out)})
+            row = run_child("experiments.bench_ort_arena", ["--child", mode, "--onnx-dir", args.onnx_dir,
+                                                            "--ct", args.ct, "--out", str(out)], cpus=cpus)
+            if "error" in row:
+                raise SystemExit(f"arena {mode}: {row['error']}")
+            rows.append({"repeat": repeat, **row, "output": str(out)})
     import nibabel as nib
     import numpy as np
 

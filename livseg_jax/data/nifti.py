@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import gzip
-import io
 import os
 import pathlib
 import warnings
@@ -188,7 +187,7 @@ def _load_nifti_gz(path: pathlib.Path) -> tuple[nib.Nifti1Image, bytes | memoryv
             f"in the {len(raw)} decompressed bytes"
         )
     try:
-        return klass.from_stream(io.BytesIO(raw) if isinstance(raw, bytes) else parallel_gzip.BufferStream(raw)), raw
+        return klass.from_stream(parallel_gzip.BufferStream(raw)), raw
     except Exception as e:  # nibabel raises many types for bad bytes
         raise DataError(f"{path}: cannot read as NIfTI (corrupt or not an image file): {e}") from e
 

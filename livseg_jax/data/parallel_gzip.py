@@ -47,12 +47,12 @@ def rapidgzip_module() -> Any | None:
     return rapidgzip
 
 
-def inflate(path: str | os.PathLike, threads: int | None = None) -> memoryview | None:
+def inflate(path: str | os.PathLike, threads: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> memoryview | None:
     """Returns the verified inflated bytes (read-only) of a one-member gzip file read by rapidgzip on
     `threads` threads (default `slab_threads()`), or None when this fast path does not apply (the
     module docstring lists when), so that the caller reads the file with ISA-L.
 
-    The bytes are inflated straight into one buffer of the trailer's length, in `CHUNK_BYTES`
+    The bytes are inflated straight into one buffer of the trailer's length, in `chunk_bytes`
     chunks: on the 16-core GPU host a 512x512x400 CT inflated in 0.28 s this way, against 0.42 s
     through `read()` with rapidgzip's default 4 MiB chunks (`bench_gzip_inflate`, docs/benchmarks.md).
     `BufferStream` reads the result as a file without copying it.
@@ -73,7 +73,7 @@ def inflate(path: str | os.PathLike, threads: int | None = None) -> memoryview |
             return None
         buffer = np.empty(isize, np.uint8)  # not zeroed: every byte is written below or the result is None
         view, filled = memoryview(buffer), 0
-        with module.RapidgzipFile(str(path), parallelization=threads, chunk_size=CHUNK_BYTES) as f:
+        with module.RapidgzipFile(str(path), parallelization=threads, chunk_size=chunk_bytes) as f:
             while filled < isize and (n := f.readinto(view[filled:])):
                 filled += n
             rest = f.read()  # more than ISIZE: a stream of 4 GiB or more (ISIZE is modulo 2**32), or damage
