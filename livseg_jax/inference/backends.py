@@ -121,8 +121,8 @@ def onnx_session(path: str | os.PathLike, providers: Sequence[str] | None = None
     options = ort.SessionOptions()
     # Without its CPU arena, ONNX Runtime frees activations between runs instead of keeping each
     # session's peak reserved: the liver and tumour sessions then stop holding two peaks at once.
-    # 3D-IRCADb 1.17, :paper networks, 2 cores: peak RSS 14.3 -> 6.1 GiB, same labels, no slower
-    # (experiments/bench_ort_arena.py).
+    # 3D-IRCADb 1.17, :paper networks, 2 cores: peak RSS 14.3 -> 6.1 GiB, same labels, no slower; a
+    # 512x512x1000 CT: 15.7 -> 7.5 GiB but 29% slower (experiments/bench_ort_arena.py, docs/benchmarks.md).
     options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
