@@ -10,6 +10,8 @@ with an empty compilation cache: what shipping autotuning results per GPU model 
 
     python -m experiments.bench_compile --config configs/liver.py:paper --tag h200 \
         [--variants default,shipped_autotune,autotune_level_0,executables] [--steps 10]
+    # where the step's compile goes (XLA's passes, autotuning), from a profiler trace of it:
+    python -m experiments.bench_compile --config configs/liver.py:paper --variants compile_trace --tag h200
     # variants combine with "+": --variants default,shipped_autotune+init_on_cpu
     python -m experiments.bench_compile --config configs/liver.py --patch 16,32,32 --tag cpu  # smoke
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import pathlib
 import tempfile
@@ -31,7 +34,8 @@ from experiments.bench_common import REPO, environment, print_result, run_child,
 # ENV: environment variables a variant sets (JAX reads its configuration from them too).
 ENV = {"threefry_kernel": {"JAX_THREEFRY_GPU_KERNEL_LOWERING": "true"},
        "xla_init_lowering": {"BENCH_COMPILE_INIT_LOWERING": "xla"},
-       "init_on_cpu": {"BENCH_COMPILE_INIT_ON": "cpu"}}
+       "init_on_cpu": {"BENCH_COMPILE_INIT_ON": "cpu"},
+       "compile_trace": {"BENCH_COMPILE_TRACE": "1"}}
 VARIANTS = {
     "default": "",
     "shipped_autotune": None,
@@ -42,8 +46,15 @@ VARIANTS = {
     "threefry_kernel": "",  # JAX lowers the initialisers' threefry hashing to one GPU kernel each (ENV)
     "xla_init_lowering": "",  # the initialisation's threefry as unrolled HLO, as train did before (ENV)
     "fusion_autotune_cache": None,  # cold, then cold again with only the autotuning cache filled
+    "autotuner_cache": None,  # the same with --xla_gpu_experimental_autotuner_cache_dir
     "init_on_cpu": "",  # the initialisation compiled for and run on the host CPU, then copied (ENV)
+    "compile_trace": "",  # the step's compile under jax.profiler: its time by XLA phase (ENV), cold only
+    "compile_parallelism_16": "--xla_gpu_force_compilation_parallelism=16",  # LLVM modules on 16 threads
+    # Triton GEMM fusions off (cuBLAS runs the dots): the compile trace showed ~4,500 Triton candidate
+    # kernels compiled during autotuning, most of the step's compile (docs/benchmarks.md)
+    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
 }
+TRACE_TOP = 40  # event names kept in a compile trace's summary
 
 
 def variant_settings(name: str, autotune_file: pathlib.Path) -> tuple[str, dict[str, str], str | None]:
@@ -54,6 +65,10 @@ def variant_settings(name: str, autotune_file: pathlib.Path) -> tuple[str, dict[
             flags.append(f"--xla_gpu_dump_autotune_results_to={autotune_file}")
         elif part == "fusion_autotune_cache":  # XLA's per-fusion autotuning cache, kept across processes
             flags.append(f"--xla_gpu_per_fusion_autotune_cache_dir={autotune_file.parent / 'fusion_autotune'}")
+        elif part == "autotuner_cache":  # the newer autotuner's cache (the "config-assigner" pass), kept.
+            # Not an XLA_FLAGS flag in jax 0.11.2 ("Unknown flag"): a compile option of the step instead.
+            env["BENCH_COMPILE_OPTIONS"] = json.dumps(
+                {"xla_gpu_experimental_autotuner_cache_dir": str(autotune_file.parent / "autotuner_cache")})
         elif part == "shipped_autotune":
             if not autotune_file.exists():
                 return "", {}, "needs the default variant first (its dumped results)"
@@ -62,6 +77,32 @@ def variant_settings(name: str, autotune_file: pathlib.Path) -> tuple[str, dict[
             flags.append(VARIANTS[part])
         env.update(ENV.get(part, {}))
     return " ".join(f for f in flags if f), env, None
+
+
+def self_times(events: list[dict], top: int = TRACE_TOP) -> list[dict]:
+    """Returns the `top` event names by self time (duration less that of the events nested in them on
+    the same thread), each with its total (inclusive) time and count, from a Chrome trace's events."""
+    by_thread: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    totals: dict[str, dict] = {}
+    for thread in by_thread.values():
+        thread.sort(key=lambda e: (float(e["ts"]), -float(e["dur"])))  # parents before their children
+        stack: list[tuple[float, dict]] = []  # (end, row of the open event)
+        for e in thread:
+            start, dur = float(e["ts"]), float(e["dur"])
+            while stack and stack[-1][0] <= start:
+                stack.pop()
+            row = totals.setdefault(e["name"], {"name": e["name"], "self_s": 0.0, "total_s": 0.0, "count": 0})
+            row["self_s"] += dur / 1e6
+            row["total_s"] += dur / 1e6
+            row["count"] += 1
+            if stack:
+                stack[-1][1]["self_s"] -= dur / 1e6
+            stack.append((start + dur, row))
+    ordered = sorted(totals.values(), key=lambda r: -r["self_s"])[:top]
+    return [{**r, "self_s": round(r["self_s"], 3), "total_s": round(r["total_s"], 3)} for r in ordered]
 
 
 def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executables: str = "",
@@ -90,6 +131,7 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
     from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
 
     phases: dict[str, float] = {}
+    compile_profile: list[dict] = []
     tick = time.perf_counter()
 
     def phase(name: str) -> None:
@@ -154,8 +196,18 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
         phase("step_trace")
         lowered = traced.lower()
         phase("step_lower")
-        step_c = lowered.compile()
-        phase("step_compile")
+        if os.environ.get("BENCH_COMPILE_TRACE"):  # XLA's compiler passes are annotated for the profiler
+            from experiments.profile_train_step import read_trace
+
+            trace_dir = pathlib.Path(cache_dir) / "compile_trace"
+            with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+                step_c = lowered.compile()
+            phase("step_compile")
+            compile_profile = self_times(read_trace(trace_dir))
+            tick = time.perf_counter()  # reading the trace is not part of the first step
+        else:
+            step_c = lowered.compile(compiler_options=json.loads(os.environ.get("BENCH_COMPILE_OPTIONS", "{}")) or None)
+            phase("step_compile")
         if executables == "store":
             blobs = {"init": serialize_executable.serialize(init_c), "step": serialize_executable.serialize(step_c)}
             stored.write_bytes(pickle.dumps(blobs))
@@ -172,7 +224,8 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
     times.sort()
     return {"first_step_s": round(sum(phases.values()), 3), "phases_s": phases,
             "median_step_ms": times[len(times) // 2] if times else None,
-            "loss": float(metrics["loss"]), "patch": list(shape), "batch": batch}
+            "loss": float(metrics["loss"]), "patch": list(shape), "batch": batch,
+            **({"compile_profile": compile_profile} if compile_profile else {})}
 
 
 def run_process(args, flags: str, cache_dir: str, executables: str = "", extra_env: dict | None = None) -> dict:
@@ -219,8 +272,10 @@ def main() -> None:
         # executables: cold stores the programs, warm uses the persistent cache, warm_executables loads them
         phases = {"cold": "store", "warm": "", "warm_executables": "load"} if "executables" in name.split("+") \
             else {"cold": "", "warm": ""}
-        if "fusion_autotune_cache" in name.split("+"):  # a changed program: compilation cache empty again
+        if {"fusion_autotune_cache", "autotuner_cache"} & set(name.split("+")):  # compilation cache empty again
             phases = {"cold": "", "cold_autotune_cached": ""}
+        if "compile_trace" in name.split("+"):  # a warm start compiles nothing
+            phases = {"cold": ""}
         for phase, executables in phases.items():
             if phase == "cold_autotune_cached":
                 cache = str(work / f"cache_{name}_second")
@@ -231,6 +286,9 @@ def main() -> None:
                   f"init {row.get('init_s') or float('nan'):6.1f} s, "
                   f"then {row.get('median_step_ms') or float('nan'):7.1f} ms/step {row.get('error', '')[:200]}\n"
                   f"    phases {row.get('phases_s')}", flush=True)
+            for event in row.get("compile_profile", [])[:25]:
+                print(f"    {event['self_s']:8.2f} s self {event['total_s']:8.2f} s total {event['count']:6d}x "
+                      f"{event['name'][:90]}", flush=True)
             write_result(f"bench_compile_{args.tag}", {"benchmark": "compile", "config": args.config,
                                                        "environment": environment(), "rows": rows})
     print("| variant | phase | initialisation (s) | first step (s) | step (ms) |\n|---|---|---:|---:|---:|")

@@ -10,7 +10,11 @@
 The same jitted step as training (`livseg_jax.training.step`): batch sharded over a `data` mesh
 axis, state replicated, XLA inserting the gradient all-reduce. Two measurements per GPU count:
 
-- `fixed`: the batch is already on the devices: compute plus all-reduce.
+- `fixed`: the batch is already on the devices: compute plus all-reduce. Two timings: `synced`
+  waits for every step before dispatching the next (the host's dispatch and launch latency is in
+  each step), `back_to_back` dispatches
+  `--steps` steps and waits once, as the training loop does (it synchronises only to log), and
+  divides: the throughput training sees.
 - `pipeline`: batches come from the training input pipeline (grain, synthetic CT cases cached as in
   training, in-process workers) and are placed with `to_global_batch`, exactly as the training
   loop does. GPU idle fraction = 1 - fixed / pipeline step time.
@@ -23,13 +27,13 @@ option: no restart; "+lhs" in the variant's name). On one device "per_device" is
 itself, so it is measured on more devices only and compared with the global 1-device row.
 Every row counts the all-reduce operations in the compiled step.
 
-`--profile DIR` traces `--profile-steps` steps of each variant at the largest device count with
+`--profile DIR` traces `--profile-steps` back-to-back steps of each variant at every device count with
 `jax.profiler` (DIR/<dtype>_<step variant>_<n>dev) and adds to the JSON, per device and step: time in
 collective kernels (NCCL), busy time of the other kernels, the collective time no other kernel
 overlaps (exposed), collective kernel launches, and the kernel kinds of
 `experiments/profile_train_step.py`. A CPU trace holds no device kernels: those fields are 0 there.
 
-Efficiency = throughput(n) / (n * throughput(1)). The result file is rewritten after every
+Efficiency = throughput(n) / (n * throughput(1)), for each timing. The result file is rewritten after every
 measured configuration, so a run stopped early keeps what it measured.
 """
 
@@ -78,6 +82,20 @@ def step_variants(batch_norm: str, latency_hiding: bool) -> list[tuple[str, str,
     return variants
 
 
+def back_to_back_ms(step, sync, steps: int, repeats: int = 3) -> dict:
+    """Returns the median and all of `repeats` runs of ms per step when `steps` steps are dispatched
+    without waiting in between (one wait at the end): the host runs ahead while the devices work."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3 / steps)
+    return {"back_to_back_ms": sorted(times)[len(times) // 2], "back_to_back_runs_ms": times}
+
+
 def all_reduce_count(hlo_text: str) -> int:
     """Returns how many all-reduce operations (synchronous, or started asynchronously) an HLO module runs."""
     return len(re.findall(r" all-reduce(?:-start)?\(", hlo_text))
@@ -108,7 +126,8 @@ def overlap_length(a: list[tuple[float, float]], b: list[tuple[float, float]]) -
 
 def collective_overlap(events: list[dict], steps: int) -> dict:
     """Returns per device and step (mean over devices): ms in collective kernels, busy ms of the other
-    kernels, collective ms that no other kernel overlaps, and collective kernel launches."""
+    kernels, collective ms that no other kernel overlaps, collective kernel launches, and the span
+    from the first kernel's start to the last one's end (span minus busy time is the device idle)."""
     device_pids, thread = device_threads(events)
     kernels: dict = collections.defaultdict(lambda: {"collective": [], "compute": []})
     for e in events:
@@ -126,9 +145,11 @@ def collective_overlap(events: list[dict], steps: int) -> dict:
         rows.append({"collective_ms_per_step": busy / steps,
                      "compute_busy_ms_per_step": sum(end - start for start, end in compute) / steps,
                      "exposed_collective_ms_per_step": (busy - overlap_length(collective, compute)) / steps,
-                     "collective_kernels_per_step": len(device["collective"]) / steps})
+                     "collective_kernels_per_step": len(device["collective"]) / steps,
+                     "span_ms_per_step": (max(i[1] for i in collective + compute)
+                                          - min(i[0] for i in collective + compute)) / steps})
     keys = ("collective_ms_per_step", "compute_busy_ms_per_step", "exposed_collective_ms_per_step",
-            "collective_kernels_per_step")
+            "collective_kernels_per_step", "span_ms_per_step")
     return {"devices_traced": len(rows), **{k: float(np.mean([r[k] for r in rows])) if rows else 0.0 for k in keys}}
 
 
@@ -238,6 +259,8 @@ def main() -> None:
             if base:
                 row["speedup"] = row["patches_per_s"] / base["patches_per_s"]
                 row["efficiency"] = row["speedup"] / row["devices"]
+                row["back_to_back_speedup"] = base["back_to_back_ms"] * row["devices"] / row["back_to_back_ms"]
+                row["back_to_back_efficiency"] = row["back_to_back_speedup"] / row["devices"]
         payload = {"benchmark": "scaling", "patch": list(patch), "per_device_batch": args.per_device_batch,
                    "variant": args.variant, "overrides": args.overrides,
                    "step_variants": {name: {"batch_norm_stats": bn, "compile_options": options}
@@ -247,7 +270,8 @@ def main() -> None:
                    "skipped_device_counts": skipped, "models": {r["dtype"]: r["model"] for r in runs},
                    "environment": environment(), "rows": rows, "profiles": profiles}
         print("\n| dtype | step variant | GPUs | global batch | all-reduces | ms/step | patches/s | speedup | "
-              "efficiency | pipeline-fed ms/step | GPU idle |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "efficiency | back-to-back ms/step | speedup | efficiency | pipeline-fed ms/step | GPU idle |"
+              "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         def cell(r, key, spec, scale=1.0, unit=""):  # "–" for what this run did not measure
             return f"{scale * r[key]:{spec}}{unit}" if key in r else "–"
 
@@ -255,11 +279,14 @@ def main() -> None:
             print(f"| {r['dtype']} | {r['step_variant']} | {r['devices']} | {r['global_batch']} | "
                   f"{r['all_reduce_ops']} | {r['median_ms']:.1f} | "
                   f"{r['patches_per_s']:.1f} | {cell(r, 'speedup', '.2f')} | {cell(r, 'efficiency', '.2f')} | "
+                  f"{r['back_to_back_ms']:.1f} | {cell(r, 'back_to_back_speedup', '.2f')} | "
+                  f"{cell(r, 'back_to_back_efficiency', '.2f')} | "
                   f"{cell(r, 'pipeline_ms', '.1f')} | {cell(r, 'gpu_idle_fraction', '.0f', 100, '%')} |")
         for p in profiles:
             print(f"profile {p['dtype']} {p['step_variant']} x{p['devices']}: {p['all_reduce_ops']} all-reduces, "
                   f"collectives {p['collective_ms_per_step']:.2f} ms/step ({p['exposed_collective_ms_per_step']:.2f}"
-                  f" ms exposed), other kernels busy {p['compute_busy_ms_per_step']:.2f} ms/step, per device")
+                  f" ms exposed), other kernels busy {p['compute_busy_ms_per_step']:.2f} of "
+                  f"{p['span_ms_per_step']:.2f} ms/step, per device")
         print(f"wrote {write_result('bench_scaling' + (f'_{args.tag}' if args.tag else ''), payload)}")
 
     rows: list[dict] = []
@@ -289,7 +316,11 @@ def main() -> None:
         def fixed(fn=fn, holder=holder, arrays=arrays):
             holder["state"], holder["metrics"] = fn(holder["state"], arrays)
 
-        timing = median_time(fixed, lambda h=holder: jax.block_until_ready(h["metrics"]), 3, args.steps)
+        def sync(holder=holder):
+            jax.block_until_ready(holder["metrics"])
+
+        timing = median_time(fixed, sync, 3, args.steps)
+        timing.update(back_to_back_ms(fixed, sync, args.steps))
         loss = float(holder["metrics"]["loss"])
         hlo_text = fn.as_text()
         row = {"dtype": r["dtype"], "step_variant": r["step_variant"], "batch_norm_stats": r["batch_norm_stats"],
@@ -313,7 +344,7 @@ def main() -> None:
             fed_ms = (time.perf_counter() - start) * 1e3 / args.steps
             row.update(pipeline_ms=fed_ms, pipeline_patches_per_s=batch * 1e3 / fed_ms,
                        gpu_idle_fraction=max(0.0, 1.0 - timing["median_ms"] / fed_ms))
-        if args.profile and r["devices"] == counts[-1]:
+        if args.profile:
             trace_dir = pathlib.Path(args.profile, f"{r['dtype']}_{r['step_variant']}_{r['devices']}dev")
             with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
                 for _ in range(args.profile_steps):
@@ -327,7 +358,7 @@ def main() -> None:
                              "by_kind_ms_per_step_per_device": kinds})
         rows.append(row)
         print(f"{label}: {timing['median_ms']:.1f} ms/step, "
-              f"{row['patches_per_s']:.1f} patches/s"
+              f"{row['patches_per_s']:.1f} patches/s, back to back {timing['back_to_back_ms']:.1f} ms/step"
               + (f"; pipeline-fed {row['pipeline_ms']:.1f} ms/step" if "pipeline_ms" in row else ""), flush=True)
         del holder, arrays
         write_rows(rows)

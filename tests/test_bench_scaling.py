@@ -2,7 +2,13 @@
 
 import pytest
 
-from experiments.bench_scaling import all_reduce_count, collective_overlap, merge_intervals, step_variants
+from experiments.bench_scaling import (
+    all_reduce_count,
+    back_to_back_ms,
+    collective_overlap,
+    merge_intervals,
+    step_variants,
+)
 
 
 def kernel(pid: int, tid: int, name: str, start_us: float, dur_us: float) -> dict:
@@ -34,13 +40,14 @@ def test_collective_time_and_the_part_no_compute_kernel_hides():
     # 80-180 us in NCCL; compute covers 80-100 and 150-180: 50 us exposed
     assert summary["exposed_collective_ms_per_step"] == pytest.approx(0.05 / 2)
     assert summary["collective_kernels_per_step"] == 0.5
+    assert summary["span_ms_per_step"] == pytest.approx(0.2 / 2)  # first kernel at 0 us, last ends at 200
 
 
 def test_a_trace_without_device_kernels_gives_zeros():
     assert collective_overlap([], steps=3) == {"devices_traced": 0, "collective_ms_per_step": 0.0,
                                                "compute_busy_ms_per_step": 0.0,
                                                "exposed_collective_ms_per_step": 0.0,
-                                               "collective_kernels_per_step": 0.0}
+                                               "collective_kernels_per_step": 0.0, "span_ms_per_step": 0.0}
 
 
 def test_interval_union():
@@ -62,3 +69,14 @@ def test_step_variants():
         ("per_device+lhs", "per_device", {"xla_gpu_enable_latency_hiding_scheduler": True})]
     with pytest.raises(SystemExit, match="--batch-norm"):
         step_variants("sync", False)
+
+
+def test_back_to_back_waits_once_per_run_and_divides_by_the_steps(monkeypatch):
+    calls = []
+    clock = iter(range(0, 1000, 1))  # perf_counter advances 1 s per reading
+    monkeypatch.setattr("experiments.bench_scaling.time.perf_counter", lambda: next(clock))
+    result = back_to_back_ms(lambda: calls.append("step"), lambda: calls.append("sync"), steps=4, repeats=2)
+    # each run: wait for earlier work, 4 steps dispatched with no wait between them, one wait
+    assert calls == ["sync", "step", "step", "step", "step", "sync"] * 2
+    assert result["back_to_back_runs_ms"] == [1e3 / 4, 1e3 / 4]
+    assert result["back_to_back_ms"] == 1e3 / 4
