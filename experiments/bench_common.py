@@ -110,6 +110,22 @@ def median_time(fn: Callable[[], None], sync: Callable[[], None], warmup: int, r
     return {"median_ms": ordered[len(ordered) // 2], "min_ms": ordered[0], "times_ms": times}
 
 
+def back_to_back_ms(step, sync, steps: int, repeats: int = 3) -> dict:
+    """Returns the median and all of `repeats` runs of ms per step when `steps` steps are dispatched
+    without waiting in between (one wait at the end): the host runs ahead while the device works,
+    as in a training loop. `median_time` waits after every call instead, so its times also hold
+    the host's dispatch and launch latency."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3 / steps)
+    return {"back_to_back_ms": sorted(times)[len(times) // 2], "back_to_back_runs_ms": times}
+
+
 def write_result(name: str, payload: dict) -> pathlib.Path:
     """Writes `payload` as results/<name>.json (and a copy under $OUT when set); returns the path."""
     path = write_json(RESULTS / f"{name}.json", payload)

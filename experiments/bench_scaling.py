@@ -51,6 +51,7 @@ import numpy as np
 
 from experiments.bench_common import (
     apply_overrides,
+    back_to_back_ms,
     enable_compilation_cache,
     environment,
     median_time,
@@ -80,20 +81,6 @@ def step_variants(batch_norm: str, latency_hiding: bool) -> list[tuple[str, str,
     if latency_hiding:
         variants += [(f"{v}+lhs", v, dict(LATENCY_HIDING)) for v in names]
     return variants
-
-
-def back_to_back_ms(step, sync, steps: int, repeats: int = 3) -> dict:
-    """Returns the median and all of `repeats` runs of ms per step when `steps` steps are dispatched
-    without waiting in between (one wait at the end): the host runs ahead while the devices work."""
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3 / steps)
-    return {"back_to_back_ms": sorted(times)[len(times) // 2], "back_to_back_runs_ms": times}
 
 
 def all_reduce_count(hlo_text: str) -> int:

@@ -4,7 +4,6 @@ import pytest
 
 from experiments.bench_scaling import (
     all_reduce_count,
-    back_to_back_ms,
     collective_overlap,
     merge_intervals,
     step_variants,
@@ -72,9 +71,11 @@ def test_step_variants():
 
 
 def test_back_to_back_waits_once_per_run_and_divides_by_the_steps(monkeypatch):
+    from experiments.bench_common import back_to_back_ms
+
     calls = []
     clock = iter(range(0, 1000, 1))  # perf_counter advances 1 s per reading
-    monkeypatch.setattr("experiments.bench_scaling.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("experiments.bench_common.time.perf_counter", lambda: next(clock))
     result = back_to_back_ms(lambda: calls.append("step"), lambda: calls.append("sync"), steps=4, repeats=2)
     # each run: wait for earlier work, 4 steps dispatched with no wait between them, one wait
     assert calls == ["sync", "step", "step", "step", "step", "sync"] * 2
