@@ -50,8 +50,9 @@ VARIANTS = {
     "init_on_cpu": "",  # the initialisation compiled for and run on the host CPU, then copied (ENV)
     "compile_trace": "",  # the step's compile under jax.profiler: its time by XLA phase (ENV), cold only
     "compile_parallelism_16": "--xla_gpu_force_compilation_parallelism=16",  # LLVM modules on 16 threads
-    # Triton GEMM fusions off (cuBLAS runs the dots): the compile trace showed ~4,500 Triton candidate
-    # kernels compiled during autotuning, most of the step's compile (docs/benchmarks.md)
+    # Triton GEMM fusions off (cuBLAS runs the dots): the compile trace showed ~4,500 candidate
+    # modules compiled through MLIR during autotuning, probably Triton's, most of the autotuning
+    # time (docs/benchmarks.md)
     "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
 }
 TRACE_TOP = 40  # event names kept in a compile trace's summary
@@ -196,17 +197,19 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
         phase("step_trace")
         lowered = traced.lower()
         phase("step_lower")
+        options = json.loads(os.environ.get("BENCH_COMPILE_OPTIONS", "{}")) or None
         if os.environ.get("BENCH_COMPILE_TRACE"):  # XLA's compiler passes are annotated for the profiler
             from experiments.profile_train_step import read_trace
 
             trace_dir = pathlib.Path(cache_dir) / "compile_trace"
             with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-                step_c = lowered.compile()
-            phase("step_compile")
+                tick = time.perf_counter()  # starting the profiler is not part of the compile
+                step_c = lowered.compile(compiler_options=options)
+                phase("step_compile")
             compile_profile = self_times(read_trace(trace_dir))
-            tick = time.perf_counter()  # reading the trace is not part of the first step
+            tick = time.perf_counter()  # writing and reading the trace are not part of the first step
         else:
-            step_c = lowered.compile(compiler_options=json.loads(os.environ.get("BENCH_COMPILE_OPTIONS", "{}")) or None)
+            step_c = lowered.compile(compiler_options=options)
             phase("step_compile")
         if executables == "store":
             blobs = {"init": serialize_executable.serialize(init_c), "step": serialize_executable.serialize(step_c)}

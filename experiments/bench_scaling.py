@@ -17,7 +17,7 @@ axis, state replicated, XLA inserting the gradient all-reduce. Two measurements 
   divides: the throughput training sees.
 - `pipeline`: batches come from the training input pipeline (grain, synthetic CT cases cached as in
   training, in-process workers) and are placed with `to_global_batch`, exactly as the training
-  loop does. GPU idle fraction = 1 - fixed / pipeline step time.
+  loop does. GPU idle fraction = 1 - fixed back-to-back / pipeline step time.
 
 Variants side by side in one run (one compilation each): `--batch-norm` lists the values of
 `train.batch_norm_stats` ("global": statistics synchronised over the devices; "per_device": each
@@ -114,7 +114,8 @@ def overlap_length(a: list[tuple[float, float]], b: list[tuple[float, float]]) -
 def collective_overlap(events: list[dict], steps: int) -> dict:
     """Returns per device and step (mean over devices): ms in collective kernels, busy ms of the other
     kernels, collective ms that no other kernel overlaps, collective kernel launches, and the span
-    from the first kernel's start to the last one's end (span minus busy time is the device idle)."""
+    from the first kernel's start to the last one's end (the span less the other kernels' busy time
+    and the exposed collective time is the time with no kernel running)."""
     device_pids, thread = device_threads(events)
     kernels: dict = collections.defaultdict(lambda: {"collective": [], "compute": []})
     for e in events:
@@ -171,7 +172,7 @@ def main() -> None:
                         help=f"train.batch_norm_stats values to compare, comma-separated: {BATCH_NORM_STATS}")
     parser.add_argument("--latency-hiding", action="store_true",
                         help="add each --batch-norm variant compiled with XLA's latency hiding scheduler")
-    parser.add_argument("--profile", default="", help="trace each variant at the largest device count here")
+    parser.add_argument("--profile", default="", help="trace each variant at every device count here")
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
@@ -249,6 +250,7 @@ def main() -> None:
                 row["back_to_back_speedup"] = base["back_to_back_ms"] * row["devices"] / row["back_to_back_ms"]
                 row["back_to_back_efficiency"] = row["back_to_back_speedup"] / row["devices"]
         payload = {"benchmark": "scaling", "patch": list(patch), "per_device_batch": args.per_device_batch,
+                   "steps": args.steps,
                    "variant": args.variant, "overrides": args.overrides,
                    "step_variants": {name: {"batch_norm_stats": bn, "compile_options": options}
                                      for name, bn, options in variants},
@@ -330,7 +332,7 @@ def main() -> None:
             jax.block_until_ready(holder["metrics"])
             fed_ms = (time.perf_counter() - start) * 1e3 / args.steps
             row.update(pipeline_ms=fed_ms, pipeline_patches_per_s=batch * 1e3 / fed_ms,
-                       gpu_idle_fraction=max(0.0, 1.0 - timing["median_ms"] / fed_ms))
+                       gpu_idle_fraction=max(0.0, 1.0 - timing["back_to_back_ms"] / fed_ms))
         if args.profile:
             trace_dir = pathlib.Path(args.profile, f"{r['dtype']}_{r['step_variant']}_{r['devices']}dev")
             with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
