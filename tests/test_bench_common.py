@@ -1,8 +1,9 @@
-"""experiments/bench_common.py: command-line model overrides parsed to the type of the value they replace."""
+"""experiments/bench_common.py: command-line model overrides parsed to the type of the value they
+replace, and the back-to-back step timing."""
 
 import pytest
 
-from experiments.bench_common import apply_overrides, parse_overrides, parse_value
+from experiments.bench_common import apply_overrides, back_to_back_ms, parse_overrides, parse_value
 from livseg_jax.config import model_config
 
 
@@ -38,3 +39,14 @@ def test_values_are_parsed_never_evaluated():
         apply_overrides(model_config(), {"no_such_key": "1"})
     with pytest.raises(SystemExit, match="n_rep=two"):
         apply_overrides(model_config(), {"n_rep": "two"})
+
+
+def test_back_to_back_waits_once_per_run_and_divides_by_the_steps(monkeypatch):
+    calls = []
+    clock = iter(range(0, 1000, 1))  # perf_counter advances 1 s per reading
+    monkeypatch.setattr("experiments.bench_common.time.perf_counter", lambda: next(clock))
+    result = back_to_back_ms(lambda: calls.append("step"), lambda: calls.append("sync"), steps=4, repeats=2)
+    # each run: wait for earlier work, 4 steps dispatched with no wait between them, one wait
+    assert calls == ["sync", "step", "step", "step", "step", "sync"] * 2
+    assert result["back_to_back_runs_ms"] == [1e3 / 4, 1e3 / 4]
+    assert result["back_to_back_ms"] == 1e3 / 4

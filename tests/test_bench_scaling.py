@@ -2,12 +2,7 @@
 
 import pytest
 
-from experiments.bench_scaling import (
-    all_reduce_count,
-    collective_overlap,
-    merge_intervals,
-    step_variants,
-)
+from experiments.bench_scaling import all_reduce_count, collective_overlap, merge_intervals, step_variants
 
 
 def kernel(pid: int, tid: int, name: str, start_us: float, dur_us: float) -> dict:
@@ -69,15 +64,3 @@ def test_step_variants():
     with pytest.raises(SystemExit, match="--batch-norm"):
         step_variants("sync", False)
 
-
-def test_back_to_back_waits_once_per_run_and_divides_by_the_steps(monkeypatch):
-    from experiments.bench_common import back_to_back_ms
-
-    calls = []
-    clock = iter(range(0, 1000, 1))  # perf_counter advances 1 s per reading
-    monkeypatch.setattr("experiments.bench_common.time.perf_counter", lambda: next(clock))
-    result = back_to_back_ms(lambda: calls.append("step"), lambda: calls.append("sync"), steps=4, repeats=2)
-    # each run: wait for earlier work, 4 steps dispatched with no wait between them, one wait
-    assert calls == ["sync", "step", "step", "step", "step", "sync"] * 2
-    assert result["back_to_back_runs_ms"] == [1e3 / 4, 1e3 / 4]
-    assert result["back_to_back_ms"] == 1e3 / 4
