@@ -189,6 +189,11 @@ def base_config() -> ml_collections.ConfigDict:
             # (flags the environment sets win). The flags the model's computation forms need are
             # added without being listed here (livseg_jax/xla_flags.py), also by `predict`.
             xla_flags="",
+            # XLA GPU autotuning results loaded before the first compile (livseg_jax/xla_flags.py):
+            # "shipped" (the package's, for these exact jaxlib / CUDA plugin / cuDNN versions, when it
+            # has them), "off", or a results file. They save the first compile's autotuning (42 s of
+            # 87 s for the liver :paper step on an H200, docs/benchmarks.md).
+            autotune_results="shipped",
             # JAX's persistent compilation cache, turned on by `livseg_jax.train`: "auto" ->
             # <cache root>/jax_compilation, "off", or a directory. Restarts skip recompiling.
             compilation_cache="auto",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -17,7 +18,7 @@ from livseg_jax.compilation_cache import OFF, use_compilation_cache
 from livseg_jax.config_checks import validate_config
 from livseg_jax.training.distributed import maybe_initialize_distributed, process_label
 from livseg_jax.training.loop import cache_root, train_and_evaluate
-from livseg_jax.xla_flags import apply_model_xla_flags
+from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags, merge_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tumor.py", "training config file")
 _WORKDIR = flags.DEFINE_string("workdir", "", "run directory (default: runs/<stage>)")
@@ -30,9 +31,14 @@ def main(argv) -> None:
     exit_on_sigterm()  # SIGTERM unwinds like Ctrl-C: no temporary files left (atomic_write)
     config = validate_config(_CONFIG.value)
     workdir = check_output_dir(_WORKDIR.value or os.path.join("runs", config.stage))
-    # Before anything starts a backend: the flags the model's forms need, and the user's own.
-    apply_model_xla_flags([config.model], config.train.get("xla_flags", ""))
+    # Before anything starts a backend: the flags the model's forms need, the user's own, and the
+    # autotuning results to load (the user's flags win over both).
+    autotune_flag, autotune_note = autotune_xla_flags(config.train.get("autotune_results", "shipped"))
+    apply_model_xla_flags([config.model], merge_xla_flags(config.train.get("xla_flags", ""), autotune_flag))
     multi_process = maybe_initialize_distributed()
+    if jax.process_index() == 0 and (autotune_flag or autotune_note):
+        print(f"XLA autotuning results: {autotune_flag.split('=', 1)[1]}" if autotune_flag
+              else f"note: {autotune_note}; the first compile autotunes every kernel", flush=True)
     cache_setting = config.train.get("compilation_cache", "auto")
     if multi_process and cache_setting not in OFF:
         # JAX writes persistent-cache entries from process 0 only, so after a restart process 0

@@ -8,7 +8,10 @@ environment wins over the same flag from the user's config, which wins over the 
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
+import pathlib
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -62,3 +65,72 @@ def apply_model_xla_flags(model_configs: Iterable[Mapping[str, Any]], extra: str
     """Adds the flags the models' forms need and the user's `extra` flags (which win) to
     `environ["XLA_FLAGS"]`; returns the result. Raises as `apply_xla_flags`."""
     return apply_xla_flags(merge_xla_flags(extra, model_xla_flags(model_configs)), environ)
+
+
+# XLA's GPU autotuning results shipped with the package (livseg_jax/autotune/, made by
+# tools/ship_autotune_results.py): the kernel each convolution and fusion of the shipped configs'
+# programs measured fastest on the GPU models listed there. XLA keys every entry by the GPU's
+# description and the fused computation, so entries of other GPUs or other programs are never
+# used; whatever they do not cover is autotuned as usual. The entries name cuDNN engines and
+# Triton tilings of one XLA build: they are used only with the exact package versions that made them.
+SHIPPED_AUTOTUNE_DIR = pathlib.Path(__file__).parent / "autotune"
+AUTOTUNE_MANIFEST = "manifest.json"
+# The distributions whose versions decide what an autotuning result means (XLA, its CUDA plugin, cuDNN).
+AUTOTUNE_VERSIONED = ("jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin",
+                      "jax-cuda13-pjrt", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13")
+
+
+def runtime_versions() -> dict[str, str]:
+    """Returns {distribution: version} of the installed `AUTOTUNE_VERSIONED` distributions."""
+    found = {}
+    for name in AUTOTUNE_VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def has_cuda_plugin(versions: Mapping[str, str]) -> bool:
+    """Returns whether `versions` (`runtime_versions`) includes a JAX CUDA plugin."""
+    return any(name.startswith("jax-cuda") for name in versions)
+
+
+def shipped_autotune_file(versions: Mapping[str, str] | None = None,
+                          directory: pathlib.Path = SHIPPED_AUTOTUNE_DIR) -> tuple[pathlib.Path | None, str]:
+    """Returns (the shipped results file made with exactly `versions`, or None; why not, or "")."""
+    versions = runtime_versions() if versions is None else versions
+    if not has_cuda_plugin(versions):
+        return None, ""  # no GPU to autotune for: nothing to say
+    manifest = directory / AUTOTUNE_MANIFEST
+    entries = json.loads(manifest.read_text())["files"] if manifest.exists() else []
+    for entry in entries:
+        if entry["versions"] == dict(versions):
+            return directory / entry["file"], ""
+    shipped = "; ".join(" ".join(f"{k} {v}" for k, v in e["versions"].items()) for e in entries) or "none"
+    return None, (f"no shipped XLA autotuning results for {' '.join(f'{k} {v}' for k, v in versions.items())} "
+                  f"(shipped: {shipped})")
+
+
+def autotune_xla_flags(setting: str, versions: Mapping[str, str] | None = None,
+                       directory: pathlib.Path = SHIPPED_AUTOTUNE_DIR) -> tuple[str, str]:
+    """Returns (the XLA flag loading the autotuning results `setting` names, or ""; a note, or "").
+
+    `setting` is `train.autotune_results`: "shipped" (the package's results for these exact
+    versions, when there are any), "off" / "", or the path of a results file
+    (`--xla_gpu_dump_autotune_results_to` writes one). Raises FileNotFoundError for a missing path.
+    """
+    if setting in ("", "off"):
+        return "", ""
+    if setting == "shipped":
+        path, why_not = shipped_autotune_file(versions, directory)
+        if path is None:
+            return "", why_not
+    else:
+        path = pathlib.Path(setting).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"train.autotune_results = {setting!r}: no such file")
+    if any(c.isspace() for c in str(path)):  # XLA_FLAGS is split at white space
+        raise ValueError(f"{path}: XLA cannot load autotuning results from a path with spaces (XLA_FLAGS "
+                         "splits at them); set train.autotune_results to a copy elsewhere, or to 'off'")
+    return f"--xla_gpu_load_autotune_results_from={path}", ""

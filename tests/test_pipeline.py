@@ -95,3 +95,16 @@ def test_augmentation_moves_image_and_label_together():
     config.affine = True
     with pytest.raises(ValueError, match="affine=True is not implemented"):
         pipeline.augment(label.astype(np.float32), label, np.random.default_rng(0), config)
+
+
+@pytest.mark.parametrize("device_augment", [False, True])
+def test_batch_spec_from_the_config_alone_matches_the_batches(stage_cases, device_augment):
+    # train compiles the step for batch_spec's shapes before any batch exists; a drift between the
+    # two would only show as a type error at the first step.
+    config = data_config()
+    config.augment.device = device_augment
+    sampler = pipeline.PatchSampler(stage_cases["liver"], "liver", config, 0, -1.0)
+    batch = batches(sampler, 1)[0]
+    spec = pipeline.batch_spec(config, 4)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (s.shape, s.dtype) for k, s in spec.items()}
+    assert (spec["image"].shape[1:4] != tuple(config.patch_size)) == device_augment  # the margin

@@ -1,5 +1,6 @@
 """XLA flags: those the model's forms need and the user's, merged, applied before a backend starts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,8 +14,11 @@ from livseg_jax.config import model_config
 from livseg_jax.models.forms import REFERENCE_FORMS
 from livseg_jax.xla_flags import (
     GPU_FORM_FLAGS,
+    SHIPPED_AUTOTUNE_DIR,
     apply_model_xla_flags,
     apply_xla_flags,
+    autotune_xla_flags,
+    has_cuda_plugin,
     merge_xla_flags,
     model_xla_flags,
 )
@@ -100,3 +104,49 @@ def test_the_gpu_forms_flag_changes_nothing_on_a_cpu(tmp_path):
     outputs = [subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
                               env={**env, "XLA_FLAGS": flags}).stdout for flags in ("", GPU_FORM_FLAGS)]
     assert outputs[0] == outputs[1] and len(outputs[0].strip()) == 64
+
+
+GPU_VERSIONS = {"jaxlib": "0.11.2", "jax-cuda12-plugin": "0.11.2", "nvidia-cudnn-cu12": "9.10.2.21"}
+
+
+def shipped_dir(tmp_path, versions=GPU_VERSIONS):
+    (tmp_path / "xla_autotune_0.11.2.textproto").write_text("version: 3\n")
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"files": [{"file": "xla_autotune_0.11.2.textproto", "versions": versions,
+                    "devices": ["NVIDIA H200"], "programs": ["configs/liver.py:paper train"]}]}))
+    return tmp_path
+
+
+def test_shipped_autotuning_results_load_only_with_the_versions_that_made_them(tmp_path):
+    directory = shipped_dir(tmp_path)
+    flag, note = autotune_xla_flags("shipped", GPU_VERSIONS, directory)
+    assert flag == f"--xla_gpu_load_autotune_results_from={directory / 'xla_autotune_0.11.2.textproto'}"
+    assert note == ""
+    # Another cuDNN names other engines: not loaded, and the GPU user is told why.
+    flag, note = autotune_xla_flags("shipped", {**GPU_VERSIONS, "nvidia-cudnn-cu12": "9.8.0.87"}, directory)
+    assert flag == "" and "nvidia-cudnn-cu12 9.8.0.87" in note and "nvidia-cudnn-cu12 9.10.2.21" in note
+    # Without a CUDA plugin there is no GPU to autotune for: no flag and nothing to say.
+    assert autotune_xla_flags("shipped", {"jaxlib": "0.11.2"}, directory) == ("", "")
+    assert autotune_xla_flags("off", GPU_VERSIONS, directory) == ("", "")
+
+
+def test_a_named_autotuning_results_file_must_exist_and_fit_in_xla_flags(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        autotune_xla_flags(str(tmp_path / "missing.textproto"))
+    spaced = tmp_path / "my results.textproto"
+    spaced.write_text("version: 3\n")
+    with pytest.raises(ValueError, match="spaces"):
+        autotune_xla_flags(str(spaced))
+    plain = tmp_path / "results.textproto"
+    plain.write_text("version: 3\n")
+    assert autotune_xla_flags(str(plain)) == (f"--xla_gpu_load_autotune_results_from={plain}", "")
+
+
+def test_the_shipped_manifest_names_files_that_exist_with_versions_and_gpus():
+    manifest = SHIPPED_AUTOTUNE_DIR / "manifest.json"
+    if not manifest.exists():
+        pytest.skip("no autotuning results shipped")
+    for entry in json.loads(manifest.read_text())["files"]:
+        assert (SHIPPED_AUTOTUNE_DIR / entry["file"]).is_file()
+        assert entry["versions"]["jaxlib"] and entry["devices"] and entry["programs"]
+        assert has_cuda_plugin(entry["versions"])

@@ -150,6 +150,21 @@ def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, cfg
     return image, np.ascontiguousarray(target)
 
 
+def region_margin(data_config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """Returns how many voxels an example extends beyond the patch along each axis: the device
+    augmentation's margin when it is on (livseg_jax/data/augment_device.py), else none."""
+    device = device_augment_settings(data_config)
+    return tuple(device.margin) if device is not None else (0, 0, 0)
+
+
+def batch_spec(data_config: ml_collections.ConfigDict, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Returns the global shape and dtype of each array of a training batch (`PatchSampler` examples
+    batched by `make_dataset`, made global by `to_global_batch`), knowing only the config."""
+    size = tuple(int(p) + m for p, m in zip(data_config.patch_size, region_margin(data_config), strict=True))
+    return {"image": jax.ShapeDtypeStruct((global_batch, *size, 1), np.float32),
+            "label": jax.ShapeDtypeStruct((global_batch, *size), np.int32)}
+
+
 class PatchSampler:
     """Picklable map from a global example index to one training example (for grain workers)."""
 
@@ -164,8 +179,7 @@ class PatchSampler:
         self.augment_config = ml_collections.ConfigDict(data_config.augment.to_dict())
         # With the device augmentation on, examples are regions larger than the patch, centred on
         # the patch; the train step transforms and crops them (livseg_jax/data/augment_device.py).
-        device = device_augment_settings(data_config)
-        self.margin = device.margin if device is not None else (0, 0, 0)
+        self.margin = region_margin(data_config)
         self.seed = int(seed)
         self.background_value = float(background_value)
 

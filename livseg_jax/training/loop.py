@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -33,6 +34,7 @@ from livseg_jax.metrics import overlap_metrics
 from livseg_jax.models import build_model, check_patch_shape
 from livseg_jax.models.forms import check_training_forms
 from livseg_jax.run_dir import METRICS_FILE, PERIODIC, RunCheckpoints, check_resumable, save_config
+from livseg_jax.training.compile_ahead import compile_ahead
 from livseg_jax.training.distributed import chief_first, process_label
 from livseg_jax.training.logging import MetricWriter, plot_curves
 from livseg_jax.training.schedules import make_optimizer
@@ -208,98 +210,114 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     init = functools.partial(create_train_state, model, optimizer, config.seed)
     abstract = jax.eval_shape(init)
     state_sharding = jax.tree.map(lambda _: replicated(mesh), abstract)
-    ckpt = RunCheckpoints(workdir, config.train.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        check_resumable(config, workdir)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+    state_spec = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                               state_sharding)
-        state: TrainState = ckpt.restore(start, target)
-        print(f"{process_label()}resuming from step {start} ({workdir / PERIODIC})")
-    else:
-        if is_chief:
-            print("initialising the model (its first run compiles the initialisation: up to a minute or two on a "
-                  "CPU)", flush=True)
-        state = initial_train_state(model, optimizer, config.seed, state_sharding)
-
-    if is_chief:  # only now: config.json must keep describing the checkpoints beside it
-        save_config(workdir, config)
-        ckpt.forget_after(start)
-    writer = MetricWriter(workdir, config.train.tensorboard, is_chief)
-    writer.truncate_after(start)
-    sampler = pipeline.PatchSampler(train_cases, config.stage, config.data, config.seed,
-                                    PreprocessSettings.from_config(config.preprocess).air_value)
-    dataset = pipeline.make_dataset(sampler, config.data.batch_size, total_steps, start,
-                                    jax.process_index(), jax.process_count())
-    batches = pipeline.batch_iterator(dataset, config.data.num_workers, config.data.prefetch)
+    in_sharding = batch_sharding(mesh)
+    batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_sharding)
+                  for k, v in pipeline.batch_spec(config.data, config.data.batch_size).items()}
     step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe, augment,
                                              config.train.get("batch_norm_stats", "global"), mesh), mesh,
                              bool(config.train.get("donate_state", True)))
-    predict_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), config.inference.mirror_tta)
-    in_sharding = batch_sharding(mesh)
+    ckpt = RunCheckpoints(workdir, config.train.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    with contextlib.ExitStack() as stack:
+        ahead = None
+        if start < total_steps:  # the step compiles while the state is made and the first batch read
+            if is_chief:
+                print("compiling the train step in the background (from the compilation cache once it "
+                      "holds this program; compiling can take minutes on a CPU)", flush=True)
+            ahead = stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name="train step"))
+        made_start = time.perf_counter()  # making the state, the pipeline and the step: the first step's cost
+        if start:
+            check_resumable(config, workdir)
+            state: TrainState = ckpt.restore(start, state_spec)
+            print(f"{process_label()}resuming from step {start} ({workdir / PERIODIC})")
+        else:
+            if is_chief:
+                print("initialising the model (its first run compiles the initialisation: up to a minute or two "
+                      "on a CPU)", flush=True)
+            state = initial_train_state(model, optimizer, config.seed, state_sharding)
 
-    summary: dict[str, Any] = {"start_step": start, "best_dice": ckpt.best_dice()}
-    pending: list[tuple[int, dict]] = []
-    bar: tqdm.tqdm | None = None
-    if is_chief and start < total_steps:
-        print("compiling the train step (first run only with the compilation cache; this can take "
-              "minutes on a CPU)", flush=True)
-    tick, tick_step = time.perf_counter(), start
-    try:
-        for step in range(start, total_steps):
-            batch = pipeline.to_global_batch(next(batches), in_sharding)
-            call_start = time.perf_counter()
-            state, metrics = step_fn(state, batch)
-            if bar is None:  # made once the first call compiled the step: its rate and ETA exclude compilation
-                # The first call returns once the step is traced, compiled (or loaded from the cache) and dispatched.
-                summary["train_step_compile_s"] = round(time.perf_counter() - call_start, 1)
-                if is_chief:
-                    print(f"train step ready in {summary['train_step_compile_s']:.1f} s "
-                          "(tracing and compiling, or loading from the compilation cache)", flush=True)
-                bar = tqdm.tqdm(total=total_steps, initial=step, desc=f"train {config.stage}", unit="step",
-                                disable=not is_chief, dynamic_ncols=True)
-                tick = time.perf_counter()  # and steps_per_sec too (the step runs on after its call returns)
-            done = step + 1
-            pending.append((done, metrics))
-            epoch_end = done % spe == 0
-            if done % config.train.log_every_steps == 0 or epoch_end:
-                host = _check_finite(pending, ckpt, workdir)
-                pending = []
-                now = time.perf_counter()
-                rate = (done - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, done
-                last = {k: float(v) for k, v in host[-1][1].items()}
-                writer.write(done, "train", {**last, "steps_per_sec": rate})
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
-                                steps_s=f"{rate:.2f}")
-            bar.update(1)
-            if not epoch_end:
-                continue
-            epoch = done // spe
-            last_epoch = done == total_steps
-            every = int(config.train.eval_every_epochs)  # <= 0: no validation
-            if val_cases and every > 0 and (epoch % every == 0 or last_epoch):
-                if is_chief and "last_dice" not in summary:  # the first validation compiles the window prediction
-                    bar.write("compiling the validation step (first validation only with the compilation cache; "
-                              "this can take a minute on a CPU)")
-                scores = validate(model, state.variables, val_cases, config, predict_fn)
-                writer.write(done, "val", {**scores, "epoch": epoch})
-                summary["last_dice"] = scores["dice"]
-                per_class = ""
-                if config.stage == "joint":
-                    per_class = f" (liver {scores['dice_liver']:.4f}, tumour {scores['dice_tumor']:.4f})"
-                bar.write(f"epoch {epoch}: validation Dice {scores['dice']:.4f}{per_class}")
-                if scores["dice"] > summary["best_dice"]:
-                    summary["best_dice"] = scores["dice"]
-                    ckpt.save_best(done, state, scores["dice"])
-            # Saved after this epoch's validation, so a run killed during validation redoes it.
-            if epoch % config.train.checkpoint_every_epochs == 0 or last_epoch:
-                ckpt.save(done, state)
-    finally:
-        if bar is not None:
-            bar.close()
-        writer.close()
-        ckpt.close()
+        if is_chief:  # only now: config.json must keep describing the checkpoints beside it
+            save_config(workdir, config)
+            ckpt.forget_after(start)
+        writer = MetricWriter(workdir, config.train.tensorboard, is_chief)
+        writer.truncate_after(start)
+        sampler = pipeline.PatchSampler(train_cases, config.stage, config.data, config.seed,
+                                        PreprocessSettings.from_config(config.preprocess).air_value)
+        dataset = pipeline.make_dataset(sampler, config.data.batch_size, total_steps, start,
+                                        jax.process_index(), jax.process_count())
+        batches = pipeline.batch_iterator(dataset, config.data.num_workers, config.data.prefetch)
+        predict_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), config.inference.mirror_tta)
+
+        summary: dict[str, Any] = {"start_step": start, "best_dice": ckpt.best_dice()}
+        pending: list[tuple[int, dict]] = []
+        bar: tqdm.tqdm | None = None
+        compiled_step = None
+        tick, tick_step = time.perf_counter(), start
+        try:
+            for step in range(start, total_steps):
+                batch = pipeline.to_global_batch(next(batches), in_sharding)
+                if compiled_step is None:  # the bar starts once the step is ready: its rate and ETA exclude compiling
+                    wait_start = time.perf_counter()
+                    compiled_step = ahead.result()
+                    summary["train_step_compile_s"] = round(ahead.seconds, 1)
+                    summary["train_step_wait_s"] = round(time.perf_counter() - wait_start, 1)
+                    if is_chief:
+                        print(f"train step ready: traced and compiled (or loaded from the compilation cache) in "
+                              f"{ahead.seconds:.1f} s in the background; the first step waited "
+                              f"{summary['train_step_wait_s']:.1f} s for it", flush=True)
+                    bar = tqdm.tqdm(total=total_steps, initial=step, desc=f"train {config.stage}", unit="step",
+                                    disable=not is_chief, dynamic_ncols=True)
+                    tick = time.perf_counter()
+                state, metrics = compiled_step(state, batch)
+                if "first_step_s" not in summary:  # one wait, so that it counts the step's run
+                    jax.block_until_ready(metrics)
+                    summary["first_step_s"] = round(time.perf_counter() - made_start, 1)
+                    if is_chief:
+                        bar.write(f"first step done {summary['first_step_s']:.1f} s after the state, the input "
+                                  "pipeline and the step's compile started")
+                done = step + 1
+                pending.append((done, metrics))
+                epoch_end = done % spe == 0
+                if done % config.train.log_every_steps == 0 or epoch_end:
+                    host = _check_finite(pending, ckpt, workdir)
+                    pending = []
+                    now = time.perf_counter()
+                    rate = (done - tick_step) / max(now - tick, 1e-9)
+                    tick, tick_step = now, done
+                    last = {k: float(v) for k, v in host[-1][1].items()}
+                    writer.write(done, "train", {**last, "steps_per_sec": rate})
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}",
+                                    steps_s=f"{rate:.2f}")
+                bar.update(1)
+                if not epoch_end:
+                    continue
+                epoch = done // spe
+                last_epoch = done == total_steps
+                every = int(config.train.eval_every_epochs)  # <= 0: no validation
+                if val_cases and every > 0 and (epoch % every == 0 or last_epoch):
+                    if is_chief and "last_dice" not in summary:  # the first validation compiles the window prediction
+                        bar.write("compiling the validation step (first validation only with the compilation "
+                                  "cache; this can take a minute on a CPU)")
+                    scores = validate(model, state.variables, val_cases, config, predict_fn)
+                    writer.write(done, "val", {**scores, "epoch": epoch})
+                    summary["last_dice"] = scores["dice"]
+                    per_class = ""
+                    if config.stage == "joint":
+                        per_class = f" (liver {scores['dice_liver']:.4f}, tumour {scores['dice_tumor']:.4f})"
+                    bar.write(f"epoch {epoch}: validation Dice {scores['dice']:.4f}{per_class}")
+                    if scores["dice"] > summary["best_dice"]:
+                        summary["best_dice"] = scores["dice"]
+                        ckpt.save_best(done, state, scores["dice"])
+                # Saved after this epoch's validation, so a run killed during validation redoes it.
+                if epoch % config.train.checkpoint_every_epochs == 0 or last_epoch:
+                    ckpt.save(done, state)
+        finally:
+            if bar is not None:
+                bar.close()
+            writer.close()
+            ckpt.close()
     if is_chief and (workdir / METRICS_FILE).exists():
         summary["curves"] = str(plot_curves(workdir))
     summary["final_step"] = int(jax.device_get(state.step))

@@ -1,0 +1,110 @@
+"""Time to the first train step of `python -m livseg_jax.train`, cold and warm, with and without
+shipped XLA autotuning results (issue 21 target 2), and the dumps to ship.
+
+    python -m experiments.bench_first_step --config configs/liver.py:paper --tag h200 \\
+        [--dump-configs configs/tumor.py] [--ship-to DIR]
+
+Every run is the real command, on the built-in synthetic data, for 3 steps of 1 epoch with one
+validation, in a fresh process. The train loop compiles the step on a background thread while it
+makes the state and starts the input pipeline (livseg_jax/training/compile_ahead.py) and reports
+`first_step_s`: from the start of that work to the first step's result. Runs, in order:
+
+1. `cold`: an empty compilation cache and no autotuning results loaded, XLA's results dumped;
+   each `--dump-configs` config the same way (dumps only);
+2. the dumps merged by `tools/ship_autotune_results.py` into `--ship-to` (default: a scratch
+   directory seeded with the package's shipped results);
+3. `cold_shipped`: an empty compilation cache, the merged results loaded;
+4. `warm_shipped`: the cache `cold_shipped` filled.
+
+Writes experiments/results/bench_first_step[_TAG].json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from experiments.bench_common import environment, write_result
+from livseg_jax.xla_flags import AUTOTUNE_MANIFEST, SHIPPED_AUTOTUNE_DIR
+
+SHORT_RUN = ["--config.train.num_epochs=1", "--config.train.steps_per_epoch=3", "--config.train.eval_every_epochs=1",
+             "--config.train.log_every_steps=1", "--config.data.num_val_cases=1"]
+NUMBERS = {"first_step_s": r"first step done ([\d.]+) s",
+           "compile_s": r"\(or loaded from the compilation cache\) in ([\d.]+) s in the background",
+           "wait_s": r"the first step waited ([\d.]+) s"}
+
+
+def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, autotune: str,
+              dump: pathlib.Path | None = None) -> dict:
+    """Runs the train command once; returns its timings parsed from the console and its wall time."""
+    env = dict(os.environ, LIVSEG_CACHE=str(work / "data"))
+    if dump is not None:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_dump_autotune_results_to={dump}".strip()
+    cmd = [sys.executable, "-m", "livseg_jax.train", f"--config={config}", f"--workdir={work / 'runs' / name}",
+           f"--config.train.compilation_cache={cache}", f"--config.train.autotune_results={autotune}", *SHORT_RUN]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    row = {"run": name, "config": config, "autotune_results": autotune, "rc": proc.returncode,
+           "wall_s": round(time.perf_counter() - start, 1)}
+    out = proc.stdout + proc.stderr
+    for key, pattern in NUMBERS.items():
+        match = re.search(pattern, out)
+        row[key] = float(match.group(1)) if match else None
+    if proc.returncode:
+        row["error"] = out[-3000:]
+    print(f"{name:14s} {config:24s} first step {row['first_step_s']} s (compile {row['compile_s']} s, "
+          f"waited {row['wait_s']} s), wall {row['wall_s']} s, rc {proc.returncode}", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/liver.py:paper")
+    parser.add_argument("--dump-configs", nargs="*", default=[], help="more configs to dump autotuning results for")
+    parser.add_argument("--ship-to", type=pathlib.Path, default=None, help="where the merged results go")
+    parser.add_argument("--tag", default="local")
+    args = parser.parse_args()
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_first_step_"))
+    ship = args.ship_to or work / "autotune"
+    if SHIPPED_AUTOTUNE_DIR.is_dir():
+        shutil.copytree(SHIPPED_AUTOTUNE_DIR, ship, dirs_exist_ok=True)
+    rows, dumps, programs = [], [], []
+    shipped = ""
+
+    def record(row: dict) -> None:  # written after every run: a run past the time limit keeps the others
+        rows.append(row)
+        write_result(f"bench_first_step_{args.tag}", {
+            "benchmark": "first_step", "config": args.config, "environment": environment(),
+            "shipped_file": shipped, "shipped_bytes": os.path.getsize(shipped) if shipped else None,
+            "steps": SHORT_RUN, "rows": rows})
+
+    for i, config in enumerate([args.config, *args.dump_configs]):
+        dumps.append(work / f"dump_{i}.textproto")
+        programs.append(f"{config} train")
+        record(train_run(config, work, f"cold_{i}" if i else "cold", work / f"cache_cold_{i}", "off", dumps[-1]))
+    present = [d for d in dumps if d.exists()]
+    if present:
+        subprocess.run([sys.executable, "-m", "tools.ship_autotune_results", *map(str, present), "--programs",
+                        *[p for p, d in zip(programs, dumps, strict=True) if d.exists()], "--out-dir", str(ship)],
+                       check=True)
+        manifest = json.loads((ship / AUTOTUNE_MANIFEST).read_text())
+        shipped = str(ship / manifest["files"][-1]["file"])
+        record(train_run(args.config, work, "cold_shipped", work / "cache_shipped", shipped))
+        record(train_run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
+    print("| run | config | first step (s) | step compile (s) | first step waited (s) | wall (s) |\n"
+          "|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        cells = [r[k] for k in ("run", "config", "first_step_s", "compile_s", "wait_s", "wall_s")]
+        print("| " + " | ".join(map(str, cells)) + " |")
+
+
+if __name__ == "__main__":
+    main()

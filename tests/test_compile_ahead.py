@@ -1,0 +1,74 @@
+"""Compiling a program on a background thread (training/compile_ahead.py)."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from livseg_jax.training.compile_ahead import BackgroundCompile, compile_ahead
+
+
+def test_the_program_compiled_ahead_from_shapes_computes_what_jit_computes():
+    f = jax.jit(lambda x, y: {"sum": jnp.sin(x) @ y, "max": jnp.max(y)})
+    x, y = np.arange(12.0, dtype=np.float32).reshape(3, 4), np.ones((4, 2), np.float32)
+    job = BackgroundCompile(f, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(y.shape, y.dtype))
+    compiled = job.result()
+    assert not job.running() and job.seconds > 0
+    jax.tree.map(np.testing.assert_array_equal, compiled(x, y), f(x, y))
+    with pytest.raises(TypeError):  # compiled for those shapes only
+        compiled(x[:2], y)
+
+
+def test_an_error_while_tracing_reaches_the_caller_of_result():
+    def bad(x):
+        raise ValueError("shapes do not fit")
+
+    job = BackgroundCompile(jax.jit(bad), jax.ShapeDtypeStruct((2,), jnp.float32))
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        job.result()
+
+
+def test_an_error_during_the_compile_waits_for_it_and_says_so(capsys):
+    # Exiting while XLA compiles aborts the process, so an error raised meanwhile must wait for it.
+    tracing, release = threading.Event(), threading.Event()
+
+    def slow(x):
+        tracing.set()
+        release.wait(timeout=30)  # a compile still running when the error unwinds
+        return x + 1
+
+    timer = threading.Timer(0.5, release.set)
+    with pytest.raises(RuntimeError, match="data failed"):
+        with compile_ahead(jax.jit(slow), jax.ShapeDtypeStruct((2,), jnp.float32), name="test step") as job:
+            assert tracing.wait(timeout=30)
+            timer.start()
+            raise RuntimeError("data failed")
+    assert not job.running() and release.is_set()
+    assert "waiting for the test step's compile to finish" in capsys.readouterr().err
+
+
+def test_the_initialisation_lowering_setting_does_not_reach_a_step_lowered_on_another_thread():
+    # train lowers the step on a background thread while the main thread initialises the model
+    # inside `init_lowering()` (threefry as a CUDA kernel); JAX's scoped settings are per thread.
+    from livseg_jax.training.state import init_lowering
+
+    def step(key):
+        return jax.random.bernoulli(key, 0.5, (8,))
+
+    entered, lowered, texts = threading.Event(), threading.Event(), {}
+
+    def lower_elsewhere():
+        entered.wait(timeout=30)
+        texts["other"] = jax.jit(step).trace(jax.random.PRNGKey(0)).lower(lowering_platforms=("cuda",)).as_text()
+        lowered.set()
+
+    thread = threading.Thread(target=lower_elsewhere)
+    thread.start()
+    with init_lowering():
+        texts["here"] = jax.jit(step).trace(jax.random.PRNGKey(0)).lower(lowering_platforms=("cuda",)).as_text()
+        entered.set()
+        assert lowered.wait(timeout=60)
+    thread.join()
+    assert "cu_threefry2x32" in texts["here"] and "cu_threefry2x32" not in texts["other"]
