@@ -32,6 +32,45 @@ results {
 }
 '''
 
+# jaxlib 0.11.2's format (entries keyed by a device hash and the fusion's fingerprint).
+DUMP_NEW = '''entries {
+  key {
+    target {
+      device: "ed0e56ab8b2a0ecb"
+      hlo_fingerprint: "ffd255041c538d5f05c55eb48c282345"
+    }
+    environment {
+      codegen_version: "fe9062d0fff82a66"
+    }
+  }
+  value {
+    optimal_config {
+      backend: TRITON
+      backend_config {
+        triton {
+          block_m: 64
+        }
+      }
+    }
+    optimal_backend_version: "a77e7c793abc0d0c923a9afb275058e2fe57a198"
+  }
+}
+entries {
+  key {
+    target {
+      device: "ed0e56ab8b2a0ecb"
+      hlo_fingerprint: "fdf5c6a1e3f33b85ed838af37ee98249"
+    }
+  }
+  value {
+    optimal_config {
+      backend: CUDNN
+    }
+    optimal_backend_version: "9.19.0"
+  }
+}
+'''
+
 
 def test_blocks_are_split_at_the_top_level_whatever_braces_the_strings_hold():
     scalars, blocks = top_level_blocks(DUMP_A)
@@ -52,3 +91,10 @@ def test_results_of_another_format_version_or_a_cut_file_are_refused():
         merge_autotune_results([DUMP_A, DUMP_B.replace("version: 3", "version: 4")])
     with pytest.raises(ValueError, match="unbalanced"):
         top_level_blocks(DUMP_A[:-3])
+
+
+def test_jaxlib_0_11_entries_merge_the_same_way():
+    first, second = top_level_blocks(DUMP_NEW)[1]
+    assert top_level_blocks(DUMP_NEW)[0] == [] and "TRITON" in first and "CUDNN" in second
+    merged = merge_autotune_results([DUMP_NEW, "entries {\n" + second.split("{", 1)[1] + "\n"])
+    assert len(top_level_blocks(merged)[1]) == 2

@@ -11,7 +11,7 @@ XLA writes a process's whole autotuning cache after each compile, so the last du
 holds every program it compiled. The results are merged with those already shipped for the same
 versions (other GPU models, other programs) into `xla_autotune_<jaxlib>.textproto`, and the
 manifest records the versions (`livseg_jax.xla_flags.runtime_versions`), the GPUs and the
-programs. Writing the text format by hand (top-level `results { ... }` blocks, deduplicated) needs
+programs. Writing the text format by hand (top-level blocks, one per result, deduplicated) needs
 no protobuf classes: jaxlib does not expose XLA's `AutotuneResults` message to Python.
 """
 
@@ -27,7 +27,9 @@ from livseg_jax.xla_flags import AUTOTUNE_MANIFEST, SHIPPED_AUTOTUNE_DIR, runtim
 
 
 def top_level_blocks(text: str) -> tuple[list[str], list[str]]:
-    """Splits an AutotuneResults text proto into (scalar lines, `results { ... }` blocks).
+    """Splits an autotuning results text proto into (scalar lines, `name { ... }` blocks): XLA's
+    older `results { ... }` or jaxlib 0.11's `entries { key { target { device hlo_fingerprint } ...}
+    value { optimal_config ... } }`.
 
     Braces inside quoted strings (the fused computations' HLO) do not count.
     """
@@ -37,7 +39,7 @@ def top_level_blocks(text: str) -> tuple[list[str], list[str]]:
         if text[i].isspace():
             i += 1
             continue
-        match = re.compile(r"results\s*\{").match(text, i)
+        match = re.compile(r"\w+\s*\{").match(text, i)
         if not match:  # a scalar field such as `version: 3`
             end = text.find("\n", i)
             end = n if end < 0 else end
@@ -69,7 +71,7 @@ def top_level_blocks(text: str) -> tuple[list[str], list[str]]:
 
 
 def merge_autotune_results(texts: list[str]) -> str:
-    """Returns one text proto holding every distinct `results` block of `texts` (first seen first).
+    """Returns one text proto holding every distinct top-level block of `texts` (first seen first).
 
     Raises ValueError when the texts' scalar fields (the format `version`) differ.
     """
@@ -81,8 +83,9 @@ def merge_autotune_results(texts: list[str]) -> str:
         elif scalars != header:
             raise ValueError(f"autotuning results of different formats: {header} and {scalars}")
         for block in blocks:
-            if block not in seen:
-                seen.add(block)
+            key = " ".join(block.split())  # the same result however it is indented
+            if key not in seen:
+                seen.add(key)
                 merged.append(block)
     return "\n".join([*(header or []), *merged]) + "\n"
 
