@@ -9,6 +9,8 @@ validation, in a fresh process. The train loop compiles the step on a background
 makes the state and starts the input pipeline (livseg_jax/training/compile_ahead.py) and reports
 `first_step_s`: from the start of that work to the first step's result. Runs, in order:
 
+0. with `--sequential`, `cold_sequential`: as `cold`, but the step compiled at the first step
+   (`train.compile_ahead=False`), after the state and the first batch: the order before session 8;
 1. `cold`: an empty compilation cache and no autotuning results loaded, XLA's results dumped;
    each `--dump-configs` config the same way (dumps only);
 2. the dumps merged by `tools/ship_autotune_results.py` into `--ship-to` (default: a scratch
@@ -43,16 +45,18 @@ NUMBERS = {"first_step_s": r"first step done ([\d.]+) s",
 
 
 def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, autotune: str,
-              dump: pathlib.Path | None = None) -> dict:
+              dump: pathlib.Path | None = None, ahead: bool = True) -> dict:
     """Runs the train command once; returns its timings parsed from the console and its wall time."""
     env = dict(os.environ, LIVSEG_CACHE=str(work / "data"))
     if dump is not None:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_dump_autotune_results_to={dump}".strip()
     cmd = [sys.executable, "-m", "livseg_jax.train", f"--config={config}", f"--workdir={work / 'runs' / name}",
-           f"--config.train.compilation_cache={cache}", f"--config.train.autotune_results={autotune}", *SHORT_RUN]
+           f"--config.train.compilation_cache={cache}", f"--config.train.autotune_results={autotune}",
+           f"--config.train.compile_ahead={ahead}", *SHORT_RUN]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    row = {"run": name, "config": config, "autotune_results": autotune, "rc": proc.returncode,
+    row = {"run": name, "config": config, "autotune_results": autotune, "compile_ahead": ahead,
+           "rc": proc.returncode,
            "wall_s": round(time.perf_counter() - start, 1)}
     out = proc.stdout + proc.stderr
     for key, pattern in NUMBERS.items():
@@ -70,6 +74,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/liver.py:paper")
     parser.add_argument("--dump-configs", nargs="*", default=[], help="more configs to dump autotuning results for")
     parser.add_argument("--ship-to", type=pathlib.Path, default=None, help="where the merged results go")
+    parser.add_argument("--sequential", action="store_true",
+                        help="first a cold run compiling the step at the first step (train.compile_ahead=False)")
     parser.add_argument("--tag", default="local")
     args = parser.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_first_step_"))
@@ -86,6 +92,8 @@ def main() -> None:
             "shipped_file": shipped, "shipped_bytes": os.path.getsize(shipped) if shipped else None,
             "steps": SHORT_RUN, "rows": rows})
 
+    if args.sequential:
+        record(train_run(args.config, work, "cold_sequential", work / "cache_sequential", "off", ahead=False))
     for i, config in enumerate([args.config, *args.dump_configs]):
         dumps.append(work / f"dump_{i}.textproto")
         programs.append(f"{config} train")

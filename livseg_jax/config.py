@@ -182,6 +182,9 @@ def base_config() -> ml_collections.ConfigDict:
             checkpoint_every_epochs=1,
             keep_checkpoints=3,
             donate_state=True,  # False: the step does not reuse the old state's buffers
+            # Compile the train step on a background thread while the state is made and the input
+            # pipeline starts (training/compile_ahead.py); False: at the first step, after them.
+            compile_ahead=True,
             # BatchNorm statistics in training: "global" (over the whole batch, synchronised across
             # devices) or "per_device" (each device's shard its own, as PyTorch DDP without SyncBN).
             batch_norm_stats="global",

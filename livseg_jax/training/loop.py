@@ -220,13 +220,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                              bool(config.train.get("donate_state", True)))
     ckpt = RunCheckpoints(workdir, config.train.keep_checkpoints)
     start = ckpt.latest_step() or 0
+    background = bool(config.train.get("compile_ahead", True))
     with contextlib.ExitStack() as stack:
-        ahead = None
-        if start < total_steps:  # the step compiles while the state is made and the first batch read
+
+        def start_compile():
             if is_chief:
-                print("compiling the train step in the background (from the compilation cache once it "
-                      "holds this program; compiling can take minutes on a CPU)", flush=True)
-            ahead = stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name="train step"))
+                where = "in the background" if background else "now"
+                print(f"compiling the train step {where} (from the compilation cache once it holds this "
+                      "program; compiling can take minutes on a CPU)", flush=True)
+            return stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name="train step"))
+
+        # Ahead: the step compiles while the state is made and the first batch read; else at the first step.
+        ahead = start_compile() if background and start < total_steps else None
         made_start = time.perf_counter()  # making the state, the pipeline and the step: the first step's cost
         if start:
             check_resumable(config, workdir)
@@ -260,13 +265,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 batch = pipeline.to_global_batch(next(batches), in_sharding)
                 if compiled_step is None:  # the bar starts once the step is ready: its rate and ETA exclude compiling
                     wait_start = time.perf_counter()
+                    ahead = ahead or start_compile()
                     compiled_step = ahead.result()
                     summary["train_step_compile_s"] = round(ahead.seconds, 1)
                     summary["train_step_wait_s"] = round(time.perf_counter() - wait_start, 1)
                     if is_chief:
                         print(f"train step ready: traced and compiled (or loaded from the compilation cache) in "
-                              f"{ahead.seconds:.1f} s in the background; the first step waited "
-                              f"{summary['train_step_wait_s']:.1f} s for it", flush=True)
+                              f"{ahead.seconds:.1f} s{' in the background' if background else ''}; the first "
+                              f"step waited {summary['train_step_wait_s']:.1f} s for it", flush=True)
                     bar = tqdm.tqdm(total=total_steps, initial=step, desc=f"train {config.stage}", unit="step",
                                     disable=not is_chief, dynamic_ncols=True)
                     tick = time.perf_counter()
