@@ -16,7 +16,10 @@ makes the state and starts the input pipeline (livseg_jax/training/compile_ahead
 2. the dumps merged by `tools/ship_autotune_results.py` into `--ship-to` (default: a scratch
    directory seeded with the package's shipped results);
 3. `cold_shipped`: an empty compilation cache, the merged results loaded;
-4. `warm_shipped`: the cache `cold_shipped` filled.
+4. `warm_shipped`: the caches `cold_shipped` filled (JAX's and the compiled-program cache,
+   livseg_jax/training/executable_cache.py: the step loaded without tracing);
+5. `warm_traced`: the same with the compiled-program cache deleted (traced, lowered, then loaded
+   from JAX's cache, as before session 8).
 
 Writes experiments/results/bench_first_step[_TAG].json and prints a Markdown table.
 """
@@ -35,12 +38,13 @@ import tempfile
 import time
 
 from experiments.bench_common import environment, write_result
+from livseg_jax.training.executable_cache import SUBDIR
 from livseg_jax.xla_flags import AUTOTUNE_MANIFEST, SHIPPED_AUTOTUNE_DIR
 
 SHORT_RUN = ["--config.train.num_epochs=1", "--config.train.steps_per_epoch=3", "--config.train.eval_every_epochs=1",
              "--config.train.log_every_steps=1", "--config.data.num_val_cases=1"]
 NUMBERS = {"first_step_s": r"first step done ([\d.]+) s",
-           "compile_s": r"\(or loaded from the compilation cache\) in ([\d.]+) s in the background",
+           "compile_s": r"train step ready in ([\d.]+) s",
            "wait_s": r"the first step waited ([\d.]+) s"}
 
 
@@ -62,6 +66,7 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
     for key, pattern in NUMBERS.items():
         match = re.search(pattern, out)
         row[key] = float(match.group(1)) if match else None
+    row["loaded"] = "(loaded from the compiled-program cache)" in out
     if proc.returncode:
         row["error"] = out[-3000:]
     print(f"{name:14s} {config:24s} first step {row['first_step_s']} s (compile {row['compile_s']} s, "
@@ -107,6 +112,9 @@ def main() -> None:
         shipped = str(ship / manifest["files"][-1]["file"])
         record(train_run(args.config, work, "cold_shipped", work / "cache_shipped", shipped))
         record(train_run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
+        # The same without the compiled-program cache: traced and lowered, then JAX's cache.
+        shutil.rmtree(work / "cache_shipped" / SUBDIR)
+        record(train_run(args.config, work, "warm_traced", work / "cache_shipped", shipped))
     print("| run | config | first step (s) | step compile (s) | first step waited (s) | wall (s) |\n"
           "|---|---|---:|---:|---:|---:|")
     for r in rows:

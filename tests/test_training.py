@@ -282,11 +282,11 @@ def test_the_step_compiles_ahead_and_the_bar_starts_once_it_is_ready(cache_dir, 
 
     class RecordingJob:
         def __init__(self, job):
-            self.job, self.seconds = job, None
+            self.job, self.seconds, self.loaded = job, None, None
 
         def result(self):
             compiled = self.job.result()
-            self.seconds = self.job.seconds
+            self.seconds, self.loaded = self.job.seconds, self.job.loaded
             events.append("compiled")
 
             def step(*a):
@@ -361,3 +361,18 @@ def test_unoptimised_initialisation_program_gives_the_optimised_programs_state()
         else:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(np.asarray(a).std() > 0 for a in jax.tree.leaves(fast.params))  # random, not all zeros
+
+
+def test_a_second_run_loads_the_compiled_step_and_trains_bit_for_bit_the_same(cache_dir, tmp_path, monkeypatch):
+    # With JAX's persistent cache on (train turns it on), the compiled step is also kept whole and
+    # a later run of the same config loads it without tracing (training/executable_cache.py).
+    monkeypatch.setattr(loop, "executable_cache_dir", lambda: tmp_path / "executables")
+    config = tiny_config(cache_dir, num_epochs=1)
+    first = train_and_evaluate(config, tmp_path / "a", devices=jax.devices()[:1])
+    assert not first["train_step_loaded"] and len(list((tmp_path / "executables").glob("train_step-*.pkl"))) == 1
+    second = train_and_evaluate(tiny_config(cache_dir, num_epochs=1), tmp_path / "b", devices=jax.devices()[:1])
+    assert second["train_step_loaded"]
+    jax.tree.map(np.testing.assert_array_equal, second["state"], first["state"])
+    other = train_and_evaluate(tiny_config(cache_dir, num_epochs=1, steps_per_epoch=3), tmp_path / "c",
+                               devices=jax.devices()[:1])
+    assert not other["train_step_loaded"]  # another schedule, another program

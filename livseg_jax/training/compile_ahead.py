@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import pathlib
 import sys
 import threading
 import time
@@ -25,20 +26,24 @@ from typing import Any
 
 import jax
 
+from livseg_jax.training import executable_cache
+
 
 class BackgroundCompile:
     """`jitted.trace(*args).lower().compile()` running on its own thread from construction.
 
     `args` may be arrays or `jax.ShapeDtypeStruct`s (with shardings): only shapes, dtypes and
     shardings matter. `result()` returns the `jax.stages.Compiled`, callable like `jitted` on
-    arguments of exactly those types.
+    arguments of exactly those types. With `cache_file` (`executable_cache.program_key` names it),
+    the program is loaded from there when it exists, without tracing, and stored there after a compile.
     """
 
     def __init__(self, jitted: Callable, *args: Any, name: str = "program",
-                 compiler_options: dict[str, Any] | None = None):
+                 compiler_options: dict[str, Any] | None = None, cache_file: pathlib.Path | None = None):
         self.name = name
-        self.seconds: float | None = None  # wall time of trace + lower + compile, once done
-        self._jitted, self._args, self._options = jitted, args, compiler_options
+        self.seconds: float | None = None  # wall time of trace + lower + compile (or of loading), once done
+        self.loaded = False  # whether the program came from `cache_file` (executable_cache)
+        self._jitted, self._args, self._options, self._cache_file = jitted, args, compiler_options, cache_file
         self._compiled = None
         self._error: BaseException | None = None
         self._started = time.perf_counter()
@@ -48,6 +53,14 @@ class BackgroundCompile:
     def _run(self) -> None:
         collecting = gc.isenabled()
         try:
+            if self._cache_file is not None and self._cache_file.exists():
+                try:
+                    self._compiled, self.loaded = executable_cache.load(self._cache_file), True
+                    return
+                except Exception as e:  # an entry from a crash or another build: compile and replace it
+                    print(f"note: {self._cache_file}: compiled-program cache entry unreadable ({type(e).__name__}: "
+                          f"{e}); compiling the {self.name} instead", file=sys.stderr, flush=True)
+                    self._cache_file.unlink(missing_ok=True)
             # Tracing makes many short-lived objects; the collector's passes over them were 27-36% of
             # the paper step's trace on a CPU (1.0-1.5 s of 3.4-4.2 s, session 8). It is off while
             # this thread traces and lowers, for the whole process, and back on for the XLA compile.
@@ -58,6 +71,12 @@ class BackgroundCompile:
                 if collecting:
                     gc.enable()
             self._compiled = lowered.compile(self._options)
+            if self._cache_file is not None:
+                try:
+                    executable_cache.store(self._cache_file, self._compiled)
+                except Exception as e:  # a full disk, say: the run goes on; the write was atomic
+                    print(f"note: {self._cache_file}: could not keep the compiled {self.name} "
+                          f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
         except BaseException as e:  # handed to the thread that asks for the result
             self._error = e
         finally:
@@ -80,11 +99,11 @@ class BackgroundCompile:
 
 
 @contextlib.contextmanager
-def compile_ahead(jitted: Callable, *args: Any, name: str = "program",
-                  compiler_options: dict[str, Any] | None = None) -> Iterator[BackgroundCompile]:
-    """Starts `BackgroundCompile(jitted, *args)` for the block; if the block raises while the compile
-    still runs, says that the process waits for it, waits, and re-raises."""
-    job = BackgroundCompile(jitted, *args, name=name, compiler_options=compiler_options)
+def compile_ahead(jitted: Callable, *args: Any, name: str = "program", compiler_options: dict[str, Any] | None = None,
+                  cache_file: pathlib.Path | None = None) -> Iterator[BackgroundCompile]:
+    """Starts `BackgroundCompile(jitted, *args, ...)` for the block; if the block raises while the
+    compile still runs, says that the process waits for it, waits, and re-raises."""
+    job = BackgroundCompile(jitted, *args, name=name, compiler_options=compiler_options, cache_file=cache_file)
     try:
         yield job
     except BaseException:

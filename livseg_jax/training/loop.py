@@ -36,6 +36,7 @@ from livseg_jax.models.forms import check_training_forms
 from livseg_jax.run_dir import METRICS_FILE, PERIODIC, RunCheckpoints, check_resumable, save_config
 from livseg_jax.training.compile_ahead import compile_ahead
 from livseg_jax.training.distributed import chief_first, process_label
+from livseg_jax.training.executable_cache import executable_cache_dir, program_key
 from livseg_jax.training.logging import MetricWriter, plot_curves
 from livseg_jax.training.schedules import make_optimizer
 from livseg_jax.training.state import TrainState, create_train_state, initial_train_state
@@ -221,6 +222,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ckpt = RunCheckpoints(workdir, config.train.keep_checkpoints)
     start = ckpt.latest_step() or 0
     background = bool(config.train.get("compile_ahead", True))
+    executables = executable_cache_dir()  # None unless JAX's persistent cache is on (train turns it on)
+    step_cache_file = None
+    if executables is not None:
+        step_cache_file = executables / f"train_step-{program_key('train step', config, (state_spec, batch_spec))}.pkl"
     with contextlib.ExitStack() as stack:
 
         def start_compile():
@@ -228,7 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 where = "in the background" if background else "now"
                 print(f"compiling the train step {where} (from the compilation cache once it holds this "
                       "program; compiling can take minutes on a CPU)", flush=True)
-            return stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name="train step"))
+            return stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name="train step",
+                                                     cache_file=step_cache_file))
 
         # Ahead: the step compiles while the state is made and the first batch read; else at the first step.
         ahead = start_compile() if background and start < total_steps else None
@@ -270,9 +276,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     summary["train_step_compile_s"] = round(ahead.seconds, 1)
                     summary["train_step_wait_s"] = round(time.perf_counter() - wait_start, 1)
                     if is_chief:
-                        print(f"train step ready: traced and compiled (or loaded from the compilation cache) in "
-                              f"{ahead.seconds:.1f} s{' in the background' if background else ''}; the first "
-                              f"step waited {summary['train_step_wait_s']:.1f} s for it", flush=True)
+                        how = ("loaded from the compiled-program cache" if ahead.loaded
+                               else "traced and compiled, or loaded from the compilation cache")
+                        print(f"train step ready in {ahead.seconds:.1f} s ({how}){' in the background' * background}"
+                              f"; the first step waited {summary['train_step_wait_s']:.1f} s for it", flush=True)
+                    summary["train_step_loaded"] = ahead.loaded
                     bar = tqdm.tqdm(total=total_steps, initial=step, desc=f"train {config.stage}", unit="step",
                                     disable=not is_chief, dynamic_ncols=True)
                     tick = time.perf_counter()

@@ -1,0 +1,109 @@
+"""Compiled programs kept on disk and loaded without tracing: the train step's warm start.
+
+JAX's persistent compilation cache keys a program by its lowered form, so even a warm start traces
+and lowers the step first: 5-8 s of Python for the paper network on an H200 host (docs/benchmarks.md),
+more than loading the program. This cache keys the step instead by everything it is made from, and
+stores the compiled executable itself (`jax.experimental.serialize_executable`):
+
+- the package's own source (every `livseg_jax/**/*.py`, hashed) and the versions of the libraries
+  that build the program (jax, jaxlib, flax, optax, numpy);
+- the whole run config, the arguments' shapes, dtypes and shardings, and the program's name;
+- `XLA_FLAGS`, every global JAX setting, the devices (kind, id, process) and this process's index.
+
+A change to any of them is another key, so an entry is never used for another program; the cost of
+that caution is a miss (one normal compile) after edits that would not have changed the program.
+Entries are pickles, trusted like JAX's own cache: keep the directory writable by you only.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import pickle
+from typing import Any
+
+import jax
+import ml_collections
+from jax.experimental import serialize_executable
+
+from livseg_jax.atomic_write import write_bytes
+
+PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SUBDIR = "livseg_executables"
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy")
+
+
+def executable_cache_dir() -> pathlib.Path | None:
+    """Returns where compiled programs are kept: beside JAX's persistent compilation cache when it
+    is on (`livseg_jax.train` turns it on) in a one-process run; else None (no executable cache).
+
+    Several processes each compile for their own devices, and JAX's cache is off there too
+    (train.py says why).
+    """
+    root = jax.config.jax_compilation_cache_dir
+    if not root or jax.process_count() > 1:
+        return None
+    return pathlib.Path(root) / SUBDIR
+
+
+@functools.cache
+def source_digest(root: pathlib.Path = PACKAGE_ROOT) -> str:
+    """Returns the SHA-256 of the package's Python sources (relative paths and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = ""
+    return found
+
+
+def program_key(name: str, config: ml_collections.ConfigDict, args: Any) -> str:
+    """Returns the key of program `name` of a run with `config` for `args` (arrays or
+    ShapeDtypeStructs with shardings): the hash of everything the module docstring lists."""
+    shapes = [(str(path), a.shape, str(a.dtype), repr(getattr(a, "sharding", None)))
+              for path, a in jax.tree_util.tree_flatten_with_path(args)[0]]
+    parts = {
+        "name": name,
+        "source": source_digest(),
+        "versions": _versions(),
+        "config": config.to_json(sort_keys=True),
+        "args": repr(shapes) + repr(jax.tree.structure(args)),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_config": sorted((k, repr(v)) for k, v in jax.config.values.items()),
+        "devices": [(d.id, d.device_kind, d.process_index) for d in jax.devices()],
+        "process": jax.process_index(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def _device_ids(compiled: jax.stages.Compiled) -> list[int]:
+    """Returns the ids of the devices `compiled` runs on, in its order (its first input's sharding)."""
+    sharding = jax.tree.leaves(compiled.input_shardings)[0]
+    return [d.id for d in sharding._device_assignment]  # no public accessor keeps the order
+
+
+def store(path: pathlib.Path, compiled: jax.stages.Compiled) -> None:
+    """Writes `compiled` and the ids of its devices to `path` atomically (a crash leaves no partial entry)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, pickle.dumps((serialize_executable.serialize(compiled), _device_ids(compiled))))
+
+
+def load(path: pathlib.Path) -> jax.stages.Compiled:
+    """Returns the program stored at `path`, loaded onto the devices it was compiled for (left to
+    itself, JAX would load it onto all of them)."""
+    (payload, in_tree, out_tree), ids = pickle.loads(path.read_bytes())
+    by_id = {d.id: d for d in jax.devices()}
+    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                     execution_devices=[by_id[i] for i in ids])
