@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--ship-to", type=pathlib.Path, default=None, help="where the merged results go")
     parser.add_argument("--sequential", action="store_true",
                         help="first a cold run compiling the step at the first step (train.compile_ahead=False)")
+    parser.add_argument("--shipped-only", action="store_true",
+                        help="skip the cold runs and the dumps: the package's shipped results, runs 3-5 only")
     parser.add_argument("--tag", default="local")
     args = parser.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_first_step_"))
@@ -94,22 +96,25 @@ def main() -> None:
         rows.append(row)
         write_result(f"bench_first_step_{args.tag}", {
             "benchmark": "first_step", "config": args.config, "environment": environment(),
-            "shipped_file": shipped, "shipped_bytes": os.path.getsize(shipped) if shipped else None,
+            "shipped_file": shipped, "shipped_bytes": os.path.getsize(shipped) if os.path.isfile(shipped) else None,
             "steps": SHORT_RUN, "rows": rows})
 
     if args.sequential:
         record(train_run(args.config, work, "cold_sequential", work / "cache_sequential", "off", ahead=False))
-    for i, config in enumerate([args.config, *args.dump_configs]):
+    for i, config in enumerate([] if args.shipped_only else [args.config, *args.dump_configs]):
         dumps.append(work / f"dump_{i}.textproto")
         programs.append(f"{config} train")
         record(train_run(config, work, f"cold_{i}" if i else "cold", work / f"cache_cold_{i}", "off", dumps[-1]))
     present = [d for d in dumps if d.exists()]
-    if present:
+    if args.shipped_only:
+        shipped = "shipped"
+    elif present:
         subprocess.run([sys.executable, "-m", "tools.ship_autotune_results", *map(str, present), "--programs",
                         *[p for p, d in zip(programs, dumps, strict=True) if d.exists()], "--out-dir", str(ship)],
                        check=True)
         manifest = json.loads((ship / AUTOTUNE_MANIFEST).read_text())
         shipped = str(ship / manifest["files"][-1]["file"])
+    if shipped:
         record(train_run(args.config, work, "cold_shipped", work / "cache_shipped", shipped))
         record(train_run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
         # The same without the compiled-program cache: traced and lowered, then JAX's cache.
