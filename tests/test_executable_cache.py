@@ -41,6 +41,7 @@ def test_a_stored_program_loads_without_tracing_and_computes_the_same(tmp_path):
     path = tmp_path / "step.pkl"
     first = BackgroundCompile(jax.jit(counted), *ARGS, cache_file=path)
     compiled = first.result()
+    first.wait()  # the write follows the result
     assert path.exists() and not first.loaded and len(traces) == 1
     second = BackgroundCompile(jax.jit(counted), *ARGS, cache_file=path)
     loaded = second.result()
@@ -55,8 +56,11 @@ def test_an_unreadable_entry_is_said_replaced_and_compiled(tmp_path, capsys):
     path.write_bytes(b"not a pickle: a crash of another build")
     job = BackgroundCompile(jax.jit(program), *ARGS, cache_file=path, name="test step")
     compiled = job.result()
+    job.wait()
     assert not job.loaded and "compiled-program cache entry unreadable" in capsys.readouterr().err
-    assert BackgroundCompile(jax.jit(program), *ARGS, cache_file=path).result() is not None
+    replaced = BackgroundCompile(jax.jit(program), *ARGS, cache_file=path)
+    replaced.wait()
+    assert replaced.loaded  # the entry written after the compile
     x, y = np.ones((4, 3), np.float32), np.ones(3, np.float32)
     np.testing.assert_allclose(compiled(x, y)["out"], np.full(4, 3 * np.tanh(1.0)), rtol=1e-6)
 
@@ -69,3 +73,13 @@ def test_the_cache_sits_beside_jax_persistent_cache_and_only_there(tmp_path):
         assert executable_cache.executable_cache_dir() == tmp_path / executable_cache.SUBDIR
     finally:
         jax.config.update("jax_compilation_cache_dir", None)
+
+
+def test_a_program_without_inputs_is_kept_too(tmp_path):
+    # The initialisation takes no arguments: its devices come from its outputs.
+    path = tmp_path / "init.pkl"
+    make = jax.jit(lambda: {"w": jnp.arange(6.0).reshape(2, 3)})
+    BackgroundCompile(make, cache_file=path).wait()
+    job = BackgroundCompile(make, cache_file=path)
+    np.testing.assert_array_equal(job.result()()["w"], np.arange(6.0).reshape(2, 3))
+    assert job.loaded

@@ -298,7 +298,7 @@ def test_the_step_compiles_ahead_and_the_bar_starts_once_it_is_ready(cache_dir, 
     @contextlib.contextmanager
     def recording_compile_ahead(*args, **kwargs):
         with real_compile_ahead(*args, **kwargs) as job:
-            yield RecordingJob(job)
+            yield RecordingJob(job) if kwargs["name"] == "train step" else job  # not the initialisation
 
     real_bar = loop.tqdm.tqdm
 
@@ -370,6 +370,7 @@ def test_a_second_run_loads_the_compiled_step_and_trains_bit_for_bit_the_same(ca
     config = tiny_config(cache_dir, num_epochs=1)
     first = train_and_evaluate(config, tmp_path / "a", devices=jax.devices()[:1])
     assert not first["train_step_loaded"] and len(list((tmp_path / "executables").glob("train_step-*.pkl"))) == 1
+    assert len(list((tmp_path / "executables").glob("initialisation-*.pkl"))) == 1
     second = train_and_evaluate(tiny_config(cache_dir, num_epochs=1), tmp_path / "b", devices=jax.devices()[:1])
     assert second["train_step_loaded"]
     jax.tree.map(np.testing.assert_array_equal, second["state"], first["state"])

@@ -39,76 +39,106 @@ class BackgroundCompile:
     """
 
     def __init__(self, jitted: Callable, *args: Any, name: str = "program",
-                 compiler_options: dict[str, Any] | None = None, cache_file: pathlib.Path | None = None):
+                 compiler_options: dict[str, Any] | None = None, cache_file: pathlib.Path | None = None,
+                 within: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.name = name
         self.seconds: float | None = None  # wall time of trace + lower + compile (or of loading), once done
         self.loaded = False  # whether the program came from `cache_file` (executable_cache)
         self._jitted, self._args, self._options, self._cache_file = jitted, args, compiler_options, cache_file
+        self._within = within or contextlib.nullcontext  # JAX's scoped settings are per thread: entered here
         self._compiled = None
         self._error: BaseException | None = None
+        self._ready = threading.Event()
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name=f"compile {name}", daemon=False)
         self._thread.start()
 
-    def _run(self) -> None:
-        collecting = gc.isenabled()
+    def _load(self) -> jax.stages.Compiled | None:
+        if self._cache_file is None or not self._cache_file.exists():
+            return None
         try:
-            if self._cache_file is not None and self._cache_file.exists():
-                try:
-                    self._compiled, self.loaded = executable_cache.load(self._cache_file), True
-                    return
-                except Exception as e:  # an entry from a crash or another build: compile and replace it
-                    print(f"note: {self._cache_file}: compiled-program cache entry unreadable ({type(e).__name__}: "
-                          f"{e}); compiling the {self.name} instead", file=sys.stderr, flush=True)
-                    self._cache_file.unlink(missing_ok=True)
-            # Tracing makes many short-lived objects; the collector's passes over them were 27-36% of
-            # the paper step's trace on a CPU (1.0-1.5 s of 3.4-4.2 s, session 8). It is off while
-            # this thread traces and lowers, for the whole process, and back on for the XLA compile.
-            gc.disable()
-            try:
+            compiled = executable_cache.load(self._cache_file)
+        except Exception as e:  # an entry from a crash or another build: compile and replace it
+            print(f"note: {self._cache_file}: compiled-program cache entry unreadable ({type(e).__name__}: {e}); "
+                  f"compiling the {self.name} instead", file=sys.stderr, flush=True)
+            self._cache_file.unlink(missing_ok=True)
+            return None
+        self.loaded = True
+        return compiled
+
+    def _compile(self) -> jax.stages.Compiled:
+        with self._within():
+            with _collector_paused():
                 lowered = self._jitted.trace(*self._args).lower()
-            finally:
-                if collecting:
-                    gc.enable()
-            self._compiled = lowered.compile(self._options)
-            if self._cache_file is not None:
-                try:
-                    executable_cache.store(self._cache_file, self._compiled)
-                except Exception as e:  # a full disk, say: the run goes on; the write was atomic
-                    print(f"note: {self._cache_file}: could not keep the compiled {self.name} "
-                          f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            return lowered.compile(self._options)
+
+    def _run(self) -> None:
+        try:
+            self._compiled = self._load() or self._compile()
         except BaseException as e:  # handed to the thread that asks for the result
             self._error = e
         finally:
             self.seconds = time.perf_counter() - self._started
+            self._ready.set()
+        if self._compiled is not None and not self.loaded and self._cache_file is not None:
+            try:  # after the result is handed over: the first step does not wait for the write
+                executable_cache.store(self._cache_file, self._compiled)
+            except Exception as e:  # a full disk, say: the run goes on; the write was atomic
+                print(f"note: {self._cache_file}: could not keep the compiled {self.name} "
+                      f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
     def running(self) -> bool:
-        """Returns whether the compile is still going."""
+        """Returns whether the thread is still at work (compiling, or storing the program)."""
         return self._thread.is_alive()
 
     def wait(self) -> None:
-        """Waits for the compile to end, however it ends."""
+        """Waits for the thread to end, however the compile ends."""
         self._thread.join()
 
     def result(self) -> jax.stages.Compiled:
-        """Waits for the compile; returns the program or raises what tracing or compiling raised."""
-        self.wait()
+        """Waits for the program; returns it or raises what tracing or compiling raised."""
+        self._ready.wait()
         if self._error is not None:
             raise self._error
         return self._compiled
 
 
+# Tracing makes many short-lived objects; the collector's passes over them were 27-36% of the paper
+# step's trace on a CPU (1.0-1.5 s of 3.4-4.2 s, session 8). It is off, for the whole process, while
+# any BackgroundCompile traces and lowers, and back on for XLA's compile.
+_collector_lock = threading.Lock()
+_collector_holds = 0
+_collector_was_on = False
+
+
 @contextlib.contextmanager
-def compile_ahead(jitted: Callable, *args: Any, name: str = "program", compiler_options: dict[str, Any] | None = None,
-                  cache_file: pathlib.Path | None = None) -> Iterator[BackgroundCompile]:
-    """Starts `BackgroundCompile(jitted, *args, ...)` for the block; if the block raises while the
-    compile still runs, says that the process waits for it, waits, and re-raises."""
-    job = BackgroundCompile(jitted, *args, name=name, compiler_options=compiler_options, cache_file=cache_file)
+def _collector_paused() -> Iterator[None]:
+    global _collector_holds, _collector_was_on
+    with _collector_lock:
+        if _collector_holds == 0:
+            _collector_was_on = gc.isenabled()
+            gc.disable()
+        _collector_holds += 1
+    try:
+        yield
+    finally:
+        with _collector_lock:
+            _collector_holds -= 1
+            if _collector_holds == 0 and _collector_was_on:
+                gc.enable()
+
+
+@contextlib.contextmanager
+def compile_ahead(jitted: Callable, *args: Any, **settings: Any) -> Iterator[BackgroundCompile]:
+    """Starts `BackgroundCompile(jitted, *args, **settings)` for the block and waits for its thread at
+    the end; if the block raises while the compile still runs, first says that it waits for it."""
+    job = BackgroundCompile(jitted, *args, **settings)
     try:
         yield job
     except BaseException:
         if job.running():
-            print(f"waiting for the {name}'s compile to finish before stopping (XLA cannot stop a compile "
+            print(f"waiting for the {job.name}'s compile to finish before stopping (XLA cannot stop a compile "
                   "midway)", file=sys.stderr, flush=True)
-            job.wait()
         raise
+    finally:
+        job.wait()  # also the program's write to the compiled-program cache, which follows the result

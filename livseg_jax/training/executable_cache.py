@@ -89,8 +89,9 @@ def program_key(name: str, config: ml_collections.ConfigDict, args: Any) -> str:
 
 
 def _device_ids(compiled: jax.stages.Compiled) -> list[int]:
-    """Returns the ids of the devices `compiled` runs on, in its order (its first input's sharding)."""
-    sharding = jax.tree.leaves(compiled.input_shardings)[0]
+    """Returns the ids of the devices `compiled` runs on, in its order (its first input's sharding, or
+    its first output's for a program without inputs)."""
+    sharding = (jax.tree.leaves(compiled.input_shardings) or jax.tree.leaves(compiled.output_shardings))[0]
     return [d.id for d in sharding._device_assignment]  # no public accessor keeps the order
 
 

@@ -39,7 +39,7 @@ from livseg_jax.training.distributed import chief_first, process_label
 from livseg_jax.training.executable_cache import executable_cache_dir, program_key
 from livseg_jax.training.logging import MetricWriter, plot_curves
 from livseg_jax.training.schedules import make_optimizer
-from livseg_jax.training.state import TrainState, create_train_state, initial_train_state
+from livseg_jax.training.state import TrainState, create_train_state, init_lowering, jit_create_train_state
 from livseg_jax.training.step import (
     batch_sharding,
     check_global_batch,
@@ -223,9 +223,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     start = ckpt.latest_step() or 0
     background = bool(config.train.get("compile_ahead", True))
     executables = executable_cache_dir()  # None unless JAX's persistent cache is on (train turns it on)
-    step_cache_file = None
-    if executables is not None:
-        step_cache_file = executables / f"train_step-{program_key('train step', config, (state_spec, batch_spec))}.pkl"
+
+    def program_file(name: str, args) -> pathlib.Path | None:
+        key = program_key(name, config, args)
+        return None if executables is None else executables / f"{name.replace(' ', '_')}-{key}.pkl"
+
     with contextlib.ExitStack() as stack:
 
         def start_compile():
@@ -234,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 print(f"compiling the train step {where} (from the compilation cache once it holds this "
                       "program; compiling can take minutes on a CPU)", flush=True)
             return stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name="train step",
-                                                     cache_file=step_cache_file))
+                                                     cache_file=program_file("train step", (state_spec, batch_spec))))
 
         # Ahead: the step compiles while the state is made and the first batch read; else at the first step.
         ahead = start_compile() if background and start < total_steps else None
@@ -247,7 +249,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if is_chief:
                 print("initialising the model (its first run compiles the initialisation: up to a minute or two "
                       "on a CPU)", flush=True)
-            state = initial_train_state(model, optimizer, config.seed, state_sharding)
+            # initial_train_state's program, compiled (or loaded) by the same means as the step.
+            init_job = stack.enter_context(compile_ahead(
+                jit_create_train_state(model, optimizer, config.seed, state_sharding), name="initialisation",
+                cache_file=program_file("initialisation", state_spec), within=init_lowering))
+            state = init_job.result()()
 
         if is_chief:  # only now: config.json must keep describing the checkpoints beside it
             save_config(workdir, config)
