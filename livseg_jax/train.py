@@ -34,11 +34,14 @@ def main(argv) -> None:
     # Before anything starts a backend: the flags the model's forms need, the user's own, and the
     # autotuning results to load (the user's flags win over both).
     autotune_flag, autotune_note = autotune_xla_flags(config.train.get("autotune_results", "shipped"))
-    apply_model_xla_flags([config.model], merge_xla_flags(config.train.get("xla_flags", ""), autotune_flag))
+    flags_now = apply_model_xla_flags([config.model], merge_xla_flags(config.train.get("xla_flags", ""),
+                                                                     autotune_flag))
+    if autotune_flag and autotune_flag not in flags_now.split():  # XLA_FLAGS or train.xla_flags name their own
+        autotune_flag, autotune_note = "", "XLA_FLAGS or train.xla_flags choose the autotuning results file"
     multi_process = maybe_initialize_distributed()
     if jax.process_index() == 0 and (autotune_flag or autotune_note):
         print(f"XLA autotuning results: {autotune_flag.split('=', 1)[1]}" if autotune_flag
-              else f"note: {autotune_note}; the first compile autotunes every kernel", flush=True)
+              else f"note: {autotune_note}", flush=True)
     cache_setting = config.train.get("compilation_cache", "auto")
     if multi_process and cache_setting not in OFF:
         # JAX writes persistent-cache entries from process 0 only, so after a restart process 0

@@ -109,7 +109,7 @@ def shipped_autotune_file(versions: Mapping[str, str] | None = None,
             return directory / entry["file"], ""
     shipped = "; ".join(" ".join(f"{k} {v}" for k, v in e["versions"].items()) for e in entries) or "none"
     return None, (f"no shipped XLA autotuning results for {' '.join(f'{k} {v}' for k, v in versions.items())} "
-                  f"(shipped: {shipped})")
+                  f"(shipped: {shipped}); the first compile autotunes every kernel")
 
 
 def autotune_xla_flags(setting: str, versions: Mapping[str, str] | None = None,
@@ -126,6 +126,9 @@ def autotune_xla_flags(setting: str, versions: Mapping[str, str] | None = None,
         path, why_not = shipped_autotune_file(versions, directory)
         if path is None:
             return "", why_not
+        if any(c.isspace() for c in str(path)):
+            return "", (f"the shipped XLA autotuning results are not loaded: XLA_FLAGS cannot carry their path "
+                        f"{str(path)!r} (it has spaces)")
     else:
         path = pathlib.Path(setting).expanduser().resolve()
         if not path.is_file():

@@ -1,5 +1,6 @@
 """Compiling a program on a background thread (training/compile_ahead.py)."""
 
+import contextlib
 import threading
 
 import jax
@@ -15,6 +16,7 @@ def test_the_program_compiled_ahead_from_shapes_computes_what_jit_computes():
     x, y = np.arange(12.0, dtype=np.float32).reshape(3, 4), np.ones((4, 2), np.float32)
     job = BackgroundCompile(f, jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(y.shape, y.dtype))
     compiled = job.result()
+    job.wait()
     assert not job.running() and job.seconds > 0
     jax.tree.map(np.testing.assert_array_equal, compiled(x, y), f(x, y))
     with pytest.raises(TypeError):  # compiled for those shapes only
@@ -72,3 +74,28 @@ def test_the_initialisation_lowering_setting_does_not_reach_a_step_lowered_on_an
         assert lowered.wait(timeout=60)
     thread.join()
     assert "cu_threefry2x32" in texts["here"] and "cu_threefry2x32" not in texts["other"]
+
+
+def test_the_callers_scoped_settings_and_the_within_context_reach_the_tracing_thread():
+    # Tracing on the caller's thread would see its `with jax.default_matmul_precision(...)`; the
+    # thread re-enters it. `within` (the initialisation's threefry lowering) is entered there too.
+    seen = {}
+    marker = threading.local()
+
+    @contextlib.contextmanager
+    def within():
+        marker.inside = True
+        yield
+
+    def traced(x):
+        seen["precision"] = jax.config.jax_default_matmul_precision
+        seen["within"] = getattr(marker, "inside", False)
+        seen["thread"] = threading.current_thread().name
+        return x @ x
+
+    with jax.default_matmul_precision("highest"):
+        job = BackgroundCompile(jax.jit(traced), jax.ShapeDtypeStruct((2, 2), jnp.float32), name="scoped",
+                                within=within)
+        job.result()
+    assert seen == {"precision": "highest", "within": True, "thread": "compile scoped"}
+    assert jax.config.jax_default_matmul_precision is None  # nothing leaked into the global setting

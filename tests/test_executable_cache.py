@@ -1,8 +1,12 @@
 """The compiled-program cache (training/executable_cache.py) and its use by BackgroundCompile."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from livseg_jax.config import base_config
 from livseg_jax.training import executable_cache
@@ -24,11 +28,40 @@ def test_the_key_is_stable_and_changes_with_the_config_the_shapes_the_source_and
     assert executable_cache.program_key("step", other, ARGS) != key
     assert executable_cache.program_key("step", config, (ARGS[0], jax.ShapeDtypeStruct((3,), jnp.bfloat16))) != key
     assert executable_cache.program_key("init", config, ARGS) != key
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    flags = os.environ.get("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", f"{flags} --xla_cpu_enable_fast_math=false")
     assert executable_cache.program_key("step", config, ARGS) != key
-    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert executable_cache.program_key("step", config, ARGS) == key
     monkeypatch.setattr(executable_cache, "source_digest", lambda: "edited")
     assert executable_cache.program_key("step", config, ARGS) != key
+    monkeypatch.undo()
+    with jax.default_matmul_precision("highest"):  # a setting the caller scoped
+        assert executable_cache.program_key("step", config, ARGS) != key
+
+
+def test_meshes_over_other_devices_or_another_order_are_other_programs(tmp_path):
+    # NamedSharding's repr shows only the mesh's axis sizes: the devices' ids must be in the key.
+    devices = jax.devices()
+    assert len(devices) >= 4  # conftest: JAX_NUM_CPU_DEVICES
+    config = base_config()
+
+    def spec(ids):
+        mesh = Mesh(np.array([devices[i] for i in ids]), ("data",))
+        return (jax.ShapeDtypeStruct((4, 3), jnp.float32, sharding=NamedSharding(mesh, P("data"))),
+                jax.ShapeDtypeStruct((3,), jnp.float32, sharding=NamedSharding(mesh, P())))
+
+    keys = {ids: executable_cache.program_key("step", config, spec(ids)) for ids in ((0, 1), (2, 3), (1, 0))}
+    assert len(set(keys.values())) == 3
+    # A program kept for devices (2, 3) loads onto them, not onto the first devices.
+    path = tmp_path / "step.pkl"
+    BackgroundCompile(jax.jit(program), *spec((2, 3)), cache_file=path).wait()
+    job = BackgroundCompile(jax.jit(program), *spec((2, 3)), cache_file=path)
+    loaded = job.result()
+    assert job.loaded and executable_cache.device_ids(loaded) == [devices[2].id, devices[3].id]
+    x = jax.device_put(np.ones((4, 3), np.float32), spec((2, 3))[0].sharding)
+    y = jax.device_put(np.ones(3, np.float32), spec((2, 3))[1].sharding)
+    np.testing.assert_allclose(loaded(x, y)["out"], np.full(4, 3 * np.tanh(1.0)), rtol=1e-6)
 
 
 def test_a_stored_program_loads_without_tracing_and_computes_the_same(tmp_path):

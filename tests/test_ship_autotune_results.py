@@ -2,7 +2,7 @@
 
 import pytest
 
-from tools.ship_autotune_results import merge_autotune_results, top_level_blocks
+from tools.ship_autotune_results import merge_autotune_results, results_file_name, top_level_blocks
 
 # The shape of XLA's AutotuneResults text format; the HLO strings hold braces and escaped quotes.
 DUMP_A = '''version: 3
@@ -79,11 +79,11 @@ def test_blocks_are_split_at_the_top_level_whatever_braces_the_strings_hold():
 
 
 def test_merging_keeps_every_distinct_result_once_in_order():
-    merged = merge_autotune_results([DUMP_A, DUMP_B])
+    merged, conflicts = merge_autotune_results([DUMP_A, DUMP_B])
     scalars, blocks = top_level_blocks(merged)
-    assert scalars == ["version: 3"] and len(blocks) == 3
+    assert scalars == ["version: 3"] and len(blocks) == 3 and conflicts == 0
     assert "gemm" in blocks[0] and "Cores: 108" in blocks[2]
-    assert merge_autotune_results([merged, DUMP_B]) == merged
+    assert merge_autotune_results([merged, DUMP_B]) == (merged, 0)
 
 
 def test_results_of_another_format_version_or_a_cut_file_are_refused():
@@ -96,5 +96,21 @@ def test_results_of_another_format_version_or_a_cut_file_are_refused():
 def test_jaxlib_0_11_entries_merge_the_same_way():
     first, second = top_level_blocks(DUMP_NEW)[1]
     assert top_level_blocks(DUMP_NEW)[0] == [] and "TRITON" in first and "CUDNN" in second
-    merged = merge_autotune_results([DUMP_NEW, "entries {\n" + second.split("{", 1)[1] + "\n"])
-    assert len(top_level_blocks(merged)[1]) == 2
+    merged, conflicts = merge_autotune_results([DUMP_NEW, "entries {\n" + second.split("{", 1)[1] + "\n"])
+    assert len(top_level_blocks(merged)[1]) == 2 and conflicts == 0
+
+
+def test_one_result_per_key_the_first_kept_and_the_conflicts_counted():
+    # Two dumps may choose different kernels for one fusion (timings within noise): one is kept.
+    other_choice = DUMP_NEW.replace("backend: CUDNN", "backend: NATIVE_EMITTER")
+    merged, conflicts = merge_autotune_results([DUMP_NEW, other_choice])
+    blocks = top_level_blocks(merged)[1]
+    assert len(blocks) == 2 and conflicts == 1 and "CUDNN" in blocks[1]
+
+
+def test_each_build_gets_its_own_file():
+    cu12 = {"jaxlib": "0.11.2", "jax-cuda12-plugin": "0.11.2", "nvidia-cudnn-cu12": "9.10.2.21"}
+    cu13 = {"jaxlib": "0.11.2", "jax-cuda13-plugin": "0.11.2", "nvidia-cudnn-cu13": "9.19.0.56"}
+    assert results_file_name(cu12) != results_file_name(cu13)
+    assert results_file_name(cu12) == results_file_name(dict(reversed(list(cu12.items()))))
+    assert results_file_name(cu12).startswith("xla_autotune_0.11.2_")

@@ -110,6 +110,7 @@ GPU_VERSIONS = {"jaxlib": "0.11.2", "jax-cuda12-plugin": "0.11.2", "nvidia-cudnn
 
 
 def shipped_dir(tmp_path, versions=GPU_VERSIONS):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "xla_autotune_0.11.2.textproto").write_text("version: 3\n")
     (tmp_path / "manifest.json").write_text(json.dumps(
         {"files": [{"file": "xla_autotune_0.11.2.textproto", "versions": versions,
@@ -128,6 +129,12 @@ def test_shipped_autotuning_results_load_only_with_the_versions_that_made_them(t
     # Without a CUDA plugin there is no GPU to autotune for: no flag and nothing to say.
     assert autotune_xla_flags("shipped", {"jaxlib": "0.11.2"}, directory) == ("", "")
     assert autotune_xla_flags("off", GPU_VERSIONS, directory) == ("", "")
+
+
+def test_shipped_results_at_a_path_with_spaces_are_skipped_with_a_note(tmp_path):
+    directory = shipped_dir(tmp_path / "site packages")
+    flag, note = autotune_xla_flags("shipped", GPU_VERSIONS, directory)
+    assert flag == "" and "spaces" in note
 
 
 def test_a_named_autotuning_results_file_must_exist_and_fit_in_xla_flags(tmp_path):

@@ -9,15 +9,17 @@ Run on the GPU the results are for, with the package versions they are for:
 
 XLA writes a process's whole autotuning cache after each compile, so the last dump of a process
 holds every program it compiled. The results are merged with those already shipped for the same
-versions (other GPU models, other programs) into `xla_autotune_<jaxlib>.textproto`, and the
-manifest records the versions (`livseg_jax.xla_flags.runtime_versions`), the GPUs and the
-programs. Writing the text format by hand (top-level blocks, one per result, deduplicated) needs
-no protobuf classes: jaxlib does not expose XLA's `AutotuneResults` message to Python.
+versions (other GPU models, other programs), one result per key (the first kept), into
+`xla_autotune_<jaxlib>_<hash of the versions>.textproto`; the manifest records the versions
+(`livseg_jax.xla_flags.runtime_versions`), the GPUs and the programs. Writing the text format by
+hand (top-level blocks, one per result) needs no protobuf classes: jaxlib does not expose XLA's
+`AutotuneResults` message to Python.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pathlib
 import re
@@ -70,12 +72,25 @@ def top_level_blocks(text: str) -> tuple[list[str], list[str]]:
     return scalars, blocks
 
 
-def merge_autotune_results(texts: list[str]) -> str:
-    """Returns one text proto holding every distinct top-level block of `texts` (first seen first).
+def result_key(block: str) -> str:
+    """Returns what a result is for: its block without the chosen kernel (jaxlib 0.11's `value { }`,
+    the older format's `result { }`), white space collapsed."""
+    inner = block[block.index("{") + 1: block.rindex("}")]
+    _, children = top_level_blocks(inner)
+    for child in children:
+        if re.match(r"(value|result)\s*\{", child):
+            inner = inner.replace(child, "")
+    return " ".join(inner.split())
+
+
+def merge_autotune_results(texts: list[str]) -> tuple[str, int]:
+    """Returns (one text proto with one result per key of `texts`, the first seen; how many later
+    results for a key already seen chose another kernel). Two autotuning runs may time two kernels
+    within noise of each other and pick differently; XLA would take either.
 
     Raises ValueError when the texts' scalar fields (the format `version`) differ.
     """
-    header, merged, seen = None, [], set()
+    header, merged, seen, conflicts = None, [], {}, 0
     for text in texts:
         scalars, blocks = top_level_blocks(text)
         if header is None:
@@ -83,11 +98,19 @@ def merge_autotune_results(texts: list[str]) -> str:
         elif scalars != header:
             raise ValueError(f"autotuning results of different formats: {header} and {scalars}")
         for block in blocks:
-            key = " ".join(block.split())  # the same result however it is indented
+            key, whole = result_key(block), " ".join(block.split())
             if key not in seen:
-                seen.add(key)
+                seen[key] = whole
                 merged.append(block)
-    return "\n".join([*(header or []), *merged]) + "\n"
+            elif seen[key] != whole:
+                conflicts += 1
+    return "\n".join([*(header or []), *merged]) + "\n", conflicts
+
+
+def results_file_name(versions: dict[str, str]) -> str:
+    """Returns the shipped file's name for `versions`: one per build (jaxlib, CUDA plugin, cuDNN)."""
+    digest = hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:8]
+    return f"xla_autotune_{versions.get('jaxlib', 'unknown')}_{digest}.textproto"
 
 
 def main() -> None:
@@ -104,13 +127,13 @@ def main() -> None:
         args.devices = sorted({d.device_kind for d in jax.devices("gpu")})
     manifest_path = args.out_dir / AUTOTUNE_MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": []}
-    name = f"xla_autotune_{versions['jaxlib']}.textproto"
+    name = results_file_name(versions)
     previous = next((e for e in manifest["files"] if e["versions"] == versions), None)
     texts = [p.read_text() for p in args.dumps]
     if previous is not None:  # keep what other GPUs and programs contributed
         texts.insert(0, (args.out_dir / previous["file"]).read_text())
         name = previous["file"]
-    merged = merge_autotune_results(texts)
+    merged, conflicts = merge_autotune_results(texts)
     entry = {"file": name, "versions": versions,
              "devices": sorted(set(args.devices) | set(previous["devices"] if previous else [])),
              "programs": sorted(set(args.programs) | set(previous["programs"] if previous else []))}
@@ -118,7 +141,8 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_text(args.out_dir / name, merged)
     write_json(manifest_path, manifest)
-    print(f"{args.out_dir / name}: {len(top_level_blocks(merged)[1])} results, {len(merged) / 1e6:.2f} MB; "
+    print(f"{args.out_dir / name}: {len(top_level_blocks(merged)[1])} results, {len(merged) / 1e6:.2f} MB "
+          f"({conflicts} later results for a key already kept chose another kernel and were dropped); "
           f"versions {versions}; GPUs {entry['devices']}")
 
 

@@ -25,7 +25,7 @@ from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
 from livseg_jax.study import scheduler, spec
 from livseg_jax.study.runner import run_study, run_study_in_workers, run_worker
-from livseg_jax.xla_flags import apply_model_xla_flags
+from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "study config file (configs/studies/NAME.py[:paper])")
 _WORKDIR = flags.DEFINE_string("workdir", "", "study directory (default: studies/<name>-<scale>)")
@@ -51,11 +51,19 @@ def main(argv) -> None:
         raise app.UsageError("--config=configs/studies/NAME.py is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     study = _CONFIG.value
-    # Before anything starts a backend: the XLA flags every run's network forms need.
+    # Before anything starts a backend: the XLA flags every run's network forms need, and the
+    # autotuning results to load (one file per process, so one setting for the study's runs).
     no_split = {"train": (), "val": ()}
-    models = [c.model for entry in study.runs for c in (spec.stage_run_config(study, entry, stage, no_split)
-                                                        for stage in spec.run_stages(entry))]
-    apply_model_xla_flags(models)
+    configs = [spec.stage_run_config(study, entry, stage, no_split)
+               for entry in study.runs for stage in spec.run_stages(entry)]
+    settings = sorted({c.train.get("autotune_results", "shipped") for c in configs})
+    if len(settings) > 1:
+        raise ValueError(f"train.autotune_results differs between the study's runs ({settings}); one process "
+                         "loads one autotuning results file")
+    autotune_flag, autotune_note = autotune_xla_flags(settings[0] if settings else "shipped")
+    apply_model_xla_flags([c.model for c in configs], autotune_flag)
+    if autotune_note:
+        print(f"note: {autotune_note}", flush=True)
     cache = pathlib.Path(study.data.cache_dir).expanduser() if study.data.cache_dir else default_cache_root()
     use_compilation_cache("auto", cache)
     workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("studies") / f"{study.name}-{study.scale}").absolute()

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+from jax._src import config as jax_config  # scoping a setting by its name
 
 from livseg_jax.training import executable_cache
 
@@ -46,6 +47,7 @@ class BackgroundCompile:
         self.loaded = False  # whether the program came from `cache_file` (executable_cache)
         self._jitted, self._args, self._options, self._cache_file = jitted, args, compiler_options, cache_file
         self._within = within or contextlib.nullcontext  # JAX's scoped settings are per thread: entered here
+        self._caller_settings = dict(jax.config.values)  # as the calling thread sees them (scopes included)
         self._compiled = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
@@ -61,16 +63,27 @@ class BackgroundCompile:
         except Exception as e:  # an entry from a crash or another build: compile and replace it
             print(f"note: {self._cache_file}: compiled-program cache entry unreadable ({type(e).__name__}: {e}); "
                   f"compiling the {self.name} instead", file=sys.stderr, flush=True)
-            self._cache_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only cache: the compile goes on regardless
+                self._cache_file.unlink(missing_ok=True)
             return None
         self.loaded = True
         return compiled
 
     def _compile(self) -> jax.stages.Compiled:
-        with self._within():
+        with self._caller_scopes(), self._within():
             with _collector_paused():
                 lowered = self._jitted.trace(*self._args).lower()
             return lowered.compile(self._options)
+
+    def _caller_scopes(self) -> contextlib.ExitStack:
+        """Enters, on this thread, the JAX settings the caller had scoped on its own (e.g. `with
+        jax.default_matmul_precision(...)`): tracing on the caller's thread would have seen them."""
+        stack = contextlib.ExitStack()
+        holders = jax_config.config._value_holders  # no public way to scope a setting by name
+        for name, value in self._caller_settings.items():
+            if jax.config.values.get(name) != value:
+                stack.enter_context(holders[name](value))
+        return stack
 
     def _run(self) -> None:
         try:
@@ -91,6 +104,10 @@ class BackgroundCompile:
         """Returns whether the thread is still at work (compiling, or storing the program)."""
         return self._thread.is_alive()
 
+    def ready(self) -> bool:
+        """Returns whether the program (or the error) is there; the thread may still be storing it."""
+        return self._ready.is_set()
+
     def wait(self) -> None:
         """Waits for the thread to end, however the compile ends."""
         self._thread.join()
@@ -103,9 +120,9 @@ class BackgroundCompile:
         return self._compiled
 
 
-# Tracing makes many short-lived objects; the collector's passes over them were 27-36% of the paper
-# step's trace on a CPU (1.0-1.5 s of 3.4-4.2 s, session 8). It is off, for the whole process, while
-# any BackgroundCompile traces and lowers, and back on for XLA's compile.
+# Tracing makes many short-lived objects, and the collector's passes over them were a large share of
+# the paper step's trace in a CPU profile (session 8; not measured on a GPU host). It is off, for the
+# whole process, while any BackgroundCompile traces and lowers, and back on for XLA's compile.
 _collector_lock = threading.Lock()
 _collector_holds = 0
 _collector_was_on = False
@@ -136,9 +153,12 @@ def compile_ahead(jitted: Callable, *args: Any, **settings: Any) -> Iterator[Bac
     try:
         yield job
     except BaseException:
-        if job.running():
+        if not job.ready():
             print(f"waiting for the {job.name}'s compile to finish before stopping (XLA cannot stop a compile "
                   "midway)", file=sys.stderr, flush=True)
+        elif job.running():
+            print(f"waiting for the compiled {job.name}'s write to the compiled-program cache",
+                  file=sys.stderr, flush=True)
         raise
     finally:
         job.wait()  # also the program's write to the compiled-program cache, which follows the result

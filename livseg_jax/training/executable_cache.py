@@ -1,14 +1,17 @@
 """Compiled programs kept on disk and loaded without tracing: the train step's warm start.
 
 JAX's persistent compilation cache keys a program by its lowered form, so even a warm start traces
-and lowers the step first: 5-8 s of Python for the paper network on an H200 host (docs/benchmarks.md),
+and lowers the step first: 6.5-9 s of Python for the paper network on an H200 host (docs/benchmarks.md),
 more than loading the program. This cache keys the step instead by everything it is made from, and
 stores the compiled executable itself (`jax.experimental.serialize_executable`):
 
-- the package's own source (every `livseg_jax/**/*.py`, hashed) and the versions of the libraries
-  that build the program (jax, jaxlib, flax, optax, numpy);
-- the whole run config, the arguments' shapes, dtypes and shardings, and the program's name;
-- `XLA_FLAGS`, every global JAX setting, the devices (kind, id, process) and this process's index.
+- the package's own source (every `livseg_jax/**/*.py`, hashed) and the versions of what builds and
+  compiles the program: jax, jaxlib, flax, optax, numpy, the JAX CUDA plugin and cuDNN
+  (`xla_flags.runtime_versions`), and the backend's platform version;
+- the whole run config, the program's name, and its arguments' shapes, dtypes and shardings with
+  the ids of the devices each sharding uses, in order;
+- `XLA_FLAGS`, every JAX setting as the calling thread sees it, every device (kind, id, process)
+  and this process's index.
 
 A change to any of them is another key, so an entry is never used for another program; the cost of
 that caution is a miss (one normal compile) after edits that would not have changed the program.
@@ -30,11 +33,13 @@ import jax
 import ml_collections
 from jax.experimental import serialize_executable
 
-from livseg_jax.atomic_write import write_bytes
+from livseg_jax.atomic_write import sweep_stale_temps, write_bytes
+from livseg_jax.xla_flags import runtime_versions
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBDIR = "livseg_executables"
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy")
+KEEP_PER_PROGRAM = 3  # entries kept per program name (train step, initialisation): the newest
 
 
 def executable_cache_dir() -> pathlib.Path | None:
@@ -69,15 +74,22 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _sharding_devices(leaf: Any) -> list[int] | None:
+    """Returns the ids of the devices a leaf's sharding uses, in order (a NamedSharding's repr shows
+    only the mesh's axis sizes: meshes over devices [0, 1] and [2, 3] print alike)."""
+    sharding = getattr(leaf, "sharding", None)
+    return None if sharding is None else [d.id for d in sharding._device_assignment]  # no public ordered accessor
+
+
 def program_key(name: str, config: ml_collections.ConfigDict, args: Any) -> str:
     """Returns the key of program `name` of a run with `config` for `args` (arrays or
     ShapeDtypeStructs with shardings): the hash of everything the module docstring lists."""
-    shapes = [(str(path), a.shape, str(a.dtype), repr(getattr(a, "sharding", None)))
+    shapes = [(str(path), a.shape, str(a.dtype), repr(getattr(a, "sharding", None)), _sharding_devices(a))
               for path, a in jax.tree_util.tree_flatten_with_path(args)[0]]
     parts = {
         "name": name,
         "source": source_digest(),
-        "versions": _versions(),
+        "versions": {**_versions(), **runtime_versions(), "platform": jax.devices()[0].client.platform_version},
         "config": config.to_json(sort_keys=True),
         "args": repr(shapes) + repr(jax.tree.structure(args)),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -88,17 +100,30 @@ def program_key(name: str, config: ml_collections.ConfigDict, args: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def _device_ids(compiled: jax.stages.Compiled) -> list[int]:
+def device_ids(compiled: jax.stages.Compiled) -> list[int]:
     """Returns the ids of the devices `compiled` runs on, in its order (its first input's sharding, or
     its first output's for a program without inputs)."""
     sharding = (jax.tree.leaves(compiled.input_shardings) or jax.tree.leaves(compiled.output_shardings))[0]
     return [d.id for d in sharding._device_assignment]  # no public accessor keeps the order
 
 
+def prune(directory: pathlib.Path, keep: int = KEEP_PER_PROGRAM) -> None:
+    """Deletes all but the `keep` newest entries of each program in `directory`, and temporary files
+    of killed writers: each edit of the package makes new entries, and a GPU program is large."""
+    sweep_stale_temps(directory)
+    by_program: dict[str, list[pathlib.Path]] = {}
+    for path in directory.glob("*.pkl"):
+        by_program.setdefault(path.name.rsplit("-", 1)[0], []).append(path)
+    for paths in by_program.values():
+        for old in sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)[keep:]:
+            old.unlink(missing_ok=True)
+
+
 def store(path: pathlib.Path, compiled: jax.stages.Compiled) -> None:
     """Writes `compiled` and the ids of its devices to `path` atomically (a crash leaves no partial entry)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, pickle.dumps((serialize_executable.serialize(compiled), _device_ids(compiled))))
+    write_bytes(path, pickle.dumps((serialize_executable.serialize(compiled), device_ids(compiled))))
+    prune(path.parent)
 
 
 def load(path: pathlib.Path) -> jax.stages.Compiled:

@@ -222,11 +222,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ckpt = RunCheckpoints(workdir, config.train.keep_checkpoints)
     start = ckpt.latest_step() or 0
     background = bool(config.train.get("compile_ahead", True))
-    executables = executable_cache_dir()  # None unless JAX's persistent cache is on (train turns it on)
+    executables_dir = executable_cache_dir()  # None unless JAX's persistent cache is on (train turns it on)
 
     def program_file(name: str, args) -> pathlib.Path | None:
-        key = program_key(name, config, args)
-        return None if executables is None else executables / f"{name.replace(' ', '_')}-{key}.pkl"
+        if executables_dir is None:
+            return None
+        return executables_dir / f"{name.replace(' ', '_')}-{program_key(name, config, args)}.pkl"
+
+    if start:  # a refused resume must not wait for a compile first
+        check_resumable(config, workdir)
 
     with contextlib.ExitStack() as stack:
 
@@ -242,7 +246,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         ahead = start_compile() if background and start < total_steps else None
         made_start = time.perf_counter()  # making the state, the pipeline and the step: the first step's cost
         if start:
-            check_resumable(config, workdir)
             state: TrainState = ckpt.restore(start, state_spec)
             print(f"{process_label()}resuming from step {start} ({workdir / PERIODIC})")
         else:
@@ -267,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         batches = pipeline.batch_iterator(dataset, config.data.num_workers, config.data.prefetch)
         predict_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), config.inference.mirror_tta)
 
-        summary: dict[str, Any] = {"start_step": start, "best_dice": ckpt.best_dice()}
+        summary: dict[str, Any] = {"start_step": start, "best_dice": ckpt.best_dice(),
+                                   "initialisation_loaded": None if start else init_job.loaded}
         pending: list[tuple[int, dict]] = []
         bar: tqdm.tqdm | None = None
         compiled_step = None
@@ -276,16 +280,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             for step in range(start, total_steps):
                 batch = pipeline.to_global_batch(next(batches), in_sharding)
                 if compiled_step is None:  # the bar starts once the step is ready: its rate and ETA exclude compiling
-                    wait_start = time.perf_counter()
                     ahead = ahead or start_compile()
+                    wait_start = time.perf_counter()
                     compiled_step = ahead.result()
                     summary["train_step_compile_s"] = round(ahead.seconds, 1)
                     summary["train_step_wait_s"] = round(time.perf_counter() - wait_start, 1)
                     if is_chief:
                         how = ("loaded from the compiled-program cache" if ahead.loaded
                                else "traced and compiled, or loaded from the compilation cache")
-                        print(f"train step ready in {ahead.seconds:.1f} s ({how}){' in the background' * background}"
-                              f"; the first step waited {summary['train_step_wait_s']:.1f} s for it", flush=True)
+                        where = " in the background" if background else ""
+                        print(f"train step ready in {ahead.seconds:.1f} s ({how}){where}; the first step waited "
+                              f"{summary['train_step_wait_s']:.1f} s for it", flush=True)
                     summary["train_step_loaded"] = ahead.loaded
                     bar = tqdm.tqdm(total=total_steps, initial=step, desc=f"train {config.stage}", unit="step",
                                     disable=not is_chief, dynamic_ncols=True)
