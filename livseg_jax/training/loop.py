@@ -257,6 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 jit_create_train_state(model, optimizer, config.seed, state_sharding), name="initialisation",
                 cache_file=program_file("initialisation", state_spec), within=init_lowering))
             state = init_job.result()()
+        state_ready_s = time.perf_counter() - made_start
 
         if is_chief:  # only now: config.json must keep describing the checkpoints beside it
             save_config(workdir, config)
@@ -271,7 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         predict_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), config.inference.mirror_tta)
 
         summary: dict[str, Any] = {"start_step": start, "best_dice": ckpt.best_dice(),
-                                   "initialisation_loaded": None if start else init_job.loaded}
+                                   "initialisation_loaded": None if start else init_job.loaded,
+                                   "state_ready_s": round(state_ready_s, 1)}
         pending: list[tuple[int, dict]] = []
         bar: tqdm.tqdm | None = None
         compiled_step = None
@@ -280,6 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             for step in range(start, total_steps):
                 batch = pipeline.to_global_batch(next(batches), in_sharding)
                 if compiled_step is None:  # the bar starts once the step is ready: its rate and ETA exclude compiling
+                    summary["first_batch_s"] = round(time.perf_counter() - made_start, 1)
                     ahead = ahead or start_compile()
                     wait_start = time.perf_counter()
                     compiled_step = ahead.result()
@@ -301,7 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     summary["first_step_s"] = round(time.perf_counter() - made_start, 1)
                     if is_chief:
                         bar.write(f"first step done {summary['first_step_s']:.1f} s after the state, the input "
-                                  "pipeline and the step's compile started")
+                                  f"pipeline and the step's compile started (state ready at "
+                                  f"{summary['state_ready_s']:.1f} s, first batch at {summary['first_batch_s']:.1f} s)")
                 done = step + 1
                 pending.append((done, metrics))
                 epoch_end = done % spe == 0
