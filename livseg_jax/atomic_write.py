@@ -16,6 +16,7 @@ namespace, and names (without touching) temporaries it cannot attribute.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -116,7 +117,23 @@ class Terminated(SystemExit):
     """Raised in the main thread on SIGTERM (exit status 143, like a process killed by it)."""
 
 
+def _inside_gc_callback(frame) -> bool:
+    """Returns whether `frame` runs inside a garbage-collector callback (JAX installs one)."""
+    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise_terminated(signum, frame) -> None:
+    if _inside_gc_callback(frame):
+        # Python prints and drops an exception raised in a collector callback ("Exception ignored
+        # in: <function _xla_gc_callback ...>"): the run went on as if never signalled. The signal
+        # is sent again once the collection is over.
+        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        return
     raise Terminated(128 + signal.SIGTERM)
 
 

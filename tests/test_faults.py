@@ -410,3 +410,59 @@ def test_sigterm_stops_the_importer_cli_with_no_half_case_and_no_temporary(tmp_p
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert _listing(out) == []
+
+
+# ------------------------------------------------------------------ a signal during a compile
+
+
+def test_sigterm_while_the_step_compiles_in_the_background_waits_for_it_and_exits_cleanly(tmp_path):
+    # A process that exits while XLA compiles on another thread aborts ("terminate called ...",
+    # status 134). train's compile thread is not a daemon and the unwinding waits for it, saying so.
+    env = {**ENV, "LIVSEG_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "livseg_jax.train", "--config=configs/liver.py", f"--workdir={tmp_path / 'run'}",
+           "--config.data.synthetic.num_cases=3", "--config.data.num_val_cases=1", "--config.train.num_epochs=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "initialising the model" in line:  # the step's compile is under way, the state's about to be
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 128 + signal.SIGTERM, "".join(seen)
+    out = "".join(seen) + proc.stdout.read()
+    assert "compile to finish before stopping" in out
+    assert "terminate called" not in out and "Traceback" not in out and "Exception ignored" not in out
+    temporaries = [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert temporaries == []
+    assert not list((tmp_path / "run").glob("checkpoints*/*"))  # stopped before any step
+
+
+def test_sigterm_inside_a_collector_callback_is_sent_again_not_lost(monkeypatch):
+    # Python drops an exception raised in a garbage-collector callback (JAX installs one), so a
+    # SIGTERM handled there would be lost; the handler sends it again once the callback is over.
+    frames = []
+
+    def callback(phase, info):
+        if not frames:
+            frames.append(sys._getframe())
+
+    sent = []
+    monkeypatch.setattr(atomic_write.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    import gc
+
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+        gc.callbacks.append(callback)  # still registered while the handler looks at the frame
+    try:
+        atomic_write._raise_terminated(signal.SIGTERM, frames[0])  # no raise: it would be dropped
+        deadline = time.time() + 5
+        while not sent and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        gc.callbacks.remove(callback)
+    assert sent == [(os.getpid(), signal.SIGTERM)]
+    with pytest.raises(atomic_write.Terminated):  # anywhere else it raises at once
+        atomic_write._raise_terminated(signal.SIGTERM, sys._getframe())

@@ -219,8 +219,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe, augment,
                                              config.train.get("batch_norm_stats", "global"), mesh), mesh,
                              bool(config.train.get("donate_state", True)))
-    ckpt = RunCheckpoints(workdir, config.train.keep_checkpoints)
-    start = ckpt.latest_step() or 0
     background = bool(config.train.get("compile_ahead", True))
     executables_dir = executable_cache_dir()  # None unless JAX's persistent cache is on (train turns it on)
 
@@ -229,10 +227,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             return None
         return executables_dir / f"{name.replace(' ', '_')}-{program_key(name, config, args)}.pkl"
 
-    if start:  # a refused resume must not wait for a compile first
-        check_resumable(config, workdir)
-
     with contextlib.ExitStack() as stack:
+        # Closed however the run ends: orbax's background work outliving the interpreter fails loudly.
+        ckpt = stack.enter_context(contextlib.closing(RunCheckpoints(workdir, config.train.keep_checkpoints)))
+        start = ckpt.latest_step() or 0
+        if start:  # a refused resume must not wait for a compile first
+            check_resumable(config, workdir)
 
         def start_compile():
             if is_chief:
@@ -346,7 +346,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if bar is not None:
                 bar.close()
             writer.close()
-            ckpt.close()
     if is_chief and (workdir / METRICS_FILE).exists():
         summary["curves"] = str(plot_curves(workdir))
     summary["final_step"] = int(jax.device_get(state.step))
