@@ -127,24 +127,37 @@ def _inside_gc_callback(frame) -> bool:
     return False
 
 
+def _sent_again_if_it_would_be_lost(signum, frame) -> bool:
+    """Returns True after arranging for `signum` to be sent again, when `frame` is inside a collector
+    callback: Python prints and drops an exception raised there ("Exception ignored in: <function
+    _xla_gc_callback ...>"), and the run would go on as if never signalled."""
+    if not _inside_gc_callback(frame):
+        return False
+    threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+    return True
+
+
 def _raise_terminated(signum, frame) -> None:
-    if _inside_gc_callback(frame):
-        # Python prints and drops an exception raised in a collector callback ("Exception ignored
-        # in: <function _xla_gc_callback ...>"): the run went on as if never signalled. The signal
-        # is sent again once the collection is over.
-        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
-        return
-    raise Terminated(128 + signal.SIGTERM)
+    if not _sent_again_if_it_would_be_lost(signum, frame):
+        raise Terminated(128 + signal.SIGTERM)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    if not _sent_again_if_it_would_be_lost(signum, frame):
+        raise KeyboardInterrupt
 
 
 def exit_on_sigterm() -> None:
-    """Makes SIGTERM raise `Terminated` (a SystemExit) so cleanup runs as for Ctrl-C.
+    """Makes SIGTERM raise `Terminated` (a SystemExit) so cleanup runs as for Ctrl-C; neither
+    signal is lost when it lands in a garbage-collector callback (`_sent_again_if_it_would_be_lost`).
 
     Without it SIGTERM ends Python at once: `finally` blocks do not run and temporaries stay.
     Call from a command line's main thread, before work starts.
     """
     if threading.current_thread() is threading.main_thread():  # signal.signal works there only
         signal.signal(signal.SIGTERM, _raise_terminated)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C: Python's own, made safe
+            signal.signal(signal.SIGINT, _raise_interrupt)
 
 
 def refuse_overwrite(paths: Sequence[PathLike], force: bool = False) -> None:

@@ -466,3 +466,5 @@ def test_sigterm_inside_a_collector_callback_is_sent_again_not_lost(monkeypatch)
     assert sent == [(os.getpid(), signal.SIGTERM)]
     with pytest.raises(atomic_write.Terminated):  # anywhere else it raises at once
         atomic_write._raise_terminated(signal.SIGTERM, sys._getframe())
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C's handler the same way
+        atomic_write._raise_interrupt(signal.SIGINT, sys._getframe())
