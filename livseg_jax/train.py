@@ -18,7 +18,7 @@ from livseg_jax.compilation_cache import OFF, use_compilation_cache
 from livseg_jax.config_checks import validate_config
 from livseg_jax.training.distributed import maybe_initialize_distributed, process_label
 from livseg_jax.training.loop import cache_root, train_and_evaluate
-from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags, merge_xla_flags
+from livseg_jax.xla_flags import apply_training_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tumor.py", "training config file")
 _WORKDIR = flags.DEFINE_string("workdir", "", "run directory (default: runs/<stage>)")
@@ -33,15 +33,11 @@ def main(argv) -> None:
     workdir = check_output_dir(_WORKDIR.value or os.path.join("runs", config.stage))
     # Before anything starts a backend: the flags the model's forms need, the user's own, and the
     # autotuning results to load (the user's flags win over both).
-    autotune_flag, autotune_note = autotune_xla_flags(config.train.get("autotune_results", "shipped"))
-    flags_now = apply_model_xla_flags([config.model], merge_xla_flags(config.train.get("xla_flags", ""),
-                                                                     autotune_flag))
-    if autotune_flag and autotune_flag not in flags_now.split():  # XLA_FLAGS or train.xla_flags name their own
-        autotune_flag, autotune_note = "", "XLA_FLAGS or train.xla_flags choose the autotuning results file"
+    autotune_line = apply_training_xla_flags([config.model], config.train.get("xla_flags", ""),
+                                             config.train.get("autotune_results", "shipped"))
     multi_process = maybe_initialize_distributed()
-    if jax.process_index() == 0 and (autotune_flag or autotune_note):
-        print(f"XLA autotuning results: {autotune_flag.split('=', 1)[1]}" if autotune_flag
-              else f"note: {autotune_note}", flush=True)
+    if jax.process_index() == 0 and autotune_line:
+        print(autotune_line, flush=True)
     cache_setting = config.train.get("compilation_cache", "auto")
     if multi_process and cache_setting not in OFF:
         # JAX writes persistent-cache entries from process 0 only, so after a restart process 0

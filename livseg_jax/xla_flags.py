@@ -80,10 +80,10 @@ AUTOTUNE_VERSIONED = ("jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cud
                       "jax-cuda13-pjrt", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13")
 
 
-def runtime_versions() -> dict[str, str]:
-    """Returns {distribution: version} of the installed `AUTOTUNE_VERSIONED` distributions."""
+def runtime_versions(names: Iterable[str] = AUTOTUNE_VERSIONED) -> dict[str, str]:
+    """Returns {distribution: version} of the installed distributions among `names`."""
     found = {}
-    for name in AUTOTUNE_VERSIONED:
+    for name in names:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -137,3 +137,17 @@ def autotune_xla_flags(setting: str, versions: Mapping[str, str] | None = None,
         raise ValueError(f"{path}: XLA cannot load autotuning results from a path with spaces (XLA_FLAGS "
                          "splits at them); set train.autotune_results to a copy elsewhere, or to 'off'")
     return f"--xla_gpu_load_autotune_results_from={path}", ""
+
+
+def apply_training_xla_flags(model_configs: Iterable[Mapping[str, Any]], user_flags: str, autotune_setting: str,
+                             environ: MutableMapping[str, str] = os.environ) -> str:
+    """Adds the models' flags, the user's `user_flags` and the autotuning results `autotune_setting`
+    names (`autotune_xla_flags`) to `environ["XLA_FLAGS"]`; returns the line to print about the
+    autotuning results ("" for none). The environment's and the user's flags win over both."""
+    flag, note = autotune_xla_flags(autotune_setting)
+    merged = apply_model_xla_flags(model_configs, merge_xla_flags(user_flags, flag), environ)
+    if flag and flag not in merged.split():
+        return "note: XLA_FLAGS or train.xla_flags choose the autotuning results file"
+    if flag:
+        return f"XLA autotuning results: {flag.split('=', 1)[1]}"
+    return f"note: {note}" if note else ""

@@ -157,3 +157,18 @@ def test_the_shipped_manifest_names_files_that_exist_with_versions_and_gpus():
         assert (SHIPPED_AUTOTUNE_DIR / entry["file"]).is_file()
         assert entry["versions"]["jaxlib"] and entry["devices"] and entry["programs"]
         assert has_cuda_plugin(entry["versions"])
+
+
+def test_the_training_flags_line_names_the_results_file_or_who_overrode_it(tmp_path, monkeypatch):
+    results = tmp_path / "results.textproto"
+    results.write_text("version: 3\n")
+    monkeypatch.setattr(xla_flags.xla_bridge, "backends_are_initialized", lambda: False)
+    environ = {}
+    line = xla_flags.apply_training_xla_flags([model_config()], "", str(results), environ)
+    assert line == f"XLA autotuning results: {results}"
+    assert f"--xla_gpu_load_autotune_results_from={results}" in environ["XLA_FLAGS"].split()
+    mine = "--xla_gpu_load_autotune_results_from=/elsewhere.textproto"
+    environ = {"XLA_FLAGS": mine}  # the environment wins, and the line says so
+    line = xla_flags.apply_training_xla_flags([model_config()], "", str(results), environ)
+    assert line.startswith("note:") and environ["XLA_FLAGS"].split().count(mine) == 1
+    assert xla_flags.apply_training_xla_flags([model_config()], "", "off", {}) == ""

@@ -25,7 +25,7 @@ from livseg_jax.compilation_cache import use_compilation_cache
 from livseg_jax.config import default_cache_root
 from livseg_jax.study import scheduler, spec
 from livseg_jax.study.runner import run_study, run_study_in_workers, run_worker
-from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags
+from livseg_jax.xla_flags import apply_training_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "study config file (configs/studies/NAME.py[:paper])")
 _WORKDIR = flags.DEFINE_string("workdir", "", "study directory (default: studies/<name>-<scale>)")
@@ -60,10 +60,9 @@ def main(argv) -> None:
     if len(settings) > 1:
         raise ValueError(f"train.autotune_results differs between the study's runs ({settings}); one process "
                          "loads one autotuning results file")
-    autotune_flag, autotune_note = autotune_xla_flags(settings[0] if settings else "shipped")
-    apply_model_xla_flags([c.model for c in configs], autotune_flag)
-    if autotune_note:
-        print(f"note: {autotune_note}", flush=True)
+    autotune_line = apply_training_xla_flags([c.model for c in configs], "", settings[0] if settings else "shipped")
+    if autotune_line:
+        print(autotune_line, flush=True)
     cache = pathlib.Path(study.data.cache_dir).expanduser() if study.data.cache_dir else default_cache_root()
     use_compilation_cache("auto", cache)
     workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("studies") / f"{study.name}-{study.scale}").absolute()

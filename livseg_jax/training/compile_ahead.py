@@ -39,13 +39,12 @@ class BackgroundCompile:
     the program is loaded from there when it exists, without tracing, and stored there after a compile.
     """
 
-    def __init__(self, jitted: Callable, *args: Any, name: str = "program",
-                 compiler_options: dict[str, Any] | None = None, cache_file: pathlib.Path | None = None,
+    def __init__(self, jitted: Callable, *args: Any, name: str = "program", cache_file: pathlib.Path | None = None,
                  within: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.name = name
         self.seconds: float | None = None  # wall time of trace + lower + compile (or of loading), once done
         self.loaded = False  # whether the program came from `cache_file` (executable_cache)
-        self._jitted, self._args, self._options, self._cache_file = jitted, args, compiler_options, cache_file
+        self._jitted, self._args, self._cache_file = jitted, args, cache_file
         self._within = within or contextlib.nullcontext  # JAX's scoped settings are per thread: entered here
         self._caller_settings = dict(jax.config.values)  # as the calling thread sees them (scopes included)
         self._compiled = None
@@ -73,7 +72,7 @@ class BackgroundCompile:
         with self._caller_scopes(), self._within():
             with _collector_paused():
                 lowered = self._jitted.trace(*self._args).lower()
-            return lowered.compile(self._options)
+            return lowered.compile()  # the jit's own compiler options apply
 
     def _caller_scopes(self) -> contextlib.ExitStack:
         """Enters, on this thread, the JAX settings the caller had scoped on its own (e.g. `with

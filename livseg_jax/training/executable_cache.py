@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -34,7 +33,7 @@ import ml_collections
 from jax.experimental import serialize_executable
 
 from livseg_jax.atomic_write import sweep_stale_temps, write_bytes
-from livseg_jax.xla_flags import runtime_versions
+from livseg_jax.xla_flags import AUTOTUNE_VERSIONED, runtime_versions
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBDIR = "livseg_executables"
@@ -64,32 +63,27 @@ def source_digest(root: pathlib.Path = PACKAGE_ROOT) -> str:
     return digest.hexdigest()
 
 
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = ""
-    return found
+def _sharding_ids(sharding: Any) -> list[int]:
+    """Returns the ids of the devices `sharding` uses, in order (a NamedSharding's repr shows only the
+    mesh's axis sizes: meshes over devices [0, 1] and [2, 3] print alike)."""
+    return [d.id for d in sharding._device_assignment]  # no public accessor keeps the order
 
 
-def _sharding_devices(leaf: Any) -> list[int] | None:
-    """Returns the ids of the devices a leaf's sharding uses, in order (a NamedSharding's repr shows
-    only the mesh's axis sizes: meshes over devices [0, 1] and [2, 3] print alike)."""
+def _leaf_key(path: Any, leaf: Any) -> tuple:
     sharding = getattr(leaf, "sharding", None)
-    return None if sharding is None else [d.id for d in sharding._device_assignment]  # no public ordered accessor
+    devices = None if sharding is None else _sharding_ids(sharding)
+    return str(path), leaf.shape, str(leaf.dtype), repr(sharding), devices
 
 
 def program_key(name: str, config: ml_collections.ConfigDict, args: Any) -> str:
     """Returns the key of program `name` of a run with `config` for `args` (arrays or
     ShapeDtypeStructs with shardings): the hash of everything the module docstring lists."""
-    shapes = [(str(path), a.shape, str(a.dtype), repr(getattr(a, "sharding", None)), _sharding_devices(a))
-              for path, a in jax.tree_util.tree_flatten_with_path(args)[0]]
+    shapes = [_leaf_key(path, a) for path, a in jax.tree_util.tree_flatten_with_path(args)[0]]
     parts = {
         "name": name,
         "source": source_digest(),
-        "versions": {**_versions(), **runtime_versions(), "platform": jax.devices()[0].client.platform_version},
+        "versions": {**runtime_versions((*LIBRARIES, *AUTOTUNE_VERSIONED)),
+                     "platform": jax.devices()[0].client.platform_version},
         "config": config.to_json(sort_keys=True),
         "args": repr(shapes) + repr(jax.tree.structure(args)),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -103,8 +97,7 @@ def program_key(name: str, config: ml_collections.ConfigDict, args: Any) -> str:
 def device_ids(compiled: jax.stages.Compiled) -> list[int]:
     """Returns the ids of the devices `compiled` runs on, in its order (its first input's sharding, or
     its first output's for a program without inputs)."""
-    sharding = (jax.tree.leaves(compiled.input_shardings) or jax.tree.leaves(compiled.output_shardings))[0]
-    return [d.id for d in sharding._device_assignment]  # no public accessor keeps the order
+    return _sharding_ids((jax.tree.leaves(compiled.input_shardings) or jax.tree.leaves(compiled.output_shardings))[0])
 
 
 def prune(directory: pathlib.Path, keep: int = KEEP_PER_PROGRAM) -> None:
