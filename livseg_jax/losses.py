@@ -96,10 +96,17 @@ def _log_probs_and_log_complements(logits: jax.Array) -> tuple[jax.Array, jax.Ar
     z = logits.astype(jnp.float32)
     num_classes = z.shape[-1]
     log_norm = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    log_p = z - log_norm
+    if num_classes == 2:
+        # 1 - p_k is the other class's probability: log(1 - p_k) = log p_{1-k}. The general form
+        # below broadcasts (..., K, K) and takes K more exponentials per voxel; at the paper's
+        # 48x256x256 patch the loss's fusions of its four full-resolution heads were the largest
+        # reductions of the bf16 train step (docs/performance_notes.md).
+        return log_p, log_p[..., ::-1]
     # Weight 0 on the diagonal drops class k from its own complement sum without an -inf.
     exclude_self = 1.0 - jnp.eye(num_classes, dtype=jnp.float32)  # (K, K): [k, j]
     log_rest = jax.nn.logsumexp(z[..., None, :], axis=-1, b=exclude_self)  # (..., K)
-    return z - log_norm, log_rest - log_norm
+    return log_p, log_rest - log_norm
 
 
 def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

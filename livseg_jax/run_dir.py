@@ -52,7 +52,8 @@ MEANING_KEYS = ("stage", "model", "preprocess", "data.patch_size", "data.liver_m
                 "train.steps_per_epoch", "seed")
 # Model keys that choose how the same parameters are computed or regularised, not what they are: a
 # run may resume under another value (e.g. float32 after a bf16 run stopped on a NaN, einsum 1x1s).
-COMPUTE_ONLY_MODEL_KEYS = ("dtype", "depthwise_impl", "pointwise_impl", "dense_pack_channels", "dropout")
+COMPUTE_ONLY_MODEL_KEYS = ("dtype", "depthwise_impl", "pointwise_impl", "dense_pack_channels", "batch_norm_impl",
+                           "dropout")
 
 
 def _manager(directory: pathlib.Path, keep: int | None = None) -> ocp.CheckpointManager:

@@ -19,20 +19,22 @@ from livseg_jax.models.layers import Layers
 def test_auto_is_the_gpu_forms_on_gpus_and_the_reference_forms_elsewhere():
     config = model_config()  # the defaults leave every form to the backend
     assert resolve_forms(config, "gpu") == GPU_FORMS == {
-        "depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_channels": 32}
+        "depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_channels": 32,
+        "batch_norm_impl": "two_stage"}
     for backend in ("cpu", "tpu"):
         assert resolve_forms(config, backend) == REFERENCE_FORMS == {
-            "depthwise_impl": "conv", "pointwise_impl": "conv", "dense_pack_channels": 0}
+            "depthwise_impl": "conv", "pointwise_impl": "conv", "dense_pack_channels": 0,
+            "batch_norm_impl": "flax"}
 
 
 def test_a_pinned_form_is_kept_on_every_backend():
     config = model_config()
     config.update(depthwise_impl="conv", dense_pack_channels=0)
     assert resolve_forms(config, "gpu") == {"depthwise_impl": "conv", "pointwise_impl": "einsum",
-                                            "dense_pack_channels": 0}
-    config.update(pointwise_impl="einsum", dense_pack_channels=16)
+                                            "dense_pack_channels": 0, "batch_norm_impl": "two_stage"}
+    config.update(pointwise_impl="einsum", dense_pack_channels=16, batch_norm_impl="two_stage")
     assert resolve_forms(config, "cpu") == {"depthwise_impl": "conv", "pointwise_impl": "einsum",
-                                            "dense_pack_channels": 16}
+                                            "dense_pack_channels": 16, "batch_norm_impl": "two_stage"}
     # A config saved before the keys existed (or with "auto" spelled out) leaves them to the backend.
     assert resolve_forms({"dense_pack_channels": "auto"}, "gpu") == GPU_FORMS
 
@@ -75,7 +77,8 @@ def test_build_model_defaults_to_the_running_backend():
 
 def test_bad_pinned_values_are_refused_on_every_backend():
     for backend in ("gpu", "cpu"):
-        for key, value in (("pointwise_impl", "gemm"), ("depthwise_impl", "fft"), ("dense_pack_channels", -8)):
+        for key, value in (("pointwise_impl", "gemm"), ("depthwise_impl", "fft"), ("dense_pack_channels", -8),
+                           ("batch_norm_impl", "welford")):
             config = model_config()
             config[key] = value
             with pytest.raises(ValueError, match=key):

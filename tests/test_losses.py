@@ -79,6 +79,17 @@ def test_bce_with_two_classes_is_binary_cross_entropy_of_logit_difference():
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
+def test_bce_gradient_with_two_classes_is_the_binary_cross_entropy_gradient():
+    # K = 2 takes log(1 - p_k) as the other class's log p (losses._log_probs_and_log_complements);
+    # its gradient must be the textbook one: d/dz_1 = (sigmoid(z_1 - z_0) - y) / voxels = -d/dz_0.
+    z, y = _random_case(4)
+    grad = np.asarray(jax.grad(losses.bce_loss)(jnp.asarray(z), jnp.asarray(y)), np.float64)
+    d = (z[..., 1] - z[..., 0]).astype(np.float64)
+    want = (1.0 / (1.0 + np.exp(-d)) - y) / y.size
+    np.testing.assert_allclose(grad[..., 1], want, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(grad[..., 0], -want, rtol=1e-4, atol=1e-9)
+
+
 def test_bce_is_finite_with_finite_gradient_for_saturated_wrong_logits():
     y = np.zeros((1, 2, 2, 2), np.int32)
     y[0, 0] = 1

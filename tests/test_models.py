@@ -321,16 +321,17 @@ def test_flop_counts_are_the_models_not_the_packed_forms_zeros():
 
 
 def test_the_gpu_forms_together_match_the_reference_forms(variant, inputs, eval_outputs):
-    # On GPUs "auto" combines shift depthwise, einsum 1x1 and packed 3x3x3 convs (models/forms.py);
-    # each is tested alone above.
+    # On GPUs "auto" combines shift depthwise, einsum 1x1 and packed 3x3x3 convs and the two-stage
+    # BatchNorm (models/forms.py); each is tested alone above (BatchNorm in tests/test_batch_norm.py).
     name, cfg, _, variables = variant
     fast_cfg = cfg.copy_and_resolve_references()
-    fast_cfg.update(depthwise_impl="shift", pointwise_impl="einsum", dense_pack_channels=32)
+    fast_cfg.update(depthwise_impl="shift", pointwise_impl="einsum", dense_pack_channels=32,
+                    batch_norm_impl="two_stage")
     fast = build_model(fast_cfg)
     got = jax.jit(lambda v, x: fast.apply(v, x, train=False))(variables, inputs)
     np.testing.assert_allclose(got, eval_outputs, rtol=1e-4, atol=1e-5)
     auto_cfg = cfg.copy_and_resolve_references()
-    auto_cfg.update(depthwise_impl="auto", pointwise_impl="auto", dense_pack_channels=None)
+    auto_cfg.update(depthwise_impl="auto", pointwise_impl="auto", dense_pack_channels=None, batch_norm_impl="auto")
     fast_bf16 = fast_cfg.copy_and_resolve_references()
     fast_bf16.dtype = "bfloat16"  # "auto" dtype is bfloat16 on a GPU
     assert build_model(auto_cfg, backend="gpu") == build_model(fast_bf16)  # what "auto" means on a GPU

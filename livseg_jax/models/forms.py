@@ -1,7 +1,8 @@
 """Computation forms: how the same parameters are computed, chosen by the backend unless pinned.
 
-Three model settings choose a form without changing the parameters or, beyond float rounding, the
-outputs: `depthwise_impl`, `pointwise_impl` and `dense_pack_channels` (see `models/layers.py`).
+Four model settings choose a form without changing the parameters or, beyond float rounding, the
+outputs: `depthwise_impl`, `pointwise_impl`, `dense_pack_channels` (see `models/layers.py`) and
+`batch_norm_impl` (`models/batch_norm.py`).
 Each may be "auto" (`dense_pack_channels`: None), the default: the backend's fastest exact form
 then applies, the GPU forms on GPUs (measured in docs/benchmarks.md) and the reference forms
 elsewhere, which also compile fastest on a CPU. A value in the config pins the form.
@@ -14,8 +15,10 @@ from typing import Any
 
 AUTO = "auto"
 # The fastest forms measured on GPUs, and the plain convolutions every other backend gets.
-GPU_FORMS = {"depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_channels": 32}
-REFERENCE_FORMS = {"depthwise_impl": "conv", "pointwise_impl": "conv", "dense_pack_channels": 0}
+GPU_FORMS = {"depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_channels": 32,
+             "batch_norm_impl": "two_stage"}
+REFERENCE_FORMS = {"depthwise_impl": "conv", "pointwise_impl": "conv", "dense_pack_channels": 0,
+                   "batch_norm_impl": "flax"}
 FORM_KEYS = tuple(REFERENCE_FORMS)
 
 

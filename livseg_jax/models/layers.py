@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from livseg_jax.models import names
+from livseg_jax.models.batch_norm import IMPLS as BATCH_NORM_IMPLS
+from livseg_jax.models.batch_norm import TwoStageBatchNorm
 from livseg_jax.models.depthwise import IMPLS as DEPTHWISE_IMPLS
 from livseg_jax.models.depthwise import DepthwiseConv
 from livseg_jax.models.packed_conv import PackedConv3d
@@ -97,6 +99,7 @@ class Layers:
     pointwise_impl: str = "conv"  # 1x1(x1) stride-1 convs: "conv" or "einsum" (matrix product)
     depthwise_impl: str = "conv"  # depthwise convs: "conv" (grouped) or "shift" (fused sums)
     dense_pack_channels: int = 0  # > 0: few-channel 3x3x3 convs on a width-packed view
+    batch_norm_impl: str = "flax"  # training-mode BatchNorm: "flax" or "two_stage" (models/batch_norm.py)
     deploy: bool = False  # re-parameterised form: BatchNorms folded into the layer before them
     spatial_dims: int = 3  # 3: volumetric; 2: axial form (per-slice 2D layers, see the module doc)
 
@@ -105,6 +108,8 @@ class Layers:
             raise ValueError(f"pointwise_impl must be one of {POINTWISE_IMPLS}, got {self.pointwise_impl!r}")
         if self.depthwise_impl not in DEPTHWISE_IMPLS:
             raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}")
+        if self.batch_norm_impl not in BATCH_NORM_IMPLS:
+            raise ValueError(f"batch_norm_impl must be one of {BATCH_NORM_IMPLS}, got {self.batch_norm_impl!r}")
         pack = self.dense_pack_channels
         if not isinstance(pack, int) or isinstance(pack, bool) or pack < 0:
             raise ValueError(f"dense_pack_channels must be an integer >= 0 (0: off), got {pack!r}")
@@ -174,8 +179,12 @@ class Layers:
         """Returns a depthwise SAME convolution with bias (channels from its input)."""
         return DepthwiseConv(self.spatial(kernel_size), self.depthwise_impl, self.dtype, name=name)
 
-    def batch_norm(self, train: bool, *, name: str) -> nn.BatchNorm:
-        """Returns the project's BatchNorm (running averages in evaluation, float32 statistics)."""
+    def batch_norm(self, train: bool, *, name: str) -> nn.Module:
+        """Returns the project's BatchNorm (running averages in evaluation, float32 statistics);
+        in training the `batch_norm_impl` form computes it (both forms have Flax's variables)."""
+        if train and self.batch_norm_impl == "two_stage":
+            return TwoStageBatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
+                                     param_dtype=jnp.float32, name=name)
         return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                             dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
