@@ -41,7 +41,7 @@ def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
             # this many channels (models/packed_conv.py); 0: plain convolutions.
             dense_pack_channels=ml_collections.FieldReference(None, field_type=int),
             # training-mode BatchNorm: "flax" (flax.linen.BatchNorm) or "two_stage" (the same
-            # statistics with two-stage sums and a written-out backward pass, models/batch_norm.py)
+            # statistics with a written-out backward pass, models/batch_norm.py)
             batch_norm_impl="auto",
             dropout=0.0,  # dropout rate before the bottleneck block
             # compute dtype: "auto" (bfloat16 on GPUs, float32 elsewhere; models/forms.py), "float32" or

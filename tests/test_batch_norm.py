@@ -33,7 +33,10 @@ def train_apply(module, variables, x, weights):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_two_stage_equals_flax_in_values_gradients_and_running_statistics(shape, dtype):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(1.5, 3.0, size=shape), dtype)  # off-centre, so the mean matters
+    values = rng.normal(1.5, 3.0, size=shape)  # off-centre, so the mean matters
+    values[..., 0] = 2.5  # a constant channel: variance 0, where epsilon alone keeps it finite
+    values[..., 1] = 0.75 + 3e-3 * rng.normal(size=shape[:-1])  # variance about epsilon (1e-5)
+    x = jnp.asarray(values, dtype)
     weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
     flax_bn, two_stage = both_forms(dtype)
     variables = flax_bn.init(jax.random.key(0), x)
@@ -58,8 +61,10 @@ def test_two_stage_equals_flax_in_values_gradients_and_running_statistics(shape,
         np.testing.assert_allclose(stats_g[key], stats_w[key], rtol=1e-5, atol=1e-6)
     for g, w in zip(jax.tree.leaves(grads_g), jax.tree.leaves(grads_w), strict=True):
         assert g.dtype == w.dtype
+        # float32: sums in another order. bfloat16: the input gradient is rounded to bf16 at the
+        # end, so the forms may differ by a unit in the last place (2^-8 of the value) or two.
         scale = float(np.max(np.abs(np.float32(w))))
-        np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=0, atol=(1e-5 if dtype == jnp.float32 else 2e-2)
+        np.testing.assert_allclose(np.float32(g), np.float32(w), rtol=0, atol=(1e-5 if dtype == jnp.float32 else 1e-2)
                                    * scale)
 
 
@@ -102,11 +107,15 @@ def test_two_stage_under_vmap_is_per_group_batch_norm():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["elanres_msca_unet"])  # every block kind: RepConv, ELAN, MSCA, heads
-def test_the_network_trains_the_same_with_either_form(name):
-    cfg = model_config(name)
+# Every block kind (RepConv, ELAN, MSCA, heads), with the reference convolutions and with the GPU
+# forms of the convolutions (which "auto" combines with the two-stage BatchNorm on a GPU).
+@pytest.mark.parametrize("conv_forms", [{}, {"depthwise_impl": "shift", "pointwise_impl": "einsum",
+                                             "dense_pack_channels": 32}], ids=["reference", "gpu_convs"])
+def test_the_network_trains_the_same_with_either_form(conv_forms):
+    cfg = model_config("elanres_msca_unet")
     cfg.features = (4, 8, 8, 8, 16)
     cfg.update(REFERENCE_FORMS)
+    cfg.update(conv_forms)
     reference = build_model(cfg)
     cfg.batch_norm_impl = "two_stage"
     fast = build_model(cfg)

@@ -92,6 +92,13 @@ def test_only_the_reference_forms_pinned_run_no_gpu_form():
     assert not may_run_gpu_forms(config)
     config.dense_pack_channels = 16
     assert may_run_gpu_forms(config)
+    # The NHWC flag follows the convolutions' forms only: BatchNorm's form does not ask for it,
+    # and a config saved before batch_norm_impl existed, pinned to the reference, stays as it was.
+    config.update(REFERENCE_FORMS)
+    config.batch_norm_impl = "two_stage"
+    assert not may_run_gpu_forms(config)
+    assert not may_run_gpu_forms({k: REFERENCE_FORMS[k] for k in ("depthwise_impl", "pointwise_impl",
+                                                                  "dense_pack_channels")})
 
 
 def test_bf16_training_with_conv_1x1s_is_refused_on_gpus_only():

@@ -51,7 +51,7 @@ from livseg_jax.inference.components import largest_component  # on the accelera
 from livseg_jax.inference.memory import memory_record, reset_host_peak
 from livseg_jax.inference.sliding_window import ensemble_window_fn, num_windows, sliding_window, window_predict_fn
 from livseg_jax.models import build_model, check_patch_shape, reparameterize, variable_shapes
-from livseg_jax.models.forms import is_auto, resolve_forms
+from livseg_jax.models.forms import CONV_FORM_KEYS, is_auto, resolve_forms
 from livseg_jax.run_dir import load_variables
 
 # progress(phase, number of windows) -> callback(windows done); phase is "liver", "tumor" or "joint".
@@ -414,7 +414,8 @@ def load_stage_model(
     window_fn = window_predict_fn(lambda v, x: model.apply(v, x, train=False), mirror)
     description = {"source": str(path), "which": which, "stage": stage, "model": str(config.model.name),
                    "features": [int(f) for f in config.model.features], "deploy": deploy,
-                   "mirror_tta": mirror, "forms": resolve_forms(model_config, jax.default_backend())}
+                   "mirror_tta": mirror,
+                   "forms": resolve_forms(model_config, jax.default_backend(), CONV_FORM_KEYS)}
     return StageModel(
         stage=stage or (expected_stage or "liver"),
         window_fn=window_fn,

@@ -1,18 +1,19 @@
 """BatchNorm with two interchangeable training computations of the same variables.
 
 `impl="flax"` is `flax.linen.BatchNorm` (the reference). `impl="two_stage"` computes the same
-statistics and normalisation, but every sum over voxels, forward and backward, runs in two stages:
-first along the last spatial axis only (millions of voxels down to many independent partial sums),
-then over the rest. Left to XLA, a sum of a (B, D, H, W, C) map over all but the few channels is a
-column reduction to C values; on GPUs XLA runs those at a fraction of memory bandwidth (the
-reductions were the largest kernel kind of the bf16 train step: 20.2 of 50.8 ms on an H100, most of
-them BatchNorm statistics and their gradients, docs/performance_notes.md). The backward pass is
-written out (`jax.custom_vjp`) so that its three sums, of the output gradient and of its product
-with the normalised input, are two-stage as well; autodiff would emit the one-stage form.
+statistics and normalisation with its backward pass written out (`jax.custom_vjp`): the scale and
+bias gradients are two sums of the output gradient (alone and times the normalised input), and the
+input gradient is one elementwise pass over them and the input. Its sums are written in two stages,
+first along the last spatial axis only, then over the rest. The optimised GPU program shows that
+XLA merges the two stages back into one reduction and splits it its own way, so what this form
+changes in practice is the backward pass's structure. On an H200 it took the paper network's bf16
+train step from 44.7 to 43.8 ms (docs/benchmarks.md, session 9); the reductions were the largest
+kernel kind of that step (20.2 of 50.8 ms on an H100, docs/performance_notes.md).
 
 Both forms declare the same variables as `flax.linen.BatchNorm` (params `scale`, `bias`; batch_stats
-`mean`, `var`), update the running averages the same way, and run evaluation identically, so
-checkpoints, converted weights and the deploy folding do not depend on the form.
+`mean`, `var`), update the running averages the same way, and run evaluation identically (the
+evaluation form is Flax's own), so checkpoints, converted weights and the deploy folding do not
+depend on the form.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def _backward(epsilon, residuals, cotangents):
     # d/dx of (x - mean) * inv * scale with mean and var functions of x (the usual BatchNorm
     # gradient), plus the direct uses of the returned statistics (zero in training: only the
     # running averages read them). The variance's clip at 0 is not differentiated: it only binds
-    # when rounding makes E[x^2] - E[x]^2 negative, where Flax's gradient of it is 0 too.
+    # when rounding makes E[x^2] - E[x]^2 negative, where Flax's gradient through the variance is 0
+    # and this one is not; there the centred values are themselves rounding noise, so both
+    # gradients agree to rounding (tested with constant and near-constant channels).
     grad_x = (scale * inv) * (g - (grad_bias + x_hat * grad_scale) / count)
     grad_x = grad_x + dmean / count + dvar * (2.0 / count) * centred
     return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(scale.dtype)
@@ -107,7 +110,7 @@ class TwoStageBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
         # As Flax: statistics and normalisation in float32, the output in `dtype` (default: the
         # promoted type of the input and the parameters).
-        dtype = self.dtype or jnp.result_type(x, scale, bias)
+        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale, bias)
         y, mean, var = batch_norm_train(x, scale.astype(jnp.float32), bias.astype(jnp.float32), self.epsilon)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean

@@ -20,6 +20,9 @@ GPU_FORMS = {"depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_
 REFERENCE_FORMS = {"depthwise_impl": "conv", "pointwise_impl": "conv", "dense_pack_channels": 0,
                    "batch_norm_impl": "flax"}
 FORM_KEYS = tuple(REFERENCE_FORMS)
+# The forms of the convolutions, which evaluation runs too; BatchNorm's form is a training
+# computation (evaluation always normalises with the running averages, as Flax does).
+CONV_FORM_KEYS = ("depthwise_impl", "pointwise_impl", "dense_pack_channels")
 
 
 def backend_forms(backend: str) -> dict[str, Any]:
@@ -45,21 +48,22 @@ def is_auto(value: Any) -> bool:
     return value is None or value == AUTO
 
 
-def resolve_forms(model_config: Mapping[str, Any], backend: str) -> dict[str, Any]:
-    """Returns {depthwise_impl, pointwise_impl, dense_pack_channels} of a model config on `backend`.
+def resolve_forms(model_config: Mapping[str, Any], backend: str,
+                  keys: tuple[str, ...] = FORM_KEYS) -> dict[str, Any]:
+    """Returns {key: form} of a model config on `backend` for `keys` (default: every form key).
 
     Settings left "auto" (or None, or absent) take the backend's forms; the others are kept as
     given, and `models.layers.Layers` validates them.
     """
     chosen = backend_forms(backend)
-    return {key: chosen[key] if is_auto(model_config.get(key)) else model_config.get(key) for key in FORM_KEYS}
+    return {key: chosen[key] if is_auto(model_config.get(key)) else model_config.get(key) for key in keys}
 
 
 def may_run_gpu_forms(model_config: Mapping[str, Any]) -> bool:
-    """Returns True when a model config runs a form other than the reference on a GPU: a form is
-    left "auto" or pinned to a non-reference value."""
+    """Returns True when a model config runs a convolution form other than the reference on a GPU:
+    one is left "auto" or pinned to a non-reference value (the forms the NHWC flag was measured with)."""
     return any(is_auto(model_config.get(key)) or model_config.get(key) != REFERENCE_FORMS[key]
-               for key in FORM_KEYS)
+               for key in CONV_FORM_KEYS)
 
 
 def check_training_forms(model_config: Mapping[str, Any], backend: str) -> None:
