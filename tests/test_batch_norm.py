@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from livseg_jax.config import model_config
-from livseg_jax.models import build_model, init_variables
+from livseg_jax.models import build_model, init_variables, variable_shapes
 from livseg_jax.models.batch_norm import TwoStageBatchNorm, batch_norm_train, batch_norm_train_reference
 from livseg_jax.models.forms import REFERENCE_FORMS
 
@@ -107,24 +107,39 @@ def test_two_stage_under_vmap_is_per_group_batch_norm():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+NETWORK_FEATURES = (2, 4, 4, 4, 8)
+# 32^3: the bottleneck's statistics come from 16 values per channel. At 16^3 (2 values) the fast
+# variance E[x^2] - E[x]^2 cancels catastrophically and either form's rounding moves the result.
+NETWORK_PATCH = (32, 32, 32)
+# The initialisation compiled without LLVM optimisation, as training does (training/state.py): 9
+# instead of 24 s here, for a program that runs once.
+QUICK_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def network(**forms):
+    cfg = model_config("elanres_msca_unet")
+    cfg.features = NETWORK_FEATURES
+    cfg.update(REFERENCE_FORMS)
+    cfg.update(forms)
+    return build_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def network_variables():
+    """Variables of the test network; every form has the same tree (checked below)."""
+    return jax.jit(lambda key: init_variables(network(), key, NETWORK_PATCH), compiler_options=QUICK_COMPILE)(
+        jax.random.key(0))
+
+
 # Every block kind (RepConv, ELAN, MSCA, heads), with the reference convolutions and with the GPU
 # forms of the convolutions (which "auto" combines with the two-stage BatchNorm on a GPU).
 @pytest.mark.parametrize("conv_forms", [{}, {"depthwise_impl": "shift", "pointwise_impl": "einsum",
                                              "dense_pack_channels": 32}], ids=["reference", "gpu_convs"])
-def test_the_network_trains_the_same_with_either_form(conv_forms):
-    cfg = model_config("elanres_msca_unet")
-    cfg.features = (4, 8, 8, 8, 16)
-    cfg.update(REFERENCE_FORMS)
-    cfg.update(conv_forms)
-    reference = build_model(cfg)
-    cfg.batch_norm_impl = "two_stage"
-    fast = build_model(cfg)
+def test_the_network_trains_the_same_with_either_form(conv_forms, network_variables):
+    reference, fast = network(**conv_forms), network(**conv_forms, batch_norm_impl="two_stage")
     assert fast.layers.batch_norm_impl == "two_stage"
-    # 32^3: the bottleneck's statistics come from 16 values per channel. At 16^3 (2 values) the fast
-    # variance E[x^2] - E[x]^2 cancels catastrophically and either form's rounding moves the result.
-    patch = (32, 32, 32)
-    variables = init_variables(reference, jax.random.key(0), patch)
-    assert jax.tree.structure(init_variables(fast, jax.random.key(0), patch)) == jax.tree.structure(variables)
+    variables, patch = network_variables, NETWORK_PATCH
+    assert jax.tree.structure(variable_shapes(fast, patch)) == jax.tree.structure(variables)
     x = jax.random.normal(jax.random.key(1), (2, *patch, 1), jnp.float32)
 
     def step(model):

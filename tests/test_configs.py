@@ -31,13 +31,15 @@ def test_demo_and_paper_presets_differ_and_patches_fit_the_network(stage):
     # run the GPU-fast forms (same parameters, tests/test_models.py) and a CPU demo the reference
     # forms, which compile faster there; the XLA flags come from the forms, not from the preset.
     for config in (demo, paper):
-        assert (config.model.depthwise_impl, config.model.pointwise_impl) == ("auto", "auto")
+        assert (config.model.depthwise_impl, config.model.pointwise_impl, config.model.batch_norm_impl) == \
+            ("auto", "auto", "auto")
         assert config.model.dense_pack_channels is None
         assert config.train.xla_flags == ""
     assert resolve_forms(paper.model, "gpu") == {
-        "depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_channels": 32}
+        "depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_channels": 32,
+        "batch_norm_impl": "two_stage"}
     assert resolve_forms(demo.model, "cpu") == {
-        "depthwise_impl": "conv", "pointwise_impl": "conv", "dense_pack_channels": 0}
+        "depthwise_impl": "conv", "pointwise_impl": "conv", "dense_pack_channels": 0, "batch_norm_impl": "flax"}
     for config in (demo, paper):
         check_patch_shape(tuple(config.data.patch_size), len(config.model.features))
         assert config.model.name == "elanres_msca_unet"
