@@ -16,7 +16,7 @@ makes the state and starts the input pipeline (livseg_jax/training/compile_ahead
 1. `cold`: an empty compilation cache and no autotuning results loaded, XLA's results dumped;
    each `--dump-configs` config the same way (dumps only);
 2. the dumps merged by `tools/ship_autotune_results.py` into `--ship-to` (default: a scratch
-   directory seeded with the package's shipped results);
+   directory seeded with the package's shipped results; with `--only-dumps`, not seeded);
 3. `cold_shipped`: an empty compilation cache, the merged results loaded;
 4. `warm_shipped`: the caches `cold_shipped` filled (JAX's and the compiled-program cache,
    livseg_jax/training/executable_cache.py: the step loaded without tracing);
@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--config", default="configs/liver.py:paper")
     parser.add_argument("--dump-configs", nargs="*", default=[], help="more configs to dump autotuning results for")
     parser.add_argument("--ship-to", type=pathlib.Path, default=None, help="where the merged results go")
+    parser.add_argument("--only-dumps", action="store_true",
+                        help="merge this run's dumps alone, not into the package's shipped results (after a "
+                             "program change, so that results of fusions that no longer exist are dropped)")
     parser.add_argument("--sequential", action="store_true",
                         help="first a cold run compiling the step at the first step (train.compile_ahead=False)")
     parser.add_argument("--shipped-only", action="store_true",
@@ -101,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_first_step_"))
     ship = args.ship_to or work / "autotune"
-    if SHIPPED_AUTOTUNE_DIR.is_dir():
+    if SHIPPED_AUTOTUNE_DIR.is_dir() and not args.only_dumps:
         shutil.copytree(SHIPPED_AUTOTUNE_DIR, ship, dirs_exist_ok=True)
     rows, dumps, programs = [], [], []
     shipped = ""
