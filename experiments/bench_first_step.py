@@ -52,6 +52,18 @@ NUMBERS = {"first_step_s": r"first step done ([\d.]+) s",
            "first_batch_s": r"first batch at ([\d.]+) s"}
 
 
+def cache_contents(cache: pathlib.Path) -> dict[str, int]:
+    """Returns {folder: files in it} for the folders of a compilation cache, and its own files under
+    "(entries)": JAX's entries, the compiled-program cache and XLA's caches JAX points into it (the
+    per-fusion autotuning results, `jax_persistent_cache_enable_xla_caches`)."""
+    if not cache.is_dir():
+        return {}
+    contents = {"(entries)": sum(1 for p in cache.iterdir() if p.is_file())}
+    for folder in sorted(p for p in cache.iterdir() if p.is_dir()):
+        contents[folder.name] = sum(1 for p in folder.rglob("*") if p.is_file())
+    return contents
+
+
 def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, autotune: str,
               dump: pathlib.Path | None = None, ahead: bool = True) -> dict:
     """Runs the train command once; returns its timings parsed from the console and its wall time."""
@@ -80,6 +92,7 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
         match = re.search(pattern, out)
         row[key] = float(match.group(1)) if match else None
     row["loaded"] = "(loaded from the compiled-program cache)" in out
+    row["cache_contents"] = cache_contents(cache)  # after the run: what a later run can read
     if proc.returncode:
         row["error"] = out[-3000:]
     print(f"{name:14s} {config:24s} first step {row['first_step_s']} s (compile {row['compile_s']} s, "

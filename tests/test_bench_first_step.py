@@ -13,3 +13,5 @@ def test_every_timing_is_read_from_a_real_train_run(tmp_path, monkeypatch):
     assert not first["loaded"]
     again = train_run("configs/liver.py", tmp_path, "warm", tmp_path / "cache", "off")
     assert again["loaded"]  # the compiled-program cache beside the compilation cache
+    # The step and the initialisation were kept; JAX's own entries beside them.
+    assert first["cache_contents"]["livseg_executables"] >= 2 and first["cache_contents"]["(entries)"] >= 1
