@@ -16,7 +16,8 @@ makes the state and starts the input pipeline (livseg_jax/training/compile_ahead
 1. `cold`: an empty compilation cache and no autotuning results loaded, XLA's results dumped;
    each `--dump-configs` config the same way (dumps only);
 2. the dumps merged by `tools/ship_autotune_results.py` into `--ship-to` (default: a scratch
-   directory seeded with the package's shipped results; with `--only-dumps`, not seeded);
+   directory seeded with the package's shipped results; with `--only-dumps`, the results for these
+   versions are replaced, not merged into: `tools/ship_autotune_results.py --replace`);
 3. `cold_shipped`: an empty compilation cache, the merged results loaded;
 4. `warm_shipped`: the caches `cold_shipped` filled (JAX's and the compiled-program cache,
    livseg_jax/training/executable_cache.py: the step loaded without tracing);
@@ -107,8 +108,8 @@ def main() -> None:
     parser.add_argument("--dump-configs", nargs="*", default=[], help="more configs to dump autotuning results for")
     parser.add_argument("--ship-to", type=pathlib.Path, default=None, help="where the merged results go")
     parser.add_argument("--only-dumps", action="store_true",
-                        help="merge this run's dumps alone, not into the package's shipped results (after a "
-                             "program change, so that results of fusions that no longer exist are dropped)")
+                        help="ship this run's dumps in place of the package's results for these versions, not merged "
+                             "into them (after a program change: results of fusions that no longer exist go)")
     parser.add_argument("--sequential", action="store_true",
                         help="first a cold run compiling the step at the first step (train.compile_ahead=False)")
     parser.add_argument("--shipped-only", action="store_true",
@@ -117,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_first_step_"))
     ship = args.ship_to or work / "autotune"
-    if SHIPPED_AUTOTUNE_DIR.is_dir() and not args.only_dumps:
+    if SHIPPED_AUTOTUNE_DIR.is_dir():
         shutil.copytree(SHIPPED_AUTOTUNE_DIR, ship, dirs_exist_ok=True)
     rows, dumps, programs = [], [], []
     shipped = ""
@@ -139,9 +140,10 @@ def main() -> None:
     if args.shipped_only:
         shipped = "shipped"
     elif present:
+        replace = ["--replace"] if args.only_dumps else []
         subprocess.run([sys.executable, "-m", "tools.ship_autotune_results", *map(str, present), "--programs",
-                        *[p for p, d in zip(programs, dumps, strict=True) if d.exists()], "--out-dir", str(ship)],
-                       check=True)
+                        *[p for p, d in zip(programs, dumps, strict=True) if d.exists()], "--out-dir", str(ship),
+                        *replace], check=True)
         manifest = json.loads((ship / AUTOTUNE_MANIFEST).read_text())
         shipped = str(ship / manifest["files"][-1]["file"])
     if shipped:

@@ -1,8 +1,10 @@
 """Merging XLA autotuning dumps into the shipped results (tools/ship_autotune_results.py)."""
 
+import json
+
 import pytest
 
-from tools.ship_autotune_results import merge_autotune_results, results_file_name, top_level_blocks
+from tools.ship_autotune_results import merge_autotune_results, results_file_name, ship_results, top_level_blocks
 
 # The shape of XLA's AutotuneResults text format; the HLO strings hold braces and escaped quotes.
 DUMP_A = '''version: 3
@@ -114,3 +116,20 @@ def test_each_build_gets_its_own_file():
     assert results_file_name(cu12) != results_file_name(cu13)
     assert results_file_name(cu12) == results_file_name(dict(reversed(list(cu12.items()))))
     assert results_file_name(cu12).startswith("xla_autotune_0.11.2_")
+
+
+def test_shipping_merges_into_the_versions_results_or_replaces_them(tmp_path):
+    versions = {"jaxlib": "0.11.2", "nvidia-cudnn-cu13": "9.19.0.56"}
+    other = {"jaxlib": "0.10.2"}
+    ship_results(tmp_path, [DUMP_B], ["b"], ["GPU 8"], other)  # another build's file: never touched
+    path, count, _, _ = ship_results(tmp_path, [DUMP_A], ["a"], ["GPU 9"], versions)
+    assert count == 2
+    path, count, _, devices = ship_results(tmp_path, [DUMP_B], ["b"], ["GPU 8"], versions)
+    assert count == 3 and devices == ["GPU 8", "GPU 9"]  # merged: A's results and B's new one
+    path, count, _, devices = ship_results(tmp_path, [DUMP_B], ["b"], ["GPU 8"], versions, replace=True)
+    assert count == 2 and devices == ["GPU 8"]  # replaced: B's alone
+    assert "gemm" not in path.read_text()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [e["versions"] for e in manifest["files"]] == [other, versions]
+    assert [e["programs"] for e in manifest["files"]] == [["b"], ["b"]]
+    assert sorted(p.name for p in tmp_path.glob("*.textproto")) == sorted(e["file"] for e in manifest["files"])

@@ -9,7 +9,8 @@ Run on the GPU the results are for, with the package versions they are for:
 
 XLA writes a process's whole autotuning cache after each compile, so the last dump of a process
 holds every program it compiled. The results are merged with those already shipped for the same
-versions (other GPU models, other programs), one result per key (the first kept), into
+versions (other GPU models, other programs; `--replace` drops those instead, after a change to the
+programs), one result per key (the first kept), into
 `xla_autotune_<jaxlib>_<hash of the versions>.textproto`; the manifest records the versions
 (`livseg_jax.xla_flags.runtime_versions`), the GPUs and the programs. Writing the text format by
 hand (top-level blocks, one per result) needs no protobuf classes: jaxlib does not expose XLA's
@@ -113,37 +114,55 @@ def results_file_name(versions: dict[str, str]) -> str:
     return f"xla_autotune_{versions.get('jaxlib', 'unknown')}_{digest}.textproto"
 
 
+def ship_results(out_dir: pathlib.Path, dumps: list[str], programs: list[str], devices: list[str],
+                 versions: dict[str, str], replace: bool = False) -> tuple[pathlib.Path, int, int, list[str]]:
+    """Merges the `dumps` (texts) into `out_dir`'s results for `versions` and its manifest; returns
+    (the file, its results, how many conflicting later results were dropped, the file's GPUs).
+
+    With `replace`, the results already shipped for these versions are dropped instead of merged:
+    after a change to the programs, results for fusions that no longer exist would otherwise stay.
+    """
+    manifest_path = out_dir / AUTOTUNE_MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": []}
+    name = results_file_name(versions)
+    previous = next((e for e in manifest["files"] if e["versions"] == versions), None)
+    texts = list(dumps)
+    kept = previous if previous is not None and not replace else None
+    if kept is not None:  # keep what other GPUs and programs contributed
+        texts.insert(0, (out_dir / kept["file"]).read_text())
+        name = kept["file"]
+    merged, conflicts = merge_autotune_results(texts)
+    entry = {"file": name, "versions": versions,
+             "devices": sorted(set(devices) | set(kept["devices"] if kept else [])),
+             "programs": sorted(set(programs) | set(kept["programs"] if kept else []))}
+    manifest["files"] = [e for e in manifest["files"] if e is not previous] + [entry]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if previous is not None and previous["file"] != name:
+        (out_dir / previous["file"]).unlink(missing_ok=True)
+    write_text(out_dir / name, merged)
+    write_json(manifest_path, manifest)
+    return out_dir / name, len(top_level_blocks(merged)[1]), conflicts, entry["devices"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dumps", nargs="+", type=pathlib.Path, help="files --xla_gpu_dump_autotune_results_to wrote")
     parser.add_argument("--programs", nargs="+", required=True, help="what the dumps were made from")
     parser.add_argument("--devices", nargs="+", default=None, help="GPU names (default: this machine's)")
     parser.add_argument("--out-dir", type=pathlib.Path, default=SHIPPED_AUTOTUNE_DIR)
+    parser.add_argument("--replace", action="store_true",
+                        help="drop the results shipped for these versions instead of merging into them (after a "
+                             "change to the programs: results of fusions that no longer exist go)")
     args = parser.parse_args()
     versions = runtime_versions()
     if args.devices is None:
         import jax
 
         args.devices = sorted({d.device_kind for d in jax.devices("gpu")})
-    manifest_path = args.out_dir / AUTOTUNE_MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": []}
-    name = results_file_name(versions)
-    previous = next((e for e in manifest["files"] if e["versions"] == versions), None)
-    texts = [p.read_text() for p in args.dumps]
-    if previous is not None:  # keep what other GPUs and programs contributed
-        texts.insert(0, (args.out_dir / previous["file"]).read_text())
-        name = previous["file"]
-    merged, conflicts = merge_autotune_results(texts)
-    entry = {"file": name, "versions": versions,
-             "devices": sorted(set(args.devices) | set(previous["devices"] if previous else [])),
-             "programs": sorted(set(args.programs) | set(previous["programs"] if previous else []))}
-    manifest["files"] = [e for e in manifest["files"] if e is not previous] + [entry]
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(args.out_dir / name, merged)
-    write_json(manifest_path, manifest)
-    print(f"{args.out_dir / name}: {len(top_level_blocks(merged)[1])} results, {len(merged) / 1e6:.2f} MB "
-          f"({conflicts} later results for a key already kept chose another kernel and were dropped); "
-          f"versions {versions}; GPUs {entry['devices']}")
+    path, count, conflicts, devices = ship_results(args.out_dir, [p.read_text() for p in args.dumps], args.programs,
+                                          args.devices, versions, args.replace)
+    print(f"{path}: {count} results, {path.stat().st_size / 1e6:.2f} MB ({conflicts} later results for a key "
+          f"already kept chose another kernel and were dropped); versions {versions}; GPUs {devices}")
 
 
 if __name__ == "__main__":
