@@ -6,7 +6,8 @@ optimiser and train step exactly as `train_and_evaluate` does, runs the first st
 data of the config's patch and batch, then times `--steps` more steps (so a variant that
 compiles faster but runs slower shows it). The `shipped_autotune` variant loads the autotuning
 results the `default` variant's cold process dumped (`--xla_gpu_load_autotune_results_from`),
-with an empty compilation cache: what shipping autotuning results per GPU model would give.
+with an empty compilation cache: what shipping autotuning results per GPU model would give;
+`packaged_autotune` loads the results `livseg_jax/autotune/` ships, as `train` does.
 
     python -m experiments.bench_compile --config configs/liver.py:paper --tag h200 \
         [--variants default,shipped_autotune,autotune_level_0,executables] [--steps 10]
@@ -29,6 +30,7 @@ import tempfile
 import time
 
 from experiments.bench_common import REPO, environment, print_result, run_child, write_result
+from livseg_jax.xla_flags import autotune_xla_flags
 
 # name -> XLA flags added to the environment's; `shipped_autotune` is filled in at run time.
 # ENV: environment variables a variant sets (JAX reads its configuration from them too).
@@ -39,6 +41,7 @@ ENV = {"threefry_kernel": {"JAX_THREEFRY_GPU_KERNEL_LOWERING": "true"},
 VARIANTS = {
     "default": "",
     "shipped_autotune": None,
+    "packaged_autotune": None,  # the results livseg_jax/autotune/ ships for these versions, as `train` loads them
     "autotune_level_2": "--xla_gpu_autotune_level=2",  # no correctness check of the candidates
     "autotune_level_1": "--xla_gpu_autotune_level=1",  # no buffer initialisation either
     "autotune_level_0": "--xla_gpu_autotune_level=0",  # no autotuning: XLA's heuristics pick the kernels
@@ -70,6 +73,11 @@ def variant_settings(name: str, autotune_file: pathlib.Path) -> tuple[str, dict[
             # Not an XLA_FLAGS flag in jax 0.11.2 ("Unknown flag"): a compile option of the step instead.
             env["BENCH_COMPILE_OPTIONS"] = json.dumps(
                 {"xla_gpu_experimental_autotuner_cache_dir": str(autotune_file.parent / "autotuner_cache")})
+        elif part == "packaged_autotune":
+            flag, note = autotune_xla_flags("shipped")
+            if not flag:
+                return "", {}, note or "the package ships no autotuning results for this machine's versions"
+            flags.append(flag)
         elif part == "shipped_autotune":
             if not autotune_file.exists():
                 return "", {}, "needs the default variant first (its dumped results)"

@@ -1,4 +1,5 @@
-"""experiments/bench_compile.py's compile-trace summary: self time per event name from nested events."""
+"""experiments/bench_compile.py: the compile-trace summary (self time per event name from nested
+events) and the packaged_autotune variant's settings."""
 
 import pytest
 
@@ -26,3 +27,15 @@ def test_self_time_subtracts_the_events_nested_in_an_event_on_its_thread():
     assert rows["autotune"]["self_s"] == pytest.approx(1.5)
     assert rows["ptxas"]["self_s"] == pytest.approx(3.0)
     assert [r["name"] for r in self_times(events, top=2)] == ["pass_a", "compile"]
+
+
+def test_packaged_autotune_loads_what_train_loads_or_says_why_not(monkeypatch, tmp_path):
+    from experiments import bench_compile
+    why_not = "no results for these versions"
+    monkeypatch.setattr(bench_compile, "autotune_xla_flags", lambda setting: ("", why_not))
+    assert bench_compile.variant_settings("packaged_autotune", tmp_path / "a") == ("", {}, why_not)
+    flag = f"--xla_gpu_load_autotune_results_from={tmp_path / 'shipped.textproto'}"
+    monkeypatch.setattr(bench_compile, "autotune_xla_flags",
+                        lambda setting: (flag, "") if setting == "shipped" else ("", ""))
+    flags, env, error = bench_compile.variant_settings("packaged_autotune+compile_trace", tmp_path / "a")
+    assert (flags, error) == (flag, None) and env == {"BENCH_COMPILE_TRACE": "1"}

@@ -47,6 +47,15 @@ def test_two_stage_backward_equals_autodiff_of_the_shifted_sum(kernel, shape, dt
         np.testing.assert_allclose(g.astype(jnp.float32), w.astype(jnp.float32), rtol=0, atol=tol * scale)
 
 
+def test_training_keeps_the_shifted_sums_between_optimisation_barriers():
+    """The barriers that keep XLA from fusing the shifted sums into reductions are in the training
+    program (the output; the cotangent in and the input gradient out), not in inference."""
+    x, k = jnp.ones((1, 8, 8, 2)), jnp.ones((1, 5, 1, 2))
+    backward = jax.jit(jax.grad(lambda x, k: jnp.sum(depthwise_shift(x, k) ** 2), argnums=(0, 1)))
+    assert backward.lower(x, k).as_text().count("optimization_barrier") == 3
+    assert "optimization_barrier" not in jax.jit(depthwise_shift).lower(x, k).as_text()
+
+
 def test_shift_against_float64_loop_reference():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 6, 7, 2))

@@ -13,6 +13,15 @@ values, which XLA runs on a handful of thread blocks: on an H100 two such fusion
 16x16-voxel bottleneck took 5.6 ms of a 69 ms step (`experiments/profile_train_step.py`). Here the
 sum runs in two stages, first along the last spatial axis only (many independent sums), then
 over the rest.
+
+In training, each shifted sum (the output, and the input gradient) is kept out of XLA's reduction
+kernels by optimisation barriers. Left alone, XLA fused these k-tap sums into neighbouring
+reductions: the kernel gradient's sums reading the same cotangent, the previous layer's bias
+gradient reading the input gradient, backward reductions recomputing the forward output instead of
+reading it. Every tap then ran inside a reduction kernel: on an H200 one such fusion of a 21-tap
+strip on MSCA's 32-channel half-resolution maps took 0.8 ms, against about 0.03 ms for reading and
+writing those maps once, and such fusions took 6.3 ms of the 43 ms bf16 step (docs/benchmarks.md,
+session 10). A barrier costs at most one write and read of the map it holds.
 """
 
 from __future__ import annotations
@@ -66,7 +75,8 @@ def depthwise_shift(x: Array, kernel: Array) -> Array:
 
 
 def _depthwise_shift_forward(x: Array, kernel: Array):
-    return depthwise_shift_reference(x, kernel), (x, kernel)
+    # The barrier (module doc): backward reductions read the output rather than recompute its taps.
+    return jax.lax.optimization_barrier(depthwise_shift_reference(x, kernel)), (x, kernel)
 
 
 def _depthwise_shift_backward(residuals, grad: Array):
@@ -75,12 +85,14 @@ def _depthwise_shift_backward(residuals, grad: Array):
     # A 'SAME' correlation with an odd kernel is transposed by the same correlation with the
     # kernel flipped along every spatial axis.
     flipped = kernel[tuple(slice(None, None, -1) for _ in spatial)]
-    grad_x = depthwise_shift_reference(grad, flipped)
+    # Barriers (module doc): the shifted sum gets a kernel of its own, elementwise.
+    grad_x = depthwise_shift_reference(jax.lax.optimization_barrier(grad), flipped).astype(x.dtype)
+    grad_x = jax.lax.optimization_barrier(grad_x)
     g = grad.astype(jnp.float32)
     last_spatial = x.ndim - 2
     partial = jnp.stack([jnp.sum(window * g, axis=last_spatial) for _, window in _windows(x, spatial)])
     grad_kernel = jnp.sum(partial, axis=tuple(range(1, partial.ndim - 1)))
-    return grad_x.astype(x.dtype), grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+    return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 depthwise_shift.defvjp(_depthwise_shift_forward, _depthwise_shift_backward)
