@@ -30,7 +30,7 @@ import tempfile
 import time
 
 from experiments.bench_common import REPO, environment, print_result, run_child, write_result
-from livseg_jax.xla_flags import autotune_xla_flags
+from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags
 
 # name -> XLA flags added to the environment's; `shipped_autotune` is filled in at run time.
 # ENV: environment variables a variant sets (JAX reads its configuration from them too).
@@ -149,9 +149,14 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
         phases[name] = round(now - tick, 3)
         tick = now
 
-    enable_compilation_cache(pathlib.Path(cache_dir))
     path, _, arg = config_arg.partition(":")
     config = load_config_file(REPO / path, arg)
+    # The XLA flags `train` adds for the config's computation forms (NHWC convolutions on GPUs) and
+    # its own `train.xla_flags`, before anything starts a backend. The variant's flags, already in
+    # the environment, win. Before session 10 this script did not set them: its GPU programs'
+    # convolutions differed from train's.
+    apply_model_xla_flags([config.model], config.train.get("xla_flags", ""))
+    enable_compilation_cache(pathlib.Path(cache_dir))
     shape = tuple(int(v) for v in patch.split(",")) if patch else tuple(config.data.patch_size)
     spe = int(config.train.steps_per_epoch)
     model = build_model(config.model, deploy=False)
