@@ -1,12 +1,13 @@
 """The train step's optimiser part alone: Adam over the paper network's parameters, and the
 gradient norm the step reports, in several forms (issue 21 target 4).
 
-The bf16 train step's profile (docs/benchmarks.md, session 10) holds 351 fusions of the parameter
+The bf16 train step's profile (docs/benchmarks.md, session 10) held 351 fusions of the parameter
 update, most of them for BatchNorm scales and biases of 8-256 values, each also summing its
 gradient's squares for the gradient norm: hundreds of kernels of about 3 us each, 1.0 ms per
 step. XLA's horizontal loop fusion, which exists to merge such kernels, takes only loop fusions
-that share no entry parameter (`horizontal_loop_fusion.cc`), and each of these is a reduction that
-reads the injected hyper-parameters b1, b2, eps and eps_root, entry parameters shared by all.
+(`horizontal_loop_fusion.cc`): not reductions, not fusions sharing an entry parameter (as the
+injected hyper-parameters b1, b2, eps and eps_root are), not fusions with an output used outside
+the one consumer. Forms:
 Forms:
 
 - `per_leaf`: what `training.step` did before session 10: `optimizer.update`, `optax.apply_updates`, and
