@@ -83,3 +83,24 @@ def test_even_kernel_and_unknown_impl_are_errors():
         depthwise_shift(jnp.zeros((1, 4, 4, 1)), jnp.zeros((2, 2, 1, 1)))
     with pytest.raises(ValueError, match="impl must be one of"):
         DepthwiseConv((3, 3), "fft").init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+
+
+def test_shift_gradients_are_the_same_sharded_over_devices_and_under_vmap():
+    """The barriers under the sharded train step (batch split over 4 of conftest's CPU devices)
+    and under `vmap` (the per-device BatchNorm step vmaps the model): the same gradients."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(8, 6, 10, 3)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 7, 1, 3)), jnp.float32)
+    loss = lambda x, k: jnp.sum(jnp.sin(depthwise_shift(x, k)))  # noqa: E731
+    want = jax.grad(loss, argnums=(0, 1))(x, k)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    sharded = jax.jit(jax.grad(loss, argnums=(0, 1)),
+                      in_shardings=(NamedSharding(mesh, P("data")), NamedSharding(mesh, P())))(x, k)
+    per_group = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None))(x.reshape(4, 2, 6, 10, 3), k)
+    np.testing.assert_allclose(sharded[0], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sharded[1], want[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(per_group[0].reshape(x.shape), want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(per_group[1].sum(0), want[1], rtol=1e-5, atol=1e-5)

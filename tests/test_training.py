@@ -382,3 +382,19 @@ def test_a_second_run_loads_the_compiled_step_and_trains_bit_for_bit_the_same(ca
     other = train_and_evaluate(tiny_config(cache_dir, num_epochs=1, steps_per_epoch=3), tmp_path / "c",
                                devices=jax.devices()[:1])
     assert not other["train_step_loaded"]  # another schedule, another program
+
+
+def test_gradient_norm_from_one_concatenation_is_optax_tree_norm():
+    """training.step.global_norm (the step's `grad_norm` metric) against optax's per-leaf norm,
+    with float32 and bf16 leaves, a scalar, and an empty array among them."""
+    import optax
+
+    from livseg_jax.training.step import global_norm
+
+    rng = np.random.default_rng(5)
+    tree = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": [jnp.float32(2.5), jnp.zeros((0, 3))],
+            "c": {"d": jnp.asarray(rng.normal(size=17) * 100, jnp.bfloat16)}}
+    got = global_norm(tree)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), float(optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32),
+                                                                              tree))), rtol=1e-6)
