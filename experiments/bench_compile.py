@@ -10,7 +10,7 @@ with an empty compilation cache: what shipping autotuning results per GPU model 
 `packaged_autotune` loads the results `livseg_jax/autotune/` ships, as `train` does.
 
     python -m experiments.bench_compile --config configs/liver.py:paper --tag h200 \
-        [--variants default,shipped_autotune,autotune_level_0,executables] [--steps 10]
+        [--variants default,shipped_autotune,packaged_autotune,autotune_level_0,executables] [--steps 10]
     # where the step's compile goes (XLA's passes, autotuning), from a profiler trace of it:
     python -m experiments.bench_compile --config configs/liver.py:paper --variants compile_trace --tag h200
     # variants combine with "+": --variants default,shipped_autotune+init_on_cpu

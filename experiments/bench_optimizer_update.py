@@ -8,12 +8,12 @@ step. XLA's horizontal loop fusion, which exists to merge such kernels, takes on
 (`horizontal_loop_fusion.cc`): not reductions, not fusions sharing an entry parameter (as the
 injected hyper-parameters b1, b2, eps and eps_root are), not fusions with an output used outside
 the one consumer. Forms:
-Forms:
 
 - `per_leaf`: what `training.step` did before session 10: `optimizer.update`, `optax.apply_updates`, and
   `optax.tree.norm(grads)`, whose per-leaf sums XLA fuses into the per-leaf updates;
-- `flat_norm`: the same update, the norm of one concatenation of every gradient, so the
-  updates are loop fusions (still sharing the hyper-parameters);
+- `flat_norm`: the same update, the norm of one concatenation of every gradient
+  (`training.step.global_norm`, what the step does since session 10), so the updates are loop
+  fusions (still sharing the hyper-parameters);
 - `static_hyperparams`: as `flat_norm`, with b1, b2, eps and eps_root compile-time constants
   (`optax.inject_hyperparams(..., static_args=...)`): the updates share no parameter;
 - `flat_adam`: Adam itself on one concatenation of the parameters (`optax.flatten`, which keeps
@@ -21,7 +21,8 @@ Forms:
 
 Each donates the parameters and the optimiser state, as the train step does. Records per form the
 fusions in the compiled program, the device's kernel time per update (from a profiler trace) and
-the wall time per update back to back, which on a GPU is the host's dispatch of ~1,600 arrays.
+the wall time per update back to back, which on a GPU is mostly the host dispatching the arrays
+(~1,600; `flat_adam` fewer).
 
     python -m experiments.bench_optimizer_update --tag h200 [--steps 200]
 """
@@ -43,7 +44,8 @@ from experiments.bench_common import back_to_back_ms, environment, write_result
 from experiments.profile_train_step import read_trace, summarise
 from livseg_jax.config import base_config, model_config
 from livseg_jax.models import build_model, variable_shapes
-from livseg_jax.training.schedules import learning_rate_schedule
+from livseg_jax.training.schedules import learning_rate_schedule, make_optimizer
+from livseg_jax.training.step import global_norm
 
 FORMS = ("per_leaf", "flat_norm", "static_hyperparams", "flat_adam")
 STATIC_HYPERPARAMS = ("b1", "b2", "eps", "eps_root")
@@ -51,20 +53,16 @@ STATIC_HYPERPARAMS = ("b1", "b2", "eps", "eps_root")
 
 def gradient_norm(grads, form: str) -> jax.Array:
     """Returns the global L2 norm of `grads` computed in `form` (see the module doc)."""
-    if form == "per_leaf":
-        return optax.tree.norm(grads)
-    flat = jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in jax.tree.leaves(grads)])
-    return jnp.sqrt(jnp.sum(flat * flat))
+    return optax.tree.norm(grads) if form == "per_leaf" else global_norm(grads)
 
 
 def form_optimizer(optim_config: ml_collections.ConfigDict, form: str) -> optax.GradientTransformation:
-    """Returns the optimiser `form` runs (see the module doc), for 100 steps per epoch.
-
-    All but `static_hyperparams` and `flat_adam` inject every hyper-parameter, as
-    `training.schedules.make_optimizer` does.
-    """
-    static = STATIC_HYPERPARAMS if form in ("static_hyperparams", "flat_adam") else ()
-    optimizer = optax.inject_hyperparams(optax.adam, static_args=static)(
+    """Returns the optimiser `form` runs (see the module doc), for 100 steps per epoch: the package's
+    (`training.schedules.make_optimizer`, every hyper-parameter injected), or as it with Adam's
+    constants compiled in (`static_hyperparams`; `flat_adam` also flattens that one)."""
+    if form in ("per_leaf", "flat_norm"):
+        return make_optimizer(optim_config, 100)
+    optimizer = optax.inject_hyperparams(optax.adam, static_args=STATIC_HYPERPARAMS)(
         learning_rate=learning_rate_schedule(optim_config, 100), b1=float(optim_config.b1),
         b2=float(optim_config.b2), eps=float(optim_config.eps))
     return optax.flatten(optimizer) if form == "flat_adam" else optimizer

@@ -124,10 +124,15 @@ def is_kernel_line(line: str) -> bool:
 
 
 def summarise(events: list[dict], steps: int, depth: int, op_names: dict[str, str]) -> dict:
-    """Per-step device time by kernel kind, by layer, and the largest kernels and ops."""
+    """Per-step device time by kernel kind, by layer (`depth` scopes; and every block: 2 scopes), by
+    the operation a kernel computes (its full name stack, with launches per step), and the largest
+    kernels and ops."""
     device_pids, thread = device_threads(events)
     kernels: collections.Counter = collections.Counter()
     kernel_count: collections.Counter = collections.Counter()
+    blocks: collections.Counter = collections.Counter()
+    op_time: collections.Counter = collections.Counter()
+    op_count: collections.Counter = collections.Counter()
     ops: collections.Counter = collections.Counter()
     layers: collections.Counter = collections.Counter()
     kinds: collections.Counter = collections.Counter()
@@ -146,6 +151,9 @@ def summarise(events: list[dict], steps: int, depth: int, op_names: dict[str, st
             hlo_op = str(args.get("hlo_op", ""))
             op_name = op_names.get(hlo_op) or op_names.get(e["name"]) or args.get("tf_op") or ""
             layers[layer_of(str(op_name), depth)] += dur_ms
+            blocks[layer_of(str(op_name), 2)] += dur_ms
+            op_time[str(op_name)] += dur_ms
+            op_count[str(op_name)] += 1
         elif line == "XLA Ops":
             ops[e["name"]] += dur_ms
     per = lambda c, n=None: [  # noqa: E731
@@ -154,8 +162,11 @@ def summarise(events: list[dict], steps: int, depth: int, op_names: dict[str, st
     return {
         "device_ms_per_step_by_line": {k: v / steps for k, v in lines.items()},
         "kernel_ms_per_step": sum(kinds.values()) / steps,
+        "kernel_launches_per_step": sum(kernel_count.values()) / steps,
         "by_kind": per(kinds),
         "by_layer": per(layers, 60),
+        "by_block": per(blocks),
+        "by_op_name": [{**row, "launches_per_step": op_count[row["name"]] / steps} for row in per(op_time, 40)],
         "top_kernels": [{**row, "calls_per_step": kernel_count[row["name"]] / steps} for row in per(kernels, 40)],
         "top_ops": per(ops, 40),
     }

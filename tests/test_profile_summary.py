@@ -60,6 +60,11 @@ def test_summary_counts_device_streams_per_step_and_ignores_the_host():
     assert kinds == {"reduction": 2.0, "convolution": 1.0}
     layers = {row["name"]: row["ms_per_step"] for row in summary["by_layer"]}
     assert layers == {"msca4/attention/dw5": 2.0, "enc0/rep0/dense": 1.0}
+    assert {row["name"]: row["ms_per_step"] for row in summary["by_block"]} == {"msca4/attention": 2.0,
+                                                                               "enc0/rep0": 1.0}
+    assert summary["kernel_launches_per_step"] == 1.5  # 3 kernels over 2 steps
+    by_op = {row["name"]: row for row in summary["by_op_name"]}
+    assert by_op[hlo_op_names(HLO)["input_multiply_reduce_fusion.3"]]["launches_per_step"] == 1.0
     assert summary["top_kernels"][0]["calls_per_step"] == 1.0
 
 

@@ -398,3 +398,4 @@ def test_gradient_norm_from_one_concatenation_is_optax_tree_norm():
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(float(got), float(optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32),
                                                                               tree))), rtol=1e-6)
+    assert float(global_norm({})) == float(optax.tree.norm({})) == 0.0

@@ -20,8 +20,9 @@ reductions: the kernel gradient's sums reading the same cotangent, the previous 
 gradient reading the input gradient, backward reductions recomputing the forward output instead of
 reading it. Every tap then ran inside a reduction kernel: on an H200 one such fusion of a 21-tap
 strip on MSCA's 32-channel half-resolution maps took 0.8 ms, against about 0.03 ms for reading and
-writing those maps once, and such fusions took 6.3 ms of the 43 ms bf16 step (docs/benchmarks.md,
-session 10). A barrier costs at most one write and read of the map it holds.
+writing those maps once. The barriers took that MSCA block from 7.5 to 5.9 ms of the bf16 step on
+an H200 (docs/benchmarks.md, session 10). A barrier costs at most one write and read of the map it
+holds.
 """
 
 from __future__ import annotations
