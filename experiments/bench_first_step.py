@@ -65,6 +65,16 @@ def cache_contents(cache: pathlib.Path) -> dict[str, int]:
     return contents
 
 
+# The folder JAX points XLA's per-fusion autotuning cache to inside the compilation cache: XLA writes
+# one file there for every fusion it autotunes (docs/benchmarks.md, session 10).
+AUTOTUNE_CACHE = "xla_gpu_per_fusion_autotune_cache_dir"
+
+
+def autotuned_fusions(before: dict[str, int], after: dict[str, int]) -> int:
+    """Returns how many fusions a run autotuned: the files it added to XLA's per-fusion cache."""
+    return after.get(AUTOTUNE_CACHE, 0) - before.get(AUTOTUNE_CACHE, 0)
+
+
 def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, autotune: str,
               dump: pathlib.Path | None = None, ahead: bool = True) -> dict:
     """Runs the train command once; returns its timings parsed from the console and its wall time."""
@@ -74,6 +84,7 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
     cmd = [sys.executable, "-m", "livseg_jax.train", f"--config={config}", f"--workdir={work / 'runs' / name}",
            f"--config.train.compilation_cache={cache}", f"--config.train.autotune_results={autotune}",
            f"--config.train.compile_ahead={ahead}", *SHORT_RUN]
+    before = cache_contents(cache)
     start = time.perf_counter()
     # Lines are timed as they arrive, so the row also says when the first step was done counted from
     # the command's start (imports, backend, data checks included), as a user waits for it.
@@ -94,6 +105,8 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
         row[key] = float(match.group(1)) if match else None
     row["loaded"] = "(loaded from the compiled-program cache)" in out
     row["cache_contents"] = cache_contents(cache)  # after the run: what a later run can read
+    # With loaded results, anything autotuned is a fusion they miss: results stale for this program.
+    row["autotuned_fusions"] = autotuned_fusions(before, row["cache_contents"])
     if proc.returncode:
         row["error"] = out[-3000:]
     print(f"{name:14s} {config:24s} first step {row['first_step_s']} s (compile {row['compile_s']} s, "
@@ -148,6 +161,9 @@ def main() -> None:
         shipped = str(ship / manifest["files"][-1]["file"])
     if shipped:
         record(train_run(args.config, work, "cold_shipped", work / "cache_shipped", shipped))
+        if rows[-1]["autotuned_fusions"]:
+            print(f"note: XLA autotuned {rows[-1]['autotuned_fusions']} fusions the loaded results do not cover: "
+                  "they are stale for this program; dump them again (--only-dumps)", flush=True)
         record(train_run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
         # The same without the compiled-program cache: traced and lowered, then JAX's cache.
         shutil.rmtree(work / "cache_shipped" / SUBDIR)
