@@ -90,7 +90,8 @@ def test_written_out_backward_equals_autodiff_for_every_output():
 
 
 def test_two_stage_under_vmap_is_per_group_batch_norm():
-    # train.batch_norm_stats="per_device" vmaps the model over groups of the batch.
+    # Statistics per group under vmap, as Flax's (the per-device step vmapped the model over groups
+    # until session 10; it now runs under shard_map, tests/test_batch_norm_stats.py).
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 3, 4, 5, 6, 2)), jnp.float32)
     flax_bn, two_stage = both_forms(jnp.float32)

@@ -7,13 +7,17 @@ statistics computed inside `jax.jit` over a sharded batch are global (synchronis
 backward.
 
 `train.batch_norm_stats = "per_device"` gives each device's shard its own statistics instead, as
-PyTorch DDP does without SyncBatchNorm: the batch is viewed as (devices, B / devices, ...) with the
-group axis sharded over `data`, and the model is `jax.vmap`ped over the groups, so no statistic
-crosses a device. The loss is the mean of the groups' losses, which for equal groups is the loss of
-the whole batch as a function of the logits (every loss averages per-example terms: Dice and
-Tversky are per example, BCE per voxel); only the logits differ, through the statistics. The new
-running statistics are the mean of the groups' (as timm's `distribute_bn(reduce=True)`; DDP with its
-default `broadcast_buffers=True` instead copies rank 0's to every rank at each forward pass).
+PyTorch DDP does without SyncBatchNorm: the model and its loss run under `jax.shard_map` over the
+`data` axis, each device on its own shard of the batch, so no statistic crosses a device and each
+device runs the one-device program on its shard. The loss is the mean of the devices' losses (a
+`pmean`), which for equal shards is the loss of the whole batch as a function of the logits (every
+loss averages per-example terms: Dice and Tversky are per example, BCE per voxel); only the logits
+differ, through the statistics. Differentiating through `shard_map` sums the replicated parameters'
+gradients over the devices. The new running statistics are the mean of the devices' (as timm's
+`distribute_bn(reduce=True)`; DDP with its default `broadcast_buffers=True` instead copies rank 0's
+to every rank at each forward pass). Until session 10 the model was `jax.vmap`ped over a
+(devices, B / devices, ...) view of the batch instead: the same values, but not the one-device
+program.
 """
 
 from __future__ import annotations
@@ -81,6 +85,13 @@ def batch_norm_groups(batch_norm_stats: str, mesh: Mesh | None) -> int:
     return mesh.devices.size
 
 
+def _device_varying(x: jax.Array) -> jax.Array:
+    """Casts `x`, the same on every device of the `data` axis inside `shard_map`, to device-varying."""
+    if hasattr(jax.lax, "pcast"):  # jax >= 0.10
+        return jax.lax.pcast(x, DATA_AXIS, to="varying")
+    return jax.lax.pvary(x, DATA_AXIS)
+
+
 def global_norm(tree) -> jax.Array:
     """Returns the L2 norm of all of `tree`'s leaves together, in float32.
 
@@ -105,7 +116,7 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
     the patch first, with a key that depends only on (state.rng, state.step): resumes are exact.
     `batch_norm_stats` is `train.batch_norm_stats` (module docstring); "per_device" needs `mesh`,
     the mesh `jit_train_step` compiles the step for; on one device it is the "global" step. Its
-    groups draw dropout masks from keys split from the step's key.
+    devices draw dropout masks from keys split from the step's key.
     """
     ds_alpha = ds_alpha_schedule(loss_config, steps_per_epoch)
     groups = batch_norm_groups(batch_norm_stats, mesh)
@@ -116,24 +127,27 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
         total, per_head = losses.deep_supervision_loss(outs, label, loss_config, alpha)
         return total, (per_head, updates["batch_stats"])
 
-    def grouped(x: jax.Array) -> jax.Array:
-        """(B, ...) -> (groups, B / groups, ...), the group axis split over the devices."""
-        if x.shape[0] % groups:
-            raise ValueError(f"batch of {x.shape[0]} does not split into {groups} groups of equal size "
+    def per_device_apply_and_loss(params, batch_stats, image, label, rng, alpha):
+        if image.shape[0] % groups:
+            raise ValueError(f"batch of {image.shape[0]} does not split into {groups} groups of equal size "
                              "(train.batch_norm_stats = 'per_device')")
-        x = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-        return jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
+        keys = jax.random.split(rng, groups)  # one dropout key per device's shard
 
-    def per_group_apply_and_loss(params, batch_stats, image, label, rng, alpha):
-        keys = jax.random.split(rng, groups)
-        totals, (per_head, stats) = jax.vmap(
-            apply_and_loss, in_axes=(None, None, 0, 0, 0, None), spmd_axis_name=DATA_AXIS,
-        )(params, batch_stats, grouped(image), grouped(label), keys, alpha)
-        mean = lambda a: jnp.mean(a, axis=0)  # noqa: E731
-        return mean(totals), (mean(per_head), jax.tree.map(mean, stats))
+        def on_shard(params, batch_stats, image, label, keys, alpha):
+            # The parameters enter as device-varying copies: custom-gradient layers (BatchNorm's
+            # two-stage form, the depthwise shift form) then return per-device parameter gradients of
+            # the type shard_map expects, and the cast's transpose sums them over the devices.
+            params = jax.tree.map(_device_varying, params)
+            total, (per_head, stats) = apply_and_loss(params, batch_stats, image, label, keys[0], alpha)
+            mean = lambda a: jax.lax.pmean(a, DATA_AXIS)  # noqa: E731
+            return mean(total), (mean(per_head), jax.tree.map(mean, stats))
+
+        shard, whole = P(DATA_AXIS), P()
+        return jax.shard_map(on_shard, mesh=mesh, in_specs=(whole, whole, shard, shard, shard, whole),
+                             out_specs=(whole, (whole, whole)))(params, batch_stats, image, label, keys, alpha)
 
     # One group is the whole batch: the global step itself (the same program, bit for bit).
-    forward = apply_and_loss if groups == 1 else per_group_apply_and_loss
+    forward = apply_and_loss if groups == 1 else per_device_apply_and_loss
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
