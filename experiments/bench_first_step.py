@@ -161,9 +161,10 @@ def main() -> None:
         shipped = str(ship / manifest["files"][-1]["file"])
     if shipped:
         record(train_run(args.config, work, "cold_shipped", work / "cache_shipped", shipped))
-        if rows[-1]["autotuned_fusions"]:
-            print(f"note: XLA autotuned {rows[-1]['autotuned_fusions']} fusions the loaded results do not cover: "
-                  "they are stale for this program; dump them again (--only-dumps)", flush=True)
+        if rows[-1]["rc"] == 0 and rows[-1]["autotuned_fusions"]:
+            print(f"note: XLA autotuned {rows[-1]['autotuned_fusions']} kernels the loaded results do not cover: "
+                  "they are stale for this program (or none were shipped for these versions); dump them again "
+                  "(--only-dumps)", flush=True)
         record(train_run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
         # The same without the compiled-program cache: traced and lowered, then JAX's cache.
         shutil.rmtree(work / "cache_shipped" / SUBDIR)

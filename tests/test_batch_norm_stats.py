@@ -57,6 +57,8 @@ def setup(batch_norm_impl: str = "flax", network: str = "unet"):
     if network == "gpu_forms":
         config.model.update(GPU_FORMS_NETWORK)
         patch = (16, 16, 16)
+    elif network == "dropout":
+        config.model.dropout = 0.5
     model = build_model(config.model)
     optimizer = optax.chain(recorded_gradients(), optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
     rng = np.random.default_rng(0)
@@ -94,16 +96,19 @@ def reference_per_device(ds_alpha: float, batch_norm_impl: str = "flax", network
     model, loss_config, optimizer, batch = setup(batch_norm_impl, network)
     state = create_train_state(model, optimizer, 0)
 
+    # Shard g's dropout key as the step makes it: the step's key split once per device.
+    keys = jax.random.split(jax.random.fold_in(state.rng, state.step), DEVICES)
+
     @jax.jit
-    def shard_loss(params, image, label):
+    def shard_loss(params, image, label, key):
         def loss(p):
             outs, updates = model.apply({"params": p, "batch_stats": state.batch_stats}, image, train=True,
-                                        mutable=["batch_stats"])
+                                        mutable=["batch_stats"], rngs={"dropout": key})
             return losses.deep_supervision_loss(outs, label, loss_config, ds_alpha)[0], updates["batch_stats"]
         return jax.value_and_grad(loss, has_aux=True)(params)
 
     results = [shard_loss(state.params, batch["image"][g * PER_DEVICE:(g + 1) * PER_DEVICE],
-                          batch["label"][g * PER_DEVICE:(g + 1) * PER_DEVICE]) for g in range(DEVICES)]
+                          batch["label"][g * PER_DEVICE:(g + 1) * PER_DEVICE], keys[g]) for g in range(DEVICES)]
     mean = lambda *xs: np.mean(np.stack(xs), axis=0)  # noqa: E731
     loss = mean(*[r[0][0] for r in results])
     grads = jax.tree.map(mean, *[r[1] for r in results])
@@ -161,7 +166,7 @@ def test_unknown_setting_names_the_key():
 @pytest.mark.parametrize("batch_norm_stats", ["global", "per_device"])
 def test_two_stage_batch_norm_takes_the_same_step_on_several_devices(batch_norm_stats):
     # The GPU form of BatchNorm (models/batch_norm.py) under the sharded step: XLA inserts the
-    # statistics' all-reduces into its sums ("global"), or the model is vmapped per shard.
+    # statistics' all-reduces into its sums ("global"), or each device runs it under shard_map.
     m_ref, s_ref, g_ref, _ = run(batch_norm_stats, DEVICES)
     m_new, s_new, g_new, _ = run(batch_norm_stats, DEVICES, "two_stage")
     assert float(m_new["loss"]) == pytest.approx(float(m_ref["loss"]), rel=TOL)
@@ -184,3 +189,13 @@ def test_per_device_step_with_the_gpu_forms_equals_each_shard_on_its_own_average
     worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
                 zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True))
     assert worst <= 1e-4 * largest
+
+
+def test_per_device_step_draws_each_devices_dropout_from_its_own_key():
+    metrics, state, grads, _ = run("per_device", DEVICES, "flax", "dropout")
+    loss, ref_grads, ref_stats = reference_per_device(float(metrics["ds_alpha"]), "flax", "dropout")
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=TOL)
+    assert max_rel_diff(grads, ref_grads) <= TOL
+    assert max_rel_diff(state.batch_stats, ref_stats) <= TOL
+    # Not vacuous: dropout changed the step, and another key assignment would change it again.
+    assert max_rel_diff(run("per_device", DEVICES)[2], ref_grads) > 100 * TOL

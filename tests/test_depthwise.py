@@ -87,7 +87,8 @@ def test_even_kernel_and_unknown_impl_are_errors():
 
 def test_shift_gradients_are_the_same_sharded_over_devices_and_under_vmap():
     """The barriers under the sharded train step (batch split over 4 of conftest's CPU devices)
-    and under `vmap` (the per-device BatchNorm step vmaps the model): the same gradients."""
+    and under `vmap`: the same gradients. (The per-device step's shard_map is covered with the GPU
+    forms in tests/test_batch_norm_stats.py.)"""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 

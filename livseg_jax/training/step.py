@@ -13,11 +13,11 @@ device runs the one-device program on its shard. The loss is the mean of the dev
 `pmean`), which for equal shards is the loss of the whole batch as a function of the logits (every
 loss averages per-example terms: Dice and Tversky are per example, BCE per voxel); only the logits
 differ, through the statistics. Differentiating through `shard_map` sums the replicated parameters'
-gradients over the devices. The new running statistics are the mean of the devices' (as timm's
-`distribute_bn(reduce=True)`; DDP with its default `broadcast_buffers=True` instead copies rank 0's
-to every rank at each forward pass). Until session 10 the model was `jax.vmap`ped over a
-(devices, B / devices, ...) view of the batch instead: the same values, but not the one-device
-program.
+gradients of the `pmean`ed loss over the devices: the mean of the devices' gradients. The new
+running statistics are the mean of the devices' (as timm's `distribute_bn(reduce=True)`; DDP with
+its default `broadcast_buffers=True` instead copies rank 0's to every rank at each forward pass).
+Until session 10 the model was `jax.vmap`ped over a (devices, B / devices, ...) view of the batch
+instead: the same values, but not the one-device program.
 """
 
 from __future__ import annotations
@@ -82,12 +82,12 @@ def batch_norm_groups(batch_norm_stats: str, mesh: Mesh | None) -> int:
         return 1
     if mesh is None:
         raise ValueError('train.batch_norm_stats = "per_device" needs the mesh the step runs on')
-    return mesh.devices.size
+    return mesh.shape[DATA_AXIS]
 
 
 def _device_varying(x: jax.Array) -> jax.Array:
     """Casts `x`, the same on every device of the `data` axis inside `shard_map`, to device-varying."""
-    if hasattr(jax.lax, "pcast"):  # jax >= 0.10
+    if hasattr(jax.lax, "pcast"):  # jax >= 0.8.2; pvary before (removed in 0.10)
         return jax.lax.pcast(x, DATA_AXIS, to="varying")
     return jax.lax.pvary(x, DATA_AXIS)
 
@@ -129,7 +129,7 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
 
     def per_device_apply_and_loss(params, batch_stats, image, label, rng, alpha):
         if image.shape[0] % groups:
-            raise ValueError(f"batch of {image.shape[0]} does not split into {groups} groups of equal size "
+            raise ValueError(f"batch of {image.shape[0]} does not split into equal shards for {groups} devices "
                              "(train.batch_norm_stats = 'per_device')")
         keys = jax.random.split(rng, groups)  # one dropout key per device's shard
 
@@ -143,8 +143,10 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
             return mean(total), (mean(per_head), jax.tree.map(mean, stats))
 
         shard, whole = P(DATA_AXIS), P()
-        return jax.shard_map(on_shard, mesh=mesh, in_specs=(whole, whole, shard, shard, shard, whole),
-                             out_specs=(whole, (whole, whole)))(params, batch_stats, image, label, keys, alpha)
+        # check_vma: shard_map tracks what varies over devices, which the parameters' cast relies on.
+        on_devices = jax.shard_map(on_shard, mesh=mesh, in_specs=(whole, whole, shard, shard, shard, whole),
+                                   out_specs=(whole, (whole, whole)), check_vma=True)
+        return on_devices(params, batch_stats, image, label, keys, alpha)
 
     # One group is the whole batch: the global step itself (the same program, bit for bit).
     forward = apply_and_loss if groups == 1 else per_device_apply_and_loss
