@@ -42,7 +42,7 @@ def recorded_gradients() -> optax.GradientTransformation:
 
 # The paper network (tiny widths) with every GPU computation form: the depthwise shift form and
 # the two-stage BatchNorm have their own gradients (jax.custom_vjp), which must hold under the
-# per-device step's shard_map. Three levels keep 4^3 values per patch at the bottleneck.
+# per-device step's shard_map. Three levels keep 2x4x4 values per patch at the bottleneck.
 GPU_FORMS_NETWORK = {"name": "elanres_msca_unet", "features": (2, 4, 4), "depthwise_impl": "shift",
                      "pointwise_impl": "einsum", "dense_pack_channels": 32, "batch_norm_impl": "two_stage"}
 
@@ -56,7 +56,7 @@ def setup(batch_norm_impl: str = "flax", network: str = "unet"):
     patch = PATCH
     if network == "gpu_forms":
         config.model.update(GPU_FORMS_NETWORK)
-        patch = (16, 16, 16)
+        patch = (8, 16, 16)
     elif network == "dropout":
         config.model.dropout = 0.5
     model = build_model(config.model)
