@@ -91,6 +91,24 @@ def max_rel_diff(a, b) -> float:
     return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
 
 
+def diff_relative_to_largest(a, b) -> float:
+    """Returns the largest |a - b| over the leaves of two trees, over the largest |b| of all leaves.
+
+    For gradients: some are zero in exact arithmetic (a bias feeding a BatchNorm) and rounding noise
+    in either computation, so a per-leaf relative difference would compare noise with noise.
+    """
+    largest = max(float(np.max(np.abs(y))) for y in jax.tree.leaves(b))
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)) / largest
+
+
+def per_device_and_reference(batch_norm_impl: str = "flax", network: str = "unet"):
+    """Returns ((metrics, new state, gradients) of the per-device step on DEVICES devices,
+    (loss, gradients, new batch_stats) of `reference_per_device` at the same ds_alpha)."""
+    metrics, state, grads, _ = run("per_device", DEVICES, batch_norm_impl, network)
+    return (metrics, state, grads), reference_per_device(float(metrics["ds_alpha"]), batch_norm_impl, network)
+
+
 def reference_per_device(ds_alpha: float, batch_norm_impl: str = "flax", network: str = "unet"):
     """Returns (loss, gradients, new batch_stats): the model on each shard in turn, averaged."""
     model, loss_config, optimizer, batch = setup(batch_norm_impl, network)
@@ -125,8 +143,7 @@ def test_per_device_on_one_device_is_the_global_step():
 
 
 def test_per_device_equals_each_shard_on_its_own_averaged():
-    metrics, state, grads, _ = run("per_device", DEVICES)
-    loss, ref_grads, ref_stats = reference_per_device(float(metrics["ds_alpha"]))
+    (metrics, state, grads), (loss, ref_grads, ref_stats) = per_device_and_reference()
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=TOL)
     assert max_rel_diff(grads, ref_grads) <= TOL
     assert max_rel_diff(state.batch_stats, ref_stats) <= TOL
@@ -171,29 +188,18 @@ def test_two_stage_batch_norm_takes_the_same_step_on_several_devices(batch_norm_
     m_new, s_new, g_new, _ = run(batch_norm_stats, DEVICES, "two_stage")
     assert float(m_new["loss"]) == pytest.approx(float(m_ref["loss"]), rel=TOL)
     assert max_rel_diff(s_new.batch_stats, s_ref.batch_stats) <= TOL
-    # Relative to the largest gradient: some are zero in exact arithmetic (a bias feeding a
-    # BatchNorm) and rounding noise in either form.
-    largest = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(g_ref))
-    worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-                zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref), strict=True))
-    assert worst <= 1e-4 * largest
+    assert diff_relative_to_largest(g_new, g_ref) <= 1e-4
 
 
 def test_per_device_step_with_the_gpu_forms_equals_each_shard_on_its_own_averaged():
-    metrics, state, grads, _ = run("per_device", DEVICES, "two_stage", "gpu_forms")
-    loss, ref_grads, ref_stats = reference_per_device(float(metrics["ds_alpha"]), "two_stage", "gpu_forms")
+    (metrics, state, grads), (loss, ref_grads, ref_stats) = per_device_and_reference("two_stage", "gpu_forms")
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=TOL)
     assert max_rel_diff(state.batch_stats, ref_stats) <= 1e-4
-    # Relative to the largest gradient (some are zero in exact arithmetic: a bias before a BatchNorm).
-    largest = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
-    worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-                zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True))
-    assert worst <= 1e-4 * largest
+    assert diff_relative_to_largest(grads, ref_grads) <= 1e-4
 
 
 def test_per_device_step_draws_each_devices_dropout_from_its_own_key():
-    metrics, state, grads, _ = run("per_device", DEVICES, "flax", "dropout")
-    loss, ref_grads, ref_stats = reference_per_device(float(metrics["ds_alpha"]), "flax", "dropout")
+    (metrics, state, grads), (loss, ref_grads, ref_stats) = per_device_and_reference("flax", "dropout")
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=TOL)
     assert max_rel_diff(grads, ref_grads) <= TOL
     assert max_rel_diff(state.batch_stats, ref_stats) <= TOL
