@@ -57,6 +57,10 @@ VARIANTS = {
     # modules compiled through MLIR during autotuning, probably Triton's, most of the autotuning
     # time (docs/benchmarks.md)
     "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+    # session 11, for the compile's remaining ~40 s with nothing left to autotune:
+    "llvm_cheap": "--xla_llvm_disable_expensive_passes=true",  # LLVM's costliest optimisation passes off
+    "nvptxcompiler": "--xla_gpu_enable_libnvptxcompiler=true",  # PTX to CUBIN in process, not through ptxas
+    "no_lhs": "--xla_gpu_enable_latency_hiding_scheduler=false",  # one GPU has no collectives to hide
 }
 TRACE_TOP = 40  # event names kept in a compile trace's summary
 
@@ -265,6 +269,7 @@ def main() -> None:
     parser.add_argument("--variants", default="default,shipped_autotune,autotune_level_2")
     parser.add_argument("--tag", default="local")
     parser.add_argument("--init-only", action="store_true", help="time the initialisation only")
+    parser.add_argument("--cold-only", action="store_true", help="skip the warm processes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache", default="", help=argparse.SUPPRESS)
     parser.add_argument("--executables", default="", choices=("", "store", "load"), help=argparse.SUPPRESS)
@@ -290,7 +295,7 @@ def main() -> None:
             else {"cold": "", "warm": ""}
         if {"fusion_autotune_cache", "autotuner_cache"} & set(name.split("+")):  # compilation cache empty again
             phases = {"cold": "", "cold_autotune_cached": ""}
-        if "compile_trace" in name.split("+"):  # a warm start compiles nothing
+        if "compile_trace" in name.split("+") or args.cold_only:  # a warm start compiles nothing
             phases = {"cold": ""}
         for phase, executables in phases.items():
             if phase == "cold_autotune_cached":

@@ -127,8 +127,12 @@ def main() -> None:
                         help="first a cold run compiling the step at the first step (train.compile_ahead=False)")
     parser.add_argument("--shipped-only", action="store_true",
                         help="skip the cold runs and the dumps: the package's shipped results, runs 3-5 only")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, e.g. train.step_programs=1 (repeatable)")
+    parser.add_argument("--no-traced", action="store_true", help="skip the warm_traced run")
     parser.add_argument("--tag", default="local")
     args = parser.parse_args()
+    SHORT_RUN.extend(f"--config.{item}" for item in args.set)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_first_step_"))
     ship = args.ship_to or work / "autotune"
     if SHIPPED_AUTOTUNE_DIR.is_dir():
@@ -166,9 +170,9 @@ def main() -> None:
                   "they are stale for this program (or none were shipped for these versions); dump them again "
                   "(--only-dumps)", flush=True)
         record(train_run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
-        # The same without the compiled-program cache: traced and lowered, then JAX's cache.
-        shutil.rmtree(work / "cache_shipped" / SUBDIR)
-        record(train_run(args.config, work, "warm_traced", work / "cache_shipped", shipped))
+        if not args.no_traced:  # the same without the compiled-program cache: traced, then JAX's cache
+            shutil.rmtree(work / "cache_shipped" / SUBDIR)
+            record(train_run(args.config, work, "warm_traced", work / "cache_shipped", shipped))
     print("| run | config | first step (s) | step compile (s) | first step waited (s) | first step since the "
           "command started (s) | wall (s) |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -185,6 +185,9 @@ def base_config() -> ml_collections.ConfigDict:
             checkpoint_every_epochs=1,
             keep_checkpoints=3,
             donate_state=True,  # False: the step does not reuse the old state's buffers
+            # The train step as 2 programs (gradients; the optimiser's update) compiled side by side,
+            # neither donating: a shorter first compile (training/step_programs.py); 1: one program.
+            step_programs=2,
             # Compile the train step on a background thread while the state is made and the input
             # pipeline starts (training/compile_ahead.py); False: at the first step, after them.
             compile_ahead=True,

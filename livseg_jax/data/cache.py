@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import pathlib
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -32,6 +33,20 @@ from livseg_jax.data.layouts import CaseFiles
 from livseg_jax.data.nifti import Geometry, PathLike, read_case
 
 CACHE_VERSION = 1  # of the entry layout; part of the folder's key
+
+
+# numpy parses a .npy header with `ast.literal_eval`, and CPython 3.11 before 3.11.8 can raise
+# "SystemError: AST constructor recursion depth mismatch" when two threads parse at once (CPython
+# gh-106905): the input pipeline's prefetch threads open cached cases concurrently (seen in the
+# suite, session 11). Opening is serialised, which takes the pipeline's own threads out of that
+# race (other threads' parses, e.g. `inspect` while tracing, remain); reading the arrays is not.
+_OPEN_LOCK = threading.Lock()
+
+
+def open_array(path: PathLike) -> np.ndarray:
+    """Returns the cached .npy array at `path`, memory-mapped read-only."""
+    with _OPEN_LOCK:
+        return np.load(path, mmap_mode="r")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +63,12 @@ class CachedCase:
     @property
     def image(self) -> np.ndarray:
         """Returns the preprocessed image, (D, H, W) float32, memory-mapped read-only."""
-        return np.load(self.image_path, mmap_mode="r")
+        return open_array(self.image_path)
 
     @property
     def label(self) -> np.ndarray | None:
         """Returns the preprocessed label map, (D, H, W) uint8 memory-mapped, or None."""
-        return None if self.label_path is None else np.load(self.label_path, mmap_mode="r")
+        return None if self.label_path is None else open_array(self.label_path)
 
     @property
     def spacing(self) -> np.ndarray:

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from livseg_jax.data.augment_device import device_augment_settings
-from livseg_jax.data.cache import CachedCase
+from livseg_jax.data.cache import CachedCase, open_array
 from livseg_jax.data.stages import liver_crop_box, stage_target
 
 MAX_FOREGROUND_SAMPLES = 20_000  # voxel coordinates kept per case to draw patch centres from
@@ -45,7 +45,7 @@ class StageCase:
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """Returns (image float32, label uint8) of the crop, (D, H, W), memory-mapped views."""
         box = tuple(slice(a, b) for a, b in zip(self.crop_start, self.crop_stop, strict=True))
-        return np.load(self.image_path, mmap_mode="r")[box], np.load(self.label_path, mmap_mode="r")[box]
+        return open_array(self.image_path)[box], open_array(self.label_path)[box]
 
 
 def index_case(case: CachedCase, stage: str, liver_margin_mm: float, seed: int = 0,

@@ -33,12 +33,14 @@ import ml_collections
 from jax.experimental import serialize_executable
 
 from livseg_jax.atomic_write import sweep_stale_temps, write_bytes
+from livseg_jax.training.step_programs import TwoProgramCompiled
 from livseg_jax.xla_flags import AUTOTUNE_VERSIONED, runtime_versions
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBDIR = "livseg_executables"
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy")
 KEEP_PER_PROGRAM = 3  # entries kept per program name (train step, initialisation): the newest
+FORMAT = "livseg-executables-2"  # session 11: an entry holds one program or the step's two
 
 
 def executable_cache_dir() -> pathlib.Path | None:
@@ -112,17 +114,29 @@ def prune(directory: pathlib.Path, keep: int = KEEP_PER_PROGRAM) -> None:
             old.unlink(missing_ok=True)
 
 
-def store(path: pathlib.Path, compiled: jax.stages.Compiled) -> None:
-    """Writes `compiled` and the ids of its devices to `path` atomically (a crash leaves no partial entry)."""
+def store(path: pathlib.Path, compiled: Any) -> None:
+    """Writes `compiled` (a `jax.stages.Compiled`, or a `TwoProgramCompiled` of them) and the ids of
+    each program's devices to `path` atomically (a crash leaves no partial entry)."""
+    parts = getattr(compiled, "parts", None)
+    entries = [(serialize_executable.serialize(p), device_ids(p)) for p in (parts or (compiled,))]
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, pickle.dumps((serialize_executable.serialize(compiled), device_ids(compiled))))
+    write_bytes(path, pickle.dumps((FORMAT, parts is not None, entries)))
     prune(path.parent)
 
 
-def load(path: pathlib.Path) -> jax.stages.Compiled:
-    """Returns the program stored at `path`, loaded onto the devices it was compiled for (left to
-    itself, JAX would load it onto all of them)."""
-    (payload, in_tree, out_tree), ids = pickle.loads(path.read_bytes())
+def _load_one(entry) -> jax.stages.Compiled:
+    (payload, in_tree, out_tree), ids = entry
     by_id = {d.id: d for d in jax.devices()}
     return serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
                                                      execution_devices=[by_id[i] for i in ids])
+
+
+def load(path: pathlib.Path) -> Any:
+    """Returns the program(s) stored at `path`, loaded onto the devices they were compiled for (left
+    to itself, JAX would load them onto all of them). Raises ValueError for another format's entry."""
+    stored = pickle.loads(path.read_bytes())
+    if not (isinstance(stored, tuple) and len(stored) == 3 and stored[0] == FORMAT):
+        raise ValueError(f"not an entry of format {FORMAT}")
+    _, split, entries = stored
+    programs = tuple(_load_one(entry) for entry in entries)
+    return TwoProgramCompiled(programs) if split else programs[0]

@@ -38,6 +38,7 @@ from livseg_jax.data.augment_device import DeviceAugment, augment_batch
 from livseg_jax.models import UNet3D
 from livseg_jax.training.schedules import current_learning_rate, ds_alpha_schedule
 from livseg_jax.training.state import TrainState
+from livseg_jax.training.step_programs import TwoProgramStep, check_step_programs
 
 DATA_AXIS = "data"
 # fold_in constant separating the augmentation's stream from dropout's (both from the step's key).
@@ -151,7 +152,8 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
     # One group is the whole batch: the global step itself (the same program, bit for bit).
     forward = apply_and_loss if groups == 1 else per_device_apply_and_loss
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def forward_pass(state: TrainState, batch: dict[str, jax.Array]):
+        """The forward pass: (the loss's pullback to the parameters, what the update needs)."""
         dropout_rng = jax.random.fold_in(state.rng, state.step)
         alpha = ds_alpha(state.step)
         if augment is not None:
@@ -162,33 +164,55 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
         def loss_fn(params):
             return forward(params, state.batch_stats, batch["image"], batch["label"], dropout_rng, alpha)
 
-        (loss, (per_head, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        loss, pullback, (per_head, batch_stats) = jax.vjp(loss_fn, state.params, has_aux=True)
+        return pullback, {"loss": loss, "per_head": per_head, "batch_stats": batch_stats, "alpha": alpha}
+
+    def compute_gradients(state: TrainState, batch: dict[str, jax.Array]):
+        """The forward and backward passes: (the gradients, what the update needs)."""
+        pullback, aux = forward_pass(state, batch)
+        (grads,) = pullback(jnp.ones_like(aux["loss"]))  # as jax.value_and_grad does
+        return grads, aux
+
+    def apply_gradients(state: TrainState, grads, aux: dict):
+        """The optimiser's update of `state` by `grads`: (the next state, the step's metrics)."""
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
-            batch_stats=batch_stats,
+            batch_stats=aux["batch_stats"],
             opt_state=opt_state,
         )
         metrics = {
-            "loss": loss,
-            "loss_final_head": per_head[-1],
-            "ds_alpha": alpha,
+            "loss": aux["loss"],
+            "loss_final_head": aux["per_head"][-1],
+            "ds_alpha": aux["alpha"],
             "learning_rate": current_learning_rate(opt_state),
             "grad_norm": global_norm(grads),
         }
         return new_state, metrics
 
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        return apply_gradients(state, *compute_gradients(state, batch))
+
+    # The two halves, for compiling them as two programs (`split_train_step`).
+    train_step.forward_pass = forward_pass
+    train_step.compute_gradients = compute_gradients
+    train_step.apply_gradients = apply_gradients
     return train_step
 
 
-def jit_train_step(train_step: Callable, mesh: Mesh, donate_state: bool = True) -> Callable:
+def jit_train_step(train_step: Callable, mesh: Mesh, donate_state: bool = True,
+                   programs: int = 1) -> Callable:
     """Returns the step compiled with the state replicated (donated by default), the batch sharded.
 
     Donation lets XLA write the new state into the old one's buffers; the state of the paper's
     network is ~45 MB, so `donate_state=False` costs little and is kept as a switch for the bf16
-    investigation in docs/performance_notes.md.
+    investigation in docs/performance_notes.md. `programs=2` (`train.step_programs`) compiles the
+    gradients and the update as two programs side by side, neither donating
+    (`livseg_jax.training.step_programs` says why).
     """
+    if check_step_programs(programs) == 2:
+        return TwoProgramStep(train_step, (replicated(mesh), batch_sharding(mesh)), replicated(mesh))
     return jax.jit(
         train_step,
         in_shardings=(replicated(mesh), batch_sharding(mesh)),

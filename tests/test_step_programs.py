@@ -1,0 +1,98 @@
+"""The train step as two programs (training/step_programs.py) against the one-program step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from livseg_jax.config import base_config
+from livseg_jax.models import build_model
+from livseg_jax.training import executable_cache
+from livseg_jax.training.schedules import make_optimizer
+from livseg_jax.training.state import create_train_state
+from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
+from livseg_jax.training.step_programs import TwoProgramCompiled, check_step_programs
+
+
+def _setup(devices: int = 1):
+    c = base_config()
+    c.model.name, c.model.features = "unet", (2, 4, 4, 4, 4)
+    model, optimizer = build_model(c.model), make_optimizer(c.optim, 10)
+    mesh = make_mesh(jax.devices()[:devices])
+    init = jax.jit(lambda: create_train_state(model, optimizer, 0), out_shardings=replicated(mesh))
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(2 * devices, 16, 16, 16, 1)), jnp.float32),
+             "label": jnp.asarray(rng.random((2 * devices, 16, 16, 16)) < 0.3, jnp.int32)}
+    return make_train_step(model, optimizer, c.loss, 10), mesh, init, batch
+
+
+def _run(step_fn, state, batch, steps=2):
+    for _ in range(steps):
+        state, metrics = step_fn(state, batch)
+    return state, metrics
+
+
+def _assert_close(a, b, rtol):
+    def check(x, y):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert np.max(np.abs(x - y)) <= rtol * (np.max(np.abs(y)) + 1e-12)
+
+    jax.tree.map(check, a, b)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_two_programs_train_as_one_program_does(devices):
+    step, mesh, init, batch = _setup(devices)
+    one_state, one_metrics = _run(jit_train_step(step, mesh), init(), batch)
+    two = jit_train_step(step, mesh, programs=2)
+    kept = init()
+    two_state, two_metrics = _run(two, kept, batch)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(kept))  # the update does not donate
+    assert int(two_state.step) == int(one_state.step) == 2
+    # The same arithmetic; XLA may fuse it differently across the programs' boundary.
+    _assert_close(two_state.params, one_state.params, 1e-5)
+    _assert_close(two_state.opt_state, one_state.opt_state, 1e-5)
+    _assert_close(two_state.batch_stats, one_state.batch_stats, 1e-5)
+    _assert_close(two_metrics, one_metrics, 1e-5)
+    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(two_state.params), jax.tree.leaves(init().params), strict=True)) > 0
+
+
+def test_ahead_of_time_compile_of_two_programs_runs_as_the_jitted_step(tmp_path):
+    step, mesh, init, batch = _setup()
+    two = jit_train_step(step, mesh, programs=2)
+    state = init()
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), (state, batch))
+    lowered = two.trace(*specs).lower()
+    text = lowered.as_text()
+    assert text.count("func.func public @main") == 2  # two modules
+    compiled = lowered.compile()
+    assert isinstance(compiled, TwoProgramCompiled) and len(compiled.parts) == 2
+    expected, _ = _run(two, state, batch, steps=1)
+    got, _ = _run(compiled, state, batch, steps=1)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    # Kept whole by the compiled-program cache and loaded back as two programs.
+    path = tmp_path / "train_step-key.pkl"
+    executable_cache.store(path, compiled)
+    loaded = executable_cache.load(path)
+    assert isinstance(loaded, TwoProgramCompiled)
+    again, _ = _run(loaded, state, batch, steps=1)
+    jax.tree.map(np.testing.assert_array_equal, again, expected)
+
+
+def test_a_cache_entry_of_an_older_format_is_refused(tmp_path):
+    import pickle
+
+    path = tmp_path / "train_step-old.pkl"
+    path.write_bytes(pickle.dumps((("payload", "in", "out"), [0])))  # the format before session 11
+    with pytest.raises(ValueError, match="format"):
+        executable_cache.load(path)
+
+
+@pytest.mark.parametrize("bad", [0, 3, True, "2", 1.5])
+def test_step_programs_other_than_one_or_two_are_refused(bad):
+    with pytest.raises(ValueError, match="train.step_programs"):
+        check_step_programs(bad)
+    assert check_step_programs(2) == 2 and check_step_programs(1) == 1
