@@ -127,8 +127,8 @@ def measure(config_arg: str, patch: str, variant: str, steps: int) -> dict:
     timing["dispatch_ms"] = (time.perf_counter() - start) * 1e3 / steps
     jax.block_until_ready(holder["metrics"])
     return {"variant": variant, "compilation_cache": os.environ.get("BENCH_SPLIT_CACHE", ""),
-            "compile_s": compile_s,
-            "compile_s_each": [s for _, s in done], "loss": float(holder["metrics"]["loss"]), "patch": list(shape), **timing}
+            "compile_s": compile_s, "compile_s_each": [s for _, s in done],
+            "loss": float(holder["metrics"]["loss"]), "patch": list(shape), **timing}
 
 
 def main() -> None:
