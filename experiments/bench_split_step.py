@@ -13,7 +13,8 @@ autotuning results `train` uses:
   (`train.step_programs=2`, `livseg_jax/training/step_programs.py`), which compiles the two
   itself (one `compile_s_each` entry; its session-11 rows predate that and list two);
 - `split3`: forward, backward and update, three programs (the forward returns the pullback's
-  residuals).
+  residuals), the backward and the update donating their inputs;
+- `split3_kept`: the same, neither donating (session 11 found donation slowed `split2`).
 
 Each prints the wall time from the first trace to the last compile, then the step time back to
 back (the parts dispatched one after the other, as training would run them). BENCH_SPLIT_CACHE=1 gives
@@ -34,7 +35,7 @@ import time
 
 from experiments.bench_common import REPO, back_to_back_ms, environment, print_result, run_child, write_result
 
-VARIANTS = ("fused", "split2", "split2_kept", "split3")
+VARIANTS = ("fused", "split2", "split2_kept", "split3", "split3_kept")
 
 
 def measure(config_arg: str, patch: str, variant: str, steps: int) -> dict:
@@ -85,11 +86,12 @@ def measure(config_arg: str, patch: str, variant: str, steps: int) -> dict:
         programs = [(jax.jit(step.compute_gradients, in_shardings=(rep, sharded)), (state, batch)),
                     (jax.jit(step.apply_gradients, donate_argnums=(0, 1)), (state, *grads_spec))]
     else:
+        kept = variant == "split3_kept"
         pullback_spec, aux_spec = jax.eval_shape(step.forward_pass, state, batch)
         backward = lambda pullback, loss: pullback(jax.numpy.ones_like(loss))[0]  # noqa: E731
         programs = [(jax.jit(step.forward_pass, in_shardings=(rep, sharded)), (state, batch)),
-                    (jax.jit(backward, donate_argnums=0), (pullback_spec, aux_spec["loss"])),
-                    (jax.jit(step.apply_gradients, donate_argnums=(0, 1)), (state, *grads_spec))]
+                    (jax.jit(backward, donate_argnums=() if kept else 0), (pullback_spec, aux_spec["loss"])),
+                    (jax.jit(step.apply_gradients, donate_argnums=() if kept else (0, 1)), (state, *grads_spec))]
 
     def compile_one(item):
         jitted, args = item

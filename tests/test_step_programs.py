@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,8 +93,36 @@ def test_a_cache_entry_of_an_older_format_is_refused(tmp_path):
         executable_cache.load(path)
 
 
-@pytest.mark.parametrize("bad", [0, 3, True, "2", 1.5])
-def test_step_programs_other_than_one_or_two_are_refused(bad):
+@pytest.mark.parametrize("bad", [0, 3, True, "two", 1.5, "2"])
+def test_step_programs_other_than_one_two_or_auto_are_refused(bad):
     with pytest.raises(ValueError, match="train.step_programs"):
         check_step_programs(bad)
+
+
+def test_step_programs_left_to_the_backend_are_two_on_gpus_only():
+    assert check_step_programs(None, "gpu") == check_step_programs("auto", "gpu") == 2
+    assert check_step_programs(None, "cpu") == check_step_programs(None, "tpu") == 1
     assert check_step_programs(2) == 2 and check_step_programs(1) == 1
+    assert base_config().train.step_programs is None
+
+
+def test_a_run_with_two_programs_trains_as_one_and_a_second_run_loads_both(tmp_path, monkeypatch):
+    import sys
+
+    from livseg_jax.training import loop
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from test_training import tiny_config
+
+    monkeypatch.setattr(loop, "executable_cache_dir", lambda: tmp_path / "executables")
+    one = loop.train_and_evaluate(tiny_config(tmp_path / "cache", num_epochs=1, step_programs=1), tmp_path / "one",
+                                  devices=jax.devices()[:1])
+    two = loop.train_and_evaluate(tiny_config(tmp_path / "cache", num_epochs=1, step_programs=2), tmp_path / "two",
+                                  devices=jax.devices()[:1])
+    _assert_close(two["state"].params, one["state"].params, 1e-5)
+    entries = sorted((tmp_path / "executables").glob("train_step-*.pkl"))
+    assert len(entries) == 2 and not two["train_step_loaded"]
+    again = loop.train_and_evaluate(tiny_config(tmp_path / "cache", num_epochs=1, step_programs=2),
+                                    tmp_path / "again", devices=jax.devices()[:1])
+    assert again["train_step_loaded"]
+    jax.tree.map(np.testing.assert_array_equal, again["state"], two["state"])

@@ -218,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                   for k, v in pipeline.batch_spec(config.data, config.data.batch_size).items()}
     step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe, augment,
                                              config.train.get("batch_norm_stats", "global"), mesh), mesh,
-                             bool(config.train.get("donate_state", True)), config.train.get("step_programs", 1))
+                             bool(config.train.get("donate_state", True)), config.train.get("step_programs"))
     background = bool(config.train.get("compile_ahead", True))
     executables_dir = executable_cache_dir()  # None unless JAX's persistent cache is on (train turns it on)
 

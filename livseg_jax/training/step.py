@@ -202,16 +202,16 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, donate_state: bool = True,
-                   programs: int = 1) -> Callable:
+                   programs: int | str | None = 1) -> Callable:
     """Returns the step compiled with the state replicated (donated by default), the batch sharded.
 
     Donation lets XLA write the new state into the old one's buffers; the state of the paper's
     network is ~45 MB, so `donate_state=False` costs little and is kept as a switch for the bf16
-    investigation in docs/performance_notes.md. `programs=2` (`train.step_programs`) compiles the
-    gradients and the update as two programs side by side, neither donating
-    (`livseg_jax.training.step_programs` says why).
+    investigation in docs/performance_notes.md. `programs=2` (`train.step_programs`; None: 2 on GPUs,
+    1 elsewhere) compiles the gradients and the update as two programs side by side, neither
+    donating (`livseg_jax.training.step_programs` says why).
     """
-    if check_step_programs(programs) == 2:
+    if check_step_programs(programs, mesh.devices.flat[0].platform) == 2:
         return TwoProgramStep(train_step, (replicated(mesh), batch_sharding(mesh)), replicated(mesh))
     return jax.jit(
         train_step,

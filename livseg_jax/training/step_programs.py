@@ -14,9 +14,13 @@ gradient program, still running, has finished reading the state, so the host sto
 the GPU: on one host the step took 49-55 ms back to back instead of ~40.5 (on another 41.3). Without
 it the state exists twice for a moment (the paper network's is ~135 MB with Adam's moments).
 
-`train.step_programs = 1` compiles the step as one program, as before session 11. Both forms do
-the same arithmetic; XLA may fuse it differently across the boundary, so results agree to float
-rounding (tests/test_step_programs.py).
+`train.step_programs` is None by default: 2 on GPUs, 1 elsewhere. On a 2-core CPU the two
+programs compiled the paper network's step 5-6.5 s faster (14.6 against 19.5-21.0 s) but ran each
+step 13-15% slower (2.14-2.34 against 1.86-2.07 s at 16x64x64: the update allocates a new state
+instead of reusing the old one's buffers), so CPUs keep the one program. 1 compiles the step as
+one program everywhere, as before session 11; 2 as two. Both forms do the same arithmetic; XLA
+may fuse it differently across the boundary, so results agree to float rounding
+(tests/test_step_programs.py).
 """
 
 from __future__ import annotations
@@ -30,16 +34,15 @@ import jax
 STEP_PROGRAMS = (1, 2)
 
 
-def check_step_programs(value: Any) -> int:
-    """Returns `train.step_programs` as an int; raises ValueError unless it is 1 or 2."""
+def check_step_programs(value: Any, backend: str | None = None) -> int:
+    """Returns `train.step_programs` as 1 or 2, None or "auto" resolved for `backend` (default:
+    JAX's) as 2 on GPUs and 1 elsewhere; raises ValueError for anything else."""
+    if value is None or value == "auto":
+        return 2 if (backend or jax.default_backend()) == "gpu" else 1
     if isinstance(value, bool) or value not in STEP_PROGRAMS:
-        raise ValueError(f"train.step_programs = {value!r}: use 1 (one program) or 2 (gradients and update "
-                         "compiled side by side)")
+        raise ValueError(f"train.step_programs = {value!r}: use 1 (one program), 2 (gradients and update "
+                         "compiled side by side) or None (the default: 2 on GPUs, 1 elsewhere)")
     return int(value)
-
-
-def _with_sharding(spec: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding)
 
 
 class TwoProgramStep:
@@ -59,34 +62,40 @@ class TwoProgramStep:
         return self.update(state, grads, aux)
 
     def trace(self, state, batch) -> TwoProgramTraced:
+        """Traces the gradient program; the update's arguments follow from its outputs."""
         gradients = self.gradients.trace(state, batch)
-        # The update's arguments: the state as given, the gradients' outputs (replicated).
-        outputs = jax.tree.map(lambda s: _with_sharding(s, self.replicated), gradients.out_info)
-        state_spec = jax.tree.map(lambda a: _with_sharding(jax.ShapeDtypeStruct(a.shape, a.dtype), self.replicated),
-                                  state)
-        return TwoProgramTraced((gradients, self.update.trace(state_spec, *outputs)))
+        replicate = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated)  # noqa: E731
+        update_args = (jax.tree.map(replicate, state), *jax.tree.map(replicate, gradients.out_info))
+        return TwoProgramTraced(gradients, self.update, update_args)
 
 
 class TwoProgramTraced:
-    def __init__(self, parts: tuple):
-        self.parts = parts
+    def __init__(self, gradients, update: Callable, update_args: tuple):
+        self.gradients, self.update, self.update_args = gradients, update, update_args
 
     def lower(self) -> TwoProgramLowered:
-        return TwoProgramLowered(tuple(part.lower() for part in self.parts))
+        return TwoProgramLowered(self.gradients.lower(), self.update, self.update_args)
 
 
 class TwoProgramLowered:
-    def __init__(self, parts: tuple):
-        self.parts = parts
+    """The lowered gradient program and the update still to trace: `compile` traces and lowers the
+    update (Python) while XLA compiles the gradient program (native code, without Python's lock),
+    so neither the update's tracing nor its compile waits for the other program."""
+
+    def __init__(self, gradients, update: Callable, update_args: tuple):
+        self.gradients, self.update, self.update_args = gradients, update, update_args
+
+    def _update_lowered(self):
+        return self.update.trace(*self.update_args).lower()
 
     def as_text(self) -> str:
-        return "\n".join(part.as_text() for part in self.parts)
+        return "\n".join((self.gradients.as_text(), self._update_lowered().as_text()))
 
     def compile(self) -> TwoProgramCompiled:
-        """Compiles the programs on threads of their own (XLA's compile releases Python's lock)."""
-        with concurrent.futures.ThreadPoolExecutor(len(self.parts), thread_name_prefix="compile part") as pool:
-            futures = [pool.submit(part.compile) for part in self.parts]
-            return TwoProgramCompiled(tuple(f.result() for f in futures))
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile gradients") as pool:
+            gradients = pool.submit(self.gradients.compile)
+            update = self._update_lowered().compile()
+            return TwoProgramCompiled((gradients.result(), update))
 
 
 class TwoProgramCompiled:
