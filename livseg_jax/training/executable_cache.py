@@ -117,10 +117,10 @@ def prune(directory: pathlib.Path, keep: int = KEEP_PER_PROGRAM) -> None:
 def store(path: pathlib.Path, compiled: Any) -> None:
     """Writes `compiled` (a `jax.stages.Compiled`, or a `TwoProgramCompiled` of them) and the ids of
     each program's devices to `path` atomically (a crash leaves no partial entry)."""
-    parts = getattr(compiled, "parts", None)
-    entries = [(serialize_executable.serialize(p), device_ids(p)) for p in (parts or (compiled,))]
+    split = isinstance(compiled, TwoProgramCompiled)
+    entries = [(serialize_executable.serialize(p), device_ids(p)) for p in (compiled.parts if split else (compiled,))]
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, pickle.dumps((FORMAT, parts is not None, entries)))
+    write_bytes(path, pickle.dumps((FORMAT, split, entries)))
     prune(path.parent)
 
 

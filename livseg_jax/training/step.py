@@ -194,7 +194,8 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         return apply_gradients(state, *compute_gradients(state, batch))
 
-    # The two halves, for compiling them as two programs (`split_train_step`).
+    # The parts, for compiling the step as two programs (training/step_programs.py) and for measuring
+    # other splits (experiments/bench_split_step.py).
     train_step.forward_pass = forward_pass
     train_step.compute_gradients = compute_gradients
     train_step.apply_gradients = apply_gradients
