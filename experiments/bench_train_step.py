@@ -9,6 +9,8 @@ A step is forward + backward + Adam with HybridLoss1 and deep supervision (SPEC 
 Two timings per row, the same for both frameworks: `median_ms`, each step waited for before the
 next (dispatch and launch latency included), and `back_to_back_ms`, `--steps` steps dispatched
 without waiting, then one wait (the throughput a training loop gets, which waits only to log).
+`--step-programs 2` times the JAX step as `train` runs it on GPUs since session 11: two programs,
+gradients and update (`livseg_jax/training/step_programs.py`); the default 1 is the one program.
 Writes experiments/results/bench_train_step[_TAG].json and prints a Markdown table.
 """
 
@@ -31,6 +33,7 @@ from experiments.bench_common import (
 )
 
 MODES = ("jax_f32", "jax_bf16", "torch_f32", "torch_amp", "torch_compile")
+SETTINGS = {"step_programs": 1}  # the JAX step's form, --step-programs
 
 
 def make_data(batch: int, patch: tuple[int, ...], seed: int = 0):
@@ -71,7 +74,8 @@ def lower_jax_step(variant: str, mode: str, patch, batch: int):
     mesh = make_mesh(jax.devices()[:1])
     # Created with the step's state sharding so that the second step does not recompile.
     state = jax.jit(lambda: create_train_state(model, optimizer, 0), out_shardings=replicated(mesh))()
-    step = jit_train_step(make_train_step(model, optimizer, base_config().loss, 100), mesh)
+    step = jit_train_step(make_train_step(model, optimizer, base_config().loss, 100), mesh,
+                          programs=SETTINGS["step_programs"])
     image, labels = make_data(batch, patch)
     batch_arrays = {"image": jax.device_put(image), "label": jax.device_put(labels)}
     return step.lower(state, batch_arrays), state, batch_arrays
@@ -176,8 +180,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--tag", default="")
     parser.add_argument("--overrides", default="", help="model config overrides, e.g. depthwise_impl=shift")
+    parser.add_argument("--step-programs", type=int, default=1, choices=(1, 2),
+                        help="the JAX step as one program, or as train's two on GPUs (gradients, update)")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # child process: variant:mode
     args = parser.parse_args()
+    SETTINGS["step_programs"] = args.step_programs
     patch = tuple(int(v) for v in args.patch.split(","))
     OVERRIDES.update(parse_overrides(args.overrides))
     if args.case:
@@ -192,7 +199,8 @@ def main() -> None:
     def save():  # after every row, so a run cut off by a time limit keeps what it measured
         # The children report the environment: importing jax here would claim the GPU's memory.
         env = next((r["environment"] for r in rows if "environment" in r), {})
-        payload = {"benchmark": "train_step", "overrides": OVERRIDES, "patch": patch,
+        payload = {"benchmark": "train_step", "overrides": OVERRIDES, "step_programs": args.step_programs,
+                   "patch": patch,
                    "batch": args.batch, "steps": args.steps, "environment": env, "rows": rows}
         return write_result(name, payload)
 
@@ -202,7 +210,8 @@ def main() -> None:
                 raise SystemExit(f"unknown mode {mode!r}; choose from {MODES}")
             row = {"variant": variant, "mode": mode, **run_child("experiments.bench_train_step", [
                 "--case", f"{variant}:{mode}", "--patch", args.patch, "--batch", str(args.batch),
-                "--steps", str(args.steps), "--overrides", args.overrides])}
+                "--steps", str(args.steps), "--overrides", args.overrides,
+                "--step-programs", str(args.step_programs)])}
             rows.append(row)
             path = save()
             if "median_ms" in row:

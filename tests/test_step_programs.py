@@ -70,8 +70,12 @@ def test_ahead_of_time_compile_of_two_programs_runs_as_the_jitted_step(tmp_path)
     lowered = two.trace(*specs).lower()
     text = lowered.as_text()
     assert text.count("func.func public @main") == 2  # two modules
+    # The two programs' traced FLOPs add up to the one program's (bench_train_step's roofline reads them).
+    one_flops = jit_train_step(step, mesh).trace(*specs).lower().cost_analysis()["flops"]
+    assert lowered.cost_analysis()["flops"] == pytest.approx(one_flops, rel=1e-3)
     compiled = lowered.compile()
     assert isinstance(compiled, TwoProgramCompiled) and len(compiled.parts) == 2
+    assert compiled.cost_analysis()["flops"] > 0
     expected, _ = _run(two, state, batch, steps=1)
     got, _ = _run(compiled, state, batch, steps=1)
     jax.tree.map(np.testing.assert_array_equal, got, expected)

@@ -45,6 +45,19 @@ def check_step_programs(value: Any, backend: str | None = None) -> int:
     return int(value)
 
 
+def _summed_costs(parts) -> dict:
+    """The programs' XLA cost analyses added key by key (numbers only), as one program's would read."""
+    total: dict = {}
+    for part in parts:
+        analysis = part.cost_analysis()
+        if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+            analysis = analysis[0] if analysis else {}
+        for key, value in (analysis or {}).items():
+            if isinstance(value, (int, float)):
+                total[key] = total.get(key, 0.0) + value
+    return total
+
+
 class TwoProgramStep:
     """`train_step(state, batch) -> (state, metrics)` as the programs `gradients(state, batch) ->
     (grads, aux)` and `update(state, grads, aux)`, each jitted; used like the one-program jit,
@@ -60,6 +73,9 @@ class TwoProgramStep:
     def __call__(self, state, batch):
         grads, aux = self.gradients(state, batch)
         return self.update(state, grads, aux)
+
+    def lower(self, state, batch) -> TwoProgramLowered:
+        return self.trace(state, batch).lower()
 
     def trace(self, state, batch) -> TwoProgramTraced:
         """Traces the gradient program; the update's arguments follow from its outputs."""
@@ -91,6 +107,9 @@ class TwoProgramLowered:
     def as_text(self) -> str:
         return "\n".join((self.gradients.as_text(), self._update_lowered().as_text()))
 
+    def cost_analysis(self) -> dict:
+        return _summed_costs((self.gradients, self._update_lowered()))
+
     def compile(self) -> TwoProgramCompiled:
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile gradients") as pool:
             gradients = pool.submit(self.gradients.compile)
@@ -111,4 +130,7 @@ class TwoProgramCompiled:
 
     def as_text(self) -> str:
         return "\n".join(part.as_text() for part in self.parts)
+
+    def cost_analysis(self) -> dict:
+        return _summed_costs(self.parts)
 
