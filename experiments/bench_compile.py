@@ -2,8 +2,9 @@
 
 Each variant runs twice, each time in a fresh process: cold (an empty persistent compilation
 cache) and warm (the cache the cold process filled). A process builds the config's model,
-optimiser and train step exactly as `train_and_evaluate` does, runs the first step on random
-data of the config's patch and batch, then times `--steps` more steps (so a variant that
+optimiser and train step as `train_and_evaluate` does, as one program (on GPUs `train` runs it
+as two since session 11: `experiments/bench_split_step.py` and `bench_first_step` measure that),
+runs the first step on random data of the config's patch and batch, then times `--steps` more steps (so a variant that
 compiles faster but runs slower shows it). The `shipped_autotune` variant loads the autotuning
 results the `default` variant's cold process dumped (`--xla_gpu_load_autotune_results_from`),
 with an empty compilation cache: what shipping autotuning results per GPU model would give;
@@ -59,7 +60,8 @@ VARIANTS = {
     "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
     # session 11, for the compile's remaining ~40 s with nothing left to autotune:
     "llvm_cheap": "--xla_llvm_disable_expensive_passes=true",  # LLVM's costliest optimisation passes off
-    "nvptxcompiler": "--xla_gpu_enable_libnvptxcompiler=true",  # PTX to CUBIN in process, not through ptxas
+    # PTX to CUBIN in process, not through ptxas; jax 0.11.2's XLA rejects it ("Unknown flag", session 11)
+    "nvptxcompiler": "--xla_gpu_enable_libnvptxcompiler=true",
     "no_lhs": "--xla_gpu_enable_latency_hiding_scheduler=false",  # one GPU has no collectives to hide
 }
 TRACE_TOP = 40  # event names kept in a compile trace's summary

@@ -77,7 +77,10 @@ def measure(config_arg: str, patch: str, variant: str, steps: int) -> dict:
     step = make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
                            config.train.get("batch_norm_stats", "global"), mesh)
     rep, sharded = replicated(mesh), batch_sharding(mesh)
-    grads_spec = jax.eval_shape(step.compute_gradients, state, batch)
+    # Through wrappers: `jax.eval_shape(step.compute_gradients, ...)` would leave its trace in JAX's
+    # cache, and the variants that jit `step.compute_gradients` would then skip most of their tracing
+    # (the session-11 GPU rows of the split forms were measured so: their compile_s lacks it).
+    grads_spec = jax.eval_shape(lambda s, b: step.compute_gradients(s, b), state, batch)
     if variant == "fused":
         programs = [(jit_train_step(step, mesh), (state, batch))]
     elif variant == "split2_kept":  # the library's form (train.step_programs=2): it compiles both at once
@@ -87,7 +90,7 @@ def measure(config_arg: str, patch: str, variant: str, steps: int) -> dict:
                     (jax.jit(step.apply_gradients, donate_argnums=(0, 1)), (state, *grads_spec))]
     else:
         kept = variant == "split3_kept"
-        pullback_spec, aux_spec = jax.eval_shape(step.forward_pass, state, batch)
+        pullback_spec, aux_spec = jax.eval_shape(lambda s, b: step.forward_pass(s, b), state, batch)
         backward = lambda pullback, loss: pullback(jax.numpy.ones_like(loss))[0]  # noqa: E731
         programs = [(jax.jit(step.forward_pass, in_shardings=(rep, sharded)), (state, batch)),
                     (jax.jit(backward, donate_argnums=() if kept else 0), (pullback_spec, aux_spec["loss"])),

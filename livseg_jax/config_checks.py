@@ -96,6 +96,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.steps_per_epoch": _int_at_least(1),
     "train.keep_checkpoints": _int_at_least(1),
     "train.batch_norm_stats": _choice(BATCH_NORM_STATS),
+    # None: 2 on GPUs, 1 elsewhere (training/step_programs.py); a bool would pass `in (1, 2)`.
+    "train.step_programs": lambda v: None if v is None or (not isinstance(v, bool) and v in (1, 2))
+    else f"must be 1, 2 or None (the default: 2 on GPUs, 1 elsewhere), got {v!r}",
     "inference.overlap": _number_in(0.0, 1.0, high_open=True),
     "inference.batch_size": _int_at_least(1),
 }

@@ -15,10 +15,10 @@ from livseg_jax.training import executable_cache
 from livseg_jax.training.schedules import make_optimizer
 from livseg_jax.training.state import create_train_state
 from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
-from livseg_jax.training.step_programs import TwoProgramCompiled, check_step_programs
+from livseg_jax.training.step_programs import TwoProgramCompiled, TwoProgramStep, check_step_programs
 
 
-def _setup(devices: int = 1):
+def _setup(devices: int = 1, batch_norm_stats: str = "global"):
     c = base_config()
     c.model.name, c.model.features = "unet", (2, 4, 4, 4, 4)
     model, optimizer = build_model(c.model), make_optimizer(c.optim, 10)
@@ -27,7 +27,8 @@ def _setup(devices: int = 1):
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(2 * devices, 16, 16, 16, 1)), jnp.float32),
              "label": jnp.asarray(rng.random((2 * devices, 16, 16, 16)) < 0.3, jnp.int32)}
-    return make_train_step(model, optimizer, c.loss, 10), mesh, init, batch
+    step = make_train_step(model, optimizer, c.loss, 10, batch_norm_stats=batch_norm_stats, mesh=mesh)
+    return step, mesh, init, batch
 
 
 def _run(step_fn, state, batch, steps=2):
@@ -44,9 +45,9 @@ def _assert_close(a, b, rtol):
     jax.tree.map(check, a, b)
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_two_programs_train_as_one_program_does(devices):
-    step, mesh, init, batch = _setup(devices)
+@pytest.mark.parametrize("devices,batch_norm_stats", [(1, "global"), (2, "global"), (2, "per_device")])
+def test_two_programs_train_as_one_program_does(devices, batch_norm_stats):
+    step, mesh, init, batch = _setup(devices, batch_norm_stats)
     one_state, one_metrics = _run(jit_train_step(step, mesh), init(), batch)
     two = jit_train_step(step, mesh, programs=2)
     kept = init()
@@ -97,26 +98,40 @@ def test_a_cache_entry_of_an_older_format_is_refused(tmp_path):
         executable_cache.load(path)
 
 
-@pytest.mark.parametrize("bad", [0, 3, True, "two", 1.5, "2"])
+@pytest.mark.parametrize("bad", [0, 3, True, "two", 1.5, "2", "auto"])
 def test_step_programs_other_than_one_two_or_auto_are_refused(bad):
     with pytest.raises(ValueError, match="train.step_programs"):
         check_step_programs(bad)
 
 
+@pytest.mark.parametrize("bad", [3, 0])
+def test_a_bad_step_programs_value_is_refused_at_start_up_naming_the_key(bad):
+    from livseg_jax.config_checks import validate_config
+
+    config = base_config()
+    config.train.step_programs = bad
+    with pytest.raises(ValueError, match="train.step_programs"):
+        validate_config(config)
+    for good in (1, 2):
+        config.train.step_programs = good
+        validate_config(config)
+
+
 def test_step_programs_left_to_the_backend_are_two_on_gpus_only():
-    assert check_step_programs(None, "gpu") == check_step_programs("auto", "gpu") == 2
+    assert check_step_programs(None, "gpu") == 2
     assert check_step_programs(None, "cpu") == check_step_programs(None, "tpu") == 1
     assert check_step_programs(2) == 2 and check_step_programs(1) == 1
     assert base_config().train.step_programs is None
+    step, mesh, _, _ = _setup()  # the mesh's platform decides: one program on these CPU devices
+    assert not isinstance(jit_train_step(step, mesh, programs=None), TwoProgramStep)
+    assert isinstance(jit_train_step(step, mesh, programs=2), TwoProgramStep)
 
 
 def test_a_run_with_two_programs_is_kept_whole_and_a_second_run_loads_both(tmp_path, monkeypatch):
     # The step-level equality with one program is test_two_programs_train_as_one_program_does.
-    import sys
-
     from livseg_jax.training import loop
 
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent))
     from test_training import tiny_config
 
     monkeypatch.setattr(loop, "executable_cache_dir", lambda: tmp_path / "executables")

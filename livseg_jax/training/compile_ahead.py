@@ -16,7 +16,6 @@ interrupt unwinds through it while the compile still runs.
 from __future__ import annotations
 
 import contextlib
-import gc
 import pathlib
 import sys
 import threading
@@ -24,17 +23,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import jax
-from jax._src import config as jax_config  # scoping a setting by its name
-
 from livseg_jax.training import executable_cache
+from livseg_jax.training.thread_context import collector_paused, scoped_like, thread_settings
 
 
 class BackgroundCompile:
     """`jitted.trace(*args).lower().compile()` running on its own thread from construction.
 
     `args` may be arrays or `jax.ShapeDtypeStruct`s (with shardings): only shapes, dtypes and
-    shardings matter. `result()` returns the `jax.stages.Compiled`, callable like `jitted` on
+    shardings matter. `result()` returns the `jax.stages.Compiled` (a `TwoProgramCompiled` for the
+    two-program step, `step_programs`), callable like `jitted` on
     arguments of exactly those types. With `cache_file` (`executable_cache.program_key` names it),
     the program is loaded from there when it exists, without tracing, and stored there after a compile.
     """
@@ -46,7 +44,7 @@ class BackgroundCompile:
         self.loaded = False  # whether the program came from `cache_file` (executable_cache)
         self._jitted, self._args, self._cache_file = jitted, args, cache_file
         self._within = within or contextlib.nullcontext  # JAX's scoped settings are per thread: entered here
-        self._caller_settings = dict(jax.config.values)  # as the calling thread sees them (scopes included)
+        self._caller_settings = thread_settings()  # as the calling thread sees them (scopes included)
         self._compiled = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
@@ -54,7 +52,7 @@ class BackgroundCompile:
         self._thread = threading.Thread(target=self._run, name=f"compile {name}", daemon=False)
         self._thread.start()
 
-    def _load(self) -> jax.stages.Compiled | None:
+    def _load(self) -> Any:
         if self._cache_file is None or not self._cache_file.exists():
             return None
         try:
@@ -68,21 +66,11 @@ class BackgroundCompile:
         self.loaded = True
         return compiled
 
-    def _compile(self) -> jax.stages.Compiled:
-        with self._caller_scopes(), self._within():
-            with _collector_paused():
+    def _compile(self) -> Any:
+        with scoped_like(self._caller_settings), self._within():
+            with collector_paused():
                 lowered = self._jitted.trace(*self._args).lower()
             return lowered.compile()  # the jit's own compiler options apply
-
-    def _caller_scopes(self) -> contextlib.ExitStack:
-        """Enters, on this thread, the JAX settings the caller had scoped on its own (e.g. `with
-        jax.default_matmul_precision(...)`): tracing on the caller's thread would have seen them."""
-        stack = contextlib.ExitStack()
-        holders = jax_config.config._value_holders  # no public way to scope a setting by name
-        for name, value in self._caller_settings.items():
-            if jax.config.values.get(name) != value:
-                stack.enter_context(holders[name](value))
-        return stack
 
     def _run(self) -> None:
         try:
@@ -111,37 +99,12 @@ class BackgroundCompile:
         """Waits for the thread to end, however the compile ends."""
         self._thread.join()
 
-    def result(self) -> jax.stages.Compiled:
+    def result(self) -> Any:
         """Waits for the program; returns it or raises what tracing or compiling raised."""
         self._ready.wait()
         if self._error is not None:
             raise self._error
         return self._compiled
-
-
-# Tracing makes many short-lived objects, and the collector's passes over them were a large share of
-# the paper step's trace in a CPU profile (session 8; not measured on a GPU host). It is off, for the
-# whole process, while any BackgroundCompile traces and lowers, and back on for XLA's compile.
-_collector_lock = threading.Lock()
-_collector_holds = 0
-_collector_was_on = False
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    global _collector_holds, _collector_was_on
-    with _collector_lock:
-        if _collector_holds == 0:
-            _collector_was_on = gc.isenabled()
-            gc.disable()
-        _collector_holds += 1
-    try:
-        yield
-    finally:
-        with _collector_lock:
-            _collector_holds -= 1
-            if _collector_holds == 0 and _collector_was_on:
-                gc.enable()
 
 
 @contextlib.contextmanager

@@ -5,19 +5,19 @@ the paper network's step on an H200 host) and its code emission are serial, and 
 kernels' LLVM and PTX compiles use the other cores (`experiments/bench_compile.py`'s compile
 trace, session 11). The optimiser's update of the paper network is ~8,000 of the step's ~24,000
 operations (Adam on each of ~350 arrays) and ~330 of its kernels. Compiled as a program of its own
-on its own thread, it leaves the critical path. On one H200 host the step's cold compile went from
-29.1 to 22.5 s at 40.6 ms per step back to back against 40.3 ms (`experiments/bench_split_step.py`);
-`train`'s cold first step from 47.2 to 40.9 s on another, side by side (docs/benchmarks.md, session 11).
+on its own thread, it leaves the critical path: `train`'s cold first step of the liver `:paper` run
+went from 47.2 to 40.9 s, side by side on one H200 host, and the step ran at 40.6 ms back to back
+against the one program's 40.3 ms on another (docs/benchmarks.md, session 11).
 
 The update program does not donate the old state. With donation its launch must wait until the
 gradient program, still running, has finished reading the state, so the host stops running ahead of
 the GPU: on one host the step took 49-55 ms back to back instead of ~40.5 (on another 41.3). Without
 it the state exists twice for a moment (the paper network's is ~135 MB with Adam's moments).
 
-`train.step_programs` is None by default: 2 on GPUs, 1 elsewhere. On a 2-core CPU the two
-programs compiled the paper network's step 5-6.5 s faster (14.6 against 19.5-21.0 s) but ran each
-step 13-15% slower (2.14-2.34 against 1.86-2.07 s at 16x64x64: the update allocates a new state
-instead of reusing the old one's buffers), so CPUs keep the one program. 1 compiles the step as
+`train.step_programs` is None by default: 2 on GPUs, 1 elsewhere. On this project's 2-core CPU
+machine the measurements are too noisy to choose: one pair of runs had the two programs' steps
+13-15% slower, a second pair did not (`experiments/results/bench_split_step_cpu_2core_s11.json`),
+so CPUs keep the one program until a cleaner measurement. 1 compiles the step as
 one program everywhere, as before session 11; 2 as two. Both forms do the same arithmetic; XLA
 may fuse it differently across the boundary, so results agree to float rounding
 (tests/test_step_programs.py).
@@ -31,13 +31,15 @@ from typing import Any
 
 import jax
 
+from livseg_jax.training.thread_context import collector_paused, scoped_like, thread_settings
+
 STEP_PROGRAMS = (1, 2)
 
 
 def check_step_programs(value: Any, backend: str | None = None) -> int:
-    """Returns `train.step_programs` as 1 or 2, None or "auto" resolved for `backend` (default:
-    JAX's) as 2 on GPUs and 1 elsewhere; raises ValueError for anything else."""
-    if value is None or value == "auto":
+    """Returns `train.step_programs` as 1 or 2, None resolved for `backend` (default: JAX's) as 2 on
+    GPUs and 1 elsewhere; raises ValueError for anything else."""
+    if value is None:
         return 2 if (backend or jax.default_backend()) == "gpu" else 1
     if isinstance(value, bool) or value not in STEP_PROGRAMS:
         raise ValueError(f"train.step_programs = {value!r}: use 1 (one program), 2 (gradients and update "
@@ -111,10 +113,17 @@ class TwoProgramLowered:
         return _summed_costs((self.gradients, self._update_lowered()))
 
     def compile(self) -> TwoProgramCompiled:
+        settings = thread_settings()  # the compiling thread gets this thread's scoped JAX settings
+
+        def compile_gradients():
+            with scoped_like(settings):
+                return self.gradients.compile()
+
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile gradients") as pool:
-            gradients = pool.submit(self.gradients.compile)
-            update = self._update_lowered().compile()
-            return TwoProgramCompiled((gradients.result(), update))
+            gradients = pool.submit(compile_gradients)
+            with collector_paused():
+                update = self._update_lowered()
+            return TwoProgramCompiled((gradients.result(), update.compile()))
 
 
 class TwoProgramCompiled:
