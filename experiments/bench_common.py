@@ -169,6 +169,29 @@ def run_child(module: str, args: Sequence[str], env: dict[str, str] | None = Non
     return row
 
 
+def stage_step_parts(config, patch: str = "") -> tuple:
+    """Returns (patch shape, steps per epoch, model, optimiser, one-device mesh, random batch on the
+    device) of a stage config, built as `train` builds them. XLA flags must be set before (the
+    model's build starts the backend). `patch` "D,H,W" replaces the config's patch."""
+    import jax
+    import numpy as np
+
+    from livseg_jax.models import build_model
+    from livseg_jax.training.schedules import make_optimizer
+    from livseg_jax.training.step import make_mesh
+
+    shape = int_tuple(patch) if patch else tuple(config.data.patch_size)
+    spe = int(config.train.steps_per_epoch)
+    model = build_model(config.model, deploy=False)
+    optimizer = make_optimizer(config.optim, spe)
+    mesh = make_mesh(jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    size = int(config.data.batch_size)
+    batch = {"image": jax.device_put(rng.normal(size=(size, *shape, 1)).astype(np.float32)),
+             "label": jax.device_put((rng.random((size, *shape)) < 0.1).astype(np.int32))}
+    return shape, spe, model, optimizer, mesh, batch
+
+
 def int_tuple(text: str) -> tuple[int, ...]:
     """Returns (48, 256, 256) from "48,256,256" (a shape, window or widths argument)."""
     return tuple(int(v) for v in text.split(","))

@@ -30,7 +30,7 @@ import pathlib
 import tempfile
 import time
 
-from experiments.bench_common import REPO, environment, print_result, run_child, write_result
+from experiments.bench_common import REPO, environment, print_result, run_child, stage_step_parts, write_result
 from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags
 
 # name -> XLA flags added to the environment's; `shipped_autotune` is filled in at run time.
@@ -139,11 +139,9 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
 
     from livseg_jax.compilation_cache import enable_compilation_cache
     from livseg_jax.data.augment_device import device_augment_settings
-    from livseg_jax.models import build_model
     from livseg_jax.study.spec import load_config_file
-    from livseg_jax.training.schedules import make_optimizer
     from livseg_jax.training.state import init_lowering, jit_create_train_state
-    from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
+    from livseg_jax.training.step import jit_train_step, make_train_step, replicated
 
     phases: dict[str, float] = {}
     compile_profile: list[dict] = []
@@ -163,15 +161,8 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
     # convolutions differed from train's.
     apply_model_xla_flags([config.model], config.train.get("xla_flags", ""))
     enable_compilation_cache(pathlib.Path(cache_dir))
-    shape = tuple(int(v) for v in patch.split(",")) if patch else tuple(config.data.patch_size)
-    spe = int(config.train.steps_per_epoch)
-    model = build_model(config.model, deploy=False)
-    optimizer = make_optimizer(config.optim, spe)
-    mesh = make_mesh(jax.devices()[:1])
-    rng = np.random.default_rng(0)
+    shape, spe, model, optimizer, mesh, arrays = stage_step_parts(config, patch)
     batch = int(config.data.batch_size)
-    arrays = {"image": jax.device_put(rng.normal(size=(batch, *shape, 1)).astype(np.float32)),
-              "label": jax.device_put((rng.random((batch, *shape)) < 0.1).astype(np.int32))}
     jax.block_until_ready(arrays)
     phase("backend")
     stored = pathlib.Path(cache_dir) / "executables.pkl"

@@ -30,6 +30,7 @@ Writes experiments/results/bench_first_step[_TAG].json and prints a Markdown tab
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 from experiments.bench_common import environment, write_result
 from livseg_jax.training.executable_cache import SUBDIR
@@ -76,14 +78,14 @@ def autotuned_fusions(before: dict[str, int], after: dict[str, int]) -> int:
 
 
 def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, autotune: str,
-              dump: pathlib.Path | None = None, ahead: bool = True) -> dict:
+              dump: pathlib.Path | None = None, ahead: bool = True, overrides: Sequence[str] = ()) -> dict:
     """Runs the train command once; returns its timings parsed from the console and its wall time."""
     env = dict(os.environ, LIVSEG_CACHE=str(work / "data"))
     if dump is not None:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_dump_autotune_results_to={dump}".strip()
     cmd = [sys.executable, "-m", "livseg_jax.train", f"--config={config}", f"--workdir={work / 'runs' / name}",
            f"--config.train.compilation_cache={cache}", f"--config.train.autotune_results={autotune}",
-           f"--config.train.compile_ahead={ahead}", *SHORT_RUN]
+           f"--config.train.compile_ahead={ahead}", *SHORT_RUN, *overrides]
     before = cache_contents(cache)
     start = time.perf_counter()
     # Lines are timed as they arrive, so the row also says when the first step was done counted from
@@ -132,7 +134,8 @@ def main() -> None:
     parser.add_argument("--no-traced", action="store_true", help="skip the warm_traced run")
     parser.add_argument("--tag", default="local")
     args = parser.parse_args()
-    SHORT_RUN.extend(f"--config.{item}" for item in args.set)
+    overrides = [f"--config.{item}" for item in args.set]
+    run = functools.partial(train_run, overrides=overrides)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_first_step_"))
     ship = args.ship_to or work / "autotune"
     if SHIPPED_AUTOTUNE_DIR.is_dir():
@@ -145,14 +148,14 @@ def main() -> None:
         write_result(f"bench_first_step_{args.tag}", {
             "benchmark": "first_step", "config": args.config, "environment": environment(),
             "shipped_file": shipped, "shipped_bytes": os.path.getsize(shipped) if os.path.isfile(shipped) else None,
-            "steps": SHORT_RUN, "rows": rows})
+            "steps": [*SHORT_RUN, *overrides], "rows": rows})
 
     if args.sequential:
-        record(train_run(args.config, work, "cold_sequential", work / "cache_sequential", "off", ahead=False))
+        record(run(args.config, work, "cold_sequential", work / "cache_sequential", "off", ahead=False))
     for i, config in enumerate([] if args.shipped_only else [args.config, *args.dump_configs]):
         dumps.append(work / f"dump_{i}.textproto")
         programs.append(f"{config} train")
-        record(train_run(config, work, f"cold_{i}" if i else "cold", work / f"cache_cold_{i}", "off", dumps[-1]))
+        record(run(config, work, f"cold_{i}" if i else "cold", work / f"cache_cold_{i}", "off", dumps[-1]))
     present = [d for d in dumps if d.exists()]
     if args.shipped_only:
         shipped = "shipped"
@@ -164,15 +167,15 @@ def main() -> None:
         manifest = json.loads((ship / AUTOTUNE_MANIFEST).read_text())
         shipped = str(ship / manifest["files"][-1]["file"])
     if shipped:
-        record(train_run(args.config, work, "cold_shipped", work / "cache_shipped", shipped))
+        record(run(args.config, work, "cold_shipped", work / "cache_shipped", shipped))
         if rows[-1]["rc"] == 0 and rows[-1]["autotuned_fusions"]:
             print(f"note: XLA autotuned {rows[-1]['autotuned_fusions']} kernels the loaded results do not cover: "
                   "they are stale for this program (or none were shipped for these versions); dump them again "
                   "(--only-dumps)", flush=True)
-        record(train_run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
+        record(run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
         if not args.no_traced:  # the same without the compiled-program cache: traced, then JAX's cache
             shutil.rmtree(work / "cache_shipped" / SUBDIR)
-            record(train_run(args.config, work, "warm_traced", work / "cache_shipped", shipped))
+            record(run(args.config, work, "warm_traced", work / "cache_shipped", shipped))
     print("| run | config | first step (s) | step compile (s) | first step waited (s) | first step since the "
           "command started (s) | wall (s) |\n|---|---|---:|---:|---:|---:|---:|")
     for r in rows:

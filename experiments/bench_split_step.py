@@ -33,21 +33,26 @@ import os
 import pathlib
 import time
 
-from experiments.bench_common import REPO, back_to_back_ms, environment, print_result, run_child, write_result
+from experiments.bench_common import (
+    REPO,
+    back_to_back_ms,
+    environment,
+    print_result,
+    run_child,
+    stage_step_parts,
+    write_result,
+)
 
 VARIANTS = ("fused", "split2", "split2_kept", "split3", "split3_kept")
 
 
 def measure(config_arg: str, patch: str, variant: str, steps: int) -> dict:
     import jax
-    import numpy as np
 
     from livseg_jax.data.augment_device import device_augment_settings
-    from livseg_jax.models import build_model
     from livseg_jax.study.spec import load_config_file
-    from livseg_jax.training.schedules import make_optimizer
     from livseg_jax.training.state import init_lowering, jit_create_train_state
-    from livseg_jax.training.step import batch_sharding, jit_train_step, make_mesh, make_train_step, replicated
+    from livseg_jax.training.step import batch_sharding, jit_train_step, make_train_step, replicated
     from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags
 
     path, _, arg = config_arg.partition(":")
@@ -62,15 +67,7 @@ def measure(config_arg: str, patch: str, variant: str, steps: int) -> dict:
             jax.config.update("jax_persistent_cache_enable_xla_caches", os.environ["BENCH_SPLIT_CACHE"])
     flag, _ = autotune_xla_flags("shipped") if os.environ.get("BENCH_SPLIT_AUTOTUNE", "1") == "1" else ("", "")
     apply_model_xla_flags([config.model], " ".join(f for f in (config.train.get("xla_flags", ""), flag) if f))
-    shape = tuple(int(v) for v in patch.split(",")) if patch else tuple(config.data.patch_size)
-    spe = int(config.train.steps_per_epoch)
-    model = build_model(config.model, deploy=False)
-    optimizer = make_optimizer(config.optim, spe)
-    mesh = make_mesh(jax.devices()[:1])
-    rng = np.random.default_rng(0)
-    batch_size = int(config.data.batch_size)
-    batch = {"image": jax.device_put(rng.normal(size=(batch_size, *shape, 1)).astype(np.float32)),
-             "label": jax.device_put((rng.random((batch_size, *shape)) < 0.1).astype(np.int32))}
+    shape, spe, model, optimizer, mesh, batch = stage_step_parts(config, patch)
     with init_lowering():
         state = jit_create_train_state(model, optimizer, 0, replicated(mesh))()
     jax.block_until_ready(state)
@@ -80,29 +77,36 @@ def measure(config_arg: str, patch: str, variant: str, steps: int) -> dict:
     # Through wrappers: `jax.eval_shape(step.compute_gradients, ...)` would leave its trace in JAX's
     # cache, and the variants that jit `step.compute_gradients` would then skip most of their tracing
     # (the session-11 GPU rows of the split forms were measured so: their compile_s lacks it).
-    grads_spec = jax.eval_shape(lambda s, b: step.compute_gradients(s, b), state, batch)
-    if variant == "fused":
-        programs = [(jit_train_step(step, mesh), (state, batch))]
-    elif variant == "split2_kept":  # the library's form (train.step_programs=2): it compiles both at once
-        programs = [(jit_train_step(step, mesh, programs=2), (state, batch))]
-    elif variant == "split2":
-        programs = [(jax.jit(step.compute_gradients, in_shardings=(rep, sharded)), (state, batch)),
-                    (jax.jit(step.apply_gradients, donate_argnums=(0, 1)), (state, *grads_spec))]
-    else:
-        kept = variant == "split3_kept"
-        pullback_spec, aux_spec = jax.eval_shape(lambda s, b: step.forward_pass(s, b), state, batch)
-        backward = lambda pullback, loss: pullback(jax.numpy.ones_like(loss))[0]  # noqa: E731
-        programs = [(jax.jit(step.forward_pass, in_shardings=(rep, sharded)), (state, batch)),
-                    (jax.jit(backward, donate_argnums=() if kept else 0), (pullback_spec, aux_spec["loss"])),
-                    (jax.jit(step.apply_gradients, donate_argnums=() if kept else (0, 1)), (state, *grads_spec))]
+    if variant in ("split2", "split3", "split3_kept"):  # the update's argument shapes, for the hand splits
+        grads_spec = jax.eval_shape(lambda s, b: step.compute_gradients(s, b), state, batch)
 
-    def compile_one(item):
-        jitted, args = item
-        start = time.perf_counter()
-        compiled = jitted.trace(*args).lower().compile()
-        return compiled, round(time.perf_counter() - start, 3)
+    def traced(jitted, *args):  # a program's compile, from its trace on
+        return lambda: jitted.trace(*args)
 
     start = time.perf_counter()
+    if variant == "fused":
+        programs = [traced(jit_train_step(step, mesh), state, batch)]
+    elif variant == "split2_kept":  # the library's form (train.step_programs=2): it compiles both at once
+        programs = [traced(jit_train_step(step, mesh, programs=2), state, batch)]
+    elif variant == "split2":
+        programs = [traced(jax.jit(step.compute_gradients, in_shardings=(rep, sharded)), state, batch),
+                    traced(jax.jit(step.apply_gradients, donate_argnums=(0, 1)), state, *grads_spec)]
+    else:
+        kept = variant == "split3_kept"
+        # The backward program's argument is the forward's pullback, whose tree names the traced
+        # function: taken from the forward's own trace (timed, before the parallel compiles).
+        forward = jax.jit(step.forward_pass, in_shardings=(rep, sharded)).trace(state, batch)
+        pullback_spec, aux_spec = forward.out_info
+        backward = lambda pullback, loss: pullback(jax.numpy.ones_like(loss))[0]  # noqa: E731
+        programs = [lambda: forward,
+                    traced(jax.jit(backward, donate_argnums=() if kept else 0), pullback_spec, aux_spec["loss"]),
+                    traced(jax.jit(step.apply_gradients, donate_argnums=() if kept else (0, 1)), state, *grads_spec)]
+
+    def compile_one(trace):
+        begin = time.perf_counter()
+        compiled = trace().lower().compile()
+        return compiled, round(time.perf_counter() - begin, 3)
+
     with concurrent.futures.ThreadPoolExecutor(len(programs)) as pool:
         done = list(pool.map(compile_one, programs))
     compile_s = round(time.perf_counter() - start, 3)

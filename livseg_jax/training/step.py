@@ -203,7 +203,7 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, donate_state: bool = True,
-                   programs: int | str | None = 1) -> Callable:
+                   programs: int | None = 1) -> Callable:
     """Returns the step compiled with the state replicated (donated by default), the batch sharded.
 
     Donation lets XLA write the new state into the old one's buffers; the state of the paper's

@@ -26,6 +26,7 @@ may fuse it differently across the boundary, so results agree to float rounding
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -103,14 +104,16 @@ class TwoProgramLowered:
     def __init__(self, gradients, update: Callable, update_args: tuple):
         self.gradients, self.update, self.update_args = gradients, update, update_args
 
+    @functools.cached_property
     def _update_lowered(self):
+        """The update traced and lowered once, whichever of `as_text`, `cost_analysis`, `compile` asks."""
         return self.update.trace(*self.update_args).lower()
 
     def as_text(self) -> str:
-        return "\n".join((self.gradients.as_text(), self._update_lowered().as_text()))
+        return "\n".join((self.gradients.as_text(), self._update_lowered.as_text()))
 
     def cost_analysis(self) -> dict:
-        return _summed_costs((self.gradients, self._update_lowered()))
+        return _summed_costs((self.gradients, self._update_lowered))
 
     def compile(self) -> TwoProgramCompiled:
         settings = thread_settings()  # the compiling thread gets this thread's scoped JAX settings
@@ -122,7 +125,7 @@ class TwoProgramLowered:
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile gradients") as pool:
             gradients = pool.submit(compile_gradients)
             with collector_paused():
-                update = self._update_lowered()
+                update = self._update_lowered
             return TwoProgramCompiled((gradients.result(), update.compile()))
 
 
