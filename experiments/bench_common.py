@@ -19,10 +19,25 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 
 
+def host_cpu() -> dict:
+    """Returns the host CPU's model and load: compile times of one program differ by up to 20 s
+    between H200 machines (docs/benchmarks.md, session 11), and these say which host a row ran on."""
+    info = {}
+    try:
+        cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+        info["cpu_model"] = match.group(1).strip() if match else None
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
 def environment() -> dict:
     """Returns device, driver, library versions and XLA flags for a result file."""
     info = {"python": sys.version.split()[0], "platform": platform.platform(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "hostname_cpus": os.cpu_count()}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "hostname_cpus": os.cpu_count(),
+            **host_cpu()}
     try:
         import jax
         import jaxlib

@@ -154,7 +154,7 @@ def main() -> None:
         record(run(args.config, work, "cold_sequential", work / "cache_sequential", "off", ahead=False))
     for i, config in enumerate([] if args.shipped_only else [args.config, *args.dump_configs]):
         dumps.append(work / f"dump_{i}.textproto")
-        programs.append(f"{config} train")
+        programs.append(f"{config} train" + (f" ({', '.join(args.set)})" if args.set else ""))
         record(run(config, work, f"cold_{i}" if i else "cold", work / f"cache_cold_{i}", "off", dumps[-1]))
     present = [d for d in dumps if d.exists()]
     if args.shipped_only:

@@ -35,8 +35,10 @@ import time
 
 from experiments.bench_common import (
     REPO,
+    apply_overrides,
     back_to_back_ms,
     environment,
+    parse_overrides,
     print_result,
     run_child,
     stage_step_parts,
@@ -46,7 +48,7 @@ from experiments.bench_common import (
 VARIANTS = ("fused", "split2", "split2_kept", "split3", "split3_kept")
 
 
-def measure(config_arg: str, patch: str, variant: str, steps: int) -> dict:
+def measure(config_arg: str, patch: str, variant: str, steps: int, overrides: str = "") -> dict:
     import jax
 
     from livseg_jax.data.augment_device import device_augment_settings
@@ -57,6 +59,7 @@ def measure(config_arg: str, patch: str, variant: str, steps: int) -> dict:
 
     path, _, arg = config_arg.partition(":")
     config = load_config_file(REPO / path, arg)
+    apply_overrides(config.model, parse_overrides(overrides))
     if os.environ.get("BENCH_SPLIT_CACHE"):  # an empty persistent compilation cache, as a cold `train` has
         import tempfile
 
@@ -146,24 +149,27 @@ def main() -> None:
     parser.add_argument("--patch", default="", help="D,H,W (default: the config's patch)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--overrides", default="", help="model config key=value,... (depthwise_impl=shift_stacked)")
     parser.add_argument("--tag", default="local")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print_result(measure(args.config, args.patch, args.child, args.steps))
+        print_result(measure(args.config, args.patch, args.child, args.steps, args.overrides))
         return
     rows = []
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS}")
         row = run_child("experiments.bench_split_step", ["--child", variant, "--config", args.config,
-                                                         "--patch", args.patch, "--steps", str(args.steps)])
+                                                         "--patch", args.patch, "--steps", str(args.steps),
+                                                         "--overrides", args.overrides])
         row["compilation_cache"] = os.environ.get("BENCH_SPLIT_CACHE", "")
         rows.append({"variant": variant, **row})
         print(f"{variant:8s} compile {row.get('compile_s')} s {row.get('compile_s_each')}, "
               f"step {row.get('back_to_back_ms')} ms, dispatch {row.get('dispatch_ms')} ms "
               f"{row.get('error', '')[:300]}", flush=True)
         write_result(f"bench_split_step_{args.tag}", {"benchmark": "split_step", "config": args.config,
+                                                     "overrides": args.overrides,
                                                      "environment": environment(), "rows": rows})
 
 

@@ -35,7 +35,7 @@ def model_config(name: str = "elanres_msca_unet") -> ml_collections.ConfigDict:
             # Computation forms: same parameters, same outputs. "auto" (dense_pack_channels: None)
             # leaves them to the backend: the fastest measured on GPUs, plain convolutions elsewhere
             # (models/forms.py); a value pins one.
-            depthwise_impl="auto",  # MSCA depthwise convs: "conv" (grouped conv) or "shift" (fused sums)
+            depthwise_impl="auto",  # MSCA depthwise convs: "conv" (grouped), "shift" or "shift_stacked" (fused sums)
             pointwise_impl="auto",  # 1x1(x1) convs: "conv" (lax.conv) or "einsum" (matrix product)
             # > 0: stride-1 3x3x3 convs with fewer channels run on a width-packed view with about
             # this many channels (models/packed_conv.py); 0: plain convolutions.

@@ -89,6 +89,35 @@ def test_ahead_of_time_compile_of_two_programs_runs_as_the_jitted_step(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, again, expected)
 
 
+def test_the_update_compiles_while_the_gradient_program_compiles():
+    """The point of two programs: neither compile waits for the other (session 12 found the update's
+    compile starting only after the gradient program's had ended)."""
+    import threading
+
+    from livseg_jax.training.step_programs import TwoProgramLowered
+
+    update_compiling = threading.Event()
+
+    class Gradients:  # stands for the lowered gradient program: its compile needs the update's to start
+        def compile(self):
+            assert update_compiling.wait(timeout=10), "the update's compile waited for the gradient program's"
+            return "gradients"
+
+    class Update:  # stands for the jitted update: trace -> lower -> compile
+        def trace(self, *args):
+            return self
+
+        def lower(self):
+            return self
+
+        def compile(self):
+            update_compiling.set()
+            return "update"
+
+    compiled = TwoProgramLowered(Gradients(), Update(), ()).compile()
+    assert compiled.parts == ("gradients", "update")
+
+
 def test_a_cache_entry_of_an_older_format_is_refused(tmp_path):
     import pickle
 

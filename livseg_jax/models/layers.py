@@ -97,7 +97,7 @@ class Layers:
 
     dtype: Dtype = jnp.float32  # compute dtype; parameters and BatchNorm statistics stay float32
     pointwise_impl: str = "conv"  # 1x1(x1) stride-1 convs: "conv" or "einsum" (matrix product)
-    depthwise_impl: str = "conv"  # depthwise convs: "conv" (grouped) or "shift" (fused sums)
+    depthwise_impl: str = "conv"  # depthwise convs: "conv" (grouped), "shift" / "shift_stacked" (fused sums)
     dense_pack_channels: int = 0  # > 0: few-channel 3x3x3 convs on a width-packed view
     batch_norm_impl: str = "flax"  # training-mode BatchNorm: "flax" or "two_stage" (models/batch_norm.py)
     deploy: bool = False  # re-parameterised form: BatchNorms folded into the layer before them

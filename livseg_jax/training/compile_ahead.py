@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
+
 from livseg_jax.training import executable_cache
 from livseg_jax.training.thread_context import collector_paused, scoped_like, thread_settings
 
@@ -31,9 +33,10 @@ class BackgroundCompile:
     """`jitted.trace(*args).lower().compile()` running on its own thread from construction.
 
     `args` may be arrays or `jax.ShapeDtypeStruct`s (with shardings): only shapes, dtypes and
-    shardings matter. `result()` returns the `jax.stages.Compiled` (a `TwoProgramCompiled` for the
-    two-program step, `step_programs`), callable like `jitted` on
-    arguments of exactly those types. With `cache_file` (`executable_cache.program_key` names it),
+    shardings matter. `jitted` may also be a `jax.stages.Traced` (then no `args`), lowered and
+    compiled here. `result()` returns the `jax.stages.Compiled` (a `TwoProgramCompiled` for the
+    two-program step, `step_programs`), callable on arguments of exactly those types.
+    With `cache_file` (`executable_cache.program_key` names it),
     the program is loaded from there when it exists, without tracing, and stored there after a compile.
     """
 
@@ -48,6 +51,9 @@ class BackgroundCompile:
         self._compiled = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
+        # Set once this job's Python work is over (traced and lowered, loaded, or failed): tracing holds
+        # Python's lock, so work started after it does not slow it down.
+        self.lowered = threading.Event()
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name=f"compile {name}", daemon=False)
         self._thread.start()
@@ -55,6 +61,7 @@ class BackgroundCompile:
     def _load(self) -> Any:
         if self._cache_file is None or not self._cache_file.exists():
             return None
+        self.lowered.set()  # a load traces nothing
         try:
             compiled = executable_cache.load(self._cache_file)
         except Exception as e:  # an entry from a crash or another build: compile and replace it
@@ -69,7 +76,11 @@ class BackgroundCompile:
     def _compile(self) -> Any:
         with scoped_like(self._caller_settings), self._within():
             with collector_paused():
-                lowered = self._jitted.trace(*self._args).lower()
+                traced = self._jitted
+                if not isinstance(traced, jax.stages.Traced):
+                    traced = traced.trace(*self._args)
+                lowered = traced.lower()
+            self.lowered.set()
             return lowered.compile()  # the jit's own compiler options apply
 
     def _run(self) -> None:
@@ -79,6 +90,7 @@ class BackgroundCompile:
             self._error = e
         finally:
             self.seconds = time.perf_counter() - self._started
+            self.lowered.set()
             self._ready.set()
         if self._compiled is not None and not self.loaded and self._cache_file is not None:
             try:  # after the result is handed over: the first step does not wait for the write

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -39,7 +38,7 @@ from livseg_jax.training.distributed import chief_first, process_label
 from livseg_jax.training.executable_cache import executable_cache_dir, program_key
 from livseg_jax.training.logging import MetricWriter, plot_curves
 from livseg_jax.training.schedules import make_optimizer
-from livseg_jax.training.state import TrainState, create_train_state, init_lowering, jit_create_train_state
+from livseg_jax.training.state import TrainState, init_lowering, jit_create_train_state
 from livseg_jax.training.step import (
     batch_sharding,
     check_global_batch,
@@ -48,6 +47,7 @@ from livseg_jax.training.step import (
     make_train_step,
     replicated,
 )
+from livseg_jax.training.thread_context import collector_paused
 
 
 def cache_root(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -208,11 +208,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     model = build_model(config.model, deploy=False)
     optimizer = make_optimizer(config.optim, spe)
 
-    init = functools.partial(create_train_state, model, optimizer, config.seed)
-    abstract = jax.eval_shape(init)
-    state_sharding = jax.tree.map(lambda _: replicated(mesh), abstract)
-    state_spec = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                              state_sharding)
+    # The initialisation is traced once, here: its output types are the step's, and its lowering and
+    # compile follow in the background. Traced a second time there, it took 2-4 s from the step's own
+    # tracing on an H200 host, both holding Python's lock (session 12).
+    with init_lowering(), collector_paused():
+        init_traced = jit_create_train_state(model, optimizer, config.seed, replicated(mesh)).trace()
+    state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
+                              init_traced.out_info)
     in_sharding = batch_sharding(mesh)
     batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_sharding)
                   for k, v in pipeline.batch_spec(config.data, config.data.batch_size).items()}
@@ -252,10 +254,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if is_chief:
                 print("initialising the model (its first run compiles the initialisation: up to a minute or two "
                       "on a CPU)", flush=True)
-            # initial_train_state's program, compiled (or loaded) by the same means as the step.
+            # initial_train_state's program, compiled (or loaded) by the same means as the step, once the
+            # step is lowered: the first step waits for the step's compile, not for the state (H200, session 12).
+            if ahead is not None:
+                ahead.lowered.wait()
             init_job = stack.enter_context(compile_ahead(
-                jit_create_train_state(model, optimizer, config.seed, state_sharding), name="initialisation",
-                cache_file=program_file("initialisation", state_spec), within=init_lowering))
+                init_traced, name="initialisation", cache_file=program_file("initialisation", state_spec),
+                within=init_lowering))
             state = init_job.result()()
         state_ready_s = time.perf_counter() - made_start
 

@@ -126,7 +126,10 @@ class TwoProgramLowered:
             gradients = pool.submit(compile_gradients)
             with collector_paused():
                 update = self._update_lowered
-            return TwoProgramCompiled((gradients.result(), update.compile()))
+            # The update compiles before waiting for the gradients: in one expression, `(gradients.result(),
+            # update.compile())` started the update's compile only after the other's had ended (session 12).
+            update_compiled = update.compile()
+            return TwoProgramCompiled((gradients.result(), update_compiled))
 
 
 class TwoProgramCompiled:
