@@ -1,0 +1,20 @@
+"""tools/merge_results: one study's runs in one file, each row naming its run."""
+
+import json
+
+import pytest
+
+from tools.merge_results import merge_results
+
+
+def test_rows_keep_their_run_and_shared_fields_must_agree(tmp_path):
+    a = {"benchmark": "split_step", "config": "c", "environment": {"host": 1}, "overrides": "", "rows": [{"x": 1}]}
+    b = {"benchmark": "split_step", "config": "c", "environment": {"host": 2}, "overrides": "k=v",
+         "rows": [{"x": 2}, {"x": 3}]}
+    merged = merge_results({"a": a, "b": b})
+    assert merged["benchmark"] == "split_step" and merged["merged_from"] == ["a", "b"]
+    assert [(r["x"], r["source"], r["environment"]["host"], r["overrides"]) for r in merged["rows"]] == [
+        (1, "a", 1, ""), (2, "b", 2, "k=v"), (3, "b", 2, "k=v")]
+    json.dumps(merged)
+    with pytest.raises(ValueError, match="config"):
+        merge_results({"a": a, "c": {**b, "config": "other"}})
