@@ -70,9 +70,11 @@ def depthwise_shift_reference(x: Array, kernel: Array) -> Array:
 def _stacked_sum(x: Array, kernel: Array) -> Array:
     """The same sum written with the taps stacked: one slice per tap, then one multiply and one sum.
 
-    The loop form traces six operations per tap (the window, the tap's weight, its broadcast, the
-    multiply, the add), which XLA's fusion passes then grow into one fusion tap by tap; MSCA's four
-    blocks have ~1,100 taps, ~40% of the paper step's traced operations (session 12).
+    The loop form traces six operations per tap (the window, the tap's weight, its squeeze and
+    broadcast, the multiply, the add); MSCA's four blocks have ~1,100 taps. Stacked, the paper
+    step's gradient program traces 12,674 operations instead of 16,834 and compiled about 3 s
+    faster on an H200, but its step ran about 20% slower (docs/benchmarks.md, session 12): an
+    option (`depthwise_impl="shift_stacked"`), not the GPU default.
     """
     _check_odd(kernel.shape[:-2])
     windows = [window for _, window in _windows(x, kernel.shape[:-2])]
