@@ -23,6 +23,29 @@ def test_the_program_compiled_ahead_from_shapes_computes_what_jit_computes():
         compiled(x[:2], y)
 
 
+def test_a_traced_program_is_lowered_and_compiled_and_lowered_says_when_tracing_is_over():
+    # train traces the initialisation once (its output types are the step's arguments) and hands
+    # the trace over; `lowered` lets it start that compile only after the step's tracing.
+    tracing, release = threading.Event(), threading.Event()
+
+    def slow(x):
+        tracing.set()
+        release.wait(timeout=30)
+        return x * 2
+
+    job = BackgroundCompile(jax.jit(slow), jax.ShapeDtypeStruct((2,), jnp.float32))
+    assert tracing.wait(timeout=30)
+    assert not job.lowered.is_set()  # still tracing
+    release.set()
+    assert job.lowered.wait(timeout=60)
+    np.testing.assert_array_equal(job.result()(np.ones(2, np.float32)), [2.0, 2.0])
+
+    traced = jax.jit(lambda x: x + 1).trace(jax.ShapeDtypeStruct((3,), jnp.float32))
+    handed = BackgroundCompile(traced)
+    np.testing.assert_array_equal(handed.result()(np.zeros(3, np.float32)), [1.0, 1.0, 1.0])
+    assert handed.lowered.is_set()
+
+
 def test_an_error_while_tracing_reaches_the_caller_of_result():
     def bad(x):
         raise ValueError("shapes do not fit")

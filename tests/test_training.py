@@ -280,12 +280,13 @@ def test_the_step_compiles_ahead_and_the_bar_starts_once_it_is_ready(cache_dir, 
     # The step compiles on a background thread from the config's shapes while the state is made
     # (train.compile_ahead=False: at the first step); every step runs that program, and a bar made
     # before it is ready would count compiling in its rate and ETA.
-    events = []
+    events, jobs = [], {}
     real_compile_ahead = loop.compile_ahead
 
     class RecordingJob:
         def __init__(self, job):
             self.job, self.seconds, self.loaded = job, None, None
+            self.lowered = job.lowered
 
         def result(self):
             compiled = self.job.result()
@@ -302,7 +303,10 @@ def test_the_step_compiles_ahead_and_the_bar_starts_once_it_is_ready(cache_dir, 
     def recording_compile_ahead(*args, **kwargs):
         if kwargs["name"] == "initialisation":  # traced with the threefry kernel (off GPUs: no effect)
             events.append(f"initialisation within {kwargs['within'].__name__}")
+            # Started once the step is lowered (ahead), so that the two do not trace side by side.
+            assert not ahead or jobs["train step"].lowered.is_set()
         with real_compile_ahead(*args, **kwargs) as job:
+            jobs[kwargs["name"]] = job
             yield RecordingJob(job) if kwargs["name"] == "train step" else job
 
     real_bar = loop.tqdm.tqdm
