@@ -24,6 +24,9 @@ makes the state and starts the input pipeline (livseg_jax/training/compile_ahead
 5. `warm_traced`: the same with the compiled-program cache deleted (traced, lowered, then loaded
    from JAX's cache, as before session 8).
 
+Every row also holds `compile_log`: each program's trace, lowering and XLA compile as JAX timed
+them (`JAX_LOG_COMPILES=1`), the critical path of its first step.
+
 Writes experiments/results/bench_first_step[_TAG].json and prints a Markdown table.
 """
 
@@ -55,6 +58,25 @@ NUMBERS = {"first_step_s": r"first step done ([\d.]+) s",
            "first_batch_s": r"first batch at ([\d.]+) s"}
 
 
+# JAX's own timing of each program's phases, logged with JAX_LOG_COMPILES=1 (set for every run): the
+# first step's critical path, program by program (docs/benchmarks.md, session 12).
+COMPILE_LOG = {"trace": re.compile(r"Finished tracing (?:\+ transforming )?(\S+) for p?jit in ([\d.]+) sec"),
+               "lower": re.compile(r"Finished jaxpr to MLIR module conversion jit\((\S+)\) in ([\d.]+) sec"),
+               "compile": re.compile(r"Finished XLA compilation of jit\((\S+)\) in ([\d.]+) sec")}
+
+
+def compile_log(lines: Sequence[str], at_least: float = 0.05) -> list[dict]:
+    """Returns [{"program", "phase", "s"}], in the console's order, of the phases JAX logged that
+    took at least `at_least` seconds (the many small programs of evaluation left out)."""
+    phases = []
+    for line in lines:
+        for phase, pattern in COMPILE_LOG.items():
+            match = pattern.search(line)
+            if match and float(match.group(2)) >= at_least:
+                phases.append({"program": match.group(1), "phase": phase, "s": round(float(match.group(2)), 3)})
+    return phases
+
+
 def cache_contents(cache: pathlib.Path) -> dict[str, int]:
     """Returns {folder: files in it} for the folders of a compilation cache, and its own files under
     "(entries)": JAX's entries, the compiled-program cache and XLA's caches JAX points into it (the
@@ -80,7 +102,7 @@ def autotuned_fusions(before: dict[str, int], after: dict[str, int]) -> int:
 def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, autotune: str,
               dump: pathlib.Path | None = None, ahead: bool = True, overrides: Sequence[str] = ()) -> dict:
     """Runs the train command once; returns its timings parsed from the console and its wall time."""
-    env = dict(os.environ, LIVSEG_CACHE=str(work / "data"))
+    env = dict(os.environ, LIVSEG_CACHE=str(work / "data"), JAX_LOG_COMPILES="1")
     if dump is not None:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_dump_autotune_results_to={dump}".strip()
     cmd = [sys.executable, "-m", "livseg_jax.train", f"--config={config}", f"--workdir={work / 'runs' / name}",
@@ -106,6 +128,7 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
         match = re.search(pattern, out)
         row[key] = float(match.group(1)) if match else None
     row["loaded"] = "(loaded from the compiled-program cache)" in out
+    row["compile_log"] = compile_log(lines)
     row["cache_contents"] = cache_contents(cache)  # after the run: what a later run can read
     # With loaded results, anything autotuned is a fusion they miss: results stale for this program.
     row["autotuned_fusions"] = autotuned_fusions(before, row["cache_contents"])

@@ -1,7 +1,14 @@
 """experiments/bench_first_step.py reads the train command's console (its patterns must match it) and
 counts the fusions a run autotuned."""
 
-from experiments.bench_first_step import AUTOTUNE_CACHE, NUMBERS, autotuned_fusions, cache_contents, train_run
+from experiments.bench_first_step import (
+    AUTOTUNE_CACHE,
+    NUMBERS,
+    autotuned_fusions,
+    cache_contents,
+    compile_log,
+    train_run,
+)
 
 
 def test_every_timing_is_read_from_a_real_train_run(tmp_path, monkeypatch):
@@ -12,8 +19,12 @@ def test_every_timing_is_read_from_a_real_train_run(tmp_path, monkeypatch):
         assert first[key] is not None and first[key] >= 0, key
     assert first["first_step_since_command_s"] >= first["first_step_s"] >= first["first_batch_s"]
     assert not first["loaded"]
+    # JAX's timing of each phase of the step's program (one program on a CPU): traced, lowered, compiled.
+    step_phases = {e["phase"] for e in first["compile_log"] if e["program"] == "train_step"}
+    assert step_phases == {"trace", "lower", "compile"}, first["compile_log"]
     again = train_run("configs/liver.py", tmp_path, "warm", tmp_path / "cache", "off")
     assert again["loaded"]  # the compiled-program cache beside the compilation cache
+    assert not any(e["program"] == "train_step" for e in again["compile_log"])  # loaded, not traced
     # The step and the initialisation were kept; JAX's own entries beside them.
     assert first["cache_contents"]["livseg_executables"] >= 2 and first["cache_contents"]["(entries)"] >= 1
     assert first["autotuned_fusions"] == again["autotuned_fusions"] == 0  # a CPU autotunes nothing
@@ -29,3 +40,15 @@ def test_autotuned_fusions_are_the_files_a_run_adds_to_xlas_autotuning_cache(tmp
     assert autotuned_fusions(before, middle) == 3
     (folder / "fusion_3.textproto").write_text("x")
     assert autotuned_fusions(middle, cache_contents(tmp_path)) == 1
+
+
+def test_the_compile_log_is_read_program_by_program():
+    lines = ["W1201 21:25:54.88 dispatch.py:204] Finished tracing compute_gradients for jit in 3.790982723 sec\n",
+             "W1201 21:25:56.07 dispatch.py:204] Finished jaxpr to MLIR module conversion jit(compute_gradients) "
+             "in 1.064974308 sec\n",
+             "W1201 21:26:21.02 dispatch.py:204] Finished XLA compilation of jit(compute_gradients) in 24.76 sec\n",
+             "W1201 21:26:22.00 dispatch.py:204] Finished XLA compilation of jit(_pad) in 0.0136 sec\n",
+             "train step ready in 30.0 s\n"]
+    assert compile_log(lines) == [{"program": "compute_gradients", "phase": "trace", "s": 3.791},
+                                  {"program": "compute_gradients", "phase": "lower", "s": 1.065},
+                                  {"program": "compute_gradients", "phase": "compile", "s": 24.76}]
