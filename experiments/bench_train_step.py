@@ -33,7 +33,6 @@ from experiments.bench_common import (
 )
 
 MODES = ("jax_f32", "jax_bf16", "torch_f32", "torch_amp", "torch_compile")
-SETTINGS = {"step_programs": 1}  # the JAX step's form, --step-programs
 
 
 def make_data(batch: int, patch: tuple[int, ...], seed: int = 0):
@@ -57,8 +56,9 @@ def model_config(variant: str, dtype: str):
     return apply_overrides(cfg, OVERRIDES)
 
 
-def lower_jax_step(variant: str, mode: str, patch, batch: int):
-    """The JAX train step of `mode` lowered for one device: (lowered, state, batch arrays)."""
+def lower_jax_step(variant: str, mode: str, patch, batch: int, programs: int = 1):
+    """The JAX train step of `mode` lowered for one device, as `programs` programs (`--step-programs`):
+    (lowered, state, batch arrays)."""
     import jax
     import ml_collections
 
@@ -75,20 +75,20 @@ def lower_jax_step(variant: str, mode: str, patch, batch: int):
     # Created with the step's state sharding so that the second step does not recompile.
     state = jax.jit(lambda: create_train_state(model, optimizer, 0), out_shardings=replicated(mesh))()
     step = jit_train_step(make_train_step(model, optimizer, base_config().loss, 100), mesh,
-                          programs=SETTINGS["step_programs"])
+                          programs=programs)
     image, labels = make_data(batch, patch)
     batch_arrays = {"image": jax.device_put(image), "label": jax.device_put(labels)}
     return step.lower(state, batch_arrays), state, batch_arrays
 
 
-def run_jax(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
+def run_jax(variant: str, mode: str, patch, batch: int, steps: int, programs: int = 1) -> dict:
     import jax
 
     from experiments.roofline import device_peaks, roofline, step_cost
 
     enable_compilation_cache()
     t0 = time.perf_counter()
-    lowered, state, batch_arrays = lower_jax_step(variant, mode, patch, batch)
+    lowered, state, batch_arrays = lower_jax_step(variant, mode, patch, batch, programs)
     compiled = lowered.compile()  # ahead of time, so the cost analysis is of the timed program
     state, metrics = compiled(state, batch_arrays)
     jax.block_until_ready(metrics)
@@ -165,9 +165,10 @@ def run_torch(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def run_case(variant: str, mode: str, patch, batch: int, steps: int) -> dict:
-    runner = run_jax if mode.startswith("jax") else run_torch
-    return runner(variant, mode, patch, batch, steps)
+def run_case(variant: str, mode: str, patch, batch: int, steps: int, programs: int = 1) -> dict:
+    if mode.startswith("jax"):
+        return run_jax(variant, mode, patch, batch, steps, programs)
+    return run_torch(variant, mode, patch, batch, steps)
 
 
 def main() -> None:
@@ -184,12 +185,11 @@ def main() -> None:
                         help="the JAX step as one program, or as train's two on GPUs (gradients, update)")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # child process: variant:mode
     args = parser.parse_args()
-    SETTINGS["step_programs"] = args.step_programs
     patch = tuple(int(v) for v in args.patch.split(","))
     OVERRIDES.update(parse_overrides(args.overrides))
     if args.case:
         variant, mode = args.case.split(":")
-        result = run_case(variant, mode, patch, args.batch, args.steps)
+        result = run_case(variant, mode, patch, args.batch, args.steps, args.step_programs)
         print_result(result)
         return
 

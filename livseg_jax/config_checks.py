@@ -54,6 +54,14 @@ def _positive_number(v: Any) -> str | None:
     return None if _is_number(v) and v > 0 else f"must be a positive number, got {v!r}"
 
 
+def step_programs_problem(v: Any) -> str | None:
+    """The check of `train.step_programs` (1, 2, or None: 2 on GPUs, 1 elsewhere; see
+    training/step_programs.py), also applied where the step is compiled."""
+    if v is None or (_is_int(v) and v in (1, 2)):
+        return None
+    return f"must be 1, 2 or None (the default: 2 on GPUs, 1 elsewhere), got {v!r}"
+
+
 def _choice(options: Sequence[Any]) -> Callable[[Any], str | None]:
     return lambda v: None if v in tuple(options) else f"must be one of {tuple(options)}, got {v!r}"
 
@@ -96,9 +104,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.steps_per_epoch": _int_at_least(1),
     "train.keep_checkpoints": _int_at_least(1),
     "train.batch_norm_stats": _choice(BATCH_NORM_STATS),
-    # None: 2 on GPUs, 1 elsewhere (training/step_programs.py); a bool would pass `in (1, 2)`.
-    "train.step_programs": lambda v: None if v is None or (not isinstance(v, bool) and v in (1, 2))
-    else f"must be 1, 2 or None (the default: 2 on GPUs, 1 elsewhere), got {v!r}",
+    "train.step_programs": step_programs_problem,
     "inference.overlap": _number_in(0.0, 1.0, high_open=True),
     "inference.batch_size": _int_at_least(1),
 }

@@ -213,8 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # tracing on an H200 host, both holding Python's lock (session 12).
     with init_lowering(), collector_paused():
         init_traced = jit_create_train_state(model, optimizer, config.seed, replicated(mesh)).trace()
-    state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
-                              init_traced.out_info)
+    whole = replicated(mesh)
+    state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), init_traced.out_info)
     in_sharding = batch_sharding(mesh)
     batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_sharding)
                   for k, v in pipeline.batch_spec(config.data, config.data.batch_size).items()}

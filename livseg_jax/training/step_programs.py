@@ -6,8 +6,8 @@ kernels' LLVM and PTX compiles use the other cores (`experiments/bench_compile.p
 trace, session 11). The optimiser's update of the paper network is ~8,000 of the step's ~24,000
 operations (Adam on each of ~350 arrays) and ~330 of its kernels. Compiled as a program of its own
 on its own thread, it leaves the critical path: `train`'s cold first step of the liver `:paper` run
-went from 47.2 to 40.9 s, side by side on one H200 host, and the step ran at 40.6 ms back to back
-against the one program's 40.3 ms on another (docs/benchmarks.md, session 11).
+took 33.4-34.5 s against the one program's 40.9 s, side by side on one H200 host, and the step ran
+at 40.4 ms back to back against the one program's 40.2 ms on another (docs/benchmarks.md, session 12).
 
 The update program does not donate the old state. With donation its launch must wait until the
 gradient program, still running, has finished reading the state, so the host stops running ahead of
@@ -32,19 +32,18 @@ from typing import Any
 
 import jax
 
+from livseg_jax.config_checks import step_programs_problem
 from livseg_jax.training.thread_context import collector_paused, scoped_like, thread_settings
-
-STEP_PROGRAMS = (1, 2)
 
 
 def check_step_programs(value: Any, backend: str | None = None) -> int:
     """Returns `train.step_programs` as 1 or 2, None resolved for `backend` (default: JAX's) as 2 on
-    GPUs and 1 elsewhere; raises ValueError for anything else."""
+    GPUs and 1 elsewhere; raises ValueError for anything else (`config_checks`' check)."""
+    problem = step_programs_problem(value)
+    if problem:
+        raise ValueError(f"train.step_programs {problem}")
     if value is None:
         return 2 if (backend or jax.default_backend()) == "gpu" else 1
-    if isinstance(value, bool) or value not in STEP_PROGRAMS:
-        raise ValueError(f"train.step_programs = {value!r}: use 1 (one program), 2 (gradients and update "
-                         "compiled side by side) or None (the default: 2 on GPUs, 1 elsewhere)")
     return int(value)
 
 
