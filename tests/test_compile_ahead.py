@@ -46,6 +46,34 @@ def test_a_traced_program_is_lowered_and_compiled_and_lowered_says_when_tracing_
     assert handed.lowered.is_set()
 
 
+def test_a_deferred_store_waits_for_its_release_and_wait_releases_it(tmp_path, monkeypatch):
+    # Serialising a program holds Python's lock for about a second: train defers the step's store
+    # until its first step is done, so the result is handed over before any of it starts.
+    from livseg_jax.training import compile_ahead as module
+
+    stored = []
+    monkeypatch.setattr(module.executable_cache, "store", lambda path, compiled: stored.append(path))
+    spec = jax.ShapeDtypeStruct((2,), jnp.float32)
+    job = BackgroundCompile(jax.jit(lambda x: x - 1), spec, cache_file=tmp_path / "a.pkl", defer_store=True)
+    np.testing.assert_array_equal(job.result()(np.ones(2, np.float32)), [0.0, 0.0])
+    job._thread.join(timeout=0.5)
+    assert job.running() and stored == []  # held back
+    job.release_store()
+    job._thread.join(timeout=60)
+    assert stored == [tmp_path / "a.pkl"] and not job.running()
+
+    # Never released (a run that stops at its first step): waiting for the job stores it all the same.
+    held = BackgroundCompile(jax.jit(lambda x: x * 3), spec, cache_file=tmp_path / "b.pkl", defer_store=True)
+    held.result()
+    held.wait()
+    assert stored[-1] == tmp_path / "b.pkl"
+    # Not deferred (the default): stored as soon as the result is there.
+    eager = BackgroundCompile(jax.jit(lambda x: x / 2), spec, cache_file=tmp_path / "c.pkl")
+    eager.result()
+    eager._thread.join(timeout=60)
+    assert stored[-1] == tmp_path / "c.pkl"
+
+
 def test_an_error_while_tracing_reaches_the_caller_of_result():
     def bad(x):
         raise ValueError("shapes do not fit")

@@ -38,10 +38,13 @@ class BackgroundCompile:
     two-program step, `step_programs`), callable on arguments of exactly those types.
     With `cache_file` (`executable_cache.program_key` names it),
     the program is loaded from there when it exists, without tracing, and stored there after a compile.
+    With `defer_store`, that store waits for `release_store()` (or `wait()`): serialising a program
+    holds Python's lock for about a second (the paper step's two programs on a CPU: 0.9 s, and the
+    garbage collections the compile put off run then too), which the first step must not wait for.
     """
 
     def __init__(self, jitted: Callable, *args: Any, name: str = "program", cache_file: pathlib.Path | None = None,
-                 within: Callable[[], contextlib.AbstractContextManager] | None = None):
+                 within: Callable[[], contextlib.AbstractContextManager] | None = None, defer_store: bool = False):
         self.name = name
         self.seconds: float | None = None  # wall time of trace + lower + compile (or of loading), once done
         self.loaded = False  # whether the program came from `cache_file` (executable_cache)
@@ -54,6 +57,9 @@ class BackgroundCompile:
         # Set once this job's Python work is over (traced and lowered, loaded, or failed): tracing holds
         # Python's lock, so work started after it does not slow it down.
         self.lowered = threading.Event()
+        self._store_released = threading.Event()
+        if not defer_store:
+            self._store_released.set()
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name=f"compile {name}", daemon=False)
         self._thread.start()
@@ -93,6 +99,7 @@ class BackgroundCompile:
             self.lowered.set()
             self._ready.set()
         if self._compiled is not None and not self.loaded and self._cache_file is not None:
+            self._store_released.wait()
             try:  # after the result is handed over: the first step does not wait for the write
                 executable_cache.store(self._cache_file, self._compiled)
             except Exception as e:  # a full disk, say: the run goes on; the write was atomic
@@ -107,8 +114,13 @@ class BackgroundCompile:
         """Returns whether the program (or the error) is there; the thread may still be storing it."""
         return self._ready.is_set()
 
+    def release_store(self) -> None:
+        """Lets a deferred store of the compiled program begin (`defer_store`)."""
+        self._store_released.set()
+
     def wait(self) -> None:
-        """Waits for the thread to end, however the compile ends."""
+        """Waits for the thread to end, however the compile ends (a deferred store is released)."""
+        self.release_store()
         self._thread.join()
 
     def result(self) -> Any:

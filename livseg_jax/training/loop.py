@@ -241,8 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 where = "in the background" if background else "now"
                 print(f"compiling the train step {where} (from the compilation cache once it holds this "
                       "program; compiling can take minutes on a CPU)", flush=True)
+            # Its store to the compiled-program cache waits for the first step (released below).
             return stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name="train step",
-                                                     cache_file=program_file("train step", (state_spec, batch_spec))))
+                                                     cache_file=program_file("train step", (state_spec, batch_spec)),
+                                                     defer_store=True))
 
         # Ahead: the step compiles while the state is made and the first batch read; else at the first step.
         ahead = start_compile() if background and start < total_steps else None
@@ -307,6 +309,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if "first_step_s" not in summary:  # one wait, so that it counts the step's run
                     jax.block_until_ready(metrics)
                     summary["first_step_s"] = round(time.perf_counter() - made_start, 1)
+                    # Serialising the step for the compiled-program cache holds Python's lock for a second
+                    # or more; begun with the compile's result, it made the first step wait (session 13).
+                    ahead.release_store()
                     if is_chief:
                         bar.write(f"first step done {summary['first_step_s']:.1f} s after the state, the input "
                                   f"pipeline and the step's compile started (state ready at "
