@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from livseg_jax.models.params import QuickParamCheck
+
 Array = jax.Array
 Dtype = Any
 IMPLS = ("flax", "two_stage")
@@ -89,7 +91,7 @@ def _backward(epsilon, residuals, cotangents):
 batch_norm_train.defvjp(_forward, _backward)
 
 
-class TwoStageBatchNorm(nn.Module):
+class TwoStageBatchNorm(QuickParamCheck, nn.Module):
     """Training-mode BatchNorm over all but the last axis with two-stage sums (see the module doc).
 
     Declares `flax.linen.BatchNorm`'s variables with its initialisers and updates the running

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from livseg_jax.models.params import QuickParamCheck
+
 Array = jax.Array
 Dtype = Any
 IMPLS = ("conv", "shift", "shift_stacked")
@@ -121,7 +123,7 @@ def _depthwise_shift_backward(stacked: bool, residuals, grad: Array):
 depthwise_shift.defvjp(_depthwise_shift_forward, _depthwise_shift_backward)
 
 
-class DepthwiseConv(nn.Module):
+class DepthwiseConv(QuickParamCheck, nn.Module):
     """Depthwise 'SAME' convolution with bias on (N, *S, C); `impl` chooses the computation."""
 
     kernel_size: Sequence[int]

@@ -31,6 +31,7 @@ from livseg_jax.models.batch_norm import TwoStageBatchNorm
 from livseg_jax.models.depthwise import IMPLS as DEPTHWISE_IMPLS
 from livseg_jax.models.depthwise import DepthwiseConv
 from livseg_jax.models.packed_conv import PackedConv3d
+from livseg_jax.models.params import BatchNorm, Conv, QuickParamCheck
 
 Dtype = Any
 Array = jax.Array
@@ -61,7 +62,7 @@ def activation_fn(name: str) -> Callable[[Array], Array]:
 POINTWISE_IMPLS = ("conv", "einsum")
 
 
-class PointwiseConv(nn.Module):
+class PointwiseConv(QuickParamCheck, nn.Module):
     """A 1x1 (or 1x1x1) convolution computed as a matrix product over the channel axis.
 
     Same parameters as the `nn.Conv` it replaces (`kernel` of shape (1,)*ndim + (C_in, C_out),
@@ -171,7 +172,7 @@ class Layers:
                 and padding == "SAME"):
             return PackedConv3d(features, self.dense_pack_channels, use_bias, kernel_init, self.dtype,
                                 jnp.float32, name=name)
-        return nn.Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias,
+        return Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias,
                        kernel_dilation=dilation, kernel_init=kernel_init, dtype=self.dtype,
                        param_dtype=jnp.float32, name=name)
 
@@ -185,7 +186,7 @@ class Layers:
         if train and self.batch_norm_impl == "two_stage":
             return TwoStageBatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
                                      param_dtype=jnp.float32, name=name)
-        return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+        return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                             dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
     def norm(self, train: bool, *, name: str) -> nn.Module:
@@ -238,7 +239,7 @@ def upsample2x_reference(x: Array, kernel: Array, bias: Array) -> Array:
     return y.reshape((x.shape[0], *(2 * size for size in x.shape[1:-1]), kernel.shape[-1])) + bias
 
 
-class Upsample2x(nn.Module):
+class Upsample2x(QuickParamCheck, nn.Module):
     """Learned 2x up-sampling equal to PyTorch's `ConvTranspose{ndim}d(k=2, s=2)` with bias."""
 
     features: int
@@ -260,7 +261,7 @@ class Upsample2x(nn.Module):
         return upsample2x_reference(x, kernel, bias)
 
 
-class ChannelAffine(nn.Module):
+class ChannelAffine(QuickParamCheck, nn.Module):
     """Per-channel `x * scale + bias`: the deploy form of a BatchNorm that has no conv before it."""
 
     dtype: Dtype = jnp.float32

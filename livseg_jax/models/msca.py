@@ -13,6 +13,7 @@ import jax
 
 from livseg_jax.models import names
 from livseg_jax.models.layers import Layers
+from livseg_jax.models.params import QuickParamCheck
 
 Array = jax.Array
 
@@ -54,7 +55,7 @@ class MSCAttention(nn.Module):
         return self.layers.conv(c, (1,) * self.ndim, name="mix")(a + s) * u
 
 
-class MSCABlock(nn.Module):
+class MSCABlock(QuickParamCheck, nn.Module):
     """MSCA block on (B, D, H, W, C) (or axial (B*D, H, W, C)), shape preserved; `mode` is "2d"
     (per axial slice) or "3d"."""
 

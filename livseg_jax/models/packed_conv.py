@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
+from livseg_jax.models.params import QuickParamCheck
+
 Array = jax.Array
 
 
@@ -82,7 +84,7 @@ def packed_conv3d(x: Array, kernel: Array, factor: int) -> Array:
     return y.reshape(b, d, h, w, c_out)
 
 
-class PackedConv3d(nn.Module):
+class PackedConv3d(QuickParamCheck, nn.Module):
     """Drop-in for `nn.Conv(features, (3, 3, 3), padding="SAME")`: same variables (`kernel`,
     optional `bias`), same initialisation, computed by `packed_conv3d` when packing pays."""
 
