@@ -146,9 +146,9 @@ def test_a_bad_step_programs_value_is_refused_at_start_up_naming_the_key(bad):
         validate_config(config)
 
 
-def test_step_programs_left_to_the_backend_are_two_on_gpus_only():
-    assert check_step_programs(None, "gpu") == 2
-    assert check_step_programs(None, "cpu") == check_step_programs(None, "tpu") == 1
+def test_step_programs_left_to_the_backend_are_one_program_everywhere():
+    # Two programs compile faster on GPUs but their steps were host-bound on H200 hosts (session 13).
+    assert check_step_programs(None, "gpu") == check_step_programs(None, "cpu") == check_step_programs(None, "tpu") == 1
     assert check_step_programs(2) == 2 and check_step_programs(1) == 1
     assert base_config().train.step_programs is None
     step, mesh, _, _ = _setup()  # the mesh's platform decides: one program on these CPU devices

@@ -208,8 +208,8 @@ def jit_train_step(train_step: Callable, mesh: Mesh, donate_state: bool = True,
 
     Donation lets XLA write the new state into the old one's buffers; the state of the paper's
     network is ~45 MB, so `donate_state=False` costs little and is kept as a switch for the bf16
-    investigation in docs/performance_notes.md. `programs=2` (`train.step_programs`; None: 2 on GPUs,
-    1 elsewhere) compiles the gradients and the update as two programs side by side, neither
+    investigation in docs/performance_notes.md. `programs=2` (`train.step_programs`; None: 1 on every
+    backend) compiles the gradients and the update as two programs side by side, neither
     donating (`livseg_jax.training.step_programs` says why).
     """
     if check_step_programs(programs, mesh.devices.flat[0].platform) == 2:

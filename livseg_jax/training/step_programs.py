@@ -14,11 +14,15 @@ gradient program, still running, has finished reading the state, so the host sto
 the GPU: on one host the step took 49-55 ms back to back instead of ~40.5 (on another 41.3). Without
 it the state exists twice for a moment (the paper network's is ~135 MB with Adam's moments).
 
-`train.step_programs` is None by default: 2 on GPUs, 1 elsewhere. On this project's 2-core CPU
-machine the measurements are too noisy to choose: one pair of runs had the two programs' steps
-13-15% slower, a second pair did not (`experiments/results/bench_split_step_cpu_2core_s11.json`),
-so CPUs keep the one program until a cleaner measurement. 1 compiles the step as
-one program everywhere, as before session 11; 2 as two. Both forms do the same arithmetic; XLA
+But the host pays for it at every step: the two programs take and return about 5,400 arrays (the
+state twice, the gradients and BatchNorm statistics between them) against the one program's 2,800.
+On H200 hosts, dispatching 20 steps without waiting took 28.8 ms per step for the one program and
+29.5-51.2 ms for the two, against ~40 ms of GPU time, so the host can become the bound. Back to back
+(20 steps, three runs each) the two programs took 40.3-40.5 ms in some runs but 46-78 ms in others
+(63.4/46.1/40.6, 77.5/58.1/45.0, 51.6/56.0/60.4, 80.8/81.9/81.6 ms), while the one program held
+40.1-40.2 ms in every run (docs/benchmarks.md, session 13). Hours of training outweigh seconds of
+compile, so `train.step_programs` left at None (auto) is 1 on every backend since session 13; 2 is
+the faster cold start for short runs and compile-bound work. Both forms do the same arithmetic; XLA
 may fuse it differently across the boundary, so results agree to float rounding
 (tests/test_step_programs.py).
 """
@@ -37,14 +41,14 @@ from livseg_jax.training.thread_context import collector_paused, scoped_like, th
 
 
 def check_step_programs(value: Any, backend: str | None = None) -> int:
-    """Returns `train.step_programs` as 1 or 2, None resolved for `backend` (default: JAX's) as 2 on
-    GPUs and 1 elsewhere; raises ValueError for anything else (`config_checks`' check)."""
+    """Returns `train.step_programs` as 1 or 2, None (auto) resolved as 1 on every backend (the
+    module docstring says why; `backend` is kept for a choice per backend); raises ValueError for
+    anything else (`config_checks`' check)."""
     problem = step_programs_problem(value)
     if problem:
         raise ValueError(f"train.step_programs {problem}")
-    if value is None:
-        return 2 if (backend or jax.default_backend()) == "gpu" else 1
-    return int(value)
+    del backend  # one program everywhere since session 13
+    return 1 if value is None else int(value)
 
 
 def _summed_costs(parts) -> dict:
