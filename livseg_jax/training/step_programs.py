@@ -18,13 +18,13 @@ But the host pays for it at every step: the two programs take and return about 5
 state twice, the gradients and BatchNorm statistics between them) against the one program's 2,800.
 On H200 hosts, dispatching 20 steps without waiting took 28.8 ms per step for the one program and
 29.5-51.2 ms for the two, against ~40 ms of GPU time, so the host can become the bound. Back to back
-(20 steps, three runs each) the two programs took 40.3-40.5 ms in some runs but 46-78 ms in others
-(63.4/46.1/40.6, 77.5/58.1/45.0, 51.6/56.0/60.4, 80.8/81.9/81.6 ms), while the one program held
-40.1-40.2 ms in every run (docs/benchmarks.md, session 13). Hours of training outweigh seconds of
-compile, so `train.step_programs` left at None (auto) is 1 on every backend since session 13; 2 is
-the faster cold start for short runs and compile-bound work. Both forms do the same arithmetic; XLA
-may fuse it differently across the boundary, so results agree to float rounding
-(tests/test_step_programs.py).
+(20 steps, three runs each) the two programs took 40.3-40.5 ms in the best invocations and up to 82
+ms in others (63.4/46.1/40.6, 77.5/58.1/45.0, 40.3/48.4/40.4, 51.6/56.0/60.4, 80.8/81.9/81.6 ms),
+while the one program held 40.1-40.2 ms in every run (docs/benchmarks.md, session 13). Hours of
+training outweigh seconds of compile, so `train.step_programs` left at None (auto) is 1 on every
+backend since session 13; 2 is the faster cold start for short runs and compile-bound work. Both
+forms do the same arithmetic; XLA may fuse it differently across the boundary, so results agree to
+float rounding (tests/test_step_programs.py).
 """
 
 from __future__ import annotations
