@@ -10,7 +10,7 @@ autotuning results `train` uses:
 - `fused`: the step as one program (what `train` compiles);
 - `split2`: the gradients (forward and backward) and the optimiser's update, two programs;
 - `split2_kept`: the same, the update not donating the state and the gradients: `train`'s form
-  (`train.step_programs=2`, `livseg_jax/training/step_programs.py`), which compiles the two
+  with `train.step_programs=2` (`livseg_jax/training/step_programs.py`), which compiles the two
   itself (one `compile_s_each` entry; its session-11 rows predate that and list two);
 - `split3`: forward, backward and update, three programs (the forward returns the pullback's
   residuals), the backward and the update donating their inputs;

@@ -9,8 +9,8 @@ A step is forward + backward + Adam with HybridLoss1 and deep supervision (SPEC 
 Two timings per row, the same for both frameworks: `median_ms`, each step waited for before the
 next (dispatch and launch latency included), and `back_to_back_ms`, `--steps` steps dispatched
 without waiting, then one wait (the throughput a training loop gets, which waits only to log).
-`--step-programs 2` times the JAX step as `train` runs it on GPUs since session 11: two programs,
-gradients and update (`livseg_jax/training/step_programs.py`); the default 1 is the one program.
+`--step-programs 2` times the JAX step as `train.step_programs=2` runs it: two programs, gradients
+and update (`livseg_jax/training/step_programs.py`); the default 1 is the one program `train` runs.
 Writes experiments/results/bench_train_step[_TAG].json and prints a Markdown table.
 """
 
