@@ -156,20 +156,44 @@ def test_step_programs_left_to_the_backend_are_one_program_everywhere():
     assert isinstance(jit_train_step(step, mesh, programs=2), TwoProgramStep)
 
 
-def test_a_run_with_two_programs_is_kept_whole_and_a_second_run_loads_both(tmp_path, monkeypatch):
-    # The step-level equality with one program is test_two_programs_train_as_one_program_does.
+def test_a_two_program_run_switches_to_the_one_program_and_a_second_run_loads_it(tmp_path, monkeypatch):
+    # train.step_programs=2: the first steps run as two programs while the one program compiles in
+    # the background, then the steps switch to it (the two programs' steps can be host-bound); both are
+    # kept, and a later run loads the one program and skips the two. The step-level equality of the
+    # forms is test_two_programs_train_as_one_program_does.
+    import contextlib
+
     from livseg_jax.training import loop
 
     monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent))
     from test_training import tiny_config
 
-    monkeypatch.setattr(loop, "executable_cache_dir", lambda: tmp_path / "executables")
-    two = loop.train_and_evaluate(tiny_config(tmp_path / "cache", num_epochs=1, step_programs=2), tmp_path / "two",
-                                  devices=jax.devices()[:1])
-    assert len(list((tmp_path / "executables").glob("train_step-*.pkl"))) == 1 and not two["train_step_loaded"]
-    again = loop.train_and_evaluate(tiny_config(tmp_path / "cache", num_epochs=1, step_programs=2),
-                                    tmp_path / "again", devices=jax.devices()[:1])
-    assert again["train_step_loaded"]
-    assert isinstance(executable_cache.load(next((tmp_path / "executables").glob("train_step-*.pkl"))),
+    executables = tmp_path / "executables"
+    monkeypatch.setattr(loop, "executable_cache_dir", lambda: executables)
+    jobs, real_compile_ahead = [], loop.compile_ahead
+
+    @contextlib.contextmanager
+    def recording(*args, **kwargs):
+        with real_compile_ahead(*args, **kwargs) as job:
+            jobs.append(kwargs["name"])
+            if kwargs["name"] == "train step (one program)":  # ready at the next step: a deterministic switch
+                job.ready = lambda: job.result() is not None
+            yield job
+
+    monkeypatch.setattr(loop, "compile_ahead", recording)
+    config = lambda programs: tiny_config(tmp_path / "cache", num_epochs=1, step_programs=programs)  # noqa: E731
+    two = loop.train_and_evaluate(config(2), tmp_path / "two", devices=jax.devices()[:1])
+    assert jobs == ["train step (two programs)", "initialisation", "train step (one program)"]
+    assert two["one_program_from_step"] == 1 and not two["train_step_loaded"]
+    assert isinstance(executable_cache.load(next(executables.glob("train_step_(two_programs)-*.pkl"))),
                       TwoProgramCompiled)
-    jax.tree.map(np.testing.assert_array_equal, again["state"], two["state"])
+    assert not isinstance(executable_cache.load(next(executables.glob("train_step-*.pkl"))), TwoProgramCompiled)
+
+    jobs.clear()
+    again = loop.train_and_evaluate(config(2), tmp_path / "again", devices=jax.devices()[:1])
+    assert jobs[0] == "train step" and "train step (one program)" not in jobs
+    assert again["train_step_loaded"] and "one_program_from_step" not in again
+    one = loop.train_and_evaluate(config(1), tmp_path / "one", devices=jax.devices()[:1])
+    # Every step of `again` ran the one program: as a one-program run; `two`'s first step did not.
+    jax.tree.map(np.testing.assert_array_equal, again["state"].params, one["state"].params)
+    _assert_close(two["state"].params, one["state"].params, 1e-5)

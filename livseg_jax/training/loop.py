@@ -47,6 +47,7 @@ from livseg_jax.training.step import (
     make_train_step,
     replicated,
 )
+from livseg_jax.training.step_programs import check_step_programs
 from livseg_jax.training.thread_context import collector_paused
 
 
@@ -218,9 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     in_sharding = batch_sharding(mesh)
     batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=in_sharding)
                   for k, v in pipeline.batch_spec(config.data, config.data.batch_size).items()}
-    step_fn = jit_train_step(make_train_step(model, optimizer, config.loss, spe, augment,
-                                             config.train.get("batch_norm_stats", "global"), mesh), mesh,
-                             bool(config.train.get("donate_state", True)), config.train.get("step_programs"))
+    train_step = make_train_step(model, optimizer, config.loss, spe, augment,
+                                 config.train.get("batch_norm_stats", "global"), mesh)
+    donate = bool(config.train.get("donate_state", True))
     background = bool(config.train.get("compile_ahead", True))
     executables_dir = executable_cache_dir()  # None unless JAX's persistent cache is on (train turns it on)
 
@@ -228,6 +229,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if executables_dir is None:
             return None
         return executables_dir / f"{name.replace(' ', '_')}-{program_key(name, config, args)}.pkl"
+
+    # train.step_programs=2: the first steps run as two programs, which compile sooner, while the one
+    # program compiles in the background; the loop switches to it once it is ready, since the two
+    # programs' steps can be host-bound (training/step_programs.py). A run that finds the one program
+    # in the compiled-program cache loads it and skips the two.
+    step_name, step_fn = "train step", jit_train_step(train_step, mesh, donate, 1)
+    one_program_later = None
+    one_program_file = program_file(step_name, (state_spec, batch_spec))
+    if (check_step_programs(config.train.get("step_programs"), jax.default_backend()) == 2
+            and not (one_program_file is not None and one_program_file.exists())):
+        one_program_later = step_fn
+        step_name, step_fn = "train step (two programs)", jit_train_step(train_step, mesh, donate, 2)
 
     with contextlib.ExitStack() as stack:
         # Closed however the run ends: orbax's background work outliving the interpreter fails loudly.
@@ -242,8 +255,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 print(f"compiling the train step {where} (from the compilation cache once it holds this "
                       "program; compiling can take minutes on a CPU)", flush=True)
             # Its store to the compiled-program cache waits for the first step (released below).
-            return stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name="train step",
-                                                     cache_file=program_file("train step", (state_spec, batch_spec)),
+            return stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name=step_name,
+                                                     cache_file=program_file(step_name, (state_spec, batch_spec)),
                                                      defer_store=True))
 
         # Ahead: the step compiles while the state is made and the first batch read; else at the first step.
@@ -283,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                    "state_ready_s": round(state_ready_s, 1)}
         pending: list[tuple[int, dict]] = []
         bar: tqdm.tqdm | None = None
-        compiled_step = None
+        compiled_step, switch = None, None
         tick, tick_step = time.perf_counter(), start
         try:
             for step in range(start, total_steps):
@@ -305,6 +318,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     bar = tqdm.tqdm(total=total_steps, initial=step, desc=f"train {config.stage}", unit="step",
                                     disable=not is_chief, dynamic_ncols=True)
                     tick = time.perf_counter()
+                if switch is not None and switch.ready():  # the one program, compiled in the background
+                    compiled_step, switch = switch.result(), None
+                    summary["one_program_from_step"] = step
+                    bar.write(f"step {step}: switched to the train step compiled as one program")
                 state, metrics = compiled_step(state, batch)
                 if "first_step_s" not in summary:  # one wait, so that it counts the step's run
                     jax.block_until_ready(metrics)
@@ -312,6 +329,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     # Serialising the step for the compiled-program cache holds Python's lock for a second
                     # or more; begun with the compile's result, it made the first step wait (session 13).
                     ahead.release_store()
+                    if one_program_later is not None:
+                        bar.write("compiling the train step as one program in the background; the steps "
+                                  "switch to it once it is ready")
+                        switch = stack.enter_context(compile_ahead(
+                            one_program_later, state_spec, batch_spec, name="train step (one program)",
+                            cache_file=one_program_file))
                     if is_chief:
                         bar.write(f"first step done {summary['first_step_s']:.1f} s after the state, the input "
                                   f"pipeline and the step's compile started (state ready at "
@@ -356,6 +379,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if bar is not None:
                 bar.close()
             writer.close()
+            if switch is not None and not switch.ready() and is_chief:
+                print("waiting for the one-program train step's background compile to finish (kept in the "
+                      "compiled-program cache for the next run)", flush=True)
     if is_chief and (workdir / METRICS_FILE).exists():
         summary["curves"] = str(plot_curves(workdir))
     summary["final_step"] = int(jax.device_get(state.step))

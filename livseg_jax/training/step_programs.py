@@ -22,9 +22,12 @@ On H200 hosts, dispatching 20 steps without waiting took 28.8 ms per step for th
 ms in others (63.4/46.1/40.6, 77.5/58.1/45.0, 40.3/48.4/40.4, 51.6/56.0/60.4, 80.8/81.9/81.6 ms),
 while the one program held 40.1-40.2 ms in every run (docs/benchmarks.md, session 13). Hours of
 training outweigh seconds of compile, so `train.step_programs` left at None (auto) is 1 on every
-backend since session 13; 2 is the faster cold start for short runs and compile-bound work. Both
-forms do the same arithmetic; XLA may fuse it differently across the boundary, so results agree to
-float rounding (tests/test_step_programs.py).
+backend since session 13. With 2, `train` runs its first steps as these two programs and compiles
+the one program in the background, then switches to it (training/loop.py): the two programs' cold
+first step, the one program's steady steps; a later run loads the one program from the compiled-
+program cache. That combination is not yet measured on a GPU. Both forms do the same arithmetic; XLA
+may fuse it differently across the boundary, so results agree to float rounding
+(tests/test_step_programs.py).
 """
 
 from __future__ import annotations
