@@ -16,5 +16,8 @@ def test_rows_keep_their_run_and_shared_fields_must_agree(tmp_path):
     assert [(r["x"], r["source"], r["environment"]["host"], r["overrides"]) for r in merged["rows"]] == [
         (1, "a", 1, ""), (2, "b", 2, "k=v"), (3, "b", 2, "k=v")]
     json.dumps(merged)
+    # bench_train_step's --step-programs is a setting of the run, as the overrides are.
+    programs = merge_results({"one": {**a, "step_programs": 1}, "two": {**b, "step_programs": 2}})
+    assert [r["step_programs"] for r in programs["rows"]] == [1, 2, 2] and "step_programs" not in programs
     with pytest.raises(ValueError, match="config"):
         merge_results({"a": a, "c": {**b, "config": "other"}})

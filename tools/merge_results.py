@@ -18,7 +18,7 @@ import pathlib
 from livseg_jax.atomic_write import write_json
 
 # Per-run fields: each row keeps its own; they need not agree between the inputs.
-PER_RUN = ("environment", "rows", "overrides", "steps")
+PER_RUN = ("environment", "rows", "overrides", "steps", "step_programs")
 
 
 def merge_results(payloads: dict[str, dict]) -> dict:
