@@ -321,7 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 if switch is not None and switch.ready():  # the one program, compiled in the background
                     compiled_step, switch = switch.result(), None
                     summary["one_program_from_step"] = step
-                    bar.write(f"step {step}: switched to the train step compiled as one program")
+                    if is_chief:
+                        bar.write(f"step {step}: switched to the train step compiled as one program")
                 state, metrics = compiled_step(state, batch)
                 if "first_step_s" not in summary:  # one wait, so that it counts the step's run
                     jax.block_until_ready(metrics)
@@ -329,16 +330,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     # Serialising the step for the compiled-program cache holds Python's lock for a second
                     # or more; begun with the compile's result, it made the first step wait (session 13).
                     ahead.release_store()
-                    if one_program_later is not None:
-                        bar.write("compiling the train step as one program in the background; the steps "
-                                  "switch to it once it is ready")
-                        switch = stack.enter_context(compile_ahead(
-                            one_program_later, state_spec, batch_spec, name="train step (one program)",
-                            cache_file=one_program_file))
                     if is_chief:
                         bar.write(f"first step done {summary['first_step_s']:.1f} s after the state, the input "
                                   f"pipeline and the step's compile started (state ready at "
                                   f"{summary['state_ready_s']:.1f} s, first batch at {summary['first_batch_s']:.1f} s)")
+                    if one_program_later is not None:
+                        if is_chief:
+                            bar.write("compiling the train step as one program in the background; the steps "
+                                      "switch to it once it is ready")
+                        switch = stack.enter_context(compile_ahead(
+                            one_program_later, state_spec, batch_spec, name="train step (one program)",
+                            cache_file=one_program_file))
                 done = step + 1
                 pending.append((done, metrics))
                 epoch_end = done % spe == 0
