@@ -53,7 +53,7 @@ def test_a_parameter_of_another_shape_is_still_refused():
 def test_the_network_in_the_gpu_forms_traces_no_initialiser_when_applied(monkeypatch):
     # Every parameter of the paper's network, in every form, goes through the quick check: Flax's
     # shape check (a `jax.eval_shape` of the initialiser per parameter) traces a key and zeros, not
-    # lecun_normal's truncated normal (about a quarter of the train step's tracing).
+    # lecun_normal's truncated normal (about a fifth of the train step's tracing).
     config = base_config()
     config.model.update(features=(4, 8, 8, 8, 8), depthwise_impl="shift", pointwise_impl="einsum",
                         dense_pack_channels=8, batch_norm_impl="two_stage")

@@ -3,9 +3,10 @@
 Outside `init`, Flax's `Scope.param` checks that each existing parameter has the shape the module
 asks for by tracing the parameter's initialiser under `jax.eval_shape` (flax 0.12's
 `flax/core/scope.py`): a truncated normal per convolution kernel, hundreds of operations thrown
-away. For the paper network's 396 parameters that was about a quarter of tracing the train step's
-gradient program on this project's 2-core CPU machine, and the step's tracing is on the first
-step's critical path (docs/benchmarks.md, session 13).
+away. For the paper network's 396 parameters that was about a fifth of tracing the train step's
+gradient program on this project's 2-core CPU machine (2.95-3.16 s against 2.42-2.50 s without it,
+`experiments/bench_trace.py`), and the step's tracing is on the first step's critical path
+(docs/benchmarks.md, session 13).
 
 `QuickParamCheck` keeps that check and gives it zeros of the requested shape to compare with
 instead: the same shapes, so the same errors for a checkpoint that does not fit the config; in
