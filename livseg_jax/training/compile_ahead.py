@@ -39,8 +39,8 @@ class BackgroundCompile:
     With `cache_file` (`executable_cache.program_key` names it),
     the program is loaded from there when it exists, without tracing, and stored there after a compile.
     With `defer_store`, that store waits for `release_store()` (or `wait()`): serialising a program
-    holds Python's lock for about a second (the paper step's two programs on a CPU: 0.9 s, and the
-    garbage collections the compile put off run then too), which the first step must not wait for.
+    holds Python's lock for about a second (the paper step's two programs on an H200 host: 1.22 and
+    0.96 s, `experiments/bench_cache_write.py`), and the first step must not wait for it.
     """
 
     def __init__(self, jitted: Callable, *args: Any, name: str = "program", cache_file: pathlib.Path | None = None,
