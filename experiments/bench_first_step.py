@@ -25,7 +25,9 @@ makes the state and starts the input pipeline (livseg_jax/training/compile_ahead
    from JAX's cache, as before session 8).
 
 Every row also holds `compile_log`: each program's trace, lowering and XLA compile as JAX timed
-them (`JAX_LOG_COMPILES=1`), the critical path of its first step.
+them (`JAX_LOG_COMPILES=1`), the critical path of its first step; `train_rates`, the steps per
+second of each logged window after the first step (`--steps 300 --log-every 50` gives the steady
+rate); and `one_program_from_step`, where a `train.step_programs=2` run switched to the one program.
 
 Writes experiments/results/bench_first_step[_TAG].json and prints a Markdown table.
 """
@@ -46,11 +48,20 @@ import time
 from collections.abc import Sequence
 
 from experiments.bench_common import environment, write_result
+from livseg_jax.run_dir import METRICS_FILE
 from livseg_jax.training.executable_cache import SUBDIR
+from livseg_jax.training.logging import read_metrics
 from livseg_jax.xla_flags import AUTOTUNE_MANIFEST, SHIPPED_AUTOTUNE_DIR
 
-SHORT_RUN = ["--config.train.num_epochs=1", "--config.train.steps_per_epoch=3", "--config.train.eval_every_epochs=1",
-             "--config.train.log_every_steps=1", "--config.data.num_val_cases=1"]
+
+def short_run(steps: int = 3, log_every: int = 1) -> list[str]:
+    """The train command's options for a run of `steps` steps in one epoch, one validation at its end."""
+    return ["--config.train.num_epochs=1", f"--config.train.steps_per_epoch={steps}",
+            "--config.train.eval_every_epochs=1", f"--config.train.log_every_steps={log_every}",
+            "--config.data.num_val_cases=1"]
+
+
+SHORT_RUN = short_run()
 NUMBERS = {"first_step_s": r"first step done ([\d.]+) s",
            "compile_s": r"train step ready in ([\d.]+) s",
            "wait_s": r"the first step waited ([\d.]+) s",
@@ -100,14 +111,17 @@ def autotuned_fusions(before: dict[str, int], after: dict[str, int]) -> int:
 
 
 def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, autotune: str,
-              dump: pathlib.Path | None = None, ahead: bool = True, overrides: Sequence[str] = ()) -> dict:
-    """Runs the train command once; returns its timings parsed from the console and its wall time."""
+              dump: pathlib.Path | None = None, ahead: bool = True, overrides: Sequence[str] = (),
+              run_options: Sequence[str] = SHORT_RUN) -> dict:
+    """Runs the train command once; returns its timings parsed from the console and its wall time,
+    and the steps per second of each logged window (`train_rates`: [step, steps/s], from the run's
+    metrics.jsonl; the first step's compile is not in them)."""
     env = dict(os.environ, LIVSEG_CACHE=str(work / "data"), JAX_LOG_COMPILES="1")
     if dump is not None:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_dump_autotune_results_to={dump}".strip()
     cmd = [sys.executable, "-m", "livseg_jax.train", f"--config={config}", f"--workdir={work / 'runs' / name}",
            f"--config.train.compilation_cache={cache}", f"--config.train.autotune_results={autotune}",
-           f"--config.train.compile_ahead={ahead}", *SHORT_RUN, *overrides]
+           f"--config.train.compile_ahead={ahead}", *run_options, *overrides]
     before = cache_contents(cache)
     start = time.perf_counter()
     # Lines are timed as they arrive, so the row also says when the first step was done counted from
@@ -128,6 +142,11 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
         match = re.search(pattern, out)
         row[key] = float(match.group(1)) if match else None
     row["loaded"] = "(loaded from the compiled-program cache)" in out
+    switched = re.search(r"step (\d+): switched to the train step compiled as one program", out)
+    row["one_program_from_step"] = int(switched.group(1)) if switched else None  # train.step_programs=2
+    metrics = work / "runs" / name / METRICS_FILE
+    row["train_rates"] = ([[r["step"], round(r["steps_per_sec"], 3)] for r in read_metrics(metrics.parent)
+                           if r["kind"] == "train"] if metrics.exists() else [])
     row["compile_log"] = compile_log(lines)
     row["cache_contents"] = cache_contents(cache)  # after the run: what a later run can read
     # With loaded results, anything autotuned is a fusion they miss: results stale for this program.
@@ -155,10 +174,14 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, e.g. train.step_programs=1 (repeatable)")
     parser.add_argument("--no-traced", action="store_true", help="skip the warm_traced run")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="steps per run; with --log-every, each row's train_rates give the steady steps/s")
+    parser.add_argument("--log-every", type=int, default=1, help="train.log_every_steps (each log waits for the step)")
     parser.add_argument("--tag", default="local")
     args = parser.parse_args()
     overrides = [f"--config.{item}" for item in args.set]
-    run = functools.partial(train_run, overrides=overrides)
+    options = short_run(args.steps, args.log_every)
+    run = functools.partial(train_run, overrides=overrides, run_options=options)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_first_step_"))
     ship = args.ship_to or work / "autotune"
     if SHIPPED_AUTOTUNE_DIR.is_dir():
@@ -171,7 +194,7 @@ def main() -> None:
         write_result(f"bench_first_step_{args.tag}", {
             "benchmark": "first_step", "config": args.config, "environment": environment(),
             "shipped_file": shipped, "shipped_bytes": os.path.getsize(shipped) if os.path.isfile(shipped) else None,
-            "steps": [*SHORT_RUN, *overrides], "rows": rows})
+            "steps": [*options, *overrides], "rows": rows})
 
     if args.sequential:
         record(run(args.config, work, "cold_sequential", work / "cache_sequential", "off", ahead=False))

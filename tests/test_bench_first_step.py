@@ -19,6 +19,9 @@ def test_every_timing_is_read_from_a_real_train_run(tmp_path, monkeypatch):
         assert first[key] is not None and first[key] >= 0, key
     assert first["first_step_since_command_s"] >= first["first_step_s"] >= first["first_batch_s"]
     assert not first["loaded"]
+    # Each logged window's steps per second, from the run's metrics.jsonl (three steps, each logged).
+    assert [step for step, _ in first["train_rates"]] == [1, 2, 3] and all(r > 0 for _, r in first["train_rates"])
+    assert first["one_program_from_step"] is None  # one program from the start
     # JAX's timing of each phase of the step's program (one program on a CPU): traced, lowered, compiled.
     step_phases = {e["phase"] for e in first["compile_log"] if e["program"] == "train_step"}
     assert step_phases == {"trace", "lower", "compile"}, first["compile_log"]
