@@ -26,7 +26,14 @@ import threading
 import time
 import zlib
 
-from experiments.bench_common import REPO, environment, stage_step_parts, write_result
+from experiments.bench_common import (
+    REPO,
+    apply_train_xla_flags,
+    environment,
+    stage_step_parts,
+    stage_train_step,
+    write_result,
+)
 
 
 def timed(fn):
@@ -39,22 +46,18 @@ def measure(config_arg: str, patch: str) -> dict:
     import jax
     from jax.experimental import serialize_executable
 
-    from livseg_jax.data.augment_device import device_augment_settings
     from livseg_jax.study.spec import load_config_file
     from livseg_jax.training.state import init_lowering, jit_create_train_state
-    from livseg_jax.training.step import jit_train_step, make_train_step, replicated
-    from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags
+    from livseg_jax.training.step import jit_train_step, replicated
 
     path, _, arg = config_arg.partition(":")
     config = load_config_file(REPO / path, arg)
-    flag, _ = autotune_xla_flags("shipped")
-    apply_model_xla_flags([config.model], " ".join(f for f in (config.train.get("xla_flags", ""), flag) if f))
+    apply_train_xla_flags(config)
     shape, spe, model, optimizer, mesh, batch = stage_step_parts(config, patch)
     with init_lowering():
         state = jit_create_train_state(model, optimizer, 0, replicated(mesh))()
     jax.block_until_ready(state)
-    step = make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
-                           config.train.get("batch_norm_stats", "global"), mesh)
+    step = stage_train_step(config, model, optimizer, mesh)
     programs = config.train.get("step_programs")
 
     def compile_copy(_):  # a fresh jit each: two traces, two compiles

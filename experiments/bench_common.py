@@ -207,6 +207,25 @@ def stage_step_parts(config, patch: str = "") -> tuple:
     return shape, spe, model, optimizer, mesh, batch
 
 
+def apply_train_xla_flags(config, autotune: str | None = "shipped") -> None:
+    """Sets the XLA flags `train` sets for a stage config (its forms' and `train.xla_flags`) and, unless
+    `autotune` is None, loads those autotuning results ("shipped": the package's), before the backend starts."""
+    from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags
+
+    flag = autotune_xla_flags(autotune)[0] if autotune is not None else ""
+    apply_model_xla_flags([config.model], " ".join(f for f in (config.train.get("xla_flags", ""), flag) if f))
+
+
+def stage_train_step(config, model, optimizer, mesh):
+    """Returns the stage config's train step (not jitted) as `train` makes it: its steps per epoch,
+    device augmentation and BatchNorm statistics, for `mesh`."""
+    from livseg_jax.data.augment_device import device_augment_settings
+    from livseg_jax.training.step import make_train_step
+
+    return make_train_step(model, optimizer, config.loss, int(config.train.steps_per_epoch),
+                           device_augment_settings(config.data), config.train.get("batch_norm_stats", "global"), mesh)
+
+
 def int_tuple(text: str) -> tuple[int, ...]:
     """Returns (48, 256, 256) from "48,256,256" (a shape, window or widths argument)."""
     return tuple(int(v) for v in text.split(","))

@@ -30,7 +30,15 @@ import pathlib
 import tempfile
 import time
 
-from experiments.bench_common import REPO, environment, print_result, run_child, stage_step_parts, write_result
+from experiments.bench_common import (
+    REPO,
+    environment,
+    print_result,
+    run_child,
+    stage_step_parts,
+    stage_train_step,
+    write_result,
+)
 from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags
 
 # name -> XLA flags added to the environment's; `shipped_autotune` is filled in at run time.
@@ -138,10 +146,9 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
     from jax.experimental import serialize_executable
 
     from livseg_jax.compilation_cache import enable_compilation_cache
-    from livseg_jax.data.augment_device import device_augment_settings
     from livseg_jax.study.spec import load_config_file
     from livseg_jax.training.state import init_lowering, jit_create_train_state
-    from livseg_jax.training.step import jit_train_step, make_train_step, replicated
+    from livseg_jax.training.step import jit_train_step, replicated
 
     phases: dict[str, float] = {}
     compile_profile: list[dict] = []
@@ -201,8 +208,7 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
                 digest.update(np.asarray(leaf).tobytes())  # the state's key is a raw uint32 array
             return {"first_step_s": None, "init_s": round(sum(phases.values()), 3), "phases_s": phases,
                     "median_step_ms": None, "state_sha256": digest.hexdigest()}
-        step = jit_train_step(make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
-                                              config.train.get("batch_norm_stats", "global"), mesh), mesh)
+        step = jit_train_step(stage_train_step(config, model, optimizer, mesh), mesh)
         traced = step.trace(state, arrays)
         phase("step_trace")
         lowered = traced.lower()

@@ -36,12 +36,14 @@ import time
 from experiments.bench_common import (
     REPO,
     apply_overrides,
+    apply_train_xla_flags,
     back_to_back_ms,
     environment,
     parse_overrides,
     print_result,
     run_child,
     stage_step_parts,
+    stage_train_step,
     write_result,
 )
 
@@ -51,11 +53,9 @@ VARIANTS = ("fused", "split2", "split2_kept", "split3", "split3_kept")
 def measure(config_arg: str, patch: str, variant: str, steps: int, overrides: str = "") -> dict:
     import jax
 
-    from livseg_jax.data.augment_device import device_augment_settings
     from livseg_jax.study.spec import load_config_file
     from livseg_jax.training.state import init_lowering, jit_create_train_state
-    from livseg_jax.training.step import batch_sharding, jit_train_step, make_train_step, replicated
-    from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags
+    from livseg_jax.training.step import batch_sharding, jit_train_step, replicated
 
     path, _, arg = config_arg.partition(":")
     config = load_config_file(REPO / path, arg)
@@ -68,14 +68,12 @@ def measure(config_arg: str, patch: str, variant: str, steps: int, overrides: st
         enable_compilation_cache(pathlib.Path(tempfile.mkdtemp(prefix="bench_split_cache_")))
         if os.environ["BENCH_SPLIT_CACHE"] != "1":  # which XLA caches JAX turns on with it (default: autotuning)
             jax.config.update("jax_persistent_cache_enable_xla_caches", os.environ["BENCH_SPLIT_CACHE"])
-    flag, _ = autotune_xla_flags("shipped") if os.environ.get("BENCH_SPLIT_AUTOTUNE", "1") == "1" else ("", "")
-    apply_model_xla_flags([config.model], " ".join(f for f in (config.train.get("xla_flags", ""), flag) if f))
+    apply_train_xla_flags(config, "shipped" if os.environ.get("BENCH_SPLIT_AUTOTUNE", "1") == "1" else None)
     shape, spe, model, optimizer, mesh, batch = stage_step_parts(config, patch)
     with init_lowering():
         state = jit_create_train_state(model, optimizer, 0, replicated(mesh))()
     jax.block_until_ready(state)
-    step = make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
-                           config.train.get("batch_norm_stats", "global"), mesh)
+    step = stage_train_step(config, model, optimizer, mesh)
     rep, sharded = replicated(mesh), batch_sharding(mesh)
     # Through wrappers: `jax.eval_shape(step.compute_gradients, ...)` would leave its trace in JAX's
     # cache, and the variants that jit `step.compute_gradients` would then skip most of their tracing

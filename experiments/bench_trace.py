@@ -30,6 +30,7 @@ from experiments.bench_common import (
     print_result,
     run_child,
     stage_step_parts,
+    stage_train_step,
     write_result,
 )
 
@@ -40,11 +41,10 @@ def measure(config_arg: str, patch: str, variant: str, overrides: str) -> dict:
     import flax.linen as nn
     import jax
 
-    from livseg_jax.data.augment_device import device_augment_settings
     from livseg_jax.models import params
     from livseg_jax.study.spec import load_config_file
     from livseg_jax.training.state import init_lowering, jit_create_train_state
-    from livseg_jax.training.step import make_train_step, replicated
+    from livseg_jax.training.step import replicated
 
     if variant == "flax":  # the initialiser reaches Flax's check again
         def flax_param(self, name, init_fn, *args, **kwargs):
@@ -57,8 +57,7 @@ def measure(config_arg: str, patch: str, variant: str, overrides: str) -> dict:
     shape, spe, model, optimizer, mesh, batch = stage_step_parts(config, patch)
     with init_lowering():
         state = jit_create_train_state(model, optimizer, config.seed, replicated(mesh)).trace().out_info
-    step = make_train_step(model, optimizer, config.loss, spe, device_augment_settings(config.data),
-                           config.train.get("batch_norm_stats", "global"), mesh)
+    step = stage_train_step(config, model, optimizer, mesh)
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
     start = time.perf_counter()
     traced = jax.jit(step.compute_gradients).trace(state, batch)
