@@ -173,8 +173,8 @@ class Layers:
             return PackedConv3d(features, self.dense_pack_channels, use_bias, kernel_init, self.dtype,
                                 jnp.float32, name=name)
         return Conv(features, tuple(kernel_size), strides=strides, padding=padding, use_bias=use_bias,
-                       kernel_dilation=dilation, kernel_init=kernel_init, dtype=self.dtype,
-                       param_dtype=jnp.float32, name=name)
+                    kernel_dilation=dilation, kernel_init=kernel_init, dtype=self.dtype,
+                    param_dtype=jnp.float32, name=name)
 
     def depthwise(self, kernel_size: Sequence[int], *, name: str) -> nn.Module:
         """Returns a depthwise SAME convolution with bias (channels from its input)."""
@@ -187,7 +187,7 @@ class Layers:
             return TwoStageBatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
                                      param_dtype=jnp.float32, name=name)
         return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                            dtype=self.dtype, param_dtype=jnp.float32, name=name)
+                         dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
     def norm(self, train: bool, *, name: str) -> nn.Module:
         """Returns a BatchNorm with no conv before it; in deploy form its folded per-channel affine."""

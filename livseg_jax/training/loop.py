@@ -234,13 +234,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # program compiles in the background; the loop switches to it once it is ready, since the two
     # programs' steps can be host-bound (training/step_programs.py). A run that finds the one program
     # in the compiled-program cache loads it and skips the two.
+    specs = (state_spec, batch_spec)
     step_name, step_fn = "train step", jit_train_step(train_step, mesh, donate, 1)
+    step_file = one_program_file = program_file(step_name, specs)
     one_program_later = None
-    one_program_file = program_file(step_name, (state_spec, batch_spec))
     if (check_step_programs(config.train.get("step_programs"), jax.default_backend()) == 2
             and not (one_program_file is not None and one_program_file.exists())):
         one_program_later = step_fn
         step_name, step_fn = "train step (two programs)", jit_train_step(train_step, mesh, donate, 2)
+        step_file = program_file(step_name, specs)
 
     with contextlib.ExitStack() as stack:
         # Closed however the run ends: orbax's background work outliving the interpreter fails loudly.
@@ -256,8 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                       "program; compiling can take minutes on a CPU)", flush=True)
             # Its store to the compiled-program cache waits for the first step (released below).
             return stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name=step_name,
-                                                     cache_file=program_file(step_name, (state_spec, batch_spec)),
-                                                     defer_store=True))
+                                                     cache_file=step_file, defer_store=True))
 
         # Ahead: the step compiles while the state is made and the first batch read; else at the first step.
         ahead = start_compile() if background and start < total_steps else None
