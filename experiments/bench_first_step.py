@@ -119,7 +119,8 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
     env = dict(os.environ, LIVSEG_CACHE=str(work / "data"), JAX_LOG_COMPILES="1")
     if dump is not None:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_dump_autotune_results_to={dump}".strip()
-    cmd = [sys.executable, "-m", "livseg_jax.train", f"--config={config}", f"--workdir={work / 'runs' / name}",
+    run_dir = work / "runs" / name
+    cmd = [sys.executable, "-m", "livseg_jax.train", f"--config={config}", f"--workdir={run_dir}",
            f"--config.train.compilation_cache={cache}", f"--config.train.autotune_results={autotune}",
            f"--config.train.compile_ahead={ahead}", *run_options, *overrides]
     before = cache_contents(cache)
@@ -144,9 +145,8 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
     row["loaded"] = "(loaded from the compiled-program cache)" in out
     switched = re.search(r"step (\d+): switched to the train step compiled as one program", out)
     row["one_program_from_step"] = int(switched.group(1)) if switched else None  # train.step_programs=2
-    metrics = work / "runs" / name / METRICS_FILE
-    row["train_rates"] = ([[r["step"], round(r["steps_per_sec"], 3)] for r in read_metrics(metrics.parent)
-                           if r["kind"] == "train"] if metrics.exists() else [])
+    row["train_rates"] = ([[r["step"], round(r["steps_per_sec"], 3)] for r in read_metrics(run_dir)
+                           if r["kind"] == "train"] if (run_dir / METRICS_FILE).exists() else [])
     row["compile_log"] = compile_log(lines)
     row["cache_contents"] = cache_contents(cache)  # after the run: what a later run can read
     # With loaded results, anything autotuned is a fusion they miss: results stale for this program.
