@@ -19,5 +19,8 @@ def test_rows_keep_their_run_and_shared_fields_must_agree(tmp_path):
     # bench_train_step's --step-programs is a setting of the run, as the overrides are.
     programs = merge_results({"one": {**a, "step_programs": 1}, "two": {**b, "step_programs": 2}})
     assert [r["step_programs"] for r in programs["rows"]] == [1, 2, 2] and "step_programs" not in programs
+    # A merge of merges keeps each row's run and every run's name.
+    again = merge_results({"ab": merged, "c": {**b, "rows": [{"x": 4}]}})
+    assert [r["source"] for r in again["rows"]] == ["a", "b", "b", "c"] and again["merged_from"] == ["a", "b", "c"]
     with pytest.raises(ValueError, match="config"):
         merge_results({"a": a, "c": {**b, "config": "other"}})

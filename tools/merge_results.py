@@ -25,17 +25,19 @@ def merge_results(payloads: dict[str, dict]) -> dict:
     """Returns one result from {source name: result}; raises ValueError when the inputs' shared
     fields (the benchmark, the config, ...) differ."""
     shared: dict = {}
-    rows = []
+    rows, sources = [], []
     for name, payload in payloads.items():
         for key, value in payload.items():
-            if key in PER_RUN:
+            if key in PER_RUN or key == "merged_from":
                 continue
             if key in shared and shared[key] != value:
                 raise ValueError(f"{name}: {key} is {value!r}, another input has {shared[key]!r}")
             shared.setdefault(key, value)
         run = {key: payload[key] for key in PER_RUN if key in payload and key != "rows"}
-        rows.extend({**row, "source": name, **run} for row in payload.get("rows", []))
-    return {**shared, "merged_from": list(payloads), "rows": rows}
+        # A row of an input that is itself a merge keeps the run it names.
+        rows.extend({**row, **run, "source": row.get("source", name)} for row in payload.get("rows", []))
+        sources.extend(payload.get("merged_from", [name]))
+    return {**shared, "merged_from": sources, "rows": rows}
 
 
 def main() -> None:
