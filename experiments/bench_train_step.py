@@ -9,8 +9,9 @@ A step is forward + backward + Adam with HybridLoss1 and deep supervision (SPEC 
 Two timings per row, the same for both frameworks: `median_ms`, each step waited for before the
 next (dispatch and launch latency included), and `back_to_back_ms`, `--steps` steps dispatched
 without waiting, then one wait (the throughput a training loop gets, which waits only to log).
-`--step-programs 2` times the JAX step as `train.step_programs=2` runs it: two programs, gradients
-and update (`livseg_jax/training/step_programs.py`); the default 1 is the one program `train` runs.
+`--step-programs 2` (or 3) times the JAX step as `train`'s first steps run it on a GPU: two programs,
+gradients and update (or forward, backward, update; `livseg_jax/training/step_programs.py`); the
+default 1 is the one program `train` switches to once it has compiled, and runs from then on.
 Writes experiments/results/bench_train_step[_TAG].json and prints a Markdown table.
 """
 
@@ -181,8 +182,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--tag", default="")
     parser.add_argument("--overrides", default="", help="model config overrides, e.g. depthwise_impl=shift")
-    parser.add_argument("--step-programs", type=int, default=1, choices=(1, 2),
-                        help="the JAX step as one program, or as train's two on GPUs (gradients, update)")
+    parser.add_argument("--step-programs", type=int, default=1, choices=(1, 2, 3),
+                        help="the JAX step as one program, or as train's first steps' parts (2: gradients, update)")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)  # child process: variant:mode
     args = parser.parse_args()
     patch = tuple(int(v) for v in args.patch.split(","))

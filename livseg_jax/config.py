@@ -185,10 +185,12 @@ def base_config() -> ml_collections.ConfigDict:
             checkpoint_every_epochs=1,
             keep_checkpoints=3,
             donate_state=True,  # False: the step does not reuse the old state's buffers
-            # 2: the first train steps run as 2 programs (gradients; the optimiser's update) compiled
-            # side by side, a shorter first compile on GPUs, while the one program compiles in the
-            # background; the steps then switch to it, since the two programs' steps can be host-bound
-            # (training/step_programs.py). 1: one program; None (auto): 1 on every backend (session 13).
+            # 2 or 3: the first train steps run as that many programs compiled side by side (gradients
+            # and the optimiser's update; or forward, backward and update), a shorter first compile on
+            # GPUs, while the one program compiles in the background; the steps then switch to it, since
+            # the parts' steps are slower (training/step_programs.py). 1: one program from the start.
+            # None (auto): 2 on GPUs (session 14: cold first step 30.2 s against 37.1 on an H200, the
+            # same steps per second after the switch), 1 elsewhere.
             step_programs=ml_collections.FieldReference(None, field_type=int),
             # Compile the train step on a background thread while the state is made and the input
             # pipeline starts (training/compile_ahead.py); False: at the first step, after them.

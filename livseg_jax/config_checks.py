@@ -55,11 +55,11 @@ def _positive_number(v: Any) -> str | None:
 
 
 def step_programs_problem(v: Any) -> str | None:
-    """The check of `train.step_programs` (1, 2, or None: 1 on every backend; see
+    """The check of `train.step_programs` (1, 2, 3, or None: 2 on GPUs, 1 elsewhere; see
     training/step_programs.py), also applied where the step is compiled."""
-    if v is None or (_is_int(v) and v in (1, 2)):
+    if v is None or (_is_int(v) and v in (1, 2, 3)):
         return None
-    return f"must be 1, 2 or None (the default: one program), got {v!r}"
+    return f"must be 1, 2, 3 or None (the default: 2 on GPUs, 1 elsewhere), got {v!r}"
 
 
 def _choice(options: Sequence[Any]) -> Callable[[Any], str | None]:

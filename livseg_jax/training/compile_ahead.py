@@ -34,8 +34,8 @@ class BackgroundCompile:
 
     `args` may be arrays or `jax.ShapeDtypeStruct`s (with shardings): only shapes, dtypes and
     shardings matter. `jitted` may also be a `jax.stages.Traced` (then no `args`), lowered and
-    compiled here. `result()` returns the `jax.stages.Compiled` (a `TwoProgramCompiled` for the
-    two-program step, `step_programs`), callable on arguments of exactly those types.
+    compiled here. `result()` returns the `jax.stages.Compiled` (a `SplitCompiled` for the
+    step as parts, `step_programs`), callable on arguments of exactly those types.
     With `cache_file` (`executable_cache.program_key` names it),
     the program is loaded from there when it exists, without tracing, and stored there after a compile.
     With `defer_store`, that store waits for `release_store()` (or `wait()`): serialising a program

@@ -33,14 +33,14 @@ import ml_collections
 from jax.experimental import serialize_executable
 
 from livseg_jax.atomic_write import sweep_stale_temps, write_bytes
-from livseg_jax.training.step_programs import TwoProgramCompiled
+from livseg_jax.training.step_programs import SplitCompiled
 from livseg_jax.xla_flags import AUTOTUNE_VERSIONED, runtime_versions
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUBDIR = "livseg_executables"
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy")
 KEEP_PER_PROGRAM = 3  # entries kept per program name (train step, initialisation): the newest
-FORMAT = "livseg-executables-2"  # session 11: an entry holds one program or the step's two
+FORMAT = "livseg-executables-3"  # session 14: an entry holds one program or the step's parts (two or three)
 
 
 def executable_cache_dir() -> pathlib.Path | None:
@@ -115,9 +115,9 @@ def prune(directory: pathlib.Path, keep: int = KEEP_PER_PROGRAM) -> None:
 
 
 def store(path: pathlib.Path, compiled: Any) -> None:
-    """Writes `compiled` (a `jax.stages.Compiled`, or a `TwoProgramCompiled` of them) and the ids of
+    """Writes `compiled` (a `jax.stages.Compiled`, or a `SplitCompiled` of them) and the ids of
     each program's devices to `path` atomically (a crash leaves no partial entry)."""
-    split = isinstance(compiled, TwoProgramCompiled)
+    split = isinstance(compiled, SplitCompiled)
     entries = [(serialize_executable.serialize(p), device_ids(p)) for p in (compiled.parts if split else (compiled,))]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, pickle.dumps((FORMAT, split, entries)))
@@ -139,4 +139,4 @@ def load(path: pathlib.Path) -> Any:
         raise ValueError(f"not an entry of format {FORMAT}")
     _, split, entries = stored
     programs = tuple(_load_one(entry) for entry in entries)
-    return TwoProgramCompiled(programs) if split else programs[0]
+    return SplitCompiled(programs) if split else programs[0]

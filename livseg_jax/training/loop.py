@@ -47,7 +47,7 @@ from livseg_jax.training.step import (
     make_train_step,
     replicated,
 )
-from livseg_jax.training.step_programs import check_step_programs
+from livseg_jax.training.step_programs import PROGRAM_NAMES, check_step_programs
 from livseg_jax.training.thread_context import collector_paused
 
 
@@ -230,18 +230,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             return None
         return executables_dir / f"{name.replace(' ', '_')}-{program_key(name, config, args)}.pkl"
 
-    # train.step_programs=2: the first steps run as two programs, which compile sooner, while the one
-    # program compiles in the background; the loop switches to it once it is ready, since the two
-    # programs' steps can be host-bound (training/step_programs.py). A run that finds the one program
-    # in the compiled-program cache loads it and skips the two.
+    # train.step_programs 2 or 3 (None: 2 on GPUs): the first steps run as that many programs, which
+    # compile sooner, while the one program compiles in the background; the loop switches to it once it
+    # is ready, since the parts' steps are slower (training/step_programs.py). A run that finds the one
+    # program in the compiled-program cache loads it and skips the parts.
     specs = (state_spec, batch_spec)
     step_name, step_fn = "train step", jit_train_step(train_step, mesh, donate, 1)
     step_file = one_program_file = program_file(step_name, specs)
     one_program_later = None
-    if (check_step_programs(config.train.get("step_programs"), jax.default_backend()) == 2
-            and not (one_program_file is not None and one_program_file.exists())):
+    parts = check_step_programs(config.train.get("step_programs"), jax.default_backend())
+    if parts > 1 and not (one_program_file is not None and one_program_file.exists()):
         one_program_later = step_fn
-        step_name, step_fn = "train step (two programs)", jit_train_step(train_step, mesh, donate, 2)
+        step_name, step_fn = f"train step ({PROGRAM_NAMES[parts]})", jit_train_step(train_step, mesh, donate, parts)
         step_file = program_file(step_name, specs)
 
     with contextlib.ExitStack() as stack:

@@ -38,7 +38,7 @@ from livseg_jax.data.augment_device import DeviceAugment, augment_batch
 from livseg_jax.models import UNet3D
 from livseg_jax.training.schedules import current_learning_rate, ds_alpha_schedule
 from livseg_jax.training.state import TrainState
-from livseg_jax.training.step_programs import TwoProgramStep, check_step_programs
+from livseg_jax.training.step_programs import SplitStep, check_step_programs
 
 DATA_AXIS = "data"
 # fold_in constant separating the augmentation's stream from dropout's (both from the step's key).
@@ -194,7 +194,7 @@ def make_train_step(model: UNet3D, optimizer: optax.GradientTransformation,
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         return apply_gradients(state, *compute_gradients(state, batch))
 
-    # The parts, for compiling the step as two programs (training/step_programs.py) and for measuring
+    # The parts, for compiling the step as two or three programs (training/step_programs.py) and for measuring
     # other splits (experiments/bench_split_step.py).
     train_step.forward_pass = forward_pass
     train_step.compute_gradients = compute_gradients
@@ -208,12 +208,14 @@ def jit_train_step(train_step: Callable, mesh: Mesh, donate_state: bool = True,
 
     Donation lets XLA write the new state into the old one's buffers; the state of the paper's
     network is ~45 MB, so `donate_state=False` costs little and is kept as a switch for the bf16
-    investigation in docs/performance_notes.md. `programs=2` (`train.step_programs`; None: 1 on every
-    backend) compiles the gradients and the update as two programs side by side, neither
-    donating (`livseg_jax.training.step_programs` says why).
+    investigation in docs/performance_notes.md. `programs` 2 or 3 (`train.step_programs`; None: 2 on
+    GPUs, 1 elsewhere) compiles the step as that many programs side by side (the gradients and the
+    update; or the forward pass, the backward pass and the update), none donating
+    (`livseg_jax.training.step_programs` says why).
     """
-    if check_step_programs(programs, mesh.devices.flat[0].platform) == 2:
-        return TwoProgramStep(train_step, (replicated(mesh), batch_sharding(mesh)), replicated(mesh))
+    count = check_step_programs(programs, mesh.devices.flat[0].platform)
+    if count > 1:
+        return SplitStep(train_step, (replicated(mesh), batch_sharding(mesh)), replicated(mesh), count)
     return jax.jit(
         train_step,
         in_shardings=(replicated(mesh), batch_sharding(mesh)),

@@ -1,33 +1,32 @@
-"""The train step as two programs compiled side by side: gradients, then the optimiser's update.
+"""The train step as two or three programs compiled side by side, for the first steps of a cold run.
 
 XLA compiles one program mostly on one thread: its HLO passes (priority fusion alone took 7.5 s of
 the paper network's step on an H200 host) and its code emission are serial, and only the ~1,000
 kernels' LLVM and PTX compiles use the other cores (`experiments/bench_compile.py`'s compile
-trace, session 11). The optimiser's update of the paper network is ~8,000 of the step's ~24,000
-operations (Adam on each of ~350 arrays) and ~330 of its kernels. Compiled as a program of its own
-on its own thread, it leaves the critical path: `train`'s cold first step of the liver `:paper` run
-took 33.4-34.5 s against the one program's 40.9 s, side by side on one H200 host, and the step ran
-at 40.4 ms back to back against the one program's 40.2 ms on another (docs/benchmarks.md, session 12).
+trace, session 11). Parts of the step compiled as separate programs on separate threads run those
+serial phases side by side:
 
-The update program does not donate the old state. With donation its launch must wait until the
-gradient program, still running, has finished reading the state, so the host stops running ahead of
-the GPU: on one host the step took 49-55 ms back to back instead of ~40.5 (on another 41.3). Without
-it the state exists twice for a moment (the paper network's is ~135 MB with Adam's moments).
+- two programs: the gradients (forward and backward passes), then the optimiser's update (Adam on
+  each of the paper network's ~350 arrays: ~8,000 of the step's ~24,000 traced operations);
+- three programs: the forward pass, which returns its pullback's residuals (the activations the
+  backward pass reads), the backward pass, and the update.
 
-But the host pays for it at every step: the two programs take and return about 5,400 arrays (the
-state twice, the gradients and BatchNorm statistics between them) against the one program's 2,800.
-On H200 hosts, dispatching 20 steps without waiting took 28.8 ms per step for the one program and
-29.5-51.2 ms for the two, against ~40 ms of GPU time, so the host can become the bound. Back to back
-(20 steps, three runs each) the two programs took 40.3-40.5 ms in the best invocations and up to 82
-ms in others (63.4/46.1/40.6, 77.5/58.1/45.0, 40.3/48.4/40.4, 51.6/56.0/60.4, 80.8/81.9/81.6 ms),
-while the one program held 40.1-40.2 ms in every run (docs/benchmarks.md, session 13). Hours of
-training outweigh seconds of compile, so `train.step_programs` left at None (auto) is 1 on every
-backend since session 13. With 2, `train` runs its first steps as these two programs and compiles
-the one program in the background, then switches to it (training/loop.py): the two programs' cold
-first step, the one program's steady steps; a later run loads the one program from the compiled-
-program cache. That combination is not yet measured on a GPU. Both forms do the same arithmetic; XLA
-may fuse it differently across the boundary, so results agree to float rounding
-(tests/test_step_programs.py).
+Neither program donates its inputs. With the state donated to the update, its launch must wait
+until the gradient program, still running, has finished reading the state, so the host stops
+running ahead of the GPU (49-55 ms per step instead of ~40.5 on one host, session 11). Without it
+the state exists twice for a moment (the paper network's is ~135 MB with Adam's moments).
+
+The parts cost every step something: the programs pass about 5,400 arrays between them and the host
+against the one program's 2,800, and XLA cannot fuse across their boundaries (the three programs
+write the forward's residuals out in full). On H200 hosts two programs ran 40.3-82 ms per step back
+to back, varying between invocations, three 48 ms, and the one program 40.1-40.2 ms every time
+(docs/benchmarks.md, sessions 12-13). So `train` runs only its first steps as parts: once the
+first step is done, the one program compiles in the background and the loop switches to it
+(training/loop.py); the compiled-program cache keeps both, and a later run loads the one program
+and skips the parts. On an H200 with two programs (session 14, `bench_first_step`): the cold first
+step 30.2 s against the one program's 37.1 s, and after the switch 24.5 steps per second, the one
+program's own rate. All forms do the same arithmetic; XLA may fuse it differently across a
+boundary, so results agree to float rounding (tests/test_step_programs.py).
 """
 
 from __future__ import annotations
@@ -38,20 +37,39 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from livseg_jax.config_checks import step_programs_problem
 from livseg_jax.training.thread_context import collector_paused, scoped_like, thread_settings
 
+PROGRAM_NAMES = {2: "two programs", 3: "three programs"}
+
 
 def check_step_programs(value: Any, backend: str | None = None) -> int:
-    """Returns `train.step_programs` as 1 or 2, None (auto) resolved as 1 on every backend (the
-    module docstring says why; `backend` is kept for a choice per backend); raises ValueError for
-    anything else (`config_checks`' check)."""
+    """Returns `train.step_programs` as 1, 2 or 3: None (auto) is 2 on GPUs and 1 elsewhere (the
+    module docstring says why; CPUs were not measured clean, docs/benchmarks.md session 11); raises
+    ValueError for anything else (`config_checks`' check)."""
     problem = step_programs_problem(value)
     if problem:
         raise ValueError(f"train.step_programs {problem}")
-    del backend  # one program everywhere since session 13
-    return 1 if value is None else int(value)
+    if value is None:
+        return 2 if backend in ("gpu", "cuda", "rocm") else 1
+    return int(value)
+
+
+def _run_two(programs, state, batch):
+    gradients, update = programs
+    grads, aux = gradients(state, batch)
+    return update(state, grads, aux)
+
+
+def _run_three(programs, state, batch):
+    forward, backward, update = programs
+    residuals, aux = forward(state, batch)
+    return update(state, backward(residuals, aux["loss"]), aux)
+
+
+RUNS = {2: _run_two, 3: _run_three}
 
 
 def _summed_costs(parts) -> dict:
@@ -67,91 +85,128 @@ def _summed_costs(parts) -> dict:
     return total
 
 
-class TwoProgramStep:
-    """`train_step(state, batch) -> (state, metrics)` as the programs `gradients(state, batch) ->
-    (grads, aux)` and `update(state, grads, aux)`, each jitted; used like the one-program jit,
-    including `.trace(...).lower().compile()`, which compiles the two at the same time."""
+class SplitStep:
+    """`train_step(state, batch) -> (state, metrics)` as `programs` (2 or 3) jitted programs, used like
+    the one-program jit, including `.trace(...).lower().compile()`, which compiles them at the same time."""
 
-    def __init__(self, train_step: Callable, in_shardings: tuple, replicated_sharding):
+    def __init__(self, train_step: Callable, in_shardings: tuple, replicated_sharding, programs: int = 2):
+        if programs not in RUNS:
+            raise ValueError(f"a split step has 2 or 3 programs, not {programs}")
         self.replicated = replicated_sharding
-        self.gradients = jax.jit(train_step.compute_gradients, in_shardings=in_shardings,
-                                 out_shardings=replicated_sharding)
-        self.update = jax.jit(train_step.apply_gradients, in_shardings=replicated_sharding,
-                              out_shardings=replicated_sharding)
+        jit = functools.partial(jax.jit, out_shardings=replicated_sharding)
+        update = jit(train_step.apply_gradients, in_shardings=replicated_sharding)
+        if programs == 2:
+            self.programs = (jit(train_step.compute_gradients, in_shardings=in_shardings), update)
+            return
+        # The backward pass takes the pullback's residuals as a list: the pullback's tree (which holds the
+        # traced function) is kept here from the forward's trace, and the programs' own trees stay plain.
+        self._pullback_tree = None
+
+        def forward(state, batch):
+            pullback, aux = train_step.forward_pass(state, batch)
+            residuals, self._pullback_tree = jax.tree.flatten(pullback)
+            return residuals, aux
+
+        def backward(residuals, loss):
+            (grads,) = self._pullback_tree.unflatten(residuals)(jnp.ones_like(loss))  # as jax.grad seeds it
+            return grads
+
+        self.programs = (jit(forward, in_shardings=in_shardings), jit(backward, in_shardings=replicated_sharding),
+                         update)
 
     def __call__(self, state, batch):
-        grads, aux = self.gradients(state, batch)
-        return self.update(state, grads, aux)
+        return RUNS[len(self.programs)](self.programs, state, batch)
 
-    def lower(self, state, batch) -> TwoProgramLowered:
+    def arguments(self, index: int, state, outputs: list) -> tuple:
+        """Program `index`'s argument types (index >= 1) from the state's and the earlier programs' outputs."""
+        replicate = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated)  # noqa: E731
+        typed = jax.tree.map(replicate, outputs)
+        if len(self.programs) == 2:  # the update: (state, grads, aux)
+            return (jax.tree.map(replicate, state), *typed[0])
+        if index == 1:  # the backward pass: (residuals, loss)
+            residuals, aux = typed[0]
+            return residuals, aux["loss"]
+        return jax.tree.map(replicate, state), typed[1], typed[0][1]  # the update: (state, grads, aux)
+
+    def lower(self, state, batch) -> SplitLowered:
         return self.trace(state, batch).lower()
 
-    def trace(self, state, batch) -> TwoProgramTraced:
-        """Traces the gradient program; the update's arguments follow from its outputs."""
-        gradients = self.gradients.trace(state, batch)
-        replicate = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated)  # noqa: E731
-        update_args = (jax.tree.map(replicate, state), *jax.tree.map(replicate, gradients.out_info))
-        return TwoProgramTraced(gradients, self.update, update_args)
+    def trace(self, state, batch) -> SplitTraced:
+        """Traces the first program; the others' arguments follow from its outputs."""
+        return SplitTraced(self, state, self.programs[0].trace(state, batch))
 
 
-class TwoProgramTraced:
-    def __init__(self, gradients, update: Callable, update_args: tuple):
-        self.gradients, self.update, self.update_args = gradients, update, update_args
+class SplitTraced:
+    def __init__(self, step: SplitStep, state, first):
+        self.step, self.state, self.first = step, state, first
 
-    def lower(self) -> TwoProgramLowered:
-        return TwoProgramLowered(self.gradients.lower(), self.update, self.update_args)
+    def lower(self) -> SplitLowered:
+        return SplitLowered(self.step, self.state, self.first, self.first.lower())
 
 
-class TwoProgramLowered:
-    """The lowered gradient program and the update still to trace: `compile` traces and lowers the
-    update (Python) while XLA compiles the gradient program (native code, without Python's lock),
-    so neither the update's tracing nor its compile waits for the other program."""
+class SplitLowered:
+    """The lowered first program and the others still to trace. `compile` starts each program's XLA
+    compile (native code, without Python's lock) on a thread of its own as soon as it is lowered, and
+    traces and lowers the next meanwhile, so no compile waits for another program's."""
 
-    def __init__(self, gradients, update: Callable, update_args: tuple):
-        self.gradients, self.update, self.update_args = gradients, update, update_args
+    def __init__(self, step: SplitStep, state, first_traced, first_lowered):
+        self.step, self.state = step, state
+        self._outputs = [first_traced.out_info]
+        self._lowered = [first_lowered]
 
-    @functools.cached_property
-    def _update_lowered(self):
-        """The update traced and lowered once, whichever of `as_text`, `cost_analysis`, `compile` asks."""
-        return self.update.trace(*self.update_args).lower()
+    def _lower(self, index: int):
+        """Program `index` traced and lowered once, whichever of `as_text`, `cost_analysis`, `compile` asks."""
+        while len(self._lowered) <= index:
+            at = len(self._lowered)
+            traced = self.step.programs[at].trace(*self.step.arguments(at, self.state, self._outputs))
+            self._outputs.append(traced.out_info)
+            self._lowered.append(traced.lower())
+        return self._lowered[index]
+
+    def _all_lowered(self) -> list:
+        return [self._lower(i) for i in range(len(self.step.programs))]
 
     def as_text(self) -> str:
-        return "\n".join((self.gradients.as_text(), self._update_lowered.as_text()))
+        return "\n".join(part.as_text() for part in self._all_lowered())
 
     def cost_analysis(self) -> dict:
-        return _summed_costs((self.gradients, self._update_lowered))
+        return _summed_costs(self._all_lowered())
 
-    def compile(self) -> TwoProgramCompiled:
-        settings = thread_settings()  # the compiling thread gets this thread's scoped JAX settings
+    def compile(self) -> SplitCompiled:
+        settings = thread_settings()  # the compiling threads get this thread's scoped JAX settings
 
-        def compile_gradients():
+        def compile_on_thread(lowered):
             with scoped_like(settings):
-                return self.gradients.compile()
+                return lowered.compile()
 
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile gradients") as pool:
-            gradients = pool.submit(compile_gradients)
+        count = len(self.step.programs)
+        with concurrent.futures.ThreadPoolExecutor(count - 1, thread_name_prefix="compile step part") as pool:
+            started = [pool.submit(compile_on_thread, self._lowered[0])]
+            for index in range(1, count - 1):
+                with collector_paused():
+                    lowered = self._lower(index)
+                started.append(pool.submit(compile_on_thread, lowered))
             with collector_paused():
-                update = self._update_lowered
-            # The update compiles before waiting for the gradients: in one expression, `(gradients.result(),
-            # update.compile())` started the update's compile only after the other's had ended (session 12).
-            update_compiled = update.compile()
-            return TwoProgramCompiled((gradients.result(), update_compiled))
+                last = self._lower(count - 1)
+            # The last compiles here before any wait: in one expression, `(gradients.result(), update.compile())`
+            # started the update's compile only after the gradients' had ended (session 12).
+            last_compiled = last.compile()
+            return SplitCompiled((*(future.result() for future in started), last_compiled))
 
 
-class TwoProgramCompiled:
+class SplitCompiled:
     """The compiled programs, called as the step is: `(state, batch) -> (state, metrics)`."""
 
     def __init__(self, parts: tuple):
+        if len(parts) not in RUNS:
+            raise ValueError(f"a split step has 2 or 3 programs, not {len(parts)}")
         self.parts = parts
 
     def __call__(self, state, batch):
-        gradients, update = self.parts
-        grads, aux = gradients(state, batch)
-        return update(state, grads, aux)
+        return RUNS[len(self.parts)](self.parts, state, batch)
 
     def as_text(self) -> str:
         return "\n".join(part.as_text() for part in self.parts)
 
     def cost_analysis(self) -> dict:
         return _summed_costs(self.parts)
-

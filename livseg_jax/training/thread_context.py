@@ -2,7 +2,7 @@
 and the garbage collector paused while it traces.
 
 `compile_ahead` traces and compiles the train step on a background thread, and the two-program
-step (`step_programs`) compiles its gradient program on a thread of its own. JAX's scoped settings
+step as parts (`step_programs`) compiles each part on a thread of its own. JAX's scoped settings
 (`with jax.default_matmul_precision(...)`, `with jax.numpy_rank_promotion(...)`) are per thread, so
 each such thread enters the settings the requesting thread saw, as tracing there would have.
 """
