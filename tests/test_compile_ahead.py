@@ -74,6 +74,38 @@ def test_a_deferred_store_waits_for_its_release_and_wait_releases_it(tmp_path, m
     assert stored[-1] == tmp_path / "c.pkl"
 
 
+def test_a_held_compile_traces_after_its_gate_compiles_on_release_and_is_skipped_by_wait(monkeypatch):
+    # train's one-program step, after a start as parts: traced once the parts are lowered, compiled
+    # only after the first step; a run that ends before then does not wait for a compile.
+    compiles = []
+    real_compile = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile",
+                        lambda self, *a, **k: compiles.append(1) or real_compile(self, *a, **k))
+    spec = jax.ShapeDtypeStruct((2,), jnp.float32)
+    gate, traced = threading.Event(), threading.Event()
+
+    def traced_now(x):
+        traced.set()
+        return x * 3
+
+    job = BackgroundCompile(jax.jit(traced_now), spec, after=gate, hold_compile=True)
+    assert not traced.wait(timeout=0.3)  # waits for its gate
+    gate.set()
+    assert job.lowered.wait(timeout=60) and traced.is_set()
+    job._thread.join(timeout=0.3)
+    assert not job.ready() and compiles == []  # lowered, held before XLA
+    job.release_compile()
+    np.testing.assert_array_equal(job.result()(np.ones(2, np.float32)), [3.0, 3.0])
+    assert compiles == [1]
+
+    skipped = BackgroundCompile(jax.jit(lambda x: x + 5), spec, hold_compile=True)
+    assert skipped.lowered.wait(timeout=60)
+    skipped.wait()  # never released: nothing compiled
+    assert compiles == [1] and not skipped.running()
+    with pytest.raises(RuntimeError, match="skipped"):
+        skipped.result()
+
+
 def test_an_error_while_tracing_reaches_the_caller_of_result():
     def bad(x):
         raise ValueError("shapes do not fit")

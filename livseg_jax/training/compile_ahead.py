@@ -41,10 +41,15 @@ class BackgroundCompile:
     With `defer_store`, that store waits for `release_store()` (or `wait()`): serialising a program
     holds Python's lock for about a second (the paper step's two programs on an H200 host: 1.22 and
     0.96 s, `experiments/bench_cache_write.py`), and the first step must not wait for it.
+    With `after`, tracing waits for that event (another job's `lowered`: tracing holds Python's lock).
+    With `hold_compile`, the program is traced and lowered at once but XLA compiles it only after
+    `release_compile()` (or `result()`): the CPU cores stay with compiles that matter sooner, and
+    `wait()` on a compile never released skips it (`result()` then raises RuntimeError).
     """
 
     def __init__(self, jitted: Callable, *args: Any, name: str = "program", cache_file: pathlib.Path | None = None,
-                 within: Callable[[], contextlib.AbstractContextManager] | None = None, defer_store: bool = False):
+                 within: Callable[[], contextlib.AbstractContextManager] | None = None, defer_store: bool = False,
+                 after: threading.Event | None = None, hold_compile: bool = False):
         self.name = name
         self.seconds: float | None = None  # wall time of trace + lower + compile (or of loading), once done
         self.loaded = False  # whether the program came from `cache_file` (executable_cache)
@@ -60,6 +65,11 @@ class BackgroundCompile:
         self._store_released = threading.Event()
         if not defer_store:
             self._store_released.set()
+        self._after = after
+        self._compile_released = threading.Event()
+        self._skipped = False  # `wait()` came before `release_compile()`: nothing compiled
+        if not hold_compile:
+            self._compile_released.set()
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name=f"compile {name}", daemon=False)
         self._thread.start()
@@ -80,6 +90,8 @@ class BackgroundCompile:
         return compiled
 
     def _compile(self) -> Any:
+        if self._after is not None:
+            self._after.wait()
         with scoped_like(self._caller_settings), self._within():
             with collector_paused():
                 traced = self._jitted
@@ -87,6 +99,9 @@ class BackgroundCompile:
                     traced = traced.trace(*self._args)
                 lowered = traced.lower()
             self.lowered.set()
+            self._compile_released.wait()
+            if self._skipped:
+                raise RuntimeError(f"the {self.name}'s compile was skipped: the run ended before it was needed")
             return lowered.compile()  # the jit's own compiler options apply
 
     def _run(self) -> None:
@@ -118,13 +133,26 @@ class BackgroundCompile:
         """Lets a deferred store of the compiled program begin (`defer_store`)."""
         self._store_released.set()
 
+    def release_compile(self) -> None:
+        """Lets a held compile begin once the program is lowered (`hold_compile`)."""
+        self._compile_released.set()
+
+    def compile_released(self) -> bool:
+        return self._compile_released.is_set()
+
     def wait(self) -> None:
-        """Waits for the thread to end, however the compile ends (a deferred store is released)."""
+        """Waits for the thread to end, however the compile ends: a deferred store is released, a held
+        compile skipped."""
+        if not self._compile_released.is_set():
+            self._skipped = True
+            self._compile_released.set()
         self.release_store()
         self._thread.join()
 
     def result(self) -> Any:
-        """Waits for the program; returns it or raises what tracing or compiling raised."""
+        """Waits for the program (releasing a held compile); returns it or raises what tracing or
+        compiling raised."""
+        self.release_compile()
         self._ready.wait()
         if self._error is not None:
             raise self._error
@@ -139,7 +167,9 @@ def compile_ahead(jitted: Callable, *args: Any, **settings: Any) -> Iterator[Bac
     try:
         yield job
     except BaseException:
-        if not job.ready():
+        if not job.compile_released():
+            pass  # nothing to wait for: `wait()` skips the compile
+        elif not job.ready():
             print(f"waiting for the {job.name}'s compile to finish before stopping (XLA cannot stop a compile "
                   "midway)", file=sys.stderr, flush=True)
         elif job.running():

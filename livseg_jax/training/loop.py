@@ -233,7 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # train.step_programs 2 or 3 (None: 2 on GPUs): the first steps run as that many programs, which
     # compile sooner, while the one program compiles in the background; the loop switches to it once it
     # is ready, since the parts' steps are slower (training/step_programs.py). A run that finds the one
-    # program in the compiled-program cache loads it and skips the parts.
+    # program in the compiled-program cache loads it and skips the parts. The parts are not kept there:
+    # the one program always follows them (a run that ends first waits for its compile), and serialising
+    # them held Python's lock for ~2 s just after the first step (the H200's 1.22 + 0.96 s, session 13).
     specs = (state_spec, batch_spec)
     step_name, step_fn = "train step", jit_train_step(train_step, mesh, donate, 1)
     step_file = one_program_file = program_file(step_name, specs)
@@ -242,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if parts > 1 and not (one_program_file is not None and one_program_file.exists()):
         one_program_later = step_fn
         step_name, step_fn = f"train step ({PROGRAM_NAMES[parts]})", jit_train_step(train_step, mesh, donate, parts)
-        step_file = program_file(step_name, specs)
+        step_file = None
 
     with contextlib.ExitStack() as stack:
         # Closed however the run ends: orbax's background work outliving the interpreter fails loudly.
@@ -251,14 +253,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if start:  # a refused resume must not wait for a compile first
             check_resumable(config, workdir)
 
+        later: dict[str, Any] = {}  # the one program, for a run that starts as parts
+
         def start_compile():
             if is_chief:
                 where = "in the background" if background else "now"
                 print(f"compiling the train step {where} (from the compilation cache once it holds this "
                       "program; compiling can take minutes on a CPU)", flush=True)
             # Its store to the compiled-program cache waits for the first step (released below).
-            return stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name=step_name,
-                                                     cache_file=step_file, defer_store=True))
+            job = stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name=step_name,
+                                                    cache_file=step_file, defer_store=True))
+            if one_program_later is not None:
+                # The one program is traced and lowered once the parts are (Python's lock is then free
+                # while XLA compiles them and the first step waits), and compiled after the first step,
+                # so that its trace no longer stalls the first steps' dispatch and its compile does not
+                # take cores from the parts' (H200, session 14).
+                later["one program"] = stack.enter_context(compile_ahead(
+                    one_program_later, state_spec, batch_spec, name="train step (one program)",
+                    cache_file=one_program_file, after=job.lowered, hold_compile=True))
+            return job
 
         # Ahead: the step compiles while the state is made and the first batch read; else at the first step.
         ahead = start_compile() if background and start < total_steps else None
@@ -335,13 +348,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         bar.write(f"first step done {summary['first_step_s']:.1f} s after the state, the input "
                                   f"pipeline and the step's compile started (state ready at "
                                   f"{summary['state_ready_s']:.1f} s, first batch at {summary['first_batch_s']:.1f} s)")
-                    if one_program_later is not None:
+                    if "one program" in later:
                         if is_chief:
                             bar.write("compiling the train step as one program in the background; the steps "
                                       "switch to it once it is ready")
-                        switch = stack.enter_context(compile_ahead(
-                            one_program_later, state_spec, batch_spec, name="train step (one program)",
-                            cache_file=one_program_file))
+                        switch = later["one program"]
+                        switch.release_compile()
                 done = step + 1
                 pending.append((done, metrics))
                 epoch_end = done % spe == 0
