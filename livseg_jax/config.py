@@ -189,8 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
             # and the optimiser's update; or forward, backward and update), a shorter first compile on
             # GPUs, while the one program compiles in the background; the steps then switch to it, since
             # the parts' steps are slower (training/step_programs.py). 1: one program from the start.
-            # None (auto): 2 on GPUs (session 14: cold first step 30.2 s against 37.1 on an H200, the
-            # same steps per second after the switch), 1 elsewhere.
+            # None (auto): 2 on GPUs in a one-process run (session 14: cold first step 28.4-30.2 s
+            # against 37.1 on an H200, the same steps per second after the switch), else 1. With
+            # several processes 2 or 3 run every step as parts (they could not switch at one step).
             step_programs=ml_collections.FieldReference(None, field_type=int),
             # Compile the train step on a background thread while the state is made and the input
             # pipeline starts (training/compile_ahead.py); False: at the first step, after them.

@@ -15,7 +15,7 @@ from livseg_jax.training import executable_cache
 from livseg_jax.training.schedules import make_optimizer
 from livseg_jax.training.state import create_train_state
 from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
-from livseg_jax.training.step_programs import SplitCompiled, SplitStep, check_step_programs
+from livseg_jax.training.step_programs import SplitCompiled, SplitStep, check_step_programs, switches_to_one_program
 
 
 def _setup(devices: int = 1, batch_norm_stats: str = "global"):
@@ -195,6 +195,15 @@ def test_step_programs_left_to_the_backend_are_two_on_gpus_and_one_elsewhere():
     step, mesh, _, _ = _setup()  # the mesh's platform decides: one program on these CPU devices
     assert not isinstance(jit_train_step(step, mesh, programs=None), SplitStep)
     assert isinstance(jit_train_step(step, mesh, programs=2), SplitStep)
+
+
+def test_several_processes_start_as_one_program_or_keep_the_parts_without_a_switch():
+    # Each process's background compile is ready at its own step: processes switching at different
+    # steps would run different programs, whose collectives would not meet.
+    assert check_step_programs(None, "gpu", processes=2) == 1
+    assert check_step_programs(2, "gpu", processes=2) == 2  # asked for: kept, for the whole run
+    assert switches_to_one_program(2, processes=1) and switches_to_one_program(3, processes=1)
+    assert not switches_to_one_program(2, processes=2) and not switches_to_one_program(1, processes=1)
 
 
 @pytest.mark.parametrize("programs,name", [(2, "two programs"), (3, "three programs")])

@@ -47,7 +47,7 @@ from livseg_jax.training.step import (
     make_train_step,
     replicated,
 )
-from livseg_jax.training.step_programs import PROGRAM_NAMES, check_step_programs
+from livseg_jax.training.step_programs import PROGRAM_NAMES, check_step_programs, switches_to_one_program
 from livseg_jax.training.thread_context import collector_paused
 
 
@@ -230,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             return None
         return executables_dir / f"{name.replace(' ', '_')}-{program_key(name, config, args)}.pkl"
 
-    # train.step_programs 2 or 3 (None: 2 on GPUs): the first steps run as that many programs, which
+    # train.step_programs 2 or 3 (None: 2 on GPUs, one process): the first steps run as that many programs, which
     # compile sooner, while the one program compiles in the background; the loop switches to it once it
     # is ready, since the parts' steps are slower (training/step_programs.py). A run that finds the one
     # program in the compiled-program cache loads it and skips the parts. The parts are not kept there:
@@ -240,11 +240,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     step_name, step_fn = "train step", jit_train_step(train_step, mesh, donate, 1)
     step_file = one_program_file = program_file(step_name, specs)
     one_program_later = None
-    parts = check_step_programs(config.train.get("step_programs"), jax.default_backend())
+    parts = check_step_programs(config.train.get("step_programs"), jax.default_backend(), jax.process_count())
     if parts > 1 and not (one_program_file is not None and one_program_file.exists()):
-        one_program_later = step_fn
+        if switches_to_one_program(parts, jax.process_count()):
+            one_program_later, step_file = step_fn, None
+        else:
+            step_file = program_file(f"train step ({PROGRAM_NAMES[parts]})", specs)
+            if is_chief:
+                print(f"note: train.step_programs = {parts} with {jax.process_count()} processes: every step runs as "
+                      f"{PROGRAM_NAMES[parts]} (the processes could not switch to the one program at the same "
+                      "step)", flush=True)
         step_name, step_fn = f"train step ({PROGRAM_NAMES[parts]})", jit_train_step(train_step, mesh, donate, parts)
-        step_file = None
 
     with contextlib.ExitStack() as stack:
         # Closed however the run ends: orbax's background work outliving the interpreter fails loudly.

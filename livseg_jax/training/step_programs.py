@@ -45,16 +45,24 @@ from livseg_jax.training.thread_context import collector_paused, scoped_like, th
 PROGRAM_NAMES = {2: "two programs", 3: "three programs"}
 
 
-def check_step_programs(value: Any, backend: str | None = None) -> int:
-    """Returns `train.step_programs` as 1, 2 or 3: None (auto) is 2 on GPUs and 1 elsewhere (the
-    module docstring says why; CPUs were not measured clean, docs/benchmarks.md session 11); raises
-    ValueError for anything else (`config_checks`' check)."""
+def check_step_programs(value: Any, backend: str | None = None, processes: int = 1) -> int:
+    """Returns `train.step_programs` as 1, 2 or 3: None (auto) is 2 on GPUs in a one-process run and
+    1 otherwise (the module docstring and `switches_to_one_program` say why; CPUs were not measured
+    clean, docs/benchmarks.md session 11); raises ValueError for anything else (`config_checks`' check)."""
     problem = step_programs_problem(value)
     if problem:
         raise ValueError(f"train.step_programs {problem}")
     if value is None:
-        return 2 if backend in ("gpu", "cuda", "rocm") else 1
+        return 2 if backend in ("gpu", "cuda", "rocm") and processes == 1 else 1
     return int(value)
+
+
+def switches_to_one_program(programs: int, processes: int) -> bool:
+    """Whether a run whose first steps are `programs` parts switches to the one program once that has
+    compiled in the background. Not with several processes: each would be ready at its own step, and
+    processes running different programs at one step would not meet in the same collectives, so
+    there the parts run the whole run."""
+    return programs > 1 and processes == 1
 
 
 def _run_two(programs, state, batch):
