@@ -27,7 +27,8 @@ makes the state and starts the input pipeline (livseg_jax/training/compile_ahead
 Every row also holds `compile_log`: each program's trace, lowering and XLA compile as JAX timed
 them (`JAX_LOG_COMPILES=1`), the critical path of its first step; `train_rates`, the steps per
 second of each logged window after the first step (`--steps 300 --log-every 50` gives the steady
-rate); and `one_program_from_step`, where a `train.step_programs=2` run switched to the one program.
+rate); and `one_program_from_step`, where a run that started as parts (`train.step_programs` 2 or 3,
+the GPU default 2) switched to the one program.
 
 Writes experiments/results/bench_first_step[_TAG].json and prints a Markdown table.
 """
@@ -144,7 +145,7 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
         row[key] = float(match.group(1)) if match else None
     row["loaded"] = "(loaded from the compiled-program cache)" in out
     switched = re.search(r"step (\d+): switched to the train step compiled as one program", out)
-    row["one_program_from_step"] = int(switched.group(1)) if switched else None  # train.step_programs=2
+    row["one_program_from_step"] = int(switched.group(1)) if switched else None  # a start as parts
     row["train_rates"] = ([[r["step"], round(r["steps_per_sec"], 3)] for r in read_metrics(run_dir)
                            if r["kind"] == "train"] if (run_dir / METRICS_FILE).exists() else [])
     row["compile_log"] = compile_log(lines)

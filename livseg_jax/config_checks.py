@@ -55,11 +55,11 @@ def _positive_number(v: Any) -> str | None:
 
 
 def step_programs_problem(v: Any) -> str | None:
-    """The check of `train.step_programs` (1, 2, 3, or None: 2 on GPUs, 1 elsewhere; see
+    """The check of `train.step_programs` (1, 2, 3, or None: 2 on GPUs in a one-process run, else 1; see
     training/step_programs.py), also applied where the step is compiled."""
     if v is None or (_is_int(v) and v in (1, 2, 3)):
         return None
-    return f"must be 1, 2, 3 or None (the default: 2 on GPUs, 1 elsewhere), got {v!r}"
+    return f"must be 1, 2, 3 or None (the default: 2 on GPUs in one process, else 1), got {v!r}"
 
 
 def _choice(options: Sequence[Any]) -> Callable[[Any], str | None]:

@@ -11,7 +11,7 @@ serial phases side by side:
 - three programs: the forward pass, which returns its pullback's residuals (the activations the
   backward pass reads), the backward pass, and the update.
 
-Neither program donates its inputs. With the state donated to the update, its launch must wait
+No part donates its inputs. With the state donated to the update, its launch must wait
 until the gradient program, still running, has finished reading the state, so the host stops
 running ahead of the GPU (49-55 ms per step instead of ~40.5 on one host, session 11). Without it
 the state exists twice for a moment (the paper network's is ~135 MB with Adam's moments).
@@ -22,11 +22,13 @@ write the forward's residuals out in full). On H200 hosts two programs ran 40.3-
 to back, varying between invocations, three 48 ms, and the one program 40.1-40.2 ms every time
 (docs/benchmarks.md, sessions 12-13). So `train` runs only its first steps as parts: once the
 first step is done, the one program compiles in the background and the loop switches to it
-(training/loop.py); the compiled-program cache keeps both, and a later run loads the one program
-and skips the parts. On an H200 with two programs (session 14, `bench_first_step`): the cold first
-step 30.2 s against the one program's 37.1 s, and after the switch 24.5 steps per second, the one
-program's own rate. All forms do the same arithmetic; XLA may fuse it differently across a
-boundary, so results agree to float rounding (tests/test_step_programs.py).
+(training/loop.py); the compiled-program cache keeps the one program, and a later run loads it and
+skips the parts. On H200s with two programs (session 14, `bench_first_step`): the cold first step
+28.4-30.2 s against the one program's 37.1 s, and after the switch 24.5 steps per second, the one
+program's own rate. Three programs reached the first step no sooner (29.7 s beside two's 28.4 s:
+four compiles at once slowed each other on 16 cores), so two is the GPU default. All forms do the
+same arithmetic; XLA may fuse it differently across a boundary, so results agree to float rounding
+(tests/test_step_programs.py).
 """
 
 from __future__ import annotations
