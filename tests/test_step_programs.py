@@ -99,7 +99,7 @@ def test_ahead_of_time_compile_of_the_parts_runs_as_the_jitted_step(tmp_path, pr
     lowered = two.trace(*specs).lower()
     text = lowered.as_text()
     assert text.count("func.func public @main") == programs  # one module each
-    # The two programs' traced FLOPs add up to the one program's (bench_train_step's roofline reads them).
+    # The parts' traced FLOPs add up to the one program's (bench_train_step's roofline reads them).
     one_flops = jit_train_step(step, mesh).trace(*specs).lower().cost_analysis()["flops"]
     assert lowered.cost_analysis()["flops"] == pytest.approx(one_flops, rel=1e-3)
     compiled = lowered.compile()
