@@ -25,10 +25,10 @@ first step is done, the one program compiles in the background and the loop swit
 (training/loop.py); the compiled-program cache keeps the one program, and a later run loads it and
 skips the parts. On H200s with two programs (session 14, `bench_first_step`): the cold first step
 28.4-30.2 s against the one program's 37.1 s, and after the switch 24.5 steps per second, the one
-program's own rate. Three programs reached the first step no sooner (29.7 s beside two's 28.4 s:
-four compiles at once slowed each other on 16 cores), so two is the GPU default. All forms do the
-same arithmetic; XLA may fuse it differently across a boundary, so results agree to float rounding
-(tests/test_step_programs.py).
+program's own rate. Three programs reached the first step no sooner (29.7 s beside two's 28.4 s;
+without shipped autotuning results for their forward and backward, and four compiles at once on
+16 cores), so two is the GPU default. All forms do the same arithmetic; XLA may fuse it
+differently across a boundary, so results agree to float rounding (tests/test_step_programs.py).
 """
 
 from __future__ import annotations
