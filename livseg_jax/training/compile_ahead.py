@@ -167,8 +167,8 @@ def compile_ahead(jitted: Callable, *args: Any, **settings: Any) -> Iterator[Bac
     try:
         yield job
     except BaseException:
-        if not job.compile_released():
-            pass  # nothing to wait for: `wait()` skips the compile
+        if not job.compile_released():  # held, never released: `wait()` skips it, nothing to wait for
+            pass
         elif not job.ready():
             print(f"waiting for the {job.name}'s compile to finish before stopping (XLA cannot stop a compile "
                   "midway)", file=sys.stderr, flush=True)

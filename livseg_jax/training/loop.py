@@ -236,21 +236,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # program in the compiled-program cache loads it and skips the parts. The parts are not kept there:
     # the one program always follows them (a run that ends first waits for its compile), and serialising
     # them held Python's lock for ~2 s just after the first step (the H200's 1.22 + 0.96 s, session 13).
+    # Several processes keep no compiled programs at all (executable_cache_dir).
     specs = (state_spec, batch_spec)
     step_name, step_fn = "train step", jit_train_step(train_step, mesh, donate, 1)
     step_file = one_program_file = program_file(step_name, specs)
     one_program_later = None
-    parts = check_step_programs(config.train.get("step_programs"), jax.default_backend(), jax.process_count())
+    processes = jax.process_count()
+    parts = check_step_programs(config.train.get("step_programs"), jax.default_backend(), processes)
     if parts > 1 and not (one_program_file is not None and one_program_file.exists()):
-        if switches_to_one_program(parts, jax.process_count()):
-            one_program_later, step_file = step_fn, None
-        else:
-            step_file = program_file(f"train step ({PROGRAM_NAMES[parts]})", specs)
-            if is_chief:
-                print(f"note: train.step_programs = {parts} with {jax.process_count()} processes: every step runs as "
-                      f"{PROGRAM_NAMES[parts]} (the processes could not switch to the one program at the same "
-                      "step)", flush=True)
+        if switches_to_one_program(parts, processes):
+            one_program_later = step_fn
+        elif is_chief:
+            print(f"note: train.step_programs = {parts} with {processes} processes: every step runs as "
+                  f"{PROGRAM_NAMES[parts]} (the processes could not switch to the one program at the same step)",
+                  flush=True)
         step_name, step_fn = f"train step ({PROGRAM_NAMES[parts]})", jit_train_step(train_step, mesh, donate, parts)
+        step_file = None
 
     with contextlib.ExitStack() as stack:
         # Closed however the run ends: orbax's background work outliving the interpreter fails loudly.
@@ -259,9 +260,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if start:  # a refused resume must not wait for a compile first
             check_resumable(config, workdir)
 
-        later: dict[str, Any] = {}  # the one program, for a run that starts as parts
+        one_program_job = None  # for a run that starts as parts: the one program, compiled after the first step
 
         def start_compile():
+            nonlocal one_program_job
             if is_chief:
                 where = "in the background" if background else "now"
                 print(f"compiling the train step {where} (from the compilation cache once it holds this "
@@ -274,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 # while XLA compiles them and the first step waits), and compiled after the first step,
                 # so that its trace no longer stalls the first steps' dispatch and its compile does not
                 # take cores from the parts' (H200, session 14).
-                later["one program"] = stack.enter_context(compile_ahead(
+                one_program_job = stack.enter_context(compile_ahead(
                     one_program_later, state_spec, batch_spec, name="train step (one program)",
                     cache_file=one_program_file, after=job.lowered, hold_compile=True))
             return job
@@ -354,11 +356,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         bar.write(f"first step done {summary['first_step_s']:.1f} s after the state, the input "
                                   f"pipeline and the step's compile started (state ready at "
                                   f"{summary['state_ready_s']:.1f} s, first batch at {summary['first_batch_s']:.1f} s)")
-                    if "one program" in later:
+                    if one_program_job is not None:
                         if is_chief:
                             bar.write("compiling the train step as one program in the background; the steps "
                                       "switch to it once it is ready")
-                        switch = later["one program"]
+                        switch = one_program_job
                         switch.release_compile()
                 done = step + 1
                 pending.append((done, metrics))
