@@ -14,7 +14,8 @@ makes the state and starts the input pipeline (livseg_jax/training/compile_ahead
 0. with `--sequential`, `cold_sequential`: as `cold`, but the step compiled at the first step
    (`train.compile_ahead=False`), after the state and the first batch: the order before session 8;
 1. `cold`: an empty compilation cache and no autotuning results loaded, XLA's results dumped;
-   each `--dump-configs` config the same way (dumps only);
+   each `--dump-configs` config, and `--config` with each `--dump-sets` override, the same way
+   (dumps only);
 2. the dumps merged by `tools/ship_autotune_results.py` into `--ship-to` (default: a scratch
    directory seeded with the package's shipped results; with `--only-dumps`, the results for these
    versions are replaced, not merged into: `tools/ship_autotune_results.py --replace`);
@@ -160,10 +161,23 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
     return row
 
 
+def cold_runs(config: str, dump_configs: Sequence[str], dump_sets: Sequence[str],
+              settings: Sequence[str]) -> list[tuple[str, list[str], str]]:
+    """Returns the cold runs that dump autotuning results, as (config, its KEY=VALUE settings, the
+    program's name in the shipped manifest): `config`, each of `dump_configs`, then `config` with
+    each of `dump_sets` ("KEY=VALUE[,KEY=VALUE]") added to `settings` (--set, applied to every run)."""
+    runs = [(c, list(settings)) for c in (config, *dump_configs)]
+    runs += [(config, [*settings, *extra.split(",")]) for extra in dump_sets]
+    return [(c, s, f"{c} train" + (f" ({', '.join(s)})" if s else "")) for c, s in runs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/liver.py:paper")
     parser.add_argument("--dump-configs", nargs="*", default=[], help="more configs to dump autotuning results for")
+    parser.add_argument("--dump-sets", nargs="*", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="more cold runs of --config with these overrides (after --set's), dumps only, e.g. "
+                             "train.step_programs=1 train.step_programs=2: every form's results shipped together")
     parser.add_argument("--ship-to", type=pathlib.Path, default=None, help="where the merged results go")
     parser.add_argument("--only-dumps", action="store_true",
                         help="ship this run's dumps in place of the package's results for these versions, not merged "
@@ -175,6 +189,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, e.g. train.step_programs=1 (repeatable)")
     parser.add_argument("--no-traced", action="store_true", help="skip the warm_traced run")
+    parser.add_argument("--cold-only", action="store_true", help="skip the warm runs (warm_shipped, warm_traced)")
     parser.add_argument("--steps", type=int, default=3,
                         help="steps per run; with --log-every, each row's train_rates give the steady steps/s")
     parser.add_argument("--log-every", type=int, default=1, help="train.log_every_steps (each log waits for the step)")
@@ -199,10 +214,12 @@ def main() -> None:
 
     if args.sequential:
         record(run(args.config, work, "cold_sequential", work / "cache_sequential", "off", ahead=False))
-    for i, config in enumerate([] if args.shipped_only else [args.config, *args.dump_configs]):
+    for i, (config, settings, program) in enumerate(
+            [] if args.shipped_only else cold_runs(args.config, args.dump_configs, args.dump_sets, args.set)):
         dumps.append(work / f"dump_{i}.textproto")
-        programs.append(f"{config} train" + (f" ({', '.join(args.set)})" if args.set else ""))
-        record(run(config, work, f"cold_{i}" if i else "cold", work / f"cache_cold_{i}", "off", dumps[-1]))
+        programs.append(program)
+        record(run(config, work, f"cold_{i}" if i else "cold", work / f"cache_cold_{i}", "off", dumps[-1],
+                   overrides=[f"--config.{item}" for item in settings]))
     present = [d for d in dumps if d.exists()]
     if args.shipped_only:
         shipped = "shipped"
@@ -219,8 +236,10 @@ def main() -> None:
             print(f"note: XLA autotuned {rows[-1]['autotuned_fusions']} kernels the loaded results do not cover: "
                   "they are stale for this program (or none were shipped for these versions); dump them again "
                   "(--only-dumps)", flush=True)
-        record(run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
-        if not args.no_traced:  # the same without the compiled-program cache: traced, then JAX's cache
+        if not args.cold_only:
+            record(run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
+        # warm_traced: the same without the compiled-program cache (traced, then JAX's cache)
+        if not (args.no_traced or args.cold_only):
             shutil.rmtree(work / "cache_shipped" / SUBDIR)
             record(run(args.config, work, "warm_traced", work / "cache_shipped", shipped))
     print("| run | config | first step (s) | step compile (s) | first step waited (s) | first step since the "

@@ -193,6 +193,10 @@ def base_config() -> ml_collections.ConfigDict:
             # against 37.1 on an H200, the same steps per second after the switch), else 1. With
             # several processes 2 or 3 run every step as parts (they could not switch at one step).
             step_programs=ml_collections.FieldReference(None, field_type=int),
+            # The CPU threads XLA may use for that background compile of the one program on a GPU
+            # (`xla_gpu_force_compilation_parallelism`); the parts' steps need the host's cores
+            # to dispatch meanwhile. 0: XLA's own choice (every core).
+            switch_compile_threads=0,
             # Compile the train step on a background thread while the state is made and the input
             # pipeline starts (training/compile_ahead.py); False: at the first step, after them.
             compile_ahead=True,

@@ -105,6 +105,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "train.keep_checkpoints": _int_at_least(1),
     "train.batch_norm_stats": _choice(BATCH_NORM_STATS),
     "train.step_programs": step_programs_problem,
+    "train.switch_compile_threads": _int_at_least(0),
     "inference.overlap": _number_in(0.0, 1.0, high_open=True),
     "inference.batch_size": _int_at_least(1),
 }

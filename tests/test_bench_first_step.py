@@ -6,6 +6,7 @@ from experiments.bench_first_step import (
     NUMBERS,
     autotuned_fusions,
     cache_contents,
+    cold_runs,
     compile_log,
     train_run,
 )
@@ -55,3 +56,18 @@ def test_the_compile_log_is_read_program_by_program():
     assert compile_log(lines) == [{"program": "compute_gradients", "phase": "trace", "s": 3.791},
                                   {"program": "compute_gradients", "phase": "lower", "s": 1.065},
                                   {"program": "compute_gradients", "phase": "compile", "s": 24.76}]
+
+
+def test_every_dump_set_is_a_cold_run_of_the_config_named_in_the_manifest():
+    # Each train.step_programs form compiles programs of its own: every form's results are dumped and
+    # shipped together (session 15), each named by its settings.
+    runs = cold_runs("configs/liver.py:paper", ["configs/tumor.py"], ["train.step_programs=1",
+                     "train.step_programs=2,train.compile_ahead=False"], ["train.step_programs=3"])
+    assert runs == [
+        ("configs/liver.py:paper", ["train.step_programs=3"], "configs/liver.py:paper train (train.step_programs=3)"),
+        ("configs/tumor.py", ["train.step_programs=3"], "configs/tumor.py train (train.step_programs=3)"),
+        ("configs/liver.py:paper", ["train.step_programs=3", "train.step_programs=1"],
+         "configs/liver.py:paper train (train.step_programs=3, train.step_programs=1)"),
+        ("configs/liver.py:paper", ["train.step_programs=3", "train.step_programs=2", "train.compile_ahead=False"],
+         "configs/liver.py:paper train (train.step_programs=3, train.step_programs=2, train.compile_ahead=False)")]
+    assert cold_runs("c.py", [], [], []) == [("c.py", [], "c.py train")]

@@ -23,6 +23,20 @@ def test_the_program_compiled_ahead_from_shapes_computes_what_jit_computes():
         compiled(x[:2], y)
 
 
+def test_compiler_options_reach_xla_for_this_compile_only():
+    # train.switch_compile_threads hands the one program's background compile an XLA option; a name
+    # XLA does not know is refused by XLA itself, so the options are really passed on.
+    f = jax.jit(lambda x: x * 3)
+    spec = jax.ShapeDtypeStruct((2,), jnp.float32)
+    job = BackgroundCompile(f, spec, compiler_options={"xla_gpu_force_compilation_parallelism": 2})
+    np.testing.assert_array_equal(job.result()(np.ones(2, np.float32)), np.full(2, 3.0))
+    job.wait()
+    refused = BackgroundCompile(f, spec, compiler_options={"xla_no_such_option": 1})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        refused.result()
+    refused.wait()
+
+
 def test_a_traced_program_is_lowered_and_compiled_and_lowered_says_when_tracing_is_over():
     # train traces the initialisation once (its output types are the step's arguments) and hands
     # the trace over; `lowered` lets it start that compile only after the step's tracing.

@@ -15,7 +15,13 @@ from livseg_jax.training import executable_cache
 from livseg_jax.training.schedules import make_optimizer
 from livseg_jax.training.state import create_train_state
 from livseg_jax.training.step import jit_train_step, make_mesh, make_train_step, replicated
-from livseg_jax.training.step_programs import SplitCompiled, SplitStep, check_step_programs, switches_to_one_program
+from livseg_jax.training.step_programs import (
+    SplitCompiled,
+    SplitStep,
+    check_step_programs,
+    switch_compile_options,
+    switches_to_one_program,
+)
 
 
 def _setup(devices: int = 1, batch_norm_stats: str = "global"):
@@ -199,6 +205,18 @@ def test_step_programs_left_to_the_backend_are_two_on_gpus_and_one_elsewhere():
     assert isinstance(jit_train_step(step, mesh, programs=2), SplitStep)
 
 
+def test_the_switch_compile_threads_cap_xla_on_gpus_only():
+    assert switch_compile_options(4, "gpu") == {"xla_gpu_force_compilation_parallelism": 4}
+    assert switch_compile_options(0, "gpu") is None  # XLA's own choice: the program's cache key unchanged
+    assert switch_compile_options(4, "cpu") is None and switch_compile_options(4, "tpu") is None
+    from livseg_jax.config_checks import validate_config
+
+    config = base_config()
+    config.train.switch_compile_threads = -1
+    with pytest.raises(ValueError, match="switch_compile_threads"):
+        validate_config(config)
+
+
 def test_several_processes_start_as_one_program_or_keep_the_parts_without_a_switch():
     # Each process's background compile is ready at its own step: processes switching at different
     # steps would run different programs, whose collectives would not meet.
@@ -226,20 +244,28 @@ def test_a_run_of_parts_switches_to_the_one_program_and_a_second_run_loads_it(tm
 
     executables = tmp_path / "executables"
     monkeypatch.setattr(loop, "executable_cache_dir", lambda: executables)
-    jobs, real_compile_ahead = [], loop.compile_ahead
+    jobs, options, real_compile_ahead = [], {}, loop.compile_ahead
+    # train.switch_compile_threads reaches the one program's compile (a GPU option, which XLA's CPU
+    # compiler accepts and ignores; switch_compile_options itself gives it on GPUs only).
+    monkeypatch.setattr(loop, "switch_compile_options",
+                        lambda threads, backend: {"xla_gpu_force_compilation_parallelism": threads})
 
     @contextlib.contextmanager
     def recording(*args, **kwargs):
         with real_compile_ahead(*args, **kwargs) as job:
             jobs.append(kwargs["name"])
+            options[kwargs["name"]] = kwargs.get("compiler_options")
             if kwargs["name"] == "train step (one program)":  # ready at the next step: a deterministic switch
                 job.ready = lambda: job.result() is not None
             yield job
 
     monkeypatch.setattr(loop, "compile_ahead", recording)
-    config = lambda programs: tiny_config(tmp_path / "cache", num_epochs=1, step_programs=programs)  # noqa: E731
+    config = lambda programs: tiny_config(tmp_path / "cache", num_epochs=1, step_programs=programs,  # noqa: E731
+                                          switch_compile_threads=3)
     two = loop.train_and_evaluate(config(programs), tmp_path / "two", devices=jax.devices()[:1])
     assert jobs == [f"train step ({name})", "train step (one program)", "initialisation"]
+    assert options == {f"train step ({name})": None, "train step (one program)":
+                       {"xla_gpu_force_compilation_parallelism": 3}, "initialisation": None}
     assert two["one_program_from_step"] == 1 and not two["train_step_loaded"]
     assert not list(executables.glob("train_step_(*")), "the parts are not kept: the one program follows them"
     assert not isinstance(executable_cache.load(next(executables.glob("train_step-*.pkl"))), SplitCompiled)

@@ -45,11 +45,14 @@ class BackgroundCompile:
     With `hold_compile`, the program is traced and lowered at once but XLA compiles it only after
     `release_compile()` (or `result()`): the CPU cores stay with compiles that matter sooner, and
     `wait()` on a compile never released skips it (`result()` then raises RuntimeError).
+    `compiler_options` go to XLA for this compile only (`jax.stages.Lowered.compile`), e.g. the number
+    of threads it may use.
     """
 
     def __init__(self, jitted: Callable, *args: Any, name: str = "program", cache_file: pathlib.Path | None = None,
                  within: Callable[[], contextlib.AbstractContextManager] | None = None, defer_store: bool = False,
-                 after: threading.Event | None = None, hold_compile: bool = False):
+                 after: threading.Event | None = None, hold_compile: bool = False,
+                 compiler_options: dict[str, Any] | None = None):
         self.name = name
         self.seconds: float | None = None  # wall time of trace + lower + compile (or of loading), once done
         self.loaded = False  # whether the program came from `cache_file` (executable_cache)
@@ -66,6 +69,7 @@ class BackgroundCompile:
         if not defer_store:
             self._store_released.set()
         self._after = after
+        self._compiler_options = compiler_options
         self._compile_released = threading.Event()
         self._skipped = False  # `wait()` came before `release_compile()`: nothing compiled
         if not hold_compile:
@@ -102,7 +106,9 @@ class BackgroundCompile:
             self._compile_released.wait()
             if self._skipped:
                 raise RuntimeError(f"the {self.name}'s compile was skipped: the run ended before it was needed")
-            return lowered.compile()  # the jit's own compiler options apply
+            if self._compiler_options is None:  # a step as parts (`SplitLowered`) takes no options
+                return lowered.compile()
+            return lowered.compile(self._compiler_options)  # with the jit's own options
 
     def _run(self) -> None:
         try:

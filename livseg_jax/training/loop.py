@@ -47,7 +47,12 @@ from livseg_jax.training.step import (
     make_train_step,
     replicated,
 )
-from livseg_jax.training.step_programs import PROGRAM_NAMES, check_step_programs, switches_to_one_program
+from livseg_jax.training.step_programs import (
+    PROGRAM_NAMES,
+    check_step_programs,
+    switch_compile_options,
+    switches_to_one_program,
+)
 from livseg_jax.training.thread_context import collector_paused
 
 
@@ -278,7 +283,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 # take cores from the parts' (H200, session 14).
                 one_program_job = stack.enter_context(compile_ahead(
                     one_program_later, state_spec, batch_spec, name="train step (one program)",
-                    cache_file=one_program_file, after=job.lowered, hold_compile=True))
+                    cache_file=one_program_file, after=job.lowered, hold_compile=True,
+                    compiler_options=switch_compile_options(config.train.get("switch_compile_threads", 0),
+                                                            jax.default_backend())))
             return job
 
         # Ahead: the step compiles while the state is made and the first batch read; else at the first step.

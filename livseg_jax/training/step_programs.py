@@ -67,6 +67,16 @@ def switches_to_one_program(programs: int, processes: int) -> bool:
     return programs > 1 and processes == 1
 
 
+def switch_compile_options(threads: int, backend: str) -> dict[str, int] | None:
+    """The compiler options for the one program compiled in the background after a start as parts
+    (`train.switch_compile_threads`): on a GPU, `threads` > 0 caps XLA's parallel code generation
+    (`xla_gpu_force_compilation_parallelism`), leaving cores to the parts' dispatch; else None (XLA's
+    own choice, and nothing that would change the program's key in JAX's compilation cache)."""
+    if threads and backend in ("gpu", "cuda", "rocm"):
+        return {"xla_gpu_force_compilation_parallelism": int(threads)}
+    return None
+
+
 def _run_two(programs, state, batch):
     gradients, update = programs
     grads, aux = gradients(state, batch)
