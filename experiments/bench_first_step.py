@@ -200,7 +200,7 @@ def main() -> None:
     run = functools.partial(train_run, overrides=overrides, run_options=options)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_first_step_"))
     ship = args.ship_to or work / "autotune"
-    if SHIPPED_AUTOTUNE_DIR.is_dir():
+    if SHIPPED_AUTOTUNE_DIR.is_dir() and ship.resolve() != SHIPPED_AUTOTUNE_DIR.resolve():  # else merged in place
         shutil.copytree(SHIPPED_AUTOTUNE_DIR, ship, dirs_exist_ok=True)
     rows, dumps, programs = [], [], []
     shipped = ""

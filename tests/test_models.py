@@ -1,5 +1,6 @@
 """Model family: shapes, variants, re-parameterisation, up-sampling, MSCA slice trick, bf16."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -53,6 +54,14 @@ def randomize_batch_stats(variables, seed=0):
     return jax.tree_util.tree_map_with_path(perturb, variables)
 
 
+@functools.cache
+def reference_init(model: nn.Module, seed: int = 0, patch: tuple = PATCH) -> dict:
+    """`init_variables(model, key(seed), patch)`, once per equal model in this module: the forms'
+    tests compare their own initialisation with this one, and every initialisation of these
+    networks compiles for 10-15 s on the 2-core machine (threefry's hashing, unrolled)."""
+    return init_variables(model, jax.random.key(seed), patch)
+
+
 @pytest.fixture(scope="module")
 def inputs():
     return jax.random.normal(jax.random.key(1), (2, *PATCH, 1), jnp.float32)
@@ -64,7 +73,7 @@ def inputs():
 def variant(request):
     cfg = tiny_config(request.param)
     model = build_model(cfg)
-    variables = randomize_batch_stats(init_variables(model, jax.random.key(0), PATCH))
+    variables = randomize_batch_stats(reference_init(model))
     return request.param, cfg, model, variables
 
 
@@ -241,7 +250,7 @@ def test_einsum_pointwise_convs_match_convolutions_in_every_form(variant, inputs
     einsum_cfg.pointwise_impl = "einsum"
     conv_model, einsum_model = build_model(conv_cfg), build_model(einsum_cfg)
     fresh = init_variables(einsum_model, jax.random.key(0), PATCH)
-    reference = init_variables(conv_model, jax.random.key(0), PATCH)
+    reference = reference_init(conv_model)  # the variant's own (conv_model == model)
     # Same parameter tree and the same initial values: checkpoints and the PyTorch mapping carry over.
     assert jax.tree.structure(fresh) == jax.tree.structure(reference)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(reference), strict=True))
@@ -275,7 +284,7 @@ def test_width_packed_dense_convs_match_convolutions_in_every_form(variant, inpu
     packed_cfg.dense_pack_channels = 32  # packs by 8, 4 and 2 at this tiny network's widths
     packed = build_model(packed_cfg)
     fresh = init_variables(packed, jax.random.key(0), PATCH)
-    reference = init_variables(model, jax.random.key(0), PATCH)
+    reference = reference_init(model)
     assert jax.tree.structure(fresh) == jax.tree.structure(reference)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(reference), strict=True))
     got = jax.jit(lambda v, x: packed.apply(v, x, train=False))(variables, inputs)
@@ -365,7 +374,7 @@ def test_equal_configs_build_equal_hashable_models():
 @pytest.mark.parametrize("deploy", [False, True])
 def test_variable_shapes_are_those_of_init_at_any_patch(deploy):
     model = build_model(tiny_config("elanres_msca_unet"), deploy=deploy)
-    variables = init_variables(model, jax.random.key(0), PATCH)
+    variables = reference_init(model)
     shapes = jax.tree.map(lambda a: (a.shape, a.dtype), variables)
     for patch, batch in ((None, 1), (PATCH, 1), ((32, 16, 16), 3)):
         got = variable_shapes(model, patch, batch)

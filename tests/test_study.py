@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from livseg_jax import evaluate
@@ -239,8 +240,24 @@ class SimulatedKill(RuntimeError):
     pass
 
 
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """JAX's persistent compilation cache on, as `python -m livseg_jax.study` turns it on, for one test."""
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    from livseg_jax.compilation_cache import enable_compilation_cache
+
+    assert jax.config.jax_compilation_cache_dir is None  # the tests' default
+    try:
+        yield enable_compilation_cache(tmp_path / "jax_compilation")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax_cache.reset_cache()  # JAX reads the setting once: the next test starts without it
+
+
 @pytest.mark.slow
-def test_ablation_smoke_study_matches_evaluate_and_resumes_without_retraining(tmp_path, monkeypatch):
+def test_ablation_smoke_study_matches_evaluate_and_resumes_without_retraining(tmp_path, monkeypatch,
+                                                                              compilation_cache):
     study = spec.load_config_file(REPO / "configs" / "studies" / "ablation.py")
     study.data.cache_dir = str(tmp_path / "cache")
     workdir = tmp_path / "study"
