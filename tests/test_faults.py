@@ -206,7 +206,7 @@ def test_refuse_overwrite_names_an_existing_file_or_full_folder_unless_forced(tm
 def _tiny_config():
     config = base_config()
     config.model.name = "unet"
-    config.model.features = (2, 4, 4, 4, 4)
+    config.model.features = (2, 4, 4)
     config.data.patch_size = (16, 32, 32)
     config.inference.batch_size = 4
     return config

@@ -32,7 +32,7 @@ from livseg_jax.training.loop import dataset_cases, train_and_evaluate, validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WINDOW = (16, 32, 32)
-TINY = ["--config.model.name=unet", "--config.model.features=(4,8,8,8,8)"]
+TINY = ["--config.model.name=unet", "--config.model.features=(4,8,8)"]
 
 
 def load_joint_config(arg=""):

@@ -233,7 +233,7 @@ def test_a_tumour_run_loads_its_postprocess_json_unless_turned_off(tmp_path):
     config = base_config()
     config.stage = "tumor"
     config.model.name = "unet"
-    config.model.features = (2, 4, 4, 4, 4)
+    config.model.features = (2, 4, 4)
     config.data.patch_size = (16, 16, 16)
     variables = random_unet_variables(build_model(config.model, deploy=False), (16, 16, 16), 0)
     run = write_variables(tmp_path / "tumor", variables, config)
@@ -266,7 +266,7 @@ def test_the_command_writes_postprocess_json_that_predict_then_loads(tmp_path, c
     config = base_config()
     config.stage = "tumor"
     config.model.name = "unet"
-    config.model.features = (2, 4, 4, 4, 4)
+    config.model.features = (2, 4, 4)
     config.data.patch_size = (16, 16, 16)
     config.preprocess.update(EXACT)
     variables = random_unet_variables(build_model(config.model, deploy=False), (16, 16, 16), 1)
