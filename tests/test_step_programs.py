@@ -111,6 +111,9 @@ def test_ahead_of_time_compile_of_the_parts_runs_as_the_jitted_step(tmp_path, pr
     compiled = lowered.compile()
     assert isinstance(compiled, SplitCompiled) and len(compiled.parts) == programs
     assert compiled.cost_analysis()["flops"] > 0
+    # Compiler options reach every part, as jax.stages.Lowered.compile's do (XLA refuses an unknown name).
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        lowered.compile({"xla_no_such_option": 1})
     expected, _ = _run(two, state, batch, steps=1)
     got, _ = _run(compiled, state, batch, steps=1)
     jax.tree.map(np.testing.assert_array_equal, got, expected)
@@ -144,7 +147,7 @@ def test_every_part_compiles_while_the_others_compile(programs):
         def lower(self):
             return self
 
-        def compile(self):
+        def compile(self, compiler_options=None):
             try:
                 all_compiling.wait()
             except threading.BrokenBarrierError:

@@ -106,9 +106,7 @@ class BackgroundCompile:
             self._compile_released.wait()
             if self._skipped:
                 raise RuntimeError(f"the {self.name}'s compile was skipped: the run ended before it was needed")
-            if self._compiler_options is None:  # a step as parts (`SplitLowered`) takes no options
-                return lowered.compile()
-            return lowered.compile(self._compiler_options)  # with the jit's own options
+            return lowered.compile(self._compiler_options)  # added to the jit's own options
 
     def _run(self) -> None:
         try:

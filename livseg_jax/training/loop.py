@@ -246,8 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     step_name, step_fn = "train step", jit_train_step(train_step, mesh, donate, 1)
     step_file = one_program_file = program_file(step_name, specs)
     one_program_later = None
-    processes = jax.process_count()
-    parts = check_step_programs(config.train.get("step_programs"), jax.default_backend(), processes)
+    processes, backend = jax.process_count(), jax.default_backend()
+    parts = check_step_programs(config.train.get("step_programs"), backend, processes)
     if parts > 1 and not (one_program_file is not None and one_program_file.exists()):
         if switches_to_one_program(parts, processes):
             one_program_later = step_fn
@@ -284,8 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 one_program_job = stack.enter_context(compile_ahead(
                     one_program_later, state_spec, batch_spec, name="train step (one program)",
                     cache_file=one_program_file, after=job.lowered, hold_compile=True,
-                    compiler_options=switch_compile_options(config.train.get("switch_compile_threads", 0),
-                                                            jax.default_backend())))
+                    compiler_options=switch_compile_options(config.train.get("switch_compile_threads", 0), backend)))
             return job
 
         # Ahead: the step compiles while the state is made and the first batch read; else at the first step.

@@ -23,11 +23,11 @@ to back, varying between invocations, three 48 ms, and the one program 40.1-40.2
 (docs/benchmarks.md, sessions 12-13). So `train` runs only its first steps as parts: once the
 first step is done, the one program compiles in the background and the loop switches to it
 (training/loop.py); the compiled-program cache keeps the one program, and a later run loads it and
-skips the parts. On H200s with two programs (session 14, `bench_first_step`): the cold first step
-28.4-30.2 s against the one program's 37.1 s, and after the switch 24.5 steps per second, the one
-program's own rate. Three programs reached the first step no sooner (29.7 s beside two's 28.4 s;
-without shipped autotuning results for their forward and backward, and four compiles at once on
-16 cores), so two is the GPU default. All forms do the same arithmetic; XLA may fuse it
+skips the parts. On H200s with two programs (sessions 14-15, `bench_first_step`): the cold first
+step 22.9-30.2 s against the one program's 37.1-39.2 s, and after the switch 24.5 steps per second,
+the one program's own rate. Three programs reached the first step later (31.6 s with every kernel's
+autotuning result shipped: the initialisation waits for all three parts' tracing, and four compiles
+at once share 16 cores), so two is the GPU default. All forms do the same arithmetic; XLA may fuse it
 differently across a boundary, so results agree to float rounding (tests/test_step_programs.py).
 """
 
@@ -45,6 +45,7 @@ from livseg_jax.config_checks import step_programs_problem
 from livseg_jax.training.thread_context import collector_paused, scoped_like, thread_settings
 
 PROGRAM_NAMES = {2: "two programs", 3: "three programs"}
+GPU_BACKENDS = ("gpu", "cuda", "rocm")  # `jax.default_backend()` names of GPUs
 
 
 def check_step_programs(value: Any, backend: str | None = None, processes: int = 1) -> int:
@@ -55,7 +56,7 @@ def check_step_programs(value: Any, backend: str | None = None, processes: int =
     if problem:
         raise ValueError(f"train.step_programs {problem}")
     if value is None:
-        return 2 if backend in ("gpu", "cuda", "rocm") and processes == 1 else 1
+        return 2 if backend in GPU_BACKENDS and processes == 1 else 1
     return int(value)
 
 
@@ -72,7 +73,7 @@ def switch_compile_options(threads: int, backend: str) -> dict[str, int] | None:
     (`train.switch_compile_threads`): on a GPU, `threads` > 0 caps XLA's parallel code generation
     (`xla_gpu_force_compilation_parallelism`), leaving cores to the parts' dispatch; else None (XLA's
     own choice, and nothing that would change the program's key in JAX's compilation cache)."""
-    if threads and backend in ("gpu", "cuda", "rocm"):
+    if threads and backend in GPU_BACKENDS:
         return {"xla_gpu_force_compilation_parallelism": int(threads)}
     return None
 
@@ -192,12 +193,13 @@ class SplitLowered:
     def cost_analysis(self) -> dict:
         return _summed_costs(self._all_lowered())
 
-    def compile(self) -> SplitCompiled:
+    def compile(self, compiler_options: dict[str, Any] | None = None) -> SplitCompiled:
+        """Compiles every part, each with `compiler_options` (as `jax.stages.Lowered.compile`)."""
         settings = thread_settings()  # the compiling threads get this thread's scoped JAX settings
 
         def compile_on_thread(lowered):
             with scoped_like(settings):
-                return lowered.compile()
+                return lowered.compile(compiler_options)
 
         count = len(self.step.programs)
         with concurrent.futures.ThreadPoolExecutor(count - 1, thread_name_prefix="compile step part") as pool:
@@ -210,7 +212,7 @@ class SplitLowered:
                 last = self._lower(count - 1)
             # The last compiles here before any wait: in one expression, `(gradients.result(), update.compile())`
             # started the update's compile only after the gradients' had ended (session 12).
-            last_compiled = last.compile()
+            last_compiled = last.compile(compiler_options)
             return SplitCompiled((*(future.result() for future in started), last_compiled))
 
 
