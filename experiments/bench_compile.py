@@ -46,7 +46,8 @@ from livseg_jax.xla_flags import apply_model_xla_flags, autotune_xla_flags
 ENV = {"threefry_kernel": {"JAX_THREEFRY_GPU_KERNEL_LOWERING": "true"},
        "xla_init_lowering": {"BENCH_COMPILE_INIT_LOWERING": "xla"},
        "init_on_cpu": {"BENCH_COMPILE_INIT_ON": "cpu"},
-       "compile_trace": {"BENCH_COMPILE_TRACE": "1"}}
+       "compile_trace": {"BENCH_COMPILE_TRACE": "1"},
+       "gradients_only": {"BENCH_COMPILE_PROGRAM": "gradients"}}
 VARIANTS = {
     "default": "",
     "shipped_autotune": None,
@@ -61,6 +62,9 @@ VARIANTS = {
     "autotuner_cache": None,  # the same with --xla_gpu_experimental_autotuner_cache_dir
     "init_on_cpu": "",  # the initialisation compiled for and run on the host CPU, then copied (ENV)
     "compile_trace": "",  # the step's compile under jax.profiler: its time by XLA phase (ENV), cold only
+    # instead of the step, only the gradients program of `train.step_programs=2` (ENV): the compile on
+    # the cold first step's critical path since session 11 (the update compiles beside it)
+    "gradients_only": "",
     "compile_parallelism_16": "--xla_gpu_force_compilation_parallelism=16",  # LLVM modules on 16 threads
     # Triton GEMM fusions off (cuBLAS runs the dots): the compile trace showed ~4,500 candidate
     # modules compiled through MLIR during autotuning, probably Triton's, most of the autotuning
@@ -209,6 +213,9 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
             return {"first_step_s": None, "init_s": round(sum(phases.values()), 3), "phases_s": phases,
                     "median_step_ms": None, "state_sha256": digest.hexdigest()}
         step = jit_train_step(stage_train_step(config, model, optimizer, mesh), mesh)
+        if os.environ.get("BENCH_COMPILE_PROGRAM") == "gradients":  # the first of two programs (step_programs)
+            split = jit_train_step(stage_train_step(config, model, optimizer, mesh), mesh, programs=2)
+            step = split.programs[0]
         traced = step.trace(state, arrays)
         phase("step_trace")
         lowered = traced.lower()
@@ -231,19 +238,26 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
             blobs = {"init": serialize_executable.serialize(init_c), "step": serialize_executable.serialize(step_c)}
             stored.write_bytes(pickle.dumps(blobs))
             tick = time.perf_counter()  # storing is not part of the first step
-    state, metrics = step_c(state, arrays)
+    gradients_only = os.environ.get("BENCH_COMPILE_PROGRAM") == "gradients"
+
+    def run_step(state):  # the gradients program leaves the state as it is: (grads, aux), aux the metrics
+        out, metrics = step_c(state, arrays)
+        return (state if gradients_only else out), metrics
+
+    state, metrics = run_step(state)
     jax.block_until_ready(metrics)
     phase("step_first_run")
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        state, metrics = step_c(state, arrays)
+        state, metrics = run_step(state)
         jax.block_until_ready(metrics)
         times.append((time.perf_counter() - t) * 1e3)
     times.sort()
     return {"first_step_s": round(sum(phases.values()), 3), "phases_s": phases,
             "median_step_ms": times[len(times) // 2] if times else None,
             "loss": float(metrics["loss"]), "patch": list(shape), "batch": batch,
+            "program": "gradients" if gradients_only else "train_step",
             **({"compile_profile": compile_profile} if compile_profile else {})}
 
 

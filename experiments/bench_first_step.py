@@ -112,6 +112,18 @@ def autotuned_fusions(before: dict[str, int], after: dict[str, int]) -> int:
     return after.get(AUTOTUNE_CACHE, 0) - before.get(AUTOTUNE_CACHE, 0)
 
 
+def autotune_cache_files(cache: pathlib.Path) -> set[pathlib.Path]:
+    """The files of XLA's per-fusion autotuning cache inside `cache` (one per autotuned fusion)."""
+    folder = cache / AUTOTUNE_CACHE
+    return {p for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+
+
+def autotuned_entries(new: set[pathlib.Path], limit: int = 5, chars: int = 6000) -> list[dict]:
+    """The first `limit` of the cache files a run added, each with the start of its text (the
+    fusion's key and the chosen kernel): which fusions loaded results miss, so why they do."""
+    return [{"file": p.name, "text": p.read_text(errors="replace")[:chars]} for p in sorted(new)[:limit]]
+
+
 def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, autotune: str,
               dump: pathlib.Path | None = None, ahead: bool = True, overrides: Sequence[str] = (),
               run_options: Sequence[str] = SHORT_RUN) -> dict:
@@ -125,7 +137,7 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
     cmd = [sys.executable, "-m", "livseg_jax.train", f"--config={config}", f"--workdir={run_dir}",
            f"--config.train.compilation_cache={cache}", f"--config.train.autotune_results={autotune}",
            f"--config.train.compile_ahead={ahead}", *run_options, *overrides]
-    before = cache_contents(cache)
+    before, before_files = cache_contents(cache), autotune_cache_files(cache)
     start = time.perf_counter()
     # Lines are timed as they arrive, so the row also says when the first step was done counted from
     # the command's start (imports, backend, data checks included), as a user waits for it.
@@ -153,6 +165,8 @@ def train_run(config: str, work: pathlib.Path, name: str, cache: pathlib.Path, a
     row["cache_contents"] = cache_contents(cache)  # after the run: what a later run can read
     # With loaded results, anything autotuned is a fusion they miss: results stale for this program.
     row["autotuned_fusions"] = autotuned_fusions(before, row["cache_contents"])
+    if autotune != "off":  # with results loaded, say which fusions they missed
+        row["autotuned_entries"] = autotuned_entries(autotune_cache_files(cache) - before_files)
     if proc.returncode:
         row["error"] = out[-3000:]
     print(f"{name:14s} {config:24s} first step {row['first_step_s']} s (compile {row['compile_s']} s, "

@@ -1,5 +1,5 @@
 """experiments/bench_compile.py: the compile-trace summary (self time per event name from nested
-events) and the packaged_autotune variant's settings."""
+events), the packaged_autotune variant's settings and the gradients_only variant's program."""
 
 import pytest
 
@@ -39,3 +39,29 @@ def test_packaged_autotune_loads_what_train_loads_or_says_why_not(monkeypatch, t
                         lambda setting: (flag, "") if setting == "shipped" else ("", ""))
     flags, env, error = bench_compile.variant_settings("packaged_autotune+compile_trace", tmp_path / "a")
     assert (flags, error) == (flag, None) and env == {"BENCH_COMPILE_TRACE": "1"}
+
+
+def test_gradients_only_compiles_and_times_the_first_of_the_two_programs(monkeypatch, tmp_path):
+    # The compile on a cold GPU run's critical path (train.step_programs=2): the gradients program alone.
+    import os
+
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    from experiments import bench_compile
+    monkeypatch.setenv("LIVSEG_TINY", "1")  # a two-level U-Net on 16^3 patches: seconds on a CPU
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # first_step adds train's flags
+    assert bench_compile.variant_settings("gradients_only", tmp_path / "a")[1] == {"BENCH_COMPILE_PROGRAM": "gradients"}
+    min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
+    try:  # first_step turns JAX's persistent cache on, as the benchmark's own process does
+        monkeypatch.setenv("BENCH_COMPILE_PROGRAM", "gradients")
+        row = bench_compile.first_step("configs/liver.py", "16,16,16", 2, str(tmp_path / "cache"))
+        assert row["program"] == "gradients" and row["median_step_ms"] > 0
+        assert row["loss"] == row["loss"] and row["loss"] > 0  # the gradients program's metrics, finite
+        monkeypatch.delenv("BENCH_COMPILE_PROGRAM")
+        whole = bench_compile.first_step("configs/liver.py", "16,16,16", 1, str(tmp_path / "c2"))
+        assert whole["program"] == "train_step"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+        jax_cache.reset_cache()  # JAX reads the setting once: the next test starts without it

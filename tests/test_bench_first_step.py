@@ -4,6 +4,8 @@ counts the fusions a run autotuned."""
 from experiments.bench_first_step import (
     AUTOTUNE_CACHE,
     NUMBERS,
+    autotune_cache_files,
+    autotuned_entries,
     autotuned_fusions,
     cache_contents,
     cold_runs,
@@ -42,8 +44,12 @@ def test_autotuned_fusions_are_the_files_a_run_adds_to_xlas_autotuning_cache(tmp
         (folder / f"fusion_{i}.textproto").write_text("x")
     middle = cache_contents(tmp_path)
     assert autotuned_fusions(before, middle) == 3
-    (folder / "fusion_3.textproto").write_text("x")
+    seen = autotune_cache_files(tmp_path)
+    (folder / "fusion_3.textproto").write_text("key: 'fusion 3'")
     assert autotuned_fusions(middle, cache_contents(tmp_path)) == 1
+    # Which fusion it was: the added file's name and text, so a stale shipped result can be traced.
+    assert autotuned_entries(autotune_cache_files(tmp_path) - seen) == [
+        {"file": "fusion_3.textproto", "text": "key: 'fusion 3'"}]
 
 
 def test_the_compile_log_is_read_program_by_program():
