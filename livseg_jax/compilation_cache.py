@@ -10,13 +10,10 @@ The cache is trusted code: keep it in a directory only you can write (JAX's docu
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import pathlib
 
 import jax
-from jax._src import config as jax_config  # scoping a setting to a thread (no public way)
 
 OFF = ("", "off")
 
@@ -49,14 +46,3 @@ def use_compilation_cache(setting: str, cache_root: pathlib.Path, min_compile_se
     """The entry points' one call: resolves `setting` and turns the cache on; returns its directory."""
     path = resolve_cache_dir(setting, cache_root)
     return None if path is None else enable_compilation_cache(path, min_compile_secs)
-
-
-def not_written() -> contextlib.AbstractContextManager:
-    """Compiles in this block read JAX's persistent cache as usual but add nothing to it.
-
-    The scope is this thread's (and that of threads which take its settings,
-    `training/thread_context.py`). It raises JAX's minimum compile time for a write to infinity:
-    a compile returns only after its entry is written, and the train step's parts, which a run
-    compiles only to reach its first step sooner, need no entry (training/loop.py says why).
-    """
-    return jax_config.config._value_holders["jax_persistent_cache_min_compile_time_secs"](math.inf)

@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from livseg_jax.compilation_cache import not_written
 from livseg_jax.config import default_cache_root
 from livseg_jax.data import pipeline
 from livseg_jax.data.augment_device import device_augment_settings
@@ -242,9 +241,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # program in the compiled-program cache loads it and skips the parts. The parts are not kept there:
     # the one program always follows them (a run that ends first waits for its compile), and serialising
     # them held Python's lock for ~2 s just after the first step (the H200's 1.22 + 0.96 s, session 13).
-    # Nor do they go to JAX's persistent cache (`not_written`): its write of the gradients program,
-    # inside the compile the first step waits for, took 1.5 s on an H200 host (session 16). The cost:
-    # a run stopped before the one program is kept compiles the parts again when restarted.
     # Several processes keep no compiled programs at all (executable_cache_dir).
     specs = (state_spec, batch_spec)
     step_name, step_fn = "train step", jit_train_step(train_step, mesh, donate, 1)
@@ -279,8 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                       "program; compiling can take minutes on a CPU)", flush=True)
             # Its store to the compiled-program cache waits for the first step (released below).
             job = stack.enter_context(compile_ahead(step_fn, state_spec, batch_spec, name=step_name,
-                                                    cache_file=step_file, defer_store=True,
-                                                    within=not_written if one_program_later is not None else None))
+                                                    cache_file=step_file, defer_store=True))
             if one_program_later is not None:
                 # The one program is traced and lowered once the parts are (Python's lock is then free
                 # while XLA compiles them and the first step waits), and compiled after the first step,
