@@ -15,6 +15,8 @@ with an empty compilation cache: what shipping autotuning results per GPU model 
     # where the step's compile goes (XLA's passes, autotuning), from a profiler trace of it:
     python -m experiments.bench_compile --config configs/liver.py:paper --variants compile_trace --tag h200
     # variants combine with "+": --variants default,shipped_autotune+init_on_cpu
+    # the gradients program of `train.step_programs=2` alone (a cold GPU run's critical path), traced:
+    python -m experiments.bench_compile --variants packaged_autotune+gradients_only+compile_trace --cold-only
     python -m experiments.bench_compile --config configs/liver.py --patch 16,32,32 --tag cpu  # smoke
 
 Writes experiments/results/bench_compile_<tag>.json and prints a table.
