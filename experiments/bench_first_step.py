@@ -247,9 +247,13 @@ def main() -> None:
     if shipped:
         record(run(args.config, work, "cold_shipped", work / "cache_shipped", shipped))
         if rows[-1]["rc"] == 0 and rows[-1]["autotuned_fusions"]:
+            # The shipped results come from runs of 3 steps: a run of another epoch length has other schedule
+            # constants in its programs, one small fusion without a result (docs/benchmarks.md, session 16).
+            length = "" if not args.shipped_only or args.steps == 3 else (
+                f"; a run of {args.steps} steps, not the shipped dumps' 3, autotunes one schedule fusion more")
             print(f"note: XLA autotuned {rows[-1]['autotuned_fusions']} kernels the loaded results do not cover: "
                   "they are stale for this program (or none were shipped for these versions); dump them again "
-                  "(--only-dumps)", flush=True)
+                  f"(--only-dumps){length}", flush=True)
         if not args.cold_only:
             record(run(args.config, work, "warm_shipped", work / "cache_shipped", shipped))
         # warm_traced: the same without the compiled-program cache (traced, then JAX's cache)

@@ -23,8 +23,8 @@ to back, varying between invocations, three 48 ms, and the one program 40.1-40.2
 (docs/benchmarks.md, sessions 12-13). So `train` runs only its first steps as parts: once the
 first step is done, the one program compiles in the background and the loop switches to it
 (training/loop.py); the compiled-program cache keeps the one program, and a later run loads it and
-skips the parts. On H200s with two programs (sessions 14-15, `bench_first_step`): the cold first
-step 22.9-30.2 s against the one program's 37.1-39.2 s, and after the switch 24.5 steps per second,
+skips the parts. On H200s with two programs (sessions 14-16, `bench_first_step`): the cold first
+step 22.5-30.2 s against the one program's 37.1-39.2 s, and after the switch 24.5 steps per second,
 the one program's own rate. Three programs reached the first step later (31.6 s with every kernel's
 autotuning result shipped: the initialisation waits for all three parts' tracing, and four compiles
 at once share 16 cores), so two is the GPU default. All forms do the same arithmetic; XLA may fuse it
