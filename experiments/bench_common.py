@@ -142,8 +142,9 @@ def back_to_back_ms(step, sync, steps: int, repeats: int = 3) -> dict:
 
 
 def write_result(name: str, payload: dict) -> pathlib.Path:
-    """Writes `payload` as results/<name>.json (and a copy under $OUT when set); returns the path."""
-    path = write_json(RESULTS / f"{name}.json", payload)
+    """Writes `payload` as results/<name>.json (and a copy under $OUT when set); returns the path.
+    $LIVSEG_RESULTS_DIR, when set, replaces results/ (a test's smoke run leaves the checkout alone)."""
+    path = write_json(pathlib.Path(os.environ.get("LIVSEG_RESULTS_DIR") or RESULTS) / f"{name}.json", payload)
     if os.environ.get("OUT"):
         write_json(pathlib.Path(os.environ["OUT"], f"{name}.json"), payload)
     return path

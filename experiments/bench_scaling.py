@@ -6,6 +6,7 @@
     JAX_NUM_CPU_DEVICES=2 python -m experiments.bench_scaling --devices 1,2 --batch-norm global,per_device \
         --latency-hiding --variant unet --features 4,8 --overrides "" --patch 16,16,16 --steps 3 \
         --pipeline-cases 0 --profile /tmp/prof --tag cpu_smoke  # smoke: the plumbing on a CPU
+    python -m experiments.bench_scaling --devices 1,2 --processes 2 ...  # also one process per GPU
 
 The same jitted step as training (`livseg_jax.training.step`): batch sharded over a `data` mesh
 axis, state replicated, XLA inserting the gradient all-reduce. Two measurements per GPU count:
@@ -33,6 +34,10 @@ collective kernels (NCCL), busy time of the other kernels, the collective time n
 overlaps (exposed), collective kernel launches, and the kernel kinds of
 `experiments/profile_train_step.py`. A CPU trace holds no device kernels: those fields are 0 there.
 
+`--processes N` adds the largest device count run as N processes of this host, each driving its own
+share of the devices (one process per GPU, as `torchrun` runs PyTorch DDP), beside the same count
+driven by one process (`experiments/scaling_processes.py`); every row says its `processes`.
+
 Efficiency = throughput(n) / (n * throughput(1)), for each timing. The result file is rewritten after every
 measured configuration, so a run stopped early keeps what it measured.
 """
@@ -42,8 +47,10 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import os
 import pathlib
 import re
+import sys
 import tempfile
 import time
 
@@ -66,6 +73,7 @@ from experiments.profile_train_step import (
     read_trace,
     summarise,
 )
+from livseg_jax.atomic_write import write_json
 from livseg_jax.config import BATCH_NORM_STATS
 
 LATENCY_HIDING = {"xla_gpu_enable_latency_hiding_scheduler": True}
@@ -141,6 +149,44 @@ def collective_overlap(events: list[dict], steps: int) -> dict:
     return {"devices_traced": len(rows), **{k: float(np.mean([r[k] for r in rows])) if rows else 0.0 for k in keys}}
 
 
+def add_speedups(rows: list[dict]) -> None:
+    """Adds each row's speed-up and efficiency against the 1-device row of the same dtype and compile
+    options ("per_device" on one device is "global"), for both timings."""
+    for row in rows:
+        base = next((b for b in rows if b["devices"] == 1 and b["dtype"] == row["dtype"]
+                     and b["compile_options"] == row["compile_options"]
+                     and b["batch_norm_stats"] in (row["batch_norm_stats"], "global")), None)
+        if base:
+            row["speedup"] = row["patches_per_s"] / base["patches_per_s"]
+            row["efficiency"] = row["speedup"] / row["devices"]
+            row["back_to_back_speedup"] = base["back_to_back_ms"] * row["devices"] / row["back_to_back_ms"]
+            row["back_to_back_efficiency"] = row["back_to_back_speedup"] / row["devices"]
+
+
+def print_rows(rows: list[dict], profiles: list[dict]) -> None:
+    """Prints the rows as a Markdown table, then one line per profile."""
+    print("\n| dtype | step variant | GPUs | processes | global batch | all-reduces | ms/step | patches/s | speedup | "
+          "efficiency | back-to-back ms/step | speedup | efficiency | pipeline-fed ms/step | GPU idle |"
+          "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def cell(r, key, spec, scale=1.0, unit=""):  # "–" for what this run did not measure
+        return f"{scale * r[key]:{spec}}{unit}" if key in r else "–"
+
+    for r in rows:
+        print(f"| {r['dtype']} | {r['step_variant']} | {r['devices']} | {r.get('processes', 1)} | "
+              f"{r['global_batch']} | "
+              f"{r['all_reduce_ops']} | {r['median_ms']:.1f} | "
+              f"{r['patches_per_s']:.1f} | {cell(r, 'speedup', '.2f')} | {cell(r, 'efficiency', '.2f')} | "
+              f"{r['back_to_back_ms']:.1f} | {cell(r, 'back_to_back_speedup', '.2f')} | "
+              f"{cell(r, 'back_to_back_efficiency', '.2f')} | "
+              f"{cell(r, 'pipeline_ms', '.1f')} | {cell(r, 'gpu_idle_fraction', '.0f', 100, '%')} |")
+    for p in profiles:
+        print(f"profile {p['dtype']} {p['step_variant']} x{p['devices']}: {p['all_reduce_ops']} all-reduces, "
+              f"collectives {p['collective_ms_per_step']:.2f} ms/step ({p['exposed_collective_ms_per_step']:.2f}"
+              f" ms exposed), other kernels busy {p['compute_busy_ms_per_step']:.2f} of "
+              f"{p['span_ms_per_step']:.2f} ms/step, per device")
+
+
 def build_pipeline_cases(args, config):
     """Writes synthetic CT cases, preprocesses them into the training cache; returns StageCases."""
     from livseg_jax.data import pipeline
@@ -174,9 +220,21 @@ def main() -> None:
                         help="add each --batch-norm variant compiled with XLA's latency hiding scheduler")
     parser.add_argument("--profile", default="", help="trace each variant at every device count here")
     parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="also measure the largest --devices count as this many processes on this host, each "
+                             "with its own share of the devices (one process per GPU, as torchrun runs DDP)")
+    parser.add_argument("--rows-to", default="", help=argparse.SUPPRESS)  # a `--processes` child's result
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     variants = step_variants(args.batch_norm, args.latency_hiding)
+    if args.processes > 1 and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        from experiments.scaling_processes import launch
+
+        launch(args, sys.argv[1:])  # children measure; nothing here may start a backend
+        return
+    from livseg_jax.training.distributed import maybe_initialize_distributed
+
+    maybe_initialize_distributed()  # a `--processes` child: JAX_COORDINATOR_ADDRESS and the rest set
     enable_compilation_cache()
     import jax
 
@@ -195,6 +253,9 @@ def main() -> None:
     for n in skipped:
         print(f"skipping {n} devices: only {len(jax.devices())} present")
     counts = [n for n in counts if n not in skipped]
+    if jax.process_count() > 1:  # every process takes part in every step: the count of all their devices only
+        counts = [n for n in counts if n == jax.device_count()]
+        args.pipeline_cases, args.profile = 0, ""  # the one-process run measures those
 
     def model_for(dtype: str):
         model_config = config.model.copy_and_resolve_references()
@@ -239,16 +300,7 @@ def main() -> None:
 
     def write_rows(rows: list[dict]) -> None:
         """Adds speed-up and efficiency, writes the result file (after every row: partial runs count)."""
-        for row in rows:
-            # The 1-device row of the same dtype and compile options; "per_device" on one device is "global".
-            base = next((b for b in rows if b["devices"] == 1 and b["dtype"] == row["dtype"]
-                         and b["compile_options"] == row["compile_options"]
-                         and b["batch_norm_stats"] in (row["batch_norm_stats"], "global")), None)
-            if base:
-                row["speedup"] = row["patches_per_s"] / base["patches_per_s"]
-                row["efficiency"] = row["speedup"] / row["devices"]
-                row["back_to_back_speedup"] = base["back_to_back_ms"] * row["devices"] / row["back_to_back_ms"]
-                row["back_to_back_efficiency"] = row["back_to_back_speedup"] / row["devices"]
+        add_speedups(rows)
         payload = {"benchmark": "scaling", "patch": list(patch), "per_device_batch": args.per_device_batch,
                    "steps": args.steps,
                    "variant": args.variant, "overrides": args.overrides,
@@ -258,24 +310,12 @@ def main() -> None:
                                 "workers": args.pipeline_workers},
                    "skipped_device_counts": skipped, "models": {r["dtype"]: r["model"] for r in runs},
                    "environment": environment(), "rows": rows, "profiles": profiles}
-        print("\n| dtype | step variant | GPUs | global batch | all-reduces | ms/step | patches/s | speedup | "
-              "efficiency | back-to-back ms/step | speedup | efficiency | pipeline-fed ms/step | GPU idle |"
-              "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        def cell(r, key, spec, scale=1.0, unit=""):  # "–" for what this run did not measure
-            return f"{scale * r[key]:{spec}}{unit}" if key in r else "–"
-
-        for r in rows:
-            print(f"| {r['dtype']} | {r['step_variant']} | {r['devices']} | {r['global_batch']} | "
-                  f"{r['all_reduce_ops']} | {r['median_ms']:.1f} | "
-                  f"{r['patches_per_s']:.1f} | {cell(r, 'speedup', '.2f')} | {cell(r, 'efficiency', '.2f')} | "
-                  f"{r['back_to_back_ms']:.1f} | {cell(r, 'back_to_back_speedup', '.2f')} | "
-                  f"{cell(r, 'back_to_back_efficiency', '.2f')} | "
-                  f"{cell(r, 'pipeline_ms', '.1f')} | {cell(r, 'gpu_idle_fraction', '.0f', 100, '%')} |")
-        for p in profiles:
-            print(f"profile {p['dtype']} {p['step_variant']} x{p['devices']}: {p['all_reduce_ops']} all-reduces, "
-                  f"collectives {p['collective_ms_per_step']:.2f} ms/step ({p['exposed_collective_ms_per_step']:.2f}"
-                  f" ms exposed), other kernels busy {p['compute_busy_ms_per_step']:.2f} of "
-                  f"{p['span_ms_per_step']:.2f} ms/step, per device")
+        if jax.process_index():
+            return  # process 0 reports for all
+        if args.rows_to:  # a child of `--processes`: its launcher merges and writes the result
+            write_json(pathlib.Path(args.rows_to), payload)
+            return
+        print_rows(rows, profiles)
         print(f"wrote {write_result('bench_scaling' + (f'_{args.tag}' if args.tag else ''), payload)}")
 
     rows: list[dict] = []
@@ -299,7 +339,9 @@ def main() -> None:
         sharding = batch_sharding(mesh)
         image = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
         labels = (rng.random((batch, *patch)) < 0.1).astype(np.int32)
-        arrays = {"image": jax.device_put(image, sharding), "label": jax.device_put(labels, sharding)}
+        # Each process places its own devices' shards (the same seed gives every process the same batch).
+        arrays = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+                  for k, v in (("image", image), ("label", labels))}
         holder = {"state": r["init"]()}
 
         def fixed(fn=fn, holder=holder, arrays=arrays):
@@ -313,11 +355,12 @@ def main() -> None:
         loss = float(holder["metrics"]["loss"])
         hlo_text = fn.as_text()
         row = {"dtype": r["dtype"], "step_variant": r["step_variant"], "batch_norm_stats": r["batch_norm_stats"],
-               "compile_options": r["compile_options"], "devices": r["devices"], "global_batch": batch,
+               "compile_options": r["compile_options"], "devices": r["devices"], "processes": jax.process_count(),
+               "global_batch": batch,
                "compile_s": compile_s, "all_reduce_ops": all_reduce_count(hlo_text), **timing,
                "steps_per_s": 1e3 / timing["median_ms"], "patches_per_s": batch * 1e3 / timing["median_ms"],
                "loss": loss, "finite": bool(np.isfinite(loss)),
-               "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
+               "peak_gib": (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30}
         if sampler is not None:
             dataset = pipeline.make_dataset(sampler, batch, args.steps + 3)
             batches = pipeline.batch_iterator(dataset, args.pipeline_workers, prefetch=4)

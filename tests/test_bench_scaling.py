@@ -1,5 +1,7 @@
 """experiments/bench_scaling.py's step variants and profile summary: collective time, its exposed part."""
 
+import pathlib
+
 import pytest
 
 from experiments.bench_scaling import all_reduce_count, collective_overlap, merge_intervals, step_variants
@@ -64,3 +66,39 @@ def test_step_variants():
     with pytest.raises(SystemExit, match="--batch-norm"):
         step_variants("sync", False)
 
+
+
+def test_processes_children_get_their_own_options_and_a_share_of_the_devices():
+    from experiments.scaling_processes import child_argv, device_shares
+
+    argv = ["--devices", "1,2", "--processes=2", "--steps", "3", "--tag", "x", "--rows-to=/tmp/r.json", "--patch=8,8,8"]
+    assert child_argv(argv) == ["--steps", "3", "--patch=8,8,8"]
+    assert device_shares(4, 2) == [[0, 1], [2, 3]] and device_shares(2, 2) == [[0], [1]]
+    with pytest.raises(SystemExit, match="multiple"):
+        device_shares(3, 2)
+
+
+def test_two_processes_beside_one_measure_the_same_step_on_cpu_devices(tmp_path):
+    # The whole command on CPU devices standing in for GPUs: one process for 1 and 2 devices, then two
+    # processes on 127.0.0.1 with one device each (gloo), merged into one result.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "LIVSEG_"))}
+    env.pop("OUT", None)
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", LIVSEG_RESULTS_DIR=str(tmp_path), PYTHONPATH=str(repo))
+    result = subprocess.run([sys.executable, "-m", "experiments.bench_scaling", "--devices", "1,2", "--processes", "2",
+                             "--variant", "unet", "--features", "4,8", "--overrides", "", "--patch", "16,16,16",
+                             "--steps", "1", "--pipeline-cases", "0", "--tag", "test_processes"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_scaling_test_processes.json").read_text())["rows"]
+    assert [(r["devices"], r["processes"]) for r in rows] == [(1, 1), (2, 1), (2, 2)]
+    one_process, two_processes = rows[1], rows[2]
+    assert two_processes["all_reduce_ops"] == one_process["all_reduce_ops"] > 0  # the same program, sharded alike
+    # The same first step from the same state and batch: the same loss whichever process layout ran it.
+    assert two_processes["loss"] == pytest.approx(one_process["loss"], rel=1e-3)
+    assert all(r["speedup"] > 0 and r["back_to_back_efficiency"] > 0 for r in rows)
