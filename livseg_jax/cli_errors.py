@@ -3,7 +3,7 @@
 Every entry point (`train`, `predict`, `evaluate`, `visualize`, `convert`, `data.ircadb`,
 `models.summary`) runs its `main` through `run_main` (absl ones through `run_absl_app` /
 `parse_absl_flags`). An expected failure (bad input, bad config, a flag error, a missing or
-unreadable file, a read-only or full disk) ends with
+unreadable file, a read-only or full disk, a device out of memory) ends with
 
     error: <path or setting>: <problem>
     hint: <what to do>          (only where one helps)
@@ -48,6 +48,25 @@ class CliError(ValueError):
     def __init__(self, path: str | os.PathLike | None, problem: str, hint: str | None = None):
         self.path, self.problem, self.hint = (None if path is None else str(path)), problem, hint
         super().__init__(problem if path is None else f"{path}: {problem}")
+
+
+# What helps when a device runs out of memory, for the commands that allocate on one.
+OUT_OF_MEMORY_HINT = ("use less memory per step: train with a smaller data.batch_size or data.patch_size, or "
+                      "model.dtype=bfloat16; predict with a smaller --batch-size; on a CPU the ':paper' "
+                      "configs' 48x256x256 patches need tens of GB")
+
+
+def out_of_memory(e: BaseException) -> CliError | None:
+    """Returns a device's out-of-memory failure (XLA's RESOURCE_EXHAUSTED, raised as a JaxRuntimeError
+    by a compile or a run) as an expected failure with a hint, else None. The run's checkpoints are
+    written atomically, so nothing partial is left; a smaller setting can resume it."""
+    text = str(e)
+    if type(e).__name__ != "JaxRuntimeError" or "RESOURCE_EXHAUSTED" not in text:
+        return None
+    line = next(line for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line)
+    detail = line.split("RESOURCE_EXHAUSTED", 1)[1].lstrip(": ").strip()
+    return CliError(None, f"out of memory on the device: {detail or 'XLA could not allocate a buffer'}",
+                    OUT_OF_MEMORY_HINT)
 
 
 def debug_requested(argv: Sequence[str]) -> bool:
@@ -115,6 +134,11 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
             return main(argv) or 0
         except expected_errors() as e:
             return report(e)
+        except Exception as e:  # a device out of memory is expected too; anything else is a bug
+            expected = out_of_memory(e)
+            if expected is None:
+                raise
+            return report(expected)
 
 
 _default_showwarning = warnings.showwarning
@@ -242,6 +266,11 @@ def run_absl_app(main: Callable[[list[str]], Any]) -> None:
             raise
         except expected_errors() as e:
             sys.exit(report(e))
+        except Exception as e:  # a device out of memory is expected too; anything else is a bug
+            expected = out_of_memory(e)
+            if expected is None:
+                raise
+            sys.exit(report(expected))
 
     app.run(wrapped, argv=argv, flags_parser=parser)
 

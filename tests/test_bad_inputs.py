@@ -765,6 +765,28 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         cli_errors.run_main(buggy, [])
 
 
+def test_a_device_out_of_memory_is_one_error_line_with_a_hint(monkeypatch, capsys):
+    # XLA's RESOURCE_EXHAUSTED (the paper configs' first step on a small machine) is bad luck with the
+    # settings, not a bug: one line and what to lower, from run_main and from the absl entry points.
+    import jax
+    import jax.numpy as jnp
+
+    def too_large(argv):
+        jax.block_until_ready(jax.jit(lambda: jnp.zeros((2**42,), jnp.uint8))())  # 4 TiB
+
+    assert cli_errors.run_main(too_large, []) == cli_errors.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: out of memory on the device: Out of memory allocating 4398046511104 bytes.",
+                                f"hint: {cli_errors.OUT_OF_MEMORY_HINT}"], err
+    monkeypatch.setattr(sys, "argv", ["prog"])
+    with pytest.raises(SystemExit) as stop:
+        cli_errors.run_absl_app(too_large)
+    assert stop.value.code == cli_errors.EXIT_ERROR
+    assert capsys.readouterr().err.startswith("error: out of memory on the device:")
+    # Any other runtime failure of XLA is still a bug, with its traceback.
+    assert cli_errors.out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: something else")) is None
+
+
 def test_os_errors_name_the_file_and_hint():
     lines = cli_errors.error_lines(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/y.nii.gz"))
     assert lines == ["error: /x/y.nii.gz: No space left on device",
