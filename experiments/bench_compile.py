@@ -158,6 +158,7 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
 
     phases: dict[str, float] = {}
     compile_profile: list[dict] = []
+    gradients_only = os.environ.get("BENCH_COMPILE_PROGRAM") == "gradients"  # the `gradients_only` variant
     tick = time.perf_counter()
 
     def phase(name: str) -> None:
@@ -214,10 +215,10 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
                 digest.update(np.asarray(leaf).tobytes())  # the state's key is a raw uint32 array
             return {"first_step_s": None, "init_s": round(sum(phases.values()), 3), "phases_s": phases,
                     "median_step_ms": None, "state_sha256": digest.hexdigest()}
-        step = jit_train_step(stage_train_step(config, model, optimizer, mesh), mesh)
-        if os.environ.get("BENCH_COMPILE_PROGRAM") == "gradients":  # the first of two programs (step_programs)
-            split = jit_train_step(stage_train_step(config, model, optimizer, mesh), mesh, programs=2)
-            step = split.programs[0]
+        step = jit_train_step(stage_train_step(config, model, optimizer, mesh), mesh,
+                              programs=2 if gradients_only else 1)
+        if gradients_only:  # the first of the two programs (training/step_programs.py)
+            step = step.programs[0]
         traced = step.trace(state, arrays)
         phase("step_trace")
         lowered = traced.lower()
@@ -240,7 +241,6 @@ def first_step(config_arg: str, patch: str, steps: int, cache_dir: str, executab
             blobs = {"init": serialize_executable.serialize(init_c), "step": serialize_executable.serialize(step_c)}
             stored.write_bytes(pickle.dumps(blobs))
             tick = time.perf_counter()  # storing is not part of the first step
-    gradients_only = os.environ.get("BENCH_COMPILE_PROGRAM") == "gradients"
 
     def run_step(state):  # the gradients program leaves the state as it is: (grads, aux), aux the metrics
         out, metrics = step_c(state, arrays)
