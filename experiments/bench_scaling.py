@@ -234,8 +234,11 @@ def main() -> None:
         return
     from livseg_jax.training.distributed import maybe_initialize_distributed
 
-    maybe_initialize_distributed()  # a `--processes` child: JAX_COORDINATOR_ADDRESS and the rest set
-    enable_compilation_cache()
+    # A `--processes` child (JAX_COORDINATOR_ADDRESS and the rest set) compiles without the persistent
+    # cache, as `train` does with several processes: JAX writes entries from process 0 only, so a
+    # rerun would find process 0 loading the step while the others compile it (livseg_jax/train.py).
+    if not maybe_initialize_distributed():
+        enable_compilation_cache()
     import jax
 
     from livseg_jax.config import base_config
