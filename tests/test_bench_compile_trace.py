@@ -50,7 +50,13 @@ def test_gradients_only_compiles_and_times_the_first_of_the_two_programs(monkeyp
 
     from experiments import bench_compile
     monkeypatch.setenv("LIVSEG_TINY", "1")  # a two-level U-Net on 16^3 patches: seconds on a CPU
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # first_step adds train's flags
+    # first_step adds the flags `train` would for the config's forms; in a process whose backend already
+    # runs they must be there already (xla_flags refuses a change XLA would ignore).
+    from experiments.bench_common import REPO
+    from livseg_jax.study.spec import load_config_file
+    from livseg_jax.xla_flags import merge_xla_flags, model_xla_flags
+    wanted = model_xla_flags([load_config_file(REPO / "configs/liver.py", "").model])
+    monkeypatch.setenv("XLA_FLAGS", merge_xla_flags(os.environ.get("XLA_FLAGS", ""), wanted))
     assert bench_compile.variant_settings("gradients_only", tmp_path / "a")[1] == {"BENCH_COMPILE_PROGRAM": "gradients"}
     min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
     try:  # first_step turns JAX's persistent cache on, as the benchmark's own process does
