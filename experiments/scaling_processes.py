@@ -27,6 +27,7 @@ import sys
 import tempfile
 
 from experiments.bench_common import REPO, write_result
+from livseg_jax.study.scheduler import device_groups
 
 STRIPPED = ("--processes", "--devices", "--rows-to", "--tag")  # options the launcher sets for its children
 
@@ -48,11 +49,13 @@ def child_argv(argv: list[str]) -> list[str]:
 
 
 def device_shares(largest: int, processes: int) -> list[list[int]]:
-    """Returns the local device ids of each process: consecutive equal shares of `largest` devices."""
+    """Returns the local device ids of each process: consecutive equal shares of `largest` devices
+    (the study scheduler's groups). They reach JAX as JAX_LOCAL_DEVICE_IDS, as docs/training.md
+    starts `train` in several processes, not as the scheduler's CUDA_VISIBLE_DEVICES (independent
+    runs): every process still sees every GPU."""
     if largest % processes:
         raise SystemExit(f"--processes {processes}: the largest --devices count, {largest}, must be a multiple of it")
-    per = largest // processes
-    return [list(range(i * per, (i + 1) * per)) for i in range(processes)]
+    return [list(group) for group in device_groups(largest, largest // processes)]
 
 
 def free_port() -> int:
@@ -96,9 +99,7 @@ def launch(args: argparse.Namespace, argv: list[str]) -> None:
     payload = json.loads(one.read_text())
     extra = json.loads(several.read_text())
     rows = payload["rows"] + extra["rows"]
-    for row in rows:
-        row.pop("speedup", None)  # recomputed against the one 1-device row
-    add_speedups(rows)
+    add_speedups(rows)  # the processes' rows against the one-process run's 1-device row
     payload.update(rows=rows, processes={"count": args.processes, "local_device_ids": shares,
                                          "environment": extra["environment"]})
     print_rows(rows, payload.get("profiles", []))

@@ -58,8 +58,10 @@ OUT_OF_MEMORY_HINT = ("use less memory per step: train with a smaller data.batch
 
 def out_of_memory(e: BaseException) -> CliError | None:
     """Returns a device's out-of-memory failure (XLA's RESOURCE_EXHAUSTED, raised as a JaxRuntimeError
-    by a compile or a run) as an expected failure with a hint, else None. The run's checkpoints are
-    written atomically, so nothing partial is left; a smaller setting can resume it."""
+    by a compile or a run) as an expected failure with a hint, else None. Checkpoints are written
+    atomically, so nothing partial is left: a run that fails before its first checkpoint starts
+    afresh with a smaller setting; a later one resumes only with compute-only changes (model.dtype;
+    the patch size is one of run_dir.MEANING_KEYS)."""
     text = str(e)
     if type(e).__name__ != "JaxRuntimeError" or "RESOURCE_EXHAUSTED" not in text:
         return None
@@ -86,6 +88,12 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Returns the exception types that mean bad input or environment, not a bug."""
     # ImportError: a missing optional dependency; its message says what to install.
     return (CliError, ValueError, OSError, ImportError, *_absl_flag_error())
+
+
+def as_expected(e: Exception) -> BaseException | None:
+    """Returns `e` as the expected failure to report (itself, or a device out of memory as a
+    CliError), or None for a bug, which keeps its traceback."""
+    return e if isinstance(e, expected_errors()) else out_of_memory(e)
 
 
 def _os_error_message(e: OSError) -> str:
@@ -132,10 +140,8 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
             return main(argv) or 0
         try:
             return main(argv) or 0
-        except expected_errors() as e:
-            return report(e)
-        except Exception as e:  # a device out of memory is expected too; anything else is a bug
-            expected = out_of_memory(e)
+        except Exception as e:
+            expected = as_expected(e)
             if expected is None:
                 raise
             return report(expected)
@@ -264,10 +270,8 @@ def run_absl_app(main: Callable[[list[str]], Any]) -> None:
             return main(args)
         except app.UsageError:
             raise
-        except expected_errors() as e:
-            sys.exit(report(e))
-        except Exception as e:  # a device out of memory is expected too; anything else is a bug
-            expected = out_of_memory(e)
+        except Exception as e:
+            expected = as_expected(e)
             if expected is None:
                 raise
             sys.exit(report(expected))
