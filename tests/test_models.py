@@ -242,6 +242,23 @@ def test_bfloat16_forward_agrees_with_float32(variant, inputs, eval_outputs):
 FORM_VARIANTS = ("unet", "elanres_msca_unet")
 
 
+@pytest.mark.parametrize("name", FORM_VARIANTS)
+def test_every_form_initialises_the_reference_parameters(name):
+    # Same parameter tree and the same initial values in every computation form: checkpoints and the
+    # PyTorch mapping carry over. All forms at once (each replaces other units, so a form that renamed
+    # or re-initialised a parameter shows here), on three levels: an initialisation of five compiles
+    # for about 30 s on the 2-core machine, and the forms' tests below then compare outputs only.
+    forms = {"depthwise_impl": "shift", "pointwise_impl": "einsum", "dense_pack_channels": 32,
+             "batch_norm_impl": "two_stage"}
+    reference_cfg, forms_cfg = tiny_config(name, features=(4, 8, 16)), tiny_config(name, features=(4, 8, 16), **forms)
+    reference = init_variables(build_model(reference_cfg), jax.random.key(0), PATCH)
+    fresh = init_variables(build_model(forms_cfg), jax.random.key(0), PATCH)
+    assert jax.tree.structure(fresh) == jax.tree.structure(reference)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(reference), strict=True))
+    # Each form's option reached the built model (the packed one is checked in its own test).
+    assert build_model(forms_cfg) != build_model(reference_cfg)
+
+
 def test_einsum_pointwise_convs_match_convolutions_in_every_form(variant, inputs, eval_outputs):
     name, cfg, model, variables = variant
     if name not in FORM_VARIANTS:
@@ -249,15 +266,11 @@ def test_einsum_pointwise_convs_match_convolutions_in_every_form(variant, inputs
     conv_cfg, einsum_cfg = cfg.copy_and_resolve_references(), cfg.copy_and_resolve_references()
     einsum_cfg.pointwise_impl = "einsum"
     conv_model, einsum_model = build_model(conv_cfg), build_model(einsum_cfg)
-    fresh = init_variables(einsum_model, jax.random.key(0), PATCH)
-    reference = reference_init(conv_model)  # the variant's own (conv_model == model)
-    # Same parameter tree and the same initial values: checkpoints and the PyTorch mapping carry over.
-    assert jax.tree.structure(fresh) == jax.tree.structure(reference)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(reference), strict=True))
-    expected = eval_outputs
+    expected = eval_outputs  # the same parameters: test_every_form_initialises_the_reference_parameters
     got = jax.jit(lambda v, x: einsum_model.apply(v, x, train=False))(variables, inputs)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    train_got, _ = einsum_model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    # Jitted: op by op, the form's many small kernels compile one by one (twice the time here).
+    train_got, _ = jax.jit(lambda v, x: einsum_model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, inputs)
     train_expected, _ = conv_model.apply(variables, inputs, train=True, mutable=["batch_stats"])
     # Looser in training mode: the bottleneck's BatchNorm normalises over 2 voxels (1 per sample at
     # this patch), which amplifies float32 rounding differences between GEMM and convolution.
@@ -283,14 +296,10 @@ def test_width_packed_dense_convs_match_convolutions_in_every_form(variant, inpu
     packed_cfg = cfg.copy_and_resolve_references()
     packed_cfg.dense_pack_channels = 32  # packs by 8, 4 and 2 at this tiny network's widths
     packed = build_model(packed_cfg)
-    fresh = init_variables(packed, jax.random.key(0), PATCH)
-    reference = reference_init(model)
-    assert jax.tree.structure(fresh) == jax.tree.structure(reference)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(reference), strict=True))
     got = jax.jit(lambda v, x: packed.apply(v, x, train=False))(variables, inputs)
     np.testing.assert_allclose(got, eval_outputs, rtol=1e-4, atol=1e-5)
 
-    train_got, _ = packed.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    train_got, _ = jax.jit(lambda v, x: packed.apply(v, x, train=True, mutable=["batch_stats"]))(variables, inputs)
     train_expected, _ = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
     for a, b in zip(train_got, train_expected, strict=True):  # atol: see the einsum test
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-3)
