@@ -270,7 +270,8 @@ def test_einsum_pointwise_convs_match_convolutions_in_every_form(variant, inputs
     got = jax.jit(lambda v, x: einsum_model.apply(v, x, train=False))(variables, inputs)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     # Jitted: op by op, the form's many small kernels compile one by one (twice the time here).
-    train_got, _ = jax.jit(lambda v, x: einsum_model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, inputs)
+    train_einsum = jax.jit(lambda v, x: einsum_model.apply(v, x, train=True, mutable=["batch_stats"]))
+    train_got, _ = train_einsum(variables, inputs)
     train_expected, _ = conv_model.apply(variables, inputs, train=True, mutable=["batch_stats"])
     # Looser in training mode: the bottleneck's BatchNorm normalises over 2 voxels (1 per sample at
     # this patch), which amplifies float32 rounding differences between GEMM and convolution.
