@@ -72,7 +72,10 @@ def test_training_heads_coarse_to_fine_with_finite_gradients(name):
     single = build_model(tiny(name, deep_supervision=False))
     heads1, _ = jax.jit(lambda v, x: single.apply(v, x, train=True, mutable=["batch_stats"]))(initial, x)
     assert len(heads1) == 1 and heads1[0].shape == (BATCH, *PATCH, 2)
-    np.testing.assert_allclose(heads1[0], heads[-1], rtol=1e-5, atol=1e-5)  # the finest head alone
+    # The finest head alone. Two programs in training mode: BatchNorm over this tiny batch amplifies
+    # their float32 rounding (UNet 3+ differed by 2e-5 under XLA:CPU's loop emitters); another head
+    # would differ by tenths.
+    np.testing.assert_allclose(heads1[0], heads[-1], rtol=1e-4, atol=1e-4)
     # Evaluation returns the finest head: the training graph's, BatchNorm on running statistics.
     assert eval_output(name).shape == (BATCH, *PATCH, 2)
     np.testing.assert_allclose(eval_output(name), parity.flax_eval_all_heads(model)(variables(name), inputs())[-1],

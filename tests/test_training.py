@@ -238,10 +238,16 @@ def test_step_without_donation_keeps_its_input_and_computes_the_same_update():
     batch = {"image": jnp.asarray(rng.normal(size=(2, 16, 16, 16, 1)), jnp.float32),
              "label": jnp.asarray(rng.random((2, 16, 16, 16)) < 0.3, jnp.int32)}
     step = make_train_step(model, optimizer, c.loss, 10)
+    # Bit for bit under XLA:CPU's default code generation, which users run; the suite's loop emitters
+    # (conftest.py) round the two programs differently (1.7e-6 relative, session 17).
+    def compiled(donate: bool):
+        jitted = jit_train_step(step, mesh, donate_state=donate)
+        return jitted.lower(init(), batch).compile(compiler_options={"xla_cpu_use_fusion_emitters": True})
+
     kept = init()
-    new_kept, _ = jit_train_step(step, mesh, donate_state=False)(kept, batch)
+    new_kept, _ = compiled(False)(kept, batch)
     donated = init()
-    new_donated, _ = jit_train_step(step, mesh)(donated, batch)
+    new_donated, _ = compiled(True)(donated, batch)
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(kept))
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(donated.params))
     assert max_rel_diff(new_kept.params, new_donated.params) == 0.0
