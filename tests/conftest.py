@@ -6,7 +6,7 @@ import pathlib
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests compile many small networks; XLA:CPU's LLVM optimisation dominates their run time and
 # buys nothing at these sizes. XLA:CPU's older loop emitters compile a tiny ELANRes-MSCA-UNet's
-# gradient in 9.4 s where its fusion emitters take 15.6 s (2-core machine, session 17); they
+# gradient in 8.4 s where its fusion emitters take 14.3 s (2-core machine, session 17); they
 # compute the same operations, and users' runs keep XLA's defaults.
 os.environ.setdefault(
     "XLA_FLAGS",
