@@ -56,9 +56,9 @@ def randomize_batch_stats(variables, seed=0):
 
 @functools.cache
 def reference_init(model: nn.Module, seed: int = 0, patch: tuple = PATCH) -> dict:
-    """`init_variables(model, key(seed), patch)`, once per equal model in this module: the forms'
-    tests compare their own initialisation with this one, and every initialisation of these
-    networks compiles for 10-15 s on the 2-core machine (threefry's hashing, unrolled)."""
+    """`init_variables(model, key(seed), patch)`, once per equal model in this module: the variants'
+    fixture and the shape tests share it, and every initialisation of these networks compiles for
+    10-30 s on the 2-core machine."""
     return init_variables(model, jax.random.key(seed), patch)
 
 
